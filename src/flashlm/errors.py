@@ -1,0 +1,67 @@
+"""Named errors. Every message says what is wrong and what to do about it."""
+
+from __future__ import annotations
+
+
+class FlashLMError(Exception):
+    """Base class of every error flashlm raises on purpose."""
+
+
+class ConfigError(FlashLMError, ValueError):
+    """A setting has a value flashlm cannot use."""
+
+
+class InvalidRequestError(FlashLMError, ValueError):
+    """A request (prompt, sampling settings, max_tokens ...) is malformed."""
+
+
+class PromptTooLongError(InvalidRequestError):
+    """The prompt (plus the tokens asked for) does not fit in the model's context."""
+
+
+class UnknownModelError(FlashLMError, LookupError):
+    """A built-in model name is not known, or its package is not installed."""
+
+
+class SourceCheckpointError(FlashLMError):
+    """A conversion source (checkpoint dir, GGUF file) is missing or unreadable."""
+
+
+class UnsupportedArchitectureError(FlashLMError):
+    """The checkpoint's architecture (model_type or a config variant) is not implemented."""
+
+
+class StoreExistsError(FlashLMError, FileExistsError):
+    """The conversion target already exists and --force was not given."""
+
+
+class CheckpointFormatError(FlashLMError):
+    """A flash store on disk is missing, damaged, or of another format version."""
+
+
+class StoreVersionError(CheckpointFormatError):
+    """A flash store was written with a format version this flashlm cannot read."""
+
+
+class AlignmentError(FlashLMError, ValueError):
+    """A destination buffer is not aligned as O_DIRECT reads require."""
+
+
+class NeuronReadError(FlashLMError, OSError):
+    """Reading FFN bundles from flash failed (I/O error, short read, truncated file)."""
+
+
+class MemoryBudgetError(FlashLMError):
+    """The memory budget is below what the engine needs."""
+
+
+class TokenizerMissingError(FlashLMError):
+    """The store has no tokenizer, so text prompts cannot be encoded."""
+
+
+class EngineClosedError(FlashLMError, RuntimeError):
+    """The engine was closed; open a new one."""
+
+
+class EngineDeadError(FlashLMError, RuntimeError):
+    """The engine hit an unrecoverable fault; open a new one."""

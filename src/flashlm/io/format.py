@@ -1,0 +1,211 @@
+"""The flash store's on-disk format: constants, layout records and their validation.
+
+A store is a directory::
+
+    manifest.json          what is where (this module's `Manifest`), with its own checksum
+    resident.safetensors   embeddings, norms, attention, lm_head, FFN biases (transformers key names)
+    ffn.bin                a 4 KiB header, then per layer `n_neurons` bundles of `stride` bytes
+    tokenizer/             the tokenizer's files (optional: token-level stores work without)
+
+A *bundle* is everything one FFN neuron needs, contiguous: for gated (SwiGLU / GeGLU) models
+gate row i, up row i and down column i; for OPT-style models fc1 row i and fc2 column i. Each
+part is `hidden_size` elements of the store dtype; the bundle is zero-padded to `stride`, a
+multiple of `block_size`, so any run of bundles can be read with O_DIRECT straight into an
+aligned buffer. Layer regions start on 4 KiB boundaries.
+
+This module knows bytes, not transformers: it is shared by the writer, the reader and
+`flashlm verify`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from flashlm.errors import CheckpointFormatError, StoreVersionError
+
+FORMAT_NAME = "flashlm-store"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+RESIDENT_NAME = "resident.safetensors"
+FFN_NAME = "ffn.bin"
+TOKENIZER_DIR = "tokenizer"
+
+# ffn.bin header: magic, format version, number of layers, block size, store id (16 bytes).
+FFN_MAGIC = b"FLASHLM-FFN\x00"
+FFN_HEADER_STRUCT = struct.Struct("<12sIII16s")
+FFN_HEADER_BYTES = 4096  # every allowed block size divides it, so layer regions stay aligned
+ALLOWED_BLOCK_SIZES = (512, 1024, 2048, 4096)
+REGION_ALIGN = 4096
+
+DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+# Resident tensor names that are not transformers keys.
+PERMUTATION_KEY = "flashlm.ffn_permutation.{layer}"  # int32 (n_neurons,): physical slot -> neuron
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file of the store: its name relative to the store root, size and SHA-256."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """Where one layer's bundles live in ffn.bin."""
+
+    offset: int  # byte offset of bundle 0; a multiple of REGION_ALIGN
+    n_neurons: int
+    sha256: str  # of the region's n_neurons * stride bytes
+    permuted: bool = False  # True: resident holds PERMUTATION_KEY for this layer
+
+
+@dataclass(frozen=True)
+class FFNLayout:
+    """Geometry of ffn.bin, enough to read any bundle without knowing the model."""
+
+    file: FileEntry
+    block_size: int
+    parts: tuple[str, ...]  # e.g. ("gate", "up", "down") or ("fc1", "fc2")
+    hidden_size: int  # elements per part
+    dtype: str
+    layers: tuple[LayerLayout, ...]
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_SIZES[self.dtype]
+
+    @property
+    def bundle_bytes(self) -> int:
+        """Bytes of real data in a bundle (without padding)."""
+        return len(self.parts) * self.hidden_size * self.itemsize
+
+    @property
+    def stride(self) -> int:
+        """Bytes from one bundle to the next: bundle_bytes rounded up to block_size."""
+        return round_up(self.bundle_bytes, self.block_size)
+
+    def region_bytes(self, layer: int) -> int:
+        return self.layers[layer].n_neurons * self.stride
+
+    def bundle_offset(self, layer: int, neuron: int) -> int:
+        return self.layers[layer].offset + neuron * self.stride
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format: str
+    format_version: int
+    created_by: str
+    store_id: str  # uuid4 hex, also written in ffn.bin's header: ties the two files together
+    model_type: str
+    config: dict[str, Any]  # the transformers config as a dict
+    dtype: str
+    source: dict[str, Any]  # provenance: kind, path, built-in name
+    resident: FileEntry
+    ffn: FFNLayout
+    tokenizer: tuple[FileEntry, ...] | None  # files under tokenizer/, or None
+    predictors: dict[str, Any] | None = None  # filled by `flashlm calibrate`
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # -- serialisation -------------------------------------------------------------------
+
+    def to_json(self) -> str:
+        body = asdict(self)
+        body["manifest_sha256"] = _body_checksum(body)
+        return json.dumps(body, indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> Manifest:
+        fix = "re-run `flashlm convert` to rebuild the store"
+        try:
+            body = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CheckpointFormatError(f"{where}: manifest is not valid JSON ({e}); {fix}") from None
+        if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
+            raise CheckpointFormatError(f"{where}: not a flashlm store manifest; {fix}")
+        version = body.get("format_version")
+        if version != FORMAT_VERSION:
+            age = "an older" if isinstance(version, int) and version < FORMAT_VERSION else "a newer"
+            raise StoreVersionError(
+                f"{where}: store format {version!r} was written by {age} flashlm; this flashlm reads "
+                f"format {FORMAT_VERSION}: {fix} (or use the flashlm that wrote it)"
+            )
+        stated = body.pop("manifest_sha256", None)
+        if stated != _body_checksum(body):
+            raise CheckpointFormatError(f"{where}: manifest checksum mismatch (edited or damaged); {fix}")
+        try:
+            ffn = body["ffn"]
+            tok = body["tokenizer"]
+            return cls(
+                **{
+                    **body,
+                    "resident": FileEntry(**body["resident"]),
+                    "tokenizer": None if tok is None else tuple(FileEntry(**t) for t in tok),
+                    "ffn": FFNLayout(
+                        **{
+                            **ffn,
+                            "file": FileEntry(**ffn["file"]),
+                            "parts": tuple(ffn["parts"]),
+                            "layers": tuple(LayerLayout(**layer) for layer in ffn["layers"]),
+                        }
+                    ),
+                }
+            )
+        except (KeyError, TypeError) as e:
+            raise CheckpointFormatError(f"{where}: manifest is missing or has unexpected fields ({e}); {fix}") from None
+
+    def validate(self, where: str) -> None:
+        """Check the internal consistency of the layout (not the files: see store.py)."""
+        fix = "re-run `flashlm convert`"
+        f = self.ffn
+        if f.block_size not in ALLOWED_BLOCK_SIZES:
+            raise CheckpointFormatError(f"{where}: block_size {f.block_size} not in {ALLOWED_BLOCK_SIZES}; {fix}")
+        if f.dtype not in DTYPE_SIZES or f.dtype != self.dtype:
+            raise CheckpointFormatError(f"{where}: unknown or inconsistent dtype {f.dtype!r}; {fix}")
+        end = FFN_HEADER_BYTES
+        for i, layer in enumerate(f.layers):
+            if layer.offset % REGION_ALIGN or layer.offset < end or layer.n_neurons <= 0:
+                raise CheckpointFormatError(f"{where}: layer {i} region at {layer.offset} is misplaced; {fix}")
+            end = layer.offset + layer.n_neurons * f.stride
+        if end > f.file.size:
+            raise CheckpointFormatError(
+                f"{where}: ffn layout ends at byte {end} but {f.file.path} is {f.file.size} bytes; {fix}"
+            )
+
+
+def _body_checksum(body: dict[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return sha256_bytes(canonical)
+
+
+def pack_ffn_header(n_layers: int, block_size: int, store_id: str) -> bytes:
+    head = FFN_HEADER_STRUCT.pack(FFN_MAGIC, FORMAT_VERSION, n_layers, block_size, bytes.fromhex(store_id))
+    return head.ljust(FFN_HEADER_BYTES, b"\x00")
+
+
+def check_ffn_header(data: bytes, manifest: Manifest, where: str) -> None:
+    fix = "re-run `flashlm convert` to rebuild the store"
+    if len(data) < FFN_HEADER_STRUCT.size:
+        raise CheckpointFormatError(f"{where}: ffn file is shorter than its header; {fix}")
+    magic, version, n_layers, block, sid = FFN_HEADER_STRUCT.unpack_from(data)
+    if magic != FFN_MAGIC:
+        raise CheckpointFormatError(f"{where}: ffn file has no flashlm header (bad magic); {fix}")
+    if version != FORMAT_VERSION:
+        raise StoreVersionError(f"{where}: ffn file format {version}, this flashlm reads {FORMAT_VERSION}; {fix}")
+    if (n_layers, block, sid.hex()) != (len(manifest.ffn.layers), manifest.ffn.block_size, manifest.store_id):
+        raise CheckpointFormatError(f"{where}: ffn file does not belong to this manifest; {fix}")
