@@ -1,0 +1,143 @@
+"""Open a flash store: check that manifest and files agree before anything is trusted, then
+hand out the resident tensors and the FFN bundles.
+
+Opening checks what is cheap (manifest checksum and version, file sizes, the ffn header);
+whole-file checksums are checked by `verify()` (`flashlm verify`) and, per layer, whenever a
+layer is read whole (`read_layer`), since the bytes pass through memory anyway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from flashlm.errors import CheckpointFormatError
+from flashlm.io.format import (
+    FFN_HEADER_BYTES,
+    MANIFEST_NAME,
+    TOKENIZER_DIR,
+    FileEntry,
+    Manifest,
+    check_ffn_header,
+)
+from flashlm.io.writer import TORCH_DTYPES
+
+FIX = "re-run `flashlm convert` to rebuild the store"
+
+
+def aligned_bytes(n_rows: int, row_bytes: int, align: int = 4096) -> np.ndarray:
+    """A (n_rows, row_bytes) uint8 array whose first byte is `align`-aligned (for O_DIRECT)."""
+    raw = np.empty(n_rows * row_bytes + align, dtype=np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start : start + n_rows * row_bytes].reshape(n_rows, row_bytes)
+
+
+def rows_view(buf: np.ndarray | torch.Tensor, parts: int, hidden: int, dtype: str) -> torch.Tensor:
+    """View (n, stride) bundle bytes as (n, parts, hidden) tensors of `dtype`, without a copy."""
+    t = torch.from_numpy(buf) if isinstance(buf, np.ndarray) else buf
+    itemsize = torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
+    used = t[:, : parts * hidden * itemsize]
+    return used.view(TORCH_DTYPES[dtype]).view(t.shape[0], parts, hidden)
+
+
+@dataclass(frozen=True)
+class FlashStore:
+    path: Path
+    manifest: Manifest
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> FlashStore:
+        root = Path(path)
+        mpath = root / MANIFEST_NAME
+        if not root.is_dir():
+            raise CheckpointFormatError(f"{root}: no such store directory; create one with `flashlm convert SRC {root}`")
+        if not mpath.is_file():
+            raise CheckpointFormatError(f"{root}: not a flashlm store (no {MANIFEST_NAME}); {FIX}")
+        manifest = Manifest.from_json(mpath.read_text(errors="replace"), str(root))
+        manifest.validate(str(root))
+        store = cls(root, manifest)
+        for entry in store._files():
+            store._check_size(entry)
+        with open(store._resolve(manifest.ffn.file.path), "rb") as f:
+            check_ffn_header(f.read(FFN_HEADER_BYTES), manifest, str(root))
+        return store
+
+    # -- paths -------------------------------------------------------------------------
+
+    def _resolve(self, rel: str) -> Path:
+        """A manifest path, refused if it would leave the store directory."""
+        p = (self.path / rel).resolve()
+        if not p.is_relative_to(self.path.resolve()):
+            raise CheckpointFormatError(f"{self.path}: manifest names a file outside the store ({rel!r}); {FIX}")
+        return p
+
+    def _files(self) -> list[FileEntry]:
+        m = self.manifest
+        return [m.resident, m.ffn.file, *(m.tokenizer or ())]
+
+    def _check_size(self, entry: FileEntry) -> None:
+        p = self._resolve(entry.path)
+        if not p.is_file():
+            raise CheckpointFormatError(f"{self.path}: missing file {entry.path}; {FIX}")
+        size = p.stat().st_size
+        if size != entry.size:
+            raise CheckpointFormatError(
+                f"{self.path}: {entry.path} is {size} bytes, manifest says {entry.size} (truncated or "
+                f"replaced); {FIX}"
+            )
+
+    @property
+    def ffn_path(self) -> Path:
+        return self._resolve(self.manifest.ffn.file.path)
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        return None if self.manifest.tokenizer is None else self._resolve(TOKENIZER_DIR)
+
+    # -- data --------------------------------------------------------------------------
+
+    def load_resident(self) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(str(self._resolve(self.manifest.resident.path)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointFormatError(f"{self.path}: resident tensors unreadable ({e}); {FIX}") from None
+
+    def read_layer(self, layer: int) -> np.ndarray:
+        """All bundles of one layer as an aligned (n, stride) uint8 array, checksum-checked."""
+        lay = self.manifest.ffn.layers[layer]
+        buf = aligned_bytes(lay.n_neurons, self.manifest.ffn.stride)
+        with open(self.ffn_path, "rb", buffering=0) as f:
+            got = f.readinto(memoryview(buf).cast("B")) if f.seek(lay.offset) == lay.offset else 0
+        if got != buf.nbytes:
+            raise CheckpointFormatError(f"{self.path}: layer {layer} bundles are truncated; {FIX}")
+        if hashlib.sha256(memoryview(buf).cast("B")).hexdigest() != lay.sha256:
+            raise CheckpointFormatError(f"{self.path}: layer {layer} bundles fail their checksum (damaged); {FIX}")
+        return buf
+
+    def layer_rows(self, buf: np.ndarray) -> torch.Tensor:
+        f = self.manifest.ffn
+        return rows_view(buf, len(f.parts), f.hidden_size, f.dtype)
+
+    def verify(self) -> list[str]:
+        """Check every checksum. Returns the problems found (empty: the store is sound)."""
+        problems = []
+        for entry in self._files():
+            try:
+                self._check_size(entry)
+            except CheckpointFormatError as e:
+                problems.append(str(e))
+                continue
+            h = hashlib.sha256()
+            with open(self._resolve(entry.path), "rb") as f:
+                while chunk := f.read(1 << 22):
+                    h.update(chunk)
+            if h.hexdigest() != entry.sha256:
+                problems.append(f"{entry.path}: checksum mismatch (damaged)")
+        return problems

@@ -1,0 +1,50 @@
+"""Next-token choice from logits: greedy at temperature 0, else temperature + top-p with a
+seeded generator so a (prompt, seed) pair always gives the same text."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from flashlm.errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        t, p = self.temperature, self.top_p
+        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or not 0 <= t <= 100:
+            raise InvalidRequestError(f"temperature must be a number in [0, 100] (0 = greedy), got {t!r}")
+        if isinstance(p, bool) or not isinstance(p, int | float) or not math.isfinite(p) or not 0 < p <= 1:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise InvalidRequestError(f"seed must be an int or None, got {self.seed!r}")
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self._gen = torch.Generator()
+        if params.seed is not None:
+            self._gen.manual_seed(params.seed)
+        else:
+            self._gen.seed()
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """logits: (vocab,) of the last position."""
+        p = self.params
+        if p.temperature == 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.float() / p.temperature, dim=-1)
+        if p.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            # keep the smallest prefix whose mass reaches top_p (always at least one token)
+            keep = torch.cumsum(sorted_p, 0) - sorted_p < p.top_p
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+        return int(torch.multinomial(probs.cpu(), 1, generator=self._gen))
