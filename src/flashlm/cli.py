@@ -15,21 +15,15 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from flashlm import __version__
 from flashlm.builtin import DEFAULT_MODEL
 from flashlm.errors import FlashLMError
 
 
 def _configure_logging(verbose: int) -> None:
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(message)s")
-    structlog.configure(
-        processors=[structlog.processors.add_log_level, structlog.dev.ConsoleRenderer(colors=False)],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-    )
+    # flashlm's structlog loggers sit on stdlib logging (flashlm.log): configure that.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+    logging.getLogger("flashlm").setLevel(logging.WARNING - 10 * min(verbose, 2))
 
 
 def _run_async(coro: Coroutine[Any, Any, int]) -> int:

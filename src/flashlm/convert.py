@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import structlog
+from flashlm.log import get_logger
 import torch
 from filelock import FileLock
 from tqdm.auto import tqdm
@@ -30,8 +30,9 @@ from flashlm.io.format import MANIFEST_NAME, Manifest
 from flashlm.io.writer import check_block_size, check_dtype, write_store
 from flashlm.models import get_architecture
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # Keys transformers adds to a config that describe the source file, not the model.
 _DROP_CONFIG_KEYS = ("quantization_config", "_name_or_path", "transformers_version", "torch_dtype", "dtype")
 
@@ -79,7 +80,7 @@ def _load(source: Source, dtype: torch.dtype) -> tuple[dict[str, Any], dict[str,
     try:
         with quiet:
             config = AutoConfig.from_pretrained(source.directory, **kw)
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001 - an untrusted file can fail transformers in any way
         raise SourceCheckpointError(f"{source.describe()['path']}: cannot read the model config ({e})") from None
     cfg = {k: v for k, v in config.to_dict().items() if k not in _DROP_CONFIG_KEYS}
     arch = get_architecture(cfg.get("model_type", "?"))
@@ -87,14 +88,20 @@ def _load(source: Source, dtype: torch.dtype) -> tuple[dict[str, Any], dict[str,
     try:
         with quiet:
             model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype, **kw)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except Exception as e:  # noqa: BLE001 - as above
         raise SourceCheckpointError(f"{source.describe()['path']}: cannot load the weights ({e})") from None
     tokenizer = None
-    try:
-        with quiet:
-            tokenizer = AutoTokenizer.from_pretrained(source.directory, **kw)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        log.warning("no tokenizer found; the store will take token ids only", source=str(source.directory), error=str(e))
+    # transformers may invent a default tokenizer for a directory that has none; only a
+    # tokenizer the source really carries is copied.
+    if source.gguf_file or any((source.directory / f).is_file() for f in _TOKENIZER_FILES):
+        try:
+            with quiet:
+                tokenizer = AutoTokenizer.from_pretrained(source.directory, **kw)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("tokenizer unreadable; the store will take token ids only", source=str(source.directory),
+                        error=str(e))
+    else:
+        log.warning("no tokenizer in the source; the store will take token ids only", source=str(source.directory))
     sd = dict(model.state_dict())
     if cfg.get("tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)  # the same tensor as the embedding; not stored twice
@@ -169,13 +176,18 @@ def _layer_of(key: str) -> int | None:
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """transformers logs loading details at WARNING; they mean nothing to our users."""
+    from transformers.utils import logging as tlogging
+
     tlog = logging.getLogger("transformers")
-    old = tlog.level
+    old, bars = tlog.level, tlogging.is_progress_bar_enabled()
     tlog.setLevel(logging.ERROR)
+    tlogging.disable_progress_bar()  # our own bar counts the layers written
     try:
         yield
     finally:
         tlog.setLevel(old)
+        if bars:
+            tlogging.enable_progress_bar()
 
 
 def ensure_builtin_store(name: str, dtype: str = "float16", progress: bool = True) -> Path:

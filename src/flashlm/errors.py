@@ -48,7 +48,23 @@ class AlignmentError(FlashLMError, ValueError):
 
 
 class NeuronReadError(FlashLMError, OSError):
-    """Reading FFN bundles from flash failed (I/O error, short read, truncated file)."""
+    """Reading FFN bundles from flash failed (I/O error, short read, truncated file).
+
+    Raised by `flashlm.io.reader.BundleReader` with `layer`, `neurons` (first, last id of the
+    failed range) and `filename` set; `errno` is the OS error number where there was one.
+    """
+
+
+class ReadRequestError(FlashLMError, ValueError):
+    """A bundle read request is malformed: layer, neuron ids or slots out of range, bad shapes."""
+
+
+class DuplicateNeuronError(ReadRequestError):
+    """A bundle read request names the same neuron id (or the same slot) twice."""
+
+
+class ReaderClosedError(FlashLMError, RuntimeError):
+    """The bundle reader was closed (before or during this read); open a new one."""
 
 
 class MemoryBudgetError(FlashLMError):

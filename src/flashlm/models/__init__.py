@@ -1,0 +1,22 @@
+"""Pure torch model math: per-architecture blocks over FFN rows, the KV cache, the registry."""
+
+from flashlm.models.base import (
+    ACTIVATIONS,
+    PERMUTATION_KEY,
+    Architecture,
+    Block,
+    CausalLM,
+    KVCache,
+    Rope,
+    attend,
+    ffn_gated,
+    ffn_ungated,
+    layer_norm,
+    rms_norm,
+)
+from flashlm.models.registry import ARCHITECTURES, get_architecture
+
+__all__ = [
+    "ACTIVATIONS", "ARCHITECTURES", "PERMUTATION_KEY", "Architecture", "Block", "CausalLM", "KVCache", "Rope",
+    "attend", "ffn_gated", "ffn_ungated", "get_architecture", "layer_norm", "rms_norm",
+]

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import structlog
+from flashlm.log import get_logger
 import torch
 
 from flashlm.builtin import DEFAULT_MODEL
@@ -30,7 +30,7 @@ from flashlm.pipeline.request import Request, make_request
 from flashlm.pipeline.sampler import Sampler
 from flashlm.pipeline.stream import StreamChunk, TokenTimings
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 T = TypeVar("T")
 DEFAULT_CONTEXT_CAP = 8192
 

