@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import errno
 import os
 import queue
 import threading
@@ -327,9 +326,13 @@ class UringBackend(Backend):
             self._depth -= 1
             want = len(op.view)
             if res == want:
+                err = None
                 if self.dontneed:
-                    os.posix_fadvise(self.fd, op.offset, want, os.POSIX_FADV_DONTNEED)
-                op.call.done(syscalls=1, nbytes=res)
+                    try:
+                        os.posix_fadvise(self.fd, op.offset, want, os.POSIX_FADV_DONTNEED)
+                    except OSError as e:
+                        err = e
+                op.call.done(rng=op.rng, err=err, syscalls=1, nbytes=res)
             elif res < 0:
                 op.call.done(rng=op.rng, err=OSError(-res, os.strerror(-res)), syscalls=1)
             elif 0 < res < want and res % DIO_ALIGN == 0:  # resume a short read
@@ -357,5 +360,3 @@ def make_backend(kind: str | Backend, in_flight: int) -> Backend:
         return UringBackend(in_flight)
     raise ConfigError(f"unknown read backend {kind!r}: use 'threads' or 'uring'")
 
-
-EINVAL = errno.EINVAL

@@ -27,6 +27,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import time
 from collections.abc import Sequence
@@ -145,7 +146,6 @@ class BundleReader:
         self._scratch = memoryview(aligned_empty(1, max(self.max_gap_bytes, PAGE))).cast("B")
         self._fd = -1
         self._state = "new"  # new -> open -> closed
-        self._start_lock: asyncio.Lock | None = None
         self._calls: set[ReadCall] = set()
         self.stats = ReadStats()
 
@@ -174,7 +174,7 @@ class BundleReader:
         try:
             fd = self._backend.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
         except OSError as e:
-            if e.errno != 22:  # EINVAL: this filesystem has no O_DIRECT
+            if e.errno != errno.EINVAL:  # this filesystem has no O_DIRECT
                 raise
             return self._fall_back(str(e))
         # Some filesystems accept the flag and refuse the read: probe one block.
@@ -183,7 +183,7 @@ class BundleReader:
             os.preadv(fd, [probe], 0)
         except OSError as e:
             os.close(fd)
-            if e.errno != 22:
+            if e.errno != errno.EINVAL:
                 raise
             return self._fall_back(str(e))
         return fd
@@ -228,9 +228,9 @@ class BundleReader:
                    slots: Sequence[int] | np.ndarray) -> ReadStats:
         """Read bundle `ids[j]` of `layer` into row `dest[slots[j]]`, for every j."""
         t0 = time.perf_counter()
+        if self._state == "new":
+            await self.start()  # opening is not a read: the request is checked before any read
         ids_s, slots_s = self._validate(layer, ids, dest, slots)
-        if self._state != "open":
-            await self.start()
         lay, stride = self.layout.layers[layer], self.layout.stride
         ranges = plan_ranges(ids_s, slots_s, stride=stride, base=lay.offset, min_read_bytes=self.min_read_bytes,
                              max_gap_bytes=self.max_gap_bytes)
@@ -244,7 +244,7 @@ class BundleReader:
                 self._calls.discard(call)
         if call.error is not None:
             raise self._read_error(layer, *call.error)
-        if self._state == "closed" and ranges:
+        if call.abandoned:  # not by an error, not by cancellation: by aclose()
             raise ReaderClosedError(f"{self.path}: bundle reader closed during a read of layer {layer}")
         st = ReadStats(calls=1, bundles=len(ids_s), bytes_requested=len(ids_s) * stride, bytes_read=call.bytes_read,
                        syscalls=call.syscalls, ranges=len(ranges), max_in_flight=call.max_depth,
@@ -275,17 +275,17 @@ class BundleReader:
                 size = -1
             what = (f"short read at byte {err.offset} ({err.got} of {err.wanted} bytes): the file is {size} bytes, "
                     f"the layout says {self.layout.file.size}; the file was truncated or replaced")
-            code = 5
+            code = errno.EIO
         elif isinstance(err, OSError):
             what, code = f"{err.strerror or err} (errno {err.errno})", err.errno
         else:
             what, code = f"{type(err).__name__}: {err}", None
-        e = NeuronReadError(
-            f"{self.path}: reading layer {layer} neurons {rng.first}..{rng.last} (bytes {rng.offset}.."
-            f"{rng.offset + rng.length}) failed: {what}. Check the disk; if the file changed, "
-            "re-run `flashlm convert` (or `flashlm verify` the store)"
-        )
-        e.errno, e.filename = code, self.path
+        msg = (f"reading layer {layer} neurons {rng.first}..{rng.last} (bytes {rng.offset}..{rng.offset + rng.length})"
+               f" of {self.path} failed: {what}. Check the disk; if the file changed, re-run `flashlm convert` "
+               "(`flashlm verify` checks a store)")
+        # OSError's (errno, strerror, filename) form: str() is "[Errno N] <msg>: '<file>'".
+        e = NeuronReadError(code, msg, self.path) if code is not None else NeuronReadError(msg)
+        e.filename = self.path
         e.layer, e.neurons = layer, (rng.first, rng.last)  # type: ignore[attr-defined]
         e.__cause__ = err
         return e

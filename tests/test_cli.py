@@ -1,0 +1,78 @@
+"""The `flashlm` console script, run for real in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import random_llama, save_checkpoint, tiny_tokenizer
+
+FLASHLM = shutil.which("flashlm", path=str(Path(sys.executable).parent)) or shutil.which("flashlm")
+
+
+def flashlm(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    assert FLASHLM, "the flashlm console script is not installed (pip install -e .)"
+    return subprocess.run([FLASHLM, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return save_checkpoint(random_llama(3), root / "ckpt", tiny_tokenizer())
+
+
+def test_convert_run_verify(ckpt, tmp_path):
+    out = tmp_path / "store"
+    r = flashlm("convert", str(ckpt), str(out), "--dtype", "float32", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["model_type"] == "llama" and summary["dtype"] == "float32" and summary["layers"] == 2
+
+    r = flashlm("run", "--model", str(out), "--raw", "--max-tokens", "12", "--json", "The quick brown")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["tokens"] == len(res["token_ids"]) <= 12 and res["finish_reason"] in ("stop", "length")
+
+    r = flashlm("run", "--model", str(out), "--max-tokens", "5", "--quiet", "hello fox")
+    assert r.returncode == 0 and r.stderr == ""
+
+    assert flashlm("verify", str(out)).returncode == 0
+    with open(out / "ffn.bin", "r+b") as f:
+        f.seek(5000)
+        f.write(b"\xff\xfe")
+    r = flashlm("verify", str(out))
+    assert r.returncode == 1 and "checksum mismatch" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["convert", "/no/such/ckpt", "OUT"], "nothing exists"),
+        (["run", "--model", "/no/such/store", "hi"], "neither a store directory"),
+        (["run", "--model", "not-a-model", "hi"], "built-ins: smollm2-135m"),
+        (["verify", "/no/such/store"], "no such store directory"),
+    ],
+)
+def test_user_errors_are_one_line(args, message, tmp_path):
+    r = flashlm(*[a.replace("OUT", str(tmp_path / "o")) for a in args])
+    assert r.returncode == 1
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bad_request_and_usage(ckpt, tmp_path):
+    out = tmp_path / "store"
+    assert flashlm("convert", str(ckpt), str(out), "--quiet").returncode == 0
+    r = flashlm("convert", str(ckpt), str(out), "--quiet")
+    assert r.returncode == 1 and "--force" in r.stderr
+    r = flashlm("run", "--model", str(out), "--max-tokens", "0", "hi")
+    assert r.returncode == 1 and "max_tokens must be a positive int" in r.stderr
+    assert flashlm("run").returncode == 2  # argparse usage error
+    assert "PROMPT" in flashlm("run", "--help").stdout
