@@ -181,7 +181,7 @@ async def test_float16_store_runs_close_to_float32(tmp_path):
     model = random_llama(8)
     src = save_checkpoint(model, tmp_path / "c")
     convert(src, tmp_path / "s16", dtype="float16", progress=False)
-    async with await Engine.open(tmp_path / "s16") as engine:
+    async with await Engine.open(tmp_path / "s16", ffn="ram") as engine:
         with torch.inference_mode():
             cache = engine.model.new_cache(16)
             ours = engine.model.forward(torch.tensor(PROMPT), cache)
@@ -196,10 +196,12 @@ async def test_smollm2_greedy_matches_transformers(smollm2_store, smollm2_hf):
     messages = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
     prompt_ids = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
     want = hf_greedy(hf, prompt_ids, 64)
-    async with await Engine.open(smollm2_store) as engine:
+    async with await Engine.open(smollm2_store) as engine:  # FFN streamed from flash, every neuron
         stream = await engine.stream(messages, max_tokens=64)
         assert list(stream.request.prompt_ids) == prompt_ids
         chunks = await collect(stream)
+    async with await Engine.open(smollm2_store, ffn="ram") as engine:
+        assert await engine.generate(messages, max_tokens=64) == "".join(c.text for c in chunks)
         with torch.inference_mode():
             ours = engine.model.forward(torch.tensor(prompt_ids), engine.model.new_cache(len(prompt_ids)))
             ref = hf(torch.tensor([prompt_ids])).logits[0]

@@ -35,7 +35,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
-import structlog
+from flashlm.log import get_logger
 
 from flashlm.errors import (
     AlignmentError,
@@ -52,7 +52,7 @@ from flashlm.io.format import FFNLayout
 __all__ = ["BundleReader", "ReadStats", "aligned_empty", "plan_ranges", "slots_as_tensor",
            "DEFAULT_BACKEND", "DEFAULT_MAX_GAP_BYTES", "DEFAULT_MIN_READ_BYTES"]
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 DEFAULT_BACKEND = "threads"
 DEFAULT_MIN_READ_BYTES = 32 * 1024

@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from flashlm.errors import CheckpointFormatError
+from flashlm.io.buffers import aligned_empty
 from flashlm.io.format import (
     FFN_HEADER_BYTES,
     MANIFEST_NAME,
@@ -30,13 +31,6 @@ from flashlm.io.format import (
 from flashlm.io.writer import TORCH_DTYPES
 
 FIX = "re-run `flashlm convert` to rebuild the store"
-
-
-def aligned_bytes(n_rows: int, row_bytes: int, align: int = 4096) -> np.ndarray:
-    """A (n_rows, row_bytes) uint8 array whose first byte is `align`-aligned (for O_DIRECT)."""
-    raw = np.empty(n_rows * row_bytes + align, dtype=np.uint8)
-    start = (-raw.ctypes.data) % align
-    return raw[start : start + n_rows * row_bytes].reshape(n_rows, row_bytes)
 
 
 def rows_view(buf: np.ndarray | torch.Tensor, parts: int, hidden: int, dtype: str) -> torch.Tensor:
@@ -112,7 +106,7 @@ class FlashStore:
     def read_layer(self, layer: int) -> np.ndarray:
         """All bundles of one layer as an aligned (n, stride) uint8 array, checksum-checked."""
         lay = self.manifest.ffn.layers[layer]
-        buf = aligned_bytes(lay.n_neurons, self.manifest.ffn.stride)
+        buf = aligned_empty(lay.n_neurons, self.manifest.ffn.stride)
         with open(self.ffn_path, "rb", buffering=0) as f:
             got = f.readinto(memoryview(buf).cast("B")) if f.seek(lay.offset) == lay.offset else 0
         if got != buf.nbytes:

@@ -10,6 +10,10 @@ from flashlm.errors import ConfigError
 from flashlm.io.writer import TORCH_DTYPES
 
 
+SELECTIONS = ("dense", "gate", "shadow", "predictor")
+DEFAULT_DENSITY = 0.4
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", "mps"
@@ -17,6 +21,16 @@ class EngineConfig:
     max_context: int | None = None  # tokens per request (prompt + answer); None: the model's limit, capped at 8192
     num_threads: int | None = None  # torch intra-op threads; None: 1 on machines with <= 2 CPUs, else torch's default
     store_dtype: str = "float16"  # dtype used when a built-in model is converted on first use
+    # -- the FFN: where it lives and which neurons are computed -----------------------------
+    ffn: str = "flash"  # "flash": neurons read from the store into per-layer caches; "ram": all resident
+    selection: str = "dense"  # "dense" (every neuron) | "gate" | "shadow" | "predictor"
+    density: float | None = None  # fraction of each layer's neurons selected per token (None: mode default)
+    window: int = 8  # tokens a selected neuron stays cached (the paper's sliding window k)
+    lookahead: int = 1  # 1: predict layer l+1 from layer l's attention output and prefetch; 0: serial
+    memory_budget: int | float | str | None = None  # bytes, "2GiB", or a fraction of the model's bytes
+    io_backend: str = "threads"  # "threads" (os.preadv workers) | "uring"
+    in_flight: int = 32  # reads in flight per store
+    page_cache: bool = False  # False: O_DIRECT (honest timings); True: buffered reads
 
     def __post_init__(self) -> None:
         for name in ("dtype", "store_dtype"):
@@ -36,6 +50,25 @@ class EngineConfig:
             raise ConfigError(f"max_context must be an int >= 2, got {self.max_context!r}")
         if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
             raise ConfigError(f"num_threads must be a positive int, got {self.num_threads!r}")
+
+        if self.ffn not in ("flash", "ram"):
+            raise ConfigError(f"ffn {self.ffn!r} must be 'flash' or 'ram'")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"selection {self.selection!r} must be one of {SELECTIONS}")
+        if self.density is not None and not (isinstance(self.density, int | float) and 0 < self.density <= 1):
+            raise ConfigError(f"density must be in (0, 1], got {self.density!r}")
+        if self.selection == "dense" and self.density not in (None, 1, 1.0):
+            raise ConfigError("selection 'dense' computes every neuron; choose gate/shadow/predictor for density < 1")
+        if not isinstance(self.window, int) or self.window < 1:
+            raise ConfigError(f"window must be an int >= 1 (tokens), got {self.window!r}")
+        if self.lookahead not in (0, 1):
+            raise ConfigError(f"lookahead must be 0 (serial) or 1 (prefetch one layer ahead), got {self.lookahead!r}")
+        if not isinstance(self.in_flight, int) or not 1 <= self.in_flight <= 256:
+            raise ConfigError(f"in_flight must be an int in [1, 256], got {self.in_flight!r}")
+
+    @property
+    def effective_density(self) -> float:
+        return 1.0 if self.selection == "dense" else (self.density or DEFAULT_DENSITY)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -14,17 +14,26 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
-from flashlm.log import get_logger
 import torch
 
 from flashlm.builtin import DEFAULT_MODEL
 from flashlm.convert import resolve_store
-from flashlm.errors import EngineClosedError
+from flashlm.errors import EngineClosedError, EngineDeadError
+from flashlm.io.reader import BundleReader
 from flashlm.io.store import FlashStore
+from flashlm.io.writer import TORCH_DTYPES
+from flashlm.log import get_logger
 from flashlm.models import get_architecture
+from flashlm.models.selectors import n_keep
+from flashlm.pipeline.actors import LayerActor
+from flashlm.pipeline.budget import MemoryPlan, parse_budget, plan_memory
 from flashlm.pipeline.config import EngineConfig
+from flashlm.pipeline.neuron_cache import NeuronCache
+from flashlm.pipeline.selection import make_selectors
+from flashlm.pipeline.sparse import RequestWindow, SparseRunner, TokenReport
 from flashlm.pipeline.detokenizer import Detokenizer
 from flashlm.pipeline.request import Request, make_request
 from flashlm.pipeline.sampler import Sampler
@@ -43,8 +52,9 @@ def _load_tokenizer(path: Path | None) -> Any | None:
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def _build_model(store: FlashStore, config: EngineConfig) -> Any:
-    """The model with every tensor resident (FFN read whole from the store, checksum-checked)."""
+def _build_model(store: FlashStore, config: EngineConfig) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The model with its resident tensors; with ffn="ram" also every FFN row (read whole,
+    checksum-checked), with ffn="flash" none (the layer actors' caches supply them)."""
     m = store.manifest
     arch = get_architecture(m.model_type)
     args = arch.Args.from_hf_config(m.config)
@@ -52,37 +62,65 @@ def _build_model(store: FlashStore, config: EngineConfig) -> Any:
     resident = {
         k: (v.to(dev, dt) if v.is_floating_point() else v.to(dev)) for k, v in store.load_resident().items()
     }
-    rows = [store.layer_rows(store.read_layer(i)).to(dev, dt) for i in range(len(m.ffn.layers))]
-    return arch.build(args, resident, rows)
+    n = len(m.ffn.layers)
+    if config.ffn == "ram":
+        rows: list[torch.Tensor | None] = [store.layer_rows(store.read_layer(i)).to(dev, dt) for i in range(n)]
+    else:
+        rows = [None] * n
+    return arch.build(args, resident, rows), resident
+
+
+class _RamRunner:
+    """Every FFN row resident: one hop to the compute thread per token."""
+
+    def __init__(self, model: Any, pool: ThreadPoolExecutor) -> None:
+        self.model = model
+        self._pool = pool
+
+    def _forward(self, ids: torch.Tensor, kv: Any) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.model.forward(ids, kv, last_only=True)[-1]
+
+    async def forward(self, ids: torch.Tensor, kv: Any, win: RequestWindow | None) -> tuple[torch.Tensor, None]:
+        logits = await asyncio.get_running_loop().run_in_executor(self._pool, self._forward, ids, kv)
+        return logits, None
+
+
+@dataclass
+class _StepResult:
+    token: int
+    text: str
+    finish: str | None
+    compute_ms: float
+    report: TokenReport | None
 
 
 class _Generation:
-    """One request's decoding state. Only the compute thread touches it."""
+    """One request's decoding state: its KV cache, window, sampler and detokenizer."""
 
     def __init__(self, engine: Engine, request: Request) -> None:
-        self.model = engine.model
+        self.engine = engine
         self.request = request
-        self.cache = self.model.new_cache(len(request.prompt_ids) + request.max_tokens)
+        self.kv = engine.model.new_cache(len(request.prompt_ids) + request.max_tokens)
+        self.window = engine._new_window()
         self.sampler = Sampler(request.sampling)
         self.detok = Detokenizer(engine.tokenizer, request.stop)
-        self.eos = engine.eos_ids
         self.produced = 0
-        self.device = engine.device
 
-    def prefill(self) -> tuple[int, str, str | None, float]:
-        return self._step(list(self.request.prompt_ids))
-
-    def decode(self, last: int) -> tuple[int, str, str | None, float]:
-        return self._step([last])
-
-    def _step(self, ids: list[int]) -> tuple[int, str, str | None, float]:
+    async def step(self, ids: list[int]) -> _StepResult:
+        engine = self.engine
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            logits = self.model.forward(torch.tensor(ids, dtype=torch.long, device=self.device), self.cache)
-            token = self.sampler(logits[-1])
+        logits, report = await engine._runner.forward(
+            torch.tensor(ids, dtype=torch.long, device=engine.device), self.kv, self.window)
+        token, text, finish = await engine._submit(self._emit, logits)
+        return _StepResult(token, text, finish, (time.perf_counter() - t0) * 1e3, report)
+
+    def _emit(self, logits: torch.Tensor) -> tuple[int, str, str | None]:
+        """Sample and detokenize (compute thread: tokenizer work stays off the loop)."""
+        token = self.sampler(logits)
         self.produced += 1
         finish = None
-        if token in self.eos:
+        if token in self.engine.eos_ids:
             text, finish = self.detok.flush(), "stop"
         else:
             text = self.detok.add(token)
@@ -90,7 +128,7 @@ class _Generation:
                 finish = "stop"
             elif self.produced >= self.request.max_tokens:
                 text, finish = text + self.detok.flush(), "length"
-        return token, text, finish, (time.perf_counter() - t0) * 1e3
+        return token, text, finish
 
 
 class Stream:
@@ -119,30 +157,38 @@ class Stream:
 
     async def _run(self) -> AsyncIterator[StreamChunk]:
         engine = self._engine
+        engine._check_open()
         gen = _Generation(engine, self.request)
         log.debug("request admitted", request_id=self.request.id, prompt_tokens=len(self.request.prompt_ids))
         last = time.perf_counter()
-        pending = engine._submit(gen.prefill)
+        pending: asyncio.Task[_StepResult] | None = asyncio.create_task(gen.step(list(self.request.prompt_ids)))
         try:
             index = 0
             while pending is not None:
-                token, text, finish, compute_ms = await pending
+                r = await pending
                 # Start the next token before handing this one out (the consumer's time overlaps compute).
-                pending = None if finish else engine._submit(gen.decode, token)
+                pending = None if r.finish else asyncio.create_task(gen.step([r.token]))
                 now = time.perf_counter()
-                yield StreamChunk(text, token, index, finish, TokenTimings(compute_ms, (now - last) * 1e3))
+                rep = r.report
+                yield StreamChunk(
+                    r.text, r.token, index, r.finish, TokenTimings(r.compute_ms, (now - last) * 1e3),
+                    bytes_read=rep.read_bytes if rep else 0,
+                    cache_hit_rate=(rep.hits / rep.needed if rep.needed else 1.0) if rep else None,
+                )
                 last, index = now, index + 1
         finally:
             if pending is not None:
-                pending.cancel()  # a step not yet started is dropped; a running one finishes on its own
+                pending.cancel()
+                # wait for it to unwind so the caches are consistent before the next request
+                await asyncio.gather(pending, return_exceptions=True)
 
 
 class Engine:
     """`engine = await Engine.open(store_or_name)`; `async with engine:` closes it."""
 
-    def __init__(self, store: FlashStore, model: Any, tokenizer: Any | None, config: EngineConfig) -> None:
+    def __init__(self, store: FlashStore, tokenizer: Any | None, config: EngineConfig) -> None:
         self.store = store
-        self.model = model
+        self.model: Any = None
         self.tokenizer = tokenizer
         self.config = config
         self.device = torch.device(config.device)
@@ -156,7 +202,13 @@ class Engine:
             ids.add(tokenizer.eos_token_id)
         self.eos_ids = frozenset(ids)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="flashlm-compute", initializer=self._init_thread)
+        self._runner: Any = None
+        self._sparse: SparseRunner | None = None
+        self._reader: BundleReader | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self.memory: MemoryPlan | None = None
         self._closed = False
+        self._dead: BaseException | None = None
 
     def _init_thread(self) -> None:
         if self.config.num_threads is not None:
@@ -175,16 +227,74 @@ class Engine:
         path = await asyncio.to_thread(resolve_store, model, config.store_dtype, progress)
         store = await asyncio.to_thread(FlashStore.open, path)
         tokenizer = await asyncio.to_thread(_load_tokenizer, store.tokenizer_dir)
-        engine = cls(store, None, tokenizer, config)
+        engine = cls(store, tokenizer, config)
         try:
-            engine.model = await asyncio.get_running_loop().run_in_executor(engine._pool, _build_model, store, config)
+            await engine._start()
         except BaseException:
-            engine._pool.shutdown(wait=False, cancel_futures=True)
+            await engine.aclose()
             raise
-        log.info("engine open", store=str(path), model_type=store.manifest.model_type, device=config.device)
+        log.info("engine open", store=str(path), model_type=store.manifest.model_type, device=config.device,
+                 ffn=config.ffn, selection=config.selection)
         return engine
 
+    async def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg, store = self.config, self.store
+        self.model, resident = await loop.run_in_executor(self._pool, _build_model, store, cfg)
+        if cfg.ffn == "ram":
+            self._runner = _RamRunner(self.model, self._pool)
+            return
+        selectors, selector_bytes = await loop.run_in_executor(
+            self._pool, make_selectors, cfg, store, self.model, resident)
+        ffn = store.manifest.ffn
+        d_ff = max(layer.n_neurons for layer in ffn.layers)
+        itemsize = torch.empty((), dtype=cfg.torch_dtype).element_size()
+        same = cfg.torch_dtype == TORCH_DTYPES[ffn.dtype] and self.device.type == "cpu"
+        args = self.model.args
+        self.memory = plan_memory(
+            budget=parse_budget(cfg.memory_budget, store.manifest.resident.size + ffn.file.size),
+            resident_bytes=sum(t.numel() * t.element_size() for t in resident.values()),
+            selector_bytes=selector_bytes,
+            kv_bytes=2 * args.n_layers * self.max_context * args.n_kv_heads * args.head_dim * itemsize,
+            slot_bytes=ffn.stride + (0 if same else len(ffn.parts) * ffn.hidden_size * itemsize),
+            n_layers=len(ffn.layers), d_ff=d_ff, min_capacity=n_keep(d_ff, cfg.effective_density),
+        )
+        caches = [
+            NeuronCache(capacity=min(self.memory.capacity, layer.n_neurons), n_neurons=layer.n_neurons, layout=ffn,
+                        window=cfg.window, dtype=cfg.torch_dtype, device=self.device)
+            for layer in ffn.layers
+        ]
+        self._reader = BundleReader(store.ffn_path, ffn, backend=cfg.io_backend, in_flight=cfg.in_flight,
+                                    page_cache=cfg.page_cache)
+        await self._reader.start()
+        actors = [LayerActor(i, c, self._reader) for i, c in enumerate(caches)]
+        self._sparse = SparseRunner(self.model, caches, actors, selectors, lookahead=cfg.lookahead,
+                                    window=cfg.window, pool=self._pool)
+        self._runner = self._sparse
+        self._supervisor = asyncio.create_task(self._supervise(actors), name="flashlm-actors")
+
+    async def _supervise(self, actors: list[LayerActor]) -> None:
+        """The actors' TaskGroup. If one crashes the group cancels the rest and the engine is
+        dead: every open stream gets EngineDeadError instead of waiting forever."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for a in actors:
+                    tg.create_task(a.run(), name=f"flashlm-layer-{a.layer}")
+        except BaseException as e:
+            self._dead = e
+            log.error("layer actor crashed; engine is dead", error=repr(e))
+            if self._sparse is not None:
+                self._sparse.dead(e)
+            raise
+
+    def _new_window(self) -> RequestWindow | None:
+        if self._sparse is None:
+            return None
+        return RequestWindow(len(self._sparse.caches), self._sparse.d_ff, self.config.window)
+
     def _check_open(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine died ({self._dead!r}); open a new one with Engine.open")
         if self._closed:
             raise EngineClosedError("the engine is closed; open a new one with Engine.open")
 
@@ -212,10 +322,32 @@ class Engine:
     async def generate(self, prompt: Any, **kwargs: Any) -> str:
         return "".join([chunk.text async for chunk in self.stream(prompt, **kwargs)])
 
+    def statistics(self) -> dict[str, Any]:
+        """Memory plan, cache and reader counters."""
+        out: dict[str, Any] = {"ffn": self.config.ffn, "selection": self.config.selection}
+        if self.memory is not None:
+            out["memory"] = {"budget": self.memory.budget, "total": self.memory.total,
+                             "resident": self.memory.resident_bytes, "selectors": self.memory.selector_bytes,
+                             "kv": self.memory.kv_bytes, "caches": self.memory.cache_bytes,
+                             "capacity_per_layer": self.memory.capacity}
+        if self._reader is not None:
+            out["reader"] = asdict(self._reader.stats)
+        return out
+
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._sparse is not None and self._supervisor is not None and not self._supervisor.done():
+            for a in self._sparse.actors:
+                a.inbox.put_nowait(None) if not a.inbox.full() else None
+            try:
+                await asyncio.wait_for(asyncio.shield(self._supervisor), timeout=10)
+            except (TimeoutError, Exception):  # noqa: BLE001 - closing: a dead actor group is fine
+                self._supervisor.cancel()
+                await asyncio.gather(self._supervisor, return_exceptions=True)
+        if self._reader is not None:
+            await self._reader.aclose()
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
 
     async def __aenter__(self) -> Engine:

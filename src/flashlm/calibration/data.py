@@ -1,0 +1,128 @@
+"""Calibration and evaluation text, from the gensim 4.4.0 wheel's test data.
+
+- Wikipedia: `enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2`, markup
+  stripped by `gensim.corpora.wikicorpus`, redirects and stubs dropped, split *by article*
+  into calibration and held-out parts (a fixed rule, so every run splits the same way).
+- News: `lee_background.cor`, for evaluation only.
+
+The files come from an installed gensim (the `calibrate` extra), else from the wheel, fetched
+once with `pip download --no-deps gensim==4.4.0` into `$FLASHLM_HOME/data` (or
+`~/.cache/flashlm/data`).
+"""
+
+from __future__ import annotations
+
+import bz2
+import importlib.util
+import re
+import subprocess
+import sys
+import zipfile
+from functools import lru_cache
+from pathlib import Path
+
+from flashlm.builtin import home
+from flashlm.errors import FlashLMError
+
+GENSIM = "gensim==4.4.0"
+WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+NEWS_FILE = "lee_background.cor"
+HELD_OUT_EVERY = 5  # article i is held out when i % 5 == 4: ~20% of the articles
+
+
+class CalibrationDataError(FlashLMError):
+    """The calibration text could not be obtained."""
+
+
+def data_dir() -> Path:
+    return home() / "data"
+
+
+def _installed_test_data() -> Path | None:
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or spec.origin is None:
+        return None
+    d = Path(spec.origin).parent / "test" / "test_data"
+    return d if (d / WIKI_FILE).is_file() and (d / NEWS_FILE).is_file() else None
+
+
+def data_file(name: str) -> Path:
+    """Path of one of the two test-data files, fetched and cached on first use."""
+    cached = data_dir() / name
+    if cached.is_file():
+        return cached
+    installed = _installed_test_data()
+    if installed is not None:
+        return installed / name
+    dest = data_dir()
+    dest.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(dest.glob("gensim-4.4.0-*.whl"))
+    if not wheels:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest), GENSIM]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(dest.glob("gensim-4.4.0-*.whl"))
+        if r.returncode or not wheels:
+            raise CalibrationDataError(f"could not download {GENSIM} for its test data ({r.stderr.strip()[-300:]}); "
+                                       f"install the calibrate extra (`pip install {GENSIM}`) or pass --text FILE")
+    with zipfile.ZipFile(wheels[-1]) as z:
+        for n in (WIKI_FILE, NEWS_FILE):
+            member = f"gensim/test/test_data/{n}"
+            tmp = dest / f".{n}.partial"
+            tmp.write_bytes(z.read(member))
+            tmp.replace(dest / n)
+    return cached
+
+
+_MARKUP = [(re.compile(r"'{2,}"), ""), (re.compile(r"^=+\s*(.*?)\s*=+\s*$", re.M), r"\1"),
+           (re.compile(r"\n{3,}"), "\n\n")]
+
+
+def _clean(text: str) -> str:
+    for pat, rep in _MARKUP:
+        text = pat.sub(rep, text)
+    return text.strip()
+
+
+@lru_cache(maxsize=1)
+def wiki_articles() -> tuple[tuple[str, str], ...]:
+    """(title, plain text) of every real article (no redirects, no stubs under 500 characters)."""
+    try:
+        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+    except ImportError:
+        raise CalibrationDataError(f"stripping Wikipedia markup needs gensim: `pip install {GENSIM}` "
+                                   f"(the calibrate extra), or pass --text FILE") from None
+    out = []
+    with bz2.BZ2File(data_file(WIKI_FILE)) as f:
+        for title, text, _pid in extract_pages(f, filter_namespaces=("0",)):
+            plain = _clean(filter_wiki(text))
+            if len(plain) >= 500 and not plain.upper().startswith("#REDIRECT"):
+                out.append((title, plain))
+    return tuple(out)
+
+
+def wiki_split(part: str) -> list[str]:
+    """Article texts of the "calibration" or "heldout" part."""
+    if part not in ("calibration", "heldout"):
+        raise ValueError(f"part must be 'calibration' or 'heldout', got {part!r}")
+    held = part == "heldout"
+    return [t for i, (_title, t) in enumerate(wiki_articles()) if (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == held]
+
+
+def news_texts() -> list[str]:
+    """The news text, one story per line (evaluation only)."""
+    lines = data_file(NEWS_FILE).read_text(encoding="utf-8", errors="replace").splitlines()
+    return [ln.strip() for ln in lines if ln.strip()]
+
+
+def token_stream(tokenizer, texts: list[str], n: int, sep: int | None = None) -> list[int]:
+    """The first n tokens of the texts, tokenized one by one and joined (with `sep` between)."""
+    ids: list[int] = []
+    for t in texts:
+        if len(ids) >= n:
+            break
+        ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
+        if sep is not None:
+            ids.append(sep)
+    if len(ids) < n:
+        raise CalibrationDataError(f"the text has only {len(ids)} tokens, {n} were asked for")
+    return ids[:n]

@@ -1,0 +1,259 @@
+"""`flashlm eval STORE`: perplexity of neuron selections with a sliding window, side by side.
+
+Each run computes every layer's FFN over the union of the last `window` tokens' selected
+sets (the engine's cache), in batch: per-token masks from the selector, OR over the window,
+the dense FFN's neuron outputs multiplied by the mask - the same sum the engine computes
+over its cache rows. It reports perplexity on held-out Wikipedia and news, the fraction of
+FFN bundles read per token in steady state (neurons entering the window / d_ff, first
+`window` tokens of each sequence excluded), recall of the exact top set at the same density,
+and the selector's cost for one token (all layers, this process, the current thread count).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from flashlm.calibration import data
+from flashlm.calibration.calibrate import _tokenizer
+from flashlm.calibration.coactivation import entering
+from flashlm.calibration.record import DenseModel, chunks, forward_with, load_dense
+from flashlm.io.store import FlashStore
+from flashlm.models.selectors import (
+    Selector,
+    build_selector,
+    load_selectors,
+    recall,
+    top_ids,
+    top_mask,
+    window_union,
+)
+
+
+@dataclass(frozen=True)
+class Run:
+    selector: str  # oracle | gate | shadow_int8 | shadow_int4 | predictor
+    density: float
+    window: int
+
+    @property
+    def mode(self) -> str:
+        return self.selector.split("_")[0]
+
+
+DEFAULT_RUNS = (
+    Run("oracle", 0.3, 8), Run("oracle", 0.4, 8),
+    Run("gate", 0.4, 8),
+    Run("shadow_int8", 0.3, 8), Run("shadow_int8", 0.4, 4), Run("shadow_int8", 0.4, 8), Run("shadow_int8", 0.5, 8),
+    Run("shadow_int4", 0.4, 8),
+    Run("predictor", 0.4, 8), Run("predictor", 0.5, 8),
+)
+QUICK_TOKENS, FULL_TOKENS = 2048, 8192
+
+
+def _selectors(name: str, dense: DenseModel, store: FlashStore, resident: dict[str, Tensor]) -> list[Selector] | None:
+    preds = store.manifest.predictors or {}
+    if name in preds.get("selectors", {}):
+        return load_selectors(resident, preds, name, dense.act, dense.gated)
+    if name in ("oracle", "gate"):
+        return [build_selector(name, r, dense.act, b) for r, b in zip(dense.rows, dense.fc1_bias)]
+    if name.startswith("shadow_int"):  # uncalibrated store: quantize the rows now
+        bits = int(name.removeprefix("shadow_int"))
+        return [build_selector("shadow", r, dense.act, b, bits=bits, group=None if bits == 8 else 32)
+                for r, b in zip(dense.rows, dense.fc1_bias)]
+    return None  # a predictor needs calibration
+
+
+class _Tally:
+    def __init__(self, n_layers: int) -> None:
+        self.nll = 0.0
+        self.count = 0
+        self.recall = [0.0] * n_layers
+        self.density = [0.0] * n_layers
+        self.rows = [0] * n_layers
+        self.new = 0.0
+        self.new_tokens = 0
+        self.runs = [0.0, 0.0]  # contiguous runs: physical order, original order
+        self.h_last: list[Tensor | None] = [None] * n_layers
+
+
+def _masked_ffn(dense: DenseModel, sels: list[Selector], run: Run, tally: _Tally, inv_perm: list[Tensor | None]):
+    def ffn(block: Any, h: Tensor) -> Tensor:
+        l = block.layer
+        rows = dense.rows[l]
+        tally.h_last[l] = h[-1:].clone()
+        if rows.shape[1] == 3:
+            a = dense.act(h @ rows[:, 0].T) * (h @ rows[:, 1].T)  # (T, d_ff) neuron outputs
+            down, out_bias = rows[:, 2], None
+        else:
+            b1 = dense.fc1_bias[l]
+            pre = h @ rows[:, 0].T
+            a = dense.act(pre if b1 is None else pre + b1)
+            down, out_bias = rows[:, 1], block.fc2_bias
+        chosen = top_mask(sels[l].scores(h), run.density)
+        target = top_mask(a.abs(), run.density)
+        tally.recall[l] += float(recall(chosen, target).sum())
+        tally.density[l] += float(chosen.float().mean(1).sum())
+        tally.rows[l] += h.shape[0]
+        cached = window_union(chosen, run.window)
+        new = entering(cached)[run.window:]  # steady state
+        tally.new += float(new.float().mean(1).sum())
+        tally.new_tokens += new.shape[0]
+        if inv_perm[l] is not None and new.shape[0]:
+            for i, e in enumerate((new, new[:, inv_perm[l]])):
+                tally.runs[i] += float((e & ~F.pad(e[:, :-1], (1, 0))).sum())
+        out = (a * cached) @ down
+        return out if out_bias is None else out + out_bias
+
+    return ffn
+
+
+def _nll(logits: Tensor, ids: Tensor) -> float:
+    return float(F.cross_entropy(logits[:-1].float(), ids[1:], reduction="sum"))
+
+
+def _time_ms(fn, repeat: int = 15) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def evaluate(store_path: str | Path, quick: bool = False, *, tokens: int | None = None,
+             runs: tuple[Run, ...] = DEFAULT_RUNS, seq_len: int = 512, json_path: str | Path | None = None,
+             plot_path: str | Path | None = None, progress: bool = True,
+             texts: dict[str, list[int]] | None = None) -> dict[str, Any]:
+    """Evaluate dense and every run; returns (and writes to json_path) the report. `texts`:
+    {"wiki": ids, "news": ids} to use instead of the built-in held-out texts (tests)."""
+    store = FlashStore.open(store_path)
+    resident = store.load_resident()
+    dense = load_dense(store, resident)
+    n_layers, d_ff = len(dense.rows), dense.rows[0].shape[0]
+    if texts is None:
+        n = tokens or (QUICK_TOKENS if quick else FULL_TOKENS)
+        tok = _tokenizer(store)
+        texts = {"wiki": data.token_stream(tok, data.wiki_split("heldout"), n, tok.eos_token_id),
+                 "news": data.token_stream(tok, data.news_texts(), n, tok.eos_token_id)}
+    seqs = {k: chunks(v, seq_len) for k, v in texts.items()}
+    inv_perm = [None] * n_layers
+    for l, b in enumerate(dense.model.layers):
+        p = b.ffn_permutation
+        inv_perm[l] = torch.argsort(p) if p is not None else torch.arange(d_ff)
+    bundle = store.manifest.ffn.bundle_bytes
+    report: dict[str, Any] = {"store": str(store.path), "quick": quick, "tokens": {k: len(v) for k, v in texts.items()},
+                              "seq_len": seq_len, "d_ff": d_ff, "n_layers": n_layers, "bundle_bytes": bundle,
+                              "threads": torch.get_num_threads(), "runs": [], "skipped": []}
+
+    def ppl_of(ffn_factory) -> tuple[dict[str, float], _Tally]:
+        tally, out = _Tally(n_layers), {}
+        for name, parts in seqs.items():
+            nll = cnt = 0
+            for c in parts:
+                ffn = None if ffn_factory is None else ffn_factory(tally)
+                nll += _nll(forward_with(dense.model, c, ffn), c)
+                cnt += c.shape[0] - 1
+            out[f"ppl_{name}"] = math.exp(nll / cnt)
+        return out, tally
+
+    configs = [None, *runs]
+    bar = tqdm(total=len(configs), desc="eval", unit="run", disable=not progress)
+    with torch.inference_mode():
+        base, _ = ppl_of(None)
+        h1 = [torch.randn(1, dense.rows[0].shape[2]) for _ in range(n_layers)]
+        blocks = dense.model.layers
+        ffn_ms = _time_ms(lambda: [b.ffn(h1[b.layer], dense.rows[b.layer]) for b in blocks])
+        report["dense"] = {**base, "ffn_ms_per_token": ffn_ms}
+        bar.update(1)
+        cache: dict[str, list[Selector] | None] = {}
+        for run in runs:
+            if run.selector not in cache:
+                cache[run.selector] = _selectors(run.selector, dense, store, resident)
+            sels = cache[run.selector]
+            if sels is None:
+                report["skipped"].append({"selector": run.selector, "why": "not calibrated: run `flashlm calibrate`"})
+                bar.update(1)
+                continue
+            ppl, t = ppl_of(lambda tally, s=sels, r=run: _masked_ffn(dense, s, r, tally, inv_perm))
+            hs = [x if x is not None else torch.zeros_like(h1[0]) for x in t.h_last]
+            sel_ms = _time_ms(lambda s=sels, r=run: [top_ids(s[l].scores(hs[l]), r.density) for l in range(n_layers)])
+            new_neurons = t.new * d_ff
+            report["runs"].append({
+                "mode": run.mode, "selector": run.selector, "density": run.density, "window": run.window,
+                **ppl,
+                "ppl_wiki_rel": ppl["ppl_wiki"] / base["ppl_wiki"] - 1, "ppl_news_rel": ppl["ppl_news"] / base["ppl_news"] - 1,
+                "ffn_read_fraction": t.new / max(t.new_tokens, 1),
+                "ffn_read_bytes_per_token": t.new / max(t.new_tokens, 1) * d_ff * bundle * n_layers,
+                "recall": sum(t.recall) / sum(t.rows),
+                "recall_per_layer": [r / max(n, 1) for r, n in zip(t.recall, t.rows)],
+                "predicted_density": sum(t.density) / sum(t.rows),
+                "reads_per_token_per_layer": t.runs[0] / max(t.new_tokens, 1) / n_layers,
+                "reads_per_token_per_layer_unpermuted": t.runs[1] / max(t.new_tokens, 1) / n_layers,
+                "mean_read_neurons": new_neurons / max(t.runs[0], 1),
+                "mean_read_neurons_unpermuted": new_neurons / max(t.runs[1], 1),
+                "select_ms_per_token": sel_ms,
+                "select_over_ffn": sel_ms / ffn_ms,
+            })
+            bar.update(1)
+    bar.close()
+    report["default"] = choose_default(report)
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(report, indent=1) + "\n")
+    if plot_path is not None:
+        plot(report, plot_path)
+    return report
+
+
+def choose_default(report: dict[str, Any], max_rel: float = 0.03, max_read: float = 0.05,
+                   max_select: float = 0.25) -> dict[str, Any] | None:
+    """The engine's default: among runs the engine can run (not oracle) meeting every goal, the
+    one reading least; else the non-oracle run with the lowest worst-case perplexity."""
+    runs = [r for r in report["runs"] if r["mode"] != "oracle"]
+    if not runs:
+        return None
+    ok = [r for r in runs if max(r["ppl_wiki_rel"], r["ppl_news_rel"]) <= max_rel
+          and r["ffn_read_fraction"] <= max_read and r["select_over_ffn"] <= max_select]
+    best = min(ok, key=lambda r: r["ffn_read_fraction"]) if ok else \
+        min(runs, key=lambda r: max(r["ppl_wiki_rel"], r["ppl_news_rel"]))
+    return {**best, "meets_goals": bool(ok)}
+
+
+def plot(report: dict[str, Any], path: str | Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, text in zip(axes, ("wiki", "news")):
+        by: dict[str, list[dict]] = {}
+        for r in report["runs"]:
+            by.setdefault(r["selector"], []).append(r)
+        for name, rs in sorted(by.items()):
+            rs = sorted(rs, key=lambda r: r["ffn_read_bytes_per_token"])
+            ax.plot([r["ffn_read_bytes_per_token"] / 2**20 for r in rs], [r[f"ppl_{text}"] for r in rs], "o-",
+                    label=name)
+            for r in rs:
+                ax.annotate(f"{r['density']:.0%}/k{r['window']}", (r["ffn_read_bytes_per_token"] / 2**20,
+                                                                    r[f"ppl_{text}"]), fontsize=6)
+        ax.axhline(report["dense"][f"ppl_{text}"], color="k", lw=0.8, label="dense")
+        ax.axhline(report["dense"][f"ppl_{text}"] * 1.03, color="k", lw=0.6, ls="--", label="dense +3%")
+        ax.set_xlabel("FFN bytes read per token (MiB, steady state)")
+        ax.set_ylabel(f"perplexity ({text})")
+        ax.set_title(f"held-out {text}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,139 @@
+"""Layer actors: one long-lived task per FFN layer, owning that layer's neuron cache.
+
+An actor takes two kinds of message from its bounded inbox:
+- `Prefetch(token, ids)`: a *speculative* set, predicted one layer early from the previous
+  layer's attention output. The actor updates its cache (evict outside the window, append
+  the missing neurons) and starts their flash reads, without waiting for them.
+- `Ensure(token, ids, reply)`: the exact set for this token. The actor waits for its
+  prefetch reads, reads whatever is still missing, commits the new rows and answers.
+
+So layer l+1's reads run on the reader's I/O threads while layer l's FFN computes on the
+compute thread: flash latency hides behind compute. Every phase is timestamped into the
+actor's `events` (monotonic clock) so overlap is measured, not assumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from flashlm.io.reader import BundleReader
+from flashlm.log import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Prefetch:
+    token: int
+    ids: np.ndarray  # int64, unique
+
+
+@dataclass(frozen=True)
+class Ensure:
+    token: int
+    ids: np.ndarray
+    reply: asyncio.Future[LayerStep] = field(compare=False)
+
+
+@dataclass(frozen=True)
+class LayerStep:
+    """What one token cost one layer (answer to `Ensure`)."""
+
+    hits: int  # needed neurons already cached (or prefetched)
+    needed: int
+    read_bytes: int  # bytes of bundles read from flash for this token (speculative + exact)
+    spec_read_bytes: int
+    read_wait_ms: float  # time Ensure waited for reads (exposed I/O)
+
+
+@dataclass(frozen=True)
+class Event:
+    layer: int
+    token: int
+    kind: str  # "read" (spec or exact) | "wait"
+    start: float
+    end: float
+    nbytes: int = 0
+    speculative: bool = False
+
+
+class LayerActor:
+    def __init__(self, layer: int, cache: Any, reader: BundleReader, *, record: bool = False) -> None:
+        self.layer = layer
+        self.cache = cache
+        self.reader = reader
+        self.inbox: asyncio.Queue[Prefetch | Ensure | None] = asyncio.Queue(maxsize=4)
+        self._inflight: list[asyncio.Task[int]] = []
+        self._spec_bytes: dict[int, int] = {}
+        self.record = record
+        self.events: list[Event] = []
+
+    async def run(self) -> None:
+        """The actor's life: until a None message (engine closing) or cancellation."""
+        try:
+            while (msg := await self.inbox.get()) is not None:
+                if isinstance(msg, Prefetch):
+                    await self._prefetch(msg)
+                else:
+                    await self._ensure(msg)
+        finally:
+            for task in self._inflight:
+                task.cancel()
+            if self._inflight:
+                await asyncio.gather(*self._inflight, return_exceptions=True)
+
+    async def _prefetch(self, msg: Prefetch) -> None:
+        await self._settle()  # rows of earlier reads must land before the cache moves any row
+        plan = self.cache.update(msg.ids, msg.token)
+        if len(plan.missing_ids):
+            self._start_read(plan, msg.token, speculative=True)
+
+    async def _ensure(self, msg: Ensure) -> None:
+        try:
+            t0 = time.perf_counter()
+            spec = await self._settle()
+            plan = self.cache.update(msg.ids, msg.token)
+            exact = 0
+            if len(plan.missing_ids):
+                self._start_read(plan, msg.token, speculative=False)
+                exact = await self._settle()
+            t1 = time.perf_counter()
+            if self.record:
+                self.events.append(Event(self.layer, msg.token, "wait", t0, t1))
+            step = LayerStep(plan.hits, len(msg.ids), spec + exact, spec, (t1 - t0) * 1e3)
+        except BaseException as e:
+            if not msg.reply.done():
+                msg.reply.set_exception(e if isinstance(e, Exception) else asyncio.CancelledError())
+            if not isinstance(e, Exception):
+                raise
+            return
+        if not msg.reply.done():
+            msg.reply.set_result(step)
+
+    def _start_read(self, plan: Any, token: int, speculative: bool) -> None:
+        self._inflight.append(asyncio.create_task(self._read(plan, token, speculative)))
+
+    async def _read(self, plan: Any, token: int, speculative: bool) -> int:
+        t0 = time.perf_counter()
+        stats = await self.reader.read(self.layer, plan.missing_ids, self.cache.raw, plan.slots)
+        self.cache.commit(plan)
+        if self.record:
+            self.events.append(Event(self.layer, token, "read", t0, time.perf_counter(), stats.bytes_read, speculative))
+        return stats.bytes_read
+
+    async def _settle(self) -> int:
+        """Wait for every read in flight; their bytes. A failed read raises here."""
+        tasks, self._inflight = self._inflight, []
+        if not tasks:
+            return 0
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                self.cache.drop_pending()  # slots of a failed read are not valid
+                raise r
+        return int(sum(results))

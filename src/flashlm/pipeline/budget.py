@@ -1,0 +1,70 @@
+"""The DRAM budget: parse it, count what the engine must hold, derive the neuron caches'
+capacity from what is left. Everything is counted in bytes."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from flashlm.errors import ConfigError, MemoryBudgetError
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "t": 10**12, "tb": 10**12}
+
+
+def parse_budget(value: int | float | str | None, model_bytes: int) -> int | None:
+    """Bytes from an int, a "2GiB"/"500MB" string, or a float in (0, 1] (a fraction of the
+    model's bytes on flash). None: no budget."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"memory_budget must be bytes, a size string or a fraction, got {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ConfigError(f"memory_budget must be positive, got {value}")
+        return value
+    if isinstance(value, float):
+        if not 0 < value <= 1 or math.isnan(value):
+            raise ConfigError(f"a fractional memory_budget must be in (0, 1] of the model's size, got {value}")
+        return int(value * model_bytes)
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if m and m.group(2).lower() in _UNITS:
+            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise ConfigError(f"memory_budget {value!r} is not understood; use bytes, e.g. '2GiB', '800MB', or 0.5")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    budget: int | None
+    resident_bytes: int  # embeddings, attention, norms, lm_head in the compute dtype
+    selector_bytes: int  # predictor / shadow copies
+    kv_bytes: int  # one request's KV cache at max_context
+    slot_bytes: int  # one cached neuron: its raw bundle plus its compute-dtype copy
+    capacity: int  # cached neurons per layer
+    n_layers: int
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.capacity * self.slot_bytes * self.n_layers
+
+    @property
+    def total(self) -> int:
+        return self.resident_bytes + self.selector_bytes + self.kv_bytes + self.cache_bytes
+
+
+def plan_memory(*, budget: int | None, resident_bytes: int, selector_bytes: int, kv_bytes: int, slot_bytes: int,
+                n_layers: int, d_ff: int, min_capacity: int) -> MemoryPlan:
+    fixed = resident_bytes + selector_bytes + kv_bytes
+    if budget is None:
+        return MemoryPlan(None, resident_bytes, selector_bytes, kv_bytes, slot_bytes, d_ff, n_layers)
+    capacity = min(d_ff, (budget - fixed) // (slot_bytes * n_layers)) if budget > fixed else 0
+    if capacity < min_capacity:
+        minimum = fixed + min_capacity * slot_bytes * n_layers
+        raise MemoryBudgetError(
+            f"memory budget {budget} B is below the minimum {minimum} B ({minimum / 2**20:.1f} MiB): resident "
+            f"{resident_bytes} B + selectors {selector_bytes} B + KV cache {kv_bytes} B + {min_capacity} neurons per "
+            f"layer ({slot_bytes} B each, {n_layers} layers); raise the budget, or lower density / max_context"
+        )
+    return MemoryPlan(budget, resident_bytes, selector_bytes, kv_bytes, slot_bytes, capacity, n_layers)

@@ -1,0 +1,379 @@
+"""One layer's neuron cache: the paper's DRAM management (LLM in a Flash, section 3.3).
+
+`capacity` bundle slots are preallocated: `raw`, the aligned (capacity, stride) uint8 host
+buffer the bundle reader writes into, and `rows`, the (capacity, P, d) tensor the FFN computes
+on. With store dtype == compute dtype on CPU, `rows` *is* a view of `raw` (zero copy);
+otherwise `commit` converts the new slots into `rows` once their reads are done (on CUDA a
+non-blocking copy from pinned `raw`). Bookkeeping is numpy: `slot_of[neuron]` (-1: absent),
+`neuron_of[slot]` (-1: hole), `last_used[neuron]` (token index), `num_used`, `window`.
+
+A token's step for one layer::
+
+    plan = cache.update(ids, token)                     # mark, evict, place; no I/O
+    await reader.read(layer, plan.missing_ids, cache.raw, plan.slots)
+    cache.commit(plan)                                  # or cache.drop_pending() if the read failed
+    rows, ids = cache.compute_view()                    # block.ffn(x, rows, ids)
+
+`update` marks `ids` used at `token`, evicts the neurons not used in the last `window` tokens
+(last_used <= token - window) and, if the incoming neurons still do not fit, the least recently
+used others (ties: lower id first); then it places the missing neurons. Policies:
+
+- "compact" (the paper's): used slots stay contiguous, [0, num_used). Incoming neurons take the
+  lowest holes first; holes still left below the new end are filled by moving the last rows
+  down; the rest of the incoming neurons are appended at the end. (The paper deletes first and
+  appends after; filling holes with incoming reads first moves fewer rows and is what keeps
+  in-flight slots in place, see below.) The FFN runs over rows[:num_used] with no gather.
+- "paired": each incoming neuron goes straight into an evicted neuron's slot; holes that stay
+  empty are zero-filled in `rows` (and given neuron id 0 in the compute view). A zero bundle
+  contributes exactly nothing to any FFN whose last part multiplies the output (down / fc2
+  column), so the FFN still runs over rows[:num_used] with no mask, paying for the holes in
+  compute instead of moves. num_used shrinks when the last slots are holes.
+
+Pending slots and two phases (speculation). Between `update` and `commit` a plan's slots are
+*pending*: their bytes are undefined until the read lands, so `compute_view` refuses to run
+while any slot is pending. The engine may call `update(speculative_ids, t)` early and
+`update(exact_ids, t)` later for the same token t while the first reads are in flight. The rule
+that makes this safe: nothing marked used at the current token is ever evicted, so the second
+call only adds what is still missing (pending neurons count as present). Nor is a pending row
+ever moved: in the same token nothing expires again, and a capacity eviction then frees at most
+as many slots as it fills, so incoming reads take every hole and no row moves. `update` for a
+later token while reads are pending is refused; `drop_pending()` drops the pending neurons of a failed
+or cancelled read (their slots become holes, compacted as the policy says).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from flashlm.errors import ConfigError, MemoryBudgetError, ReadRequestError
+from flashlm.io.buffers import aligned_empty
+from flashlm.io.format import DTYPE_SIZES, FFNLayout
+from flashlm.io.store import rows_view
+
+Policy = Literal["compact", "paired"]
+# `python -m benchmarks.bench_cache` (benchmarks/results/cache.json; 2-vCPU x86 VM, 1 thread), one layer
+# of SmolLM2 geometry (d_ff 1536, d 576, fp16 -> fp32, window 8, 40% density, ~32 misses/token),
+# update + commit per token, median: compact 0.120 ms, paired 0.123 ms (with a 50% capacity: 0.126
+# vs 0.130 ms). Compact also computes over fewer rows (886 vs paired's 921, its zeroed holes). Default:
+DEFAULT_POLICY: Policy = "compact"  # measured faster, see above
+
+_HOLE = np.iinfo(np.int64).max  # last-used value of a hole: never expired, never an LRU victim
+_NEVER = np.iinfo(np.int64).min // 4
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """What one `update` decided: read `missing_ids` into `slots` (same order), then commit."""
+
+    missing_ids: np.ndarray  # (m,) int64, sorted
+    slots: np.ndarray  # (m,) int64
+    evicted: int
+    moved: int
+    hits: int
+    token: int = 0
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Counters since construction. A token's hit rate is 1 - misses / distinct neurons needed,
+    over both phases of the token (speculative misses count: they were read)."""
+
+    updates: int
+    hits: int
+    misses: int  # neurons read (placed as pending)
+    evictions: int
+    appends: int  # misses placed past the previous end
+    hole_fills: int  # misses placed into an evicted neuron's slot
+    moves: int  # rows moved down to keep the used slots contiguous ("compact")
+    zeroed: int  # hole rows zero-filled ("paired")
+    dropped: int  # pending neurons dropped by `drop_pending` (failed or cancelled reads)
+    bytes_appended: int  # misses * stride: bytes the reader wrote into the cache
+    num_used: int
+    capacity: int
+    tokens: int
+    hit_rate_mean: float  # over tokens (nan before the first)
+    hit_rate_min: float
+    hit_rate_max: float
+    hit_rate_last: float
+
+
+class NeuronCache:
+    def __init__(self, n_neurons: int, capacity: int, *, layout: FFNLayout | None = None, parts: int = 0,
+                 hidden: int = 0, stride: int = 0, store_dtype: str = "float16", dtype: torch.dtype | None = None,
+                 device: torch.device | str = "cpu", window: int = 8, policy: Policy = DEFAULT_POLICY,
+                 pin_memory: bool = False) -> None:
+        """Geometry from `layout` (the store's FFNLayout) or from parts/hidden/stride/store_dtype;
+        `dtype` is the compute dtype (default: the store's)."""
+        if layout is not None:
+            parts, hidden, stride, store_dtype = len(layout.parts), layout.hidden_size, layout.stride, layout.dtype
+        if policy not in ("compact", "paired"):
+            raise ConfigError(f"cache policy {policy!r} is not known; choose 'compact' or 'paired'")
+        if not 0 < capacity <= n_neurons:
+            raise MemoryBudgetError(f"neuron cache capacity {capacity} must be in 1..{n_neurons} (the layer's "
+                                    f"neurons); raise the memory budget or lower the density")
+        if window < 1:
+            raise ConfigError(f"window {window} must be >= 1 token")
+        if store_dtype not in DTYPE_SIZES or parts < 1 or hidden < 1 or stride < parts * hidden * DTYPE_SIZES[store_dtype]:
+            raise ConfigError(f"stride {stride} cannot hold {parts} x {hidden} {store_dtype!r} values")
+        self.n_neurons, self.capacity, self.window, self.policy = n_neurons, capacity, window, policy
+        self.stride, self.store_dtype = stride, store_dtype
+        self.device = torch.device(device)
+        raw_t = None
+        if pin_memory and torch.cuda.is_available():  # pinned staging for non-blocking H2D copies
+            raw_t = _pinned_aligned(capacity, stride)
+            self.raw = raw_t.numpy()
+        else:
+            self.raw = aligned_empty(capacity, stride)  # (capacity, stride) uint8, what reads write
+            self.raw[:] = 0
+        self._raw_rows = rows_view(raw_t if raw_t is not None else self.raw, parts, hidden, store_dtype)
+        self.compute_dtype = dtype or self._raw_rows.dtype
+        self.zero_copy = self.device.type == "cpu" and self.compute_dtype == self._raw_rows.dtype
+        if self.zero_copy:
+            self.rows = self._raw_rows  # (capacity, P, d): same memory
+        else:
+            self.rows = torch.zeros(capacity, parts, hidden, dtype=self.compute_dtype, device=self.device)
+        self.slot_of = np.full(n_neurons, -1, dtype=np.int64)
+        self.neuron_of = np.full(capacity, -1, dtype=np.int64)
+        self._lu = np.full(n_neurons + 1, _NEVER, dtype=np.int64)  # [-1] is the holes' entry
+        self._lu[-1] = _HOLE
+        self.last_used = self._lu[:n_neurons]  # (n_neurons,) view
+        self._pending = np.zeros(capacity, dtype=bool)
+        self.n_pending = 0
+        self.num_used = 0
+        self.token = -1
+        self._ids_cache: tuple[int, torch.Tensor] | None = None
+        self._version = 0
+        self._event = None  # CUDA event of the last commit's copies
+        self._c = dict(updates=0, hits=0, misses=0, evictions=0, appends=0, hole_fills=0, moves=0, zeroed=0,
+                       dropped=0)
+        self._tok_misses = 0
+        self._rates = [0, 0.0, float("inf"), float("-inf"), float("nan")]  # n, sum, min, max, last
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this cache holds: the raw slots, the compute rows when separate, the bookkeeping."""
+        rows = 0 if self.zero_copy else self.rows.numel() * self.rows.element_size()
+        return self.raw.nbytes + rows + self.slot_of.nbytes + self.neuron_of.nbytes + self._lu.nbytes
+
+    # -- the step --------------------------------------------------------------------------------
+
+    def update(self, ids: np.ndarray | torch.Tensor | list[int], token: int) -> CachePlan:
+        """Mark `ids` used at `token`, evict, and choose slots for the missing neurons (see module doc).
+
+        Raises MemoryBudgetError (state unchanged) if the neurons used at `token` exceed capacity.
+        """
+        ids = self._check_ids(ids)
+        if token < self.token:
+            raise ValueError(f"token {token} is before the cache's current token {self.token}")
+        if token > self.token and self.n_pending:
+            raise RuntimeError(f"update for token {token} while {self.n_pending} slots of token {self.token} "
+                               f"are pending: commit(plan) or drop_pending() first")
+        if self._event is not None:  # the reader is about to reuse slots a non-blocking copy may still read
+            self._event.synchronize()
+            self._event = None
+        U = self.num_used
+        id_slots = self.slot_of[ids]
+        present = id_slots >= 0
+        missing = ids[~present]
+        m = missing.size
+        lu = self._lu[self.neuron_of[:U]]  # (U,) last use per slot; holes: _HOLE
+        lu[id_slots[present]] = token
+        expired = lu <= token - self.window
+        live = lu != _HOLE
+        n_pinned = int(np.count_nonzero(lu == token)) + m
+        if n_pinned > self.capacity:
+            raise MemoryBudgetError(
+                f"layer cache needs {n_pinned} neurons at token {token} but holds {self.capacity}: raise the "
+                f"memory budget (cache capacity) or lower the density")
+        if token > self.token:
+            self._close_token()
+            self.token = token
+        evict = expired
+        extra = int(np.count_nonzero(live & ~expired)) + m - self.capacity
+        if extra > 0:  # least recently used first, ties by neuron id; never the current token's
+            cand = np.flatnonzero(live & ~expired & (lu < token))
+            key = lu[cand] * (self.n_neurons + 1) + self.neuron_of[cand]
+            pick = cand[np.argpartition(key, extra - 1)[:extra]] if extra < cand.size else cand
+            evict = expired.copy()
+            evict[pick] = True
+        ev_slots = np.flatnonzero(evict)
+        self._lu[ids] = token
+        self.slot_of[self.neuron_of[ev_slots]] = -1
+        self.neuron_of[ev_slots] = -1
+        holes = ev_slots if self.policy == "compact" else np.flatnonzero(~live | evict)  # sorted
+        k = min(m, holes.size)
+        slots = np.concatenate([holes[:k], np.arange(U, U + m - k, dtype=np.int64)])
+        self.neuron_of[slots] = missing
+        self.slot_of[missing] = slots
+        self._pending[slots] = True
+        self.n_pending += m
+        self.num_used = U + m - k
+        left = holes[k:]
+        if self.policy == "compact":
+            moved = self._fill(left)
+        else:  # holes left empty that were just evicted (older holes are zero already)
+            moved = self._zero(ev_slots[self.neuron_of[ev_slots] < 0])
+        c = self._c
+        c["updates"] += 1
+        c["hits"] += ids.size - m
+        c["misses"] += m
+        c["evictions"] += ev_slots.size
+        c["appends"] += m - k
+        c["hole_fills"] += k
+        c["moves"] += moved
+        self._tok_misses += m
+        self._version += 1
+        missing.setflags(write=False)
+        slots.setflags(write=False)
+        return CachePlan(missing, slots, int(ev_slots.size), moved, int(ids.size - m), token)
+
+    def _fill(self, holes: np.ndarray) -> int:
+        """compact: move the last rows into the holes below the new end; returns rows moved."""
+        self.num_used -= holes.size
+        dst = holes[holes < self.num_used]
+        if dst.size:
+            src = np.arange(self.num_used, self.num_used + holes.size)
+            src = src[self.neuron_of[src] >= 0]
+            assert src.size == dst.size and not self._pending[src].any(), "would move an in-flight row"
+            if self.zero_copy:
+                self.raw[dst] = self.raw[src]
+            else:  # after commit raw is only staging: move the compute rows alone
+                self.rows[torch.from_numpy(dst).to(self.device)] = self.rows[torch.from_numpy(src).to(self.device)]
+            n = self.neuron_of[src]
+            self.neuron_of[dst], self.neuron_of[src] = n, -1
+            self.slot_of[n] = dst
+        return int(dst.size)
+
+    def _zero(self, holes: np.ndarray) -> int:
+        """paired: zero the rows of holes left empty, then trim trailing holes off num_used."""
+        if holes.size:
+            if self.zero_copy:
+                self.raw[holes] = 0
+            else:
+                self.rows[torch.from_numpy(holes).to(self.device)] = 0
+            self._c["zeroed"] += int(holes.size)
+        used = np.flatnonzero(self.neuron_of[: self.num_used] >= 0)
+        self.num_used = int(used[-1]) + 1 if used.size else 0
+        return 0
+
+    def commit(self, plan: CachePlan) -> None:
+        """The reads of `plan` landed in `raw[plan.slots]`: make those slots computable."""
+        s = plan.slots
+        if (plan.token != self.token or not self._pending[s].all()
+                or not np.array_equal(self.neuron_of[s], plan.missing_ids)):
+            raise RuntimeError("commit of a stale plan (already committed, dropped, or of another token)")
+        if s.size and not self.zero_copy:
+            if self.device.type == "cuda":
+                for a, b in _runs(s):  # slices of pinned memory stay pinned: truly non-blocking copies
+                    self.rows[a:b].copy_(self._raw_rows[a:b], non_blocking=True)
+                self._event = torch.cuda.Event()
+                self._event.record()
+            else:
+                s_t = torch.from_numpy(s.copy())  # plan arrays are read-only
+                self.rows[s_t.to(self.device)] = self._raw_rows[s_t].to(self.device, self.compute_dtype)
+        self._pending[s] = False
+        self.n_pending -= s.size
+        self._version += 1
+
+    def drop_pending(self) -> int:
+        """Drop every pending neuron (its read failed or was cancelled); returns how many."""
+        slots = np.flatnonzero(self._pending)
+        if not slots.size:
+            return 0
+        self.slot_of[self.neuron_of[slots]] = -1
+        self.neuron_of[slots] = -1
+        self._pending[slots] = False
+        self.n_pending = 0
+        if self.policy == "compact":
+            self._c["moves"] += self._fill(slots)
+        else:
+            self._zero(slots)
+        self._c["dropped"] += int(slots.size)
+        self._version += 1
+        return int(slots.size)
+
+    def compute_view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows[:num_used] (n, P, d), neuron ids (n,) long) on the compute device; no gather.
+        Both are views into the cache: valid until the next `update`."""
+        if self.n_pending:
+            raise RuntimeError(f"{self.n_pending} cache slots are pending (read not committed): commit first")
+        n = self.num_used
+        if self._ids_cache is None or self._ids_cache[0] != self._version:
+            ids = torch.from_numpy(self.neurons())
+            self._ids_cache = (self._version, ids if self.device.type == "cpu" else ids.to(self.device))
+        return self.rows[:n], self._ids_cache[1]
+
+    # -- counters and checks ------------------------------------------------------------------------
+
+    def _close_token(self) -> None:
+        needed = int(np.count_nonzero(self.last_used == self.token)) if self.token >= 0 else 0
+        if needed:
+            r = 1.0 - self._tok_misses / needed
+            n, total, lo, hi, _ = self._rates
+            self._rates = [n + 1, total + r, min(lo, r), max(hi, r), r]
+        self._tok_misses = 0
+
+    def stats(self) -> CacheStats:
+        n, total, lo, hi, last = self._rates
+        needed = int(np.count_nonzero(self.last_used == self.token)) if self.token >= 0 else 0
+        if needed:  # the token in progress counts too
+            r = 1.0 - self._tok_misses / needed
+            n, total, lo, hi, last = n + 1, total + r, min(lo, r), max(hi, r), r
+        nan = float("nan")
+        return CacheStats(**self._c, bytes_appended=self._c["misses"] * self.stride, num_used=self.num_used,
+                          capacity=self.capacity, tokens=n, hit_rate_mean=total / n if n else nan,
+                          hit_rate_min=lo if n else nan, hit_rate_max=hi if n else nan, hit_rate_last=last)
+
+    def neurons(self) -> np.ndarray:
+        """(num_used,) neuron id of each row of `compute_view()` (paired holes: 0, their rows are zero)."""
+        ids = self.neuron_of[: self.num_used]
+        return np.maximum(ids, 0) if self.policy == "paired" else ids
+
+    def cached_ids(self) -> np.ndarray:
+        """Sorted ids of the neurons held (pending ones included)."""
+        ids = self.neuron_of[: self.num_used]
+        return np.sort(ids[ids >= 0])
+
+    def invariants(self) -> None:
+        """Check the bookkeeping; raises AssertionError naming what is broken."""
+        U, nof = self.num_used, self.neuron_of
+        assert 0 <= U <= self.capacity, f"num_used {U} outside 0..{self.capacity}"
+        assert (nof[U:] == -1).all(), "a slot past num_used owns a neuron"
+        held = nof[:U][nof[:U] >= 0]
+        assert np.unique(held).size == held.size, "a neuron owns two slots"
+        if self.policy == "compact":
+            assert held.size == U, "compact cache has a hole below num_used"
+        else:
+            assert U == 0 or nof[U - 1] >= 0, "paired cache did not trim a trailing hole"
+        slots = np.flatnonzero(nof[:U] >= 0)
+        assert (self.slot_of[held] == slots).all(), "slot_of and neuron_of disagree"
+        assert np.count_nonzero(self.slot_of >= 0) == held.size, "slot_of names a slot no neuron owns"
+        assert (self.last_used[held] > self.token - self.window).all(), "a cached neuron is outside the window"
+        assert self.n_pending == np.count_nonzero(self._pending), "pending count is off"
+        assert not self._pending[U:].any() and (nof[self._pending] >= 0).all(), "a pending slot is not owned"
+
+    def _check_ids(self, ids) -> np.ndarray:
+        a = ids.cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+        a = np.unique(a.astype(np.int64, copy=False))
+        if a.size and (a[0] < 0 or a[-1] >= self.n_neurons):
+            raise ReadRequestError(f"neuron ids must be in 0..{self.n_neurons - 1}; got {a[0]}..{a[-1]}")
+        return a
+
+
+def _runs(slots: np.ndarray) -> list[tuple[int, int]]:
+    """Contiguous [a, b) runs of the sorted slots."""
+    s = np.sort(slots)
+    cut = np.flatnonzero(np.diff(s) != 1) + 1
+    return [(int(r[0]), int(r[-1]) + 1) for r in np.split(s, cut)]
+
+
+def _pinned_aligned(n_rows: int, row_bytes: int, align: int = 4096) -> torch.Tensor:
+    """(n_rows, row_bytes) uint8 in page-locked host memory, `align`-aligned."""
+    n = n_rows * row_bytes
+    t = torch.zeros(n + align, dtype=torch.uint8, pin_memory=True)
+    start = (-t.data_ptr()) % align
+    return t[start : start + n].view(n_rows, row_bytes)

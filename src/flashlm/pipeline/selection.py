@@ -1,0 +1,57 @@
+"""Per-layer selectors for the engine: FFN input (T, d) -> the neuron ids to compute.
+
+- dense: every neuron (the sparse machinery with nothing left out: equals the dense model).
+- gate / shadow: built at open from one pass over the store's bundles (exact gate rows; low-bit
+  copies of gate and up), no calibration needed.
+- predictor: the low-rank predictors `flashlm calibrate` wrote into the store.
+A prompt of T tokens selects the union of its tokens' sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from flashlm.errors import ConfigError
+from flashlm.io.store import FlashStore
+from flashlm.models.selectors import build_selector, load_selectors, top_ids
+from flashlm.pipeline.config import EngineConfig
+
+LayerSelect = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _top(selector: Any, density: float) -> LayerSelect:
+    def select(x: torch.Tensor) -> torch.Tensor:
+        ids = top_ids(selector.scores(x), density)  # (T, k)
+        return ids[0] if ids.shape[0] == 1 else torch.unique(ids)
+
+    return select
+
+
+def make_selectors(config: EngineConfig, store: FlashStore, model: Any, resident: dict[str, torch.Tensor]
+                   ) -> tuple[list[LayerSelect], int]:
+    """(one select function per layer, resident bytes the selectors hold)."""
+    ffn = store.manifest.ffn
+    n_layers = len(ffn.layers)
+    if config.selection == "dense":
+        every = [torch.arange(layer.n_neurons) for layer in ffn.layers]
+        return [lambda _x, ids=ids: ids for ids in every], 0
+    density = config.effective_density
+    blocks = model.layers
+    gated = len(ffn.parts) == 3
+    if config.selection == "predictor":
+        try:
+            sels = load_selectors(resident, store.manifest.predictors or {}, "predictor", blocks[0].act, gated)
+        except KeyError as e:
+            raise ConfigError(f"selection 'predictor': {e.args[0]}") from None
+    else:
+        sels = []
+        for layer in range(n_layers):  # one pass over the FFN; checksums are checked on the way
+            rows = store.layer_rows(store.read_layer(layer)).to(config.torch_dtype)
+            bias = getattr(blocks[layer], "fc1_bias", None)
+            sels.append(build_selector(config.selection, rows, blocks[layer].act, bias))
+            del rows
+    nbytes = sum(sum(t.numel() * t.element_size() for t in s.state().values()) for s in sels)
+    return [_top(s, density) for s in sels], nbytes

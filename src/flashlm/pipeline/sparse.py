@@ -1,0 +1,157 @@
+"""The sparse flash runner: one token step through the layers, with each layer's FFN
+computed over the neurons its actor holds in its cache.
+
+Per layer l, on the compute thread: combine layer l-1's FFN output, attention of layer l,
+the exact selection for layer l and the speculative selection for layer l+1 (from the same
+hidden state, one layer early) — one hop. On the loop: layer l+1's actor gets the
+speculative set and starts reading; layer l's actor is asked to ensure its exact set.
+Then, on the compute thread, layer l's FFN over its cache rows. Flash reads for l+1 thus
+run while layer l computes.
+
+Concurrent requests share the caches but not their windows: each request keeps the last
+token at which it selected each neuron, and its FFN is computed over exactly the cached
+neurons in *its* window (a gather only when another request's neurons are cached too), so
+a request's output is the same whether it runs alone or beside others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from flashlm.errors import EngineDeadError
+from flashlm.pipeline.actors import Ensure, LayerActor, LayerStep, Prefetch
+
+Selector = Callable[[torch.Tensor], torch.Tensor]  # ffn_in (T, d) -> neuron ids (n,), unique
+
+
+@dataclass(frozen=True)
+class TokenReport:
+    """What one token step cost, summed over layers."""
+
+    read_bytes: int
+    spec_read_bytes: int
+    hits: int
+    needed: int
+    read_wait_ms: float
+    compute_ms: float
+
+
+class RequestWindow:
+    """One request's sliding window: for each layer, the step at which it last selected a neuron."""
+
+    def __init__(self, n_layers: int, d_ff: int, window: int) -> None:
+        self.last = np.full((n_layers, d_ff), -(10**9), dtype=np.int64)
+        self.window = window
+
+    def mark(self, layer: int, ids: np.ndarray, token: int) -> None:
+        self.last[layer, ids] = token
+
+    def active(self, layer: int, neurons: np.ndarray, token: int) -> np.ndarray:
+        return self.last[layer, neurons] > token - self.window
+
+
+class SparseRunner:
+    def __init__(self, model: Any, caches: list[Any], actors: list[LayerActor], selectors: list[Selector], *,
+                 lookahead: int, window: int, pool: Any) -> None:
+        self.model = model
+        self.caches = caches
+        self.actors = actors
+        self.selectors = selectors
+        self.lookahead = lookahead
+        self.window = window
+        self._pool = pool
+        self.d_ff = max(c.n_neurons for c in caches)
+        self._token = 0  # engine-wide step counter: the caches' clock
+        self._replies: set[asyncio.Future[LayerStep]] = set()
+        self._dead: BaseException | None = None
+        self._lock = asyncio.Lock()  # one token step at a time (steps of requests interleave)
+        self.compute_events: list[tuple[int, int, float, float]] = []  # (layer, token, start, end) when recording
+        self.record = False
+
+    def dead(self, error: BaseException) -> None:
+        """The actors are gone: fail every step waiting on one, and all later ones."""
+        self._dead = error
+        for reply in self._replies:
+            if not reply.done():
+                reply.set_exception(EngineDeadError(f"a layer actor crashed ({error!r}); open a new engine"))
+
+    async def _ask(self, layer: int, msg_token: int, ids: np.ndarray) -> LayerStep:
+        if self._dead is not None:
+            raise EngineDeadError(f"a layer actor crashed ({self._dead!r}); open a new engine")
+        reply: asyncio.Future[LayerStep] = asyncio.get_running_loop().create_future()
+        self._replies.add(reply)
+        try:
+            await self.actors[layer].inbox.put(Ensure(msg_token, ids, reply))
+            return await reply
+        finally:
+            self._replies.discard(reply)
+
+    async def _cpu(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    # -- compute-thread pieces ---------------------------------------------------------------
+
+    def _select(self, layer: int, x: torch.Tensor) -> np.ndarray:
+        ids = self.selectors[layer](x)
+        return np.ascontiguousarray(ids.to("cpu", torch.int64).numpy())
+
+    def _attend(self, layer: int, x: torch.Tensor, kv: Any, pos: int) -> tuple[Any, ...]:
+        with torch.inference_mode():
+            residual, ffn_in = self.model.layers[layer].attention(x, kv, pos)
+            exact = self._select(layer, ffn_in)
+            spec = self._select(layer + 1, ffn_in) if self.lookahead and layer + 1 < len(self.caches) else None
+        return residual, ffn_in, exact, spec
+
+    def _ffn(self, layer: int, residual: torch.Tensor, ffn_in: torch.Tensor, win: RequestWindow,
+             token: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            rows, neuron_ids = self.caches[layer].compute_view()
+            active = win.active(layer, self.caches[layer].neurons(), token)
+            if not active.all():  # another request's neurons are cached too: compute over ours only
+                keep = torch.from_numpy(np.flatnonzero(active)).to(rows.device)
+                rows, neuron_ids = rows.index_select(0, keep), neuron_ids.index_select(0, keep)
+            block = self.model.layers[layer]
+            out = block.combine(residual, block.ffn(ffn_in, rows, neuron_ids))
+        if self.record:
+            self.compute_events.append((layer, token, t0, time.perf_counter()))
+        return out
+
+    # -- one step ---------------------------------------------------------------------------
+
+    async def forward(self, ids: torch.Tensor, kv: Any, win: RequestWindow) -> tuple[torch.Tensor, TokenReport]:
+        """Logits of the last position for `ids` (T,) appended at kv.length."""
+        async with self._lock:
+            token = self._token
+            self._token += 1
+            t0 = time.perf_counter()
+            pos = kv.length
+            x = await self._cpu(self.model.embed, ids, pos)
+            steps: list[LayerStep] = []
+            for layer in range(len(self.caches)):
+                residual, ffn_in, exact, spec = await self._cpu(self._attend, layer, x, kv, pos)
+                if spec is not None:
+                    win.mark(layer + 1, spec, token)
+                    await self.actors[layer + 1].inbox.put(Prefetch(token, spec))
+                win.mark(layer, exact, token)
+                steps.append(await self._ask(layer, token, exact))
+                x = await self._cpu(self._ffn, layer, residual, ffn_in, win, token)
+            kv.advance(ids.shape[0])
+            logits = await self._cpu(self.model.head, x[-1:])
+            wait = sum(s.read_wait_ms for s in steps)
+            report = TokenReport(
+                read_bytes=sum(s.read_bytes for s in steps),
+                spec_read_bytes=sum(s.spec_read_bytes for s in steps),
+                hits=sum(s.hits for s in steps),
+                needed=sum(s.needed for s in steps),
+                read_wait_ms=wait,
+                compute_ms=(time.perf_counter() - t0) * 1e3 - wait,
+            )
+            return logits[-1], report
