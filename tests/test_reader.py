@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from flashlm.errors import AlignmentError, DuplicateNeuronError, NeuronReadError, ReaderClosedError, ReadRequestError
-from flashlm.io.backends import ThreadsBackend, UringBackend
+from flashlm.io.backends import ThreadsBackend
+from flashlm.io.uring_backend import UringBackend
 from flashlm.io.format import (
     DTYPE_SIZES,
     FFN_HEADER_BYTES,
@@ -468,4 +469,24 @@ async def test_close_without_start_and_lazy_start(tmp_path, backend):
     await reader.read(0, [7, 8], dest, [1, 0])  # starts lazily
     assert [bytes(dest[1]), bytes(dest[0])] == expect(path, layout, 0, [7, 8])
     await reader.aclose()
-    assert fd_count() == fds
+    assert fd_count() == fds and not reader_threads()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+async def test_cancel_real_reads_then_read_again(tmp_path, backend):
+    """Cancel reads while they really are in the kernel (no gate): clean, and nothing is lost."""
+    path, layout = make_store(tmp_path, n_layers=4)
+    fds = fd_count()
+    dests = [aligned_empty(300, layout.stride) for _ in range(4)]
+    async with BundleReader(path, layout, backend=backend, max_gap_bytes=0) as reader:
+        for _ in range(5):
+            tasks = [asyncio.create_task(reader.read(ly, np.arange(0, 300, 2), dests[ly], np.arange(150)))
+                     for ly in range(4)]
+            await asyncio.sleep(0)
+            for t in tasks:
+                t.cancel()
+            done = await asyncio.gather(*tasks, return_exceptions=True)
+            assert all(isinstance(d, (asyncio.CancelledError, ReadStats)) for d in done)
+        await reader.read(3, np.arange(300), dests[3], np.arange(300))
+        assert [bytes(r) for r in dests[3]] == expect(path, layout, 3, range(300))
+    assert fd_count() == fds and not reader_threads()

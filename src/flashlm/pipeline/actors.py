@@ -44,7 +44,7 @@ class Ensure:
 class LayerStep:
     """What one token cost one layer (answer to `Ensure`)."""
 
-    hits: int  # needed neurons already cached (or prefetched)
+    hits: int  # needed neurons already cached or being prefetched
     needed: int
     read_bytes: int  # bytes of bundles read from flash for this token (speculative + exact)
     spec_read_bytes: int
@@ -68,8 +68,8 @@ class LayerActor:
         self.cache = cache
         self.reader = reader
         self.inbox: asyncio.Queue[Prefetch | Ensure | None] = asyncio.Queue(maxsize=4)
-        self._inflight: list[asyncio.Task[int]] = []
-        self._spec_bytes: dict[int, int] = {}
+        self._inflight: list[asyncio.Task[tuple[int, bool, Any]]] = []
+        self._inflight_token = -1
         self.record = record
         self.events: list[Event] = []
 
@@ -87,21 +87,35 @@ class LayerActor:
             if self._inflight:
                 await asyncio.gather(*self._inflight, return_exceptions=True)
 
+    async def _heal(self, token: int) -> None:
+        """Reads left by a step that was cancelled or failed mid-way (its driver is gone):
+        let them land and commit them, or drop them, before a new step touches the cache."""
+        if self._inflight and self._inflight_token != token:
+            try:
+                await self._settle()
+            except Exception as e:  # noqa: BLE001 - that step's caller already got its error
+                log.debug("dropped reads of an abandoned step", layer=self.layer, error=repr(e))
+
     async def _prefetch(self, msg: Prefetch) -> None:
-        await self._settle()  # rows of earlier reads must land before the cache moves any row
-        plan = self.cache.update(msg.ids, msg.token)
+        await self._heal(msg.token)
+        try:
+            plan = self.cache.update(msg.ids, msg.token)
+        except Exception as e:  # noqa: BLE001 - speculation is optional: the exact step decides
+            log.debug("prefetch skipped", layer=self.layer, token=msg.token, error=repr(e))
+            return
         if len(plan.missing_ids):
             self._start_read(plan, msg.token, speculative=True)
 
     async def _ensure(self, msg: Ensure) -> None:
         try:
             t0 = time.perf_counter()
-            spec = await self._settle()
+            await self._heal(msg.token)
+            # Pending speculative rows count as present; only the remainder is read, while
+            # the speculative reads may still be landing.
             plan = self.cache.update(msg.ids, msg.token)
-            exact = 0
             if len(plan.missing_ids):
                 self._start_read(plan, msg.token, speculative=False)
-                exact = await self._settle()
+            spec, exact = await self._settle()
             t1 = time.perf_counter()
             if self.record:
                 self.events.append(Event(self.layer, msg.token, "wait", t0, t1))
@@ -116,24 +130,27 @@ class LayerActor:
             msg.reply.set_result(step)
 
     def _start_read(self, plan: Any, token: int, speculative: bool) -> None:
+        self._inflight_token = token
         self._inflight.append(asyncio.create_task(self._read(plan, token, speculative)))
 
-    async def _read(self, plan: Any, token: int, speculative: bool) -> int:
+    async def _read(self, plan: Any, token: int, speculative: bool) -> tuple[int, bool, Any]:
         t0 = time.perf_counter()
         stats = await self.reader.read(self.layer, plan.missing_ids, self.cache.raw, plan.slots)
-        self.cache.commit(plan)
         if self.record:
             self.events.append(Event(self.layer, token, "read", t0, time.perf_counter(), stats.bytes_read, speculative))
-        return stats.bytes_read
+        return stats.bytes_read, speculative, plan
 
-    async def _settle(self) -> int:
-        """Wait for every read in flight; their bytes. A failed read raises here."""
+    async def _settle(self) -> tuple[int, int]:
+        """Wait for every read in flight and commit them: (speculative, exact) bytes read.
+        A failed read raises here, after all of them finished, with no slot left pending."""
         tasks, self._inflight = self._inflight, []
         if not tasks:
-            return 0
+            return 0, 0
         results = await asyncio.gather(*tasks, return_exceptions=True)
         for r in results:
             if isinstance(r, BaseException):
                 self.cache.drop_pending()  # slots of a failed read are not valid
                 raise r
-        return int(sum(results))
+        for _, _, plan in results:
+            self.cache.commit(plan)
+        return sum(r[0] for r in results if r[1]), sum(r[0] for r in results if not r[1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -28,7 +29,7 @@ class EngineConfig:
     window: int = 8  # tokens a selected neuron stays cached (the paper's sliding window k)
     lookahead: int = 1  # 1: predict layer l+1 from layer l's attention output and prefetch; 0: serial
     memory_budget: int | float | str | None = None  # bytes, "2GiB", or a fraction of the model's bytes
-    io_backend: str = "threads"  # "threads" (os.preadv workers) | "uring"
+    io_backend: Any = "threads"  # "threads" (os.preadv workers) | "uring" | a flashlm.io.backends.Backend
     in_flight: int = 32  # reads in flight per store
     page_cache: bool = False  # False: O_DIRECT (honest timings); True: buffered reads
 
@@ -63,6 +64,8 @@ class EngineConfig:
             raise ConfigError(f"window must be an int >= 1 (tokens), got {self.window!r}")
         if self.lookahead not in (0, 1):
             raise ConfigError(f"lookahead must be 0 (serial) or 1 (prefetch one layer ahead), got {self.lookahead!r}")
+        if isinstance(self.io_backend, str) and self.io_backend not in ("threads", "uring"):
+            raise ConfigError(f"io_backend {self.io_backend!r} must be 'threads' or 'uring'")
         if not isinstance(self.in_flight, int) or not 1 <= self.in_flight <= 256:
             raise ConfigError(f"in_flight must be an int in [1, 256], got {self.in_flight!r}")
 

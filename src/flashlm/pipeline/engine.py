@@ -174,6 +174,7 @@ class Stream:
                     r.text, r.token, index, r.finish, TokenTimings(r.compute_ms, (now - last) * 1e3),
                     bytes_read=rep.read_bytes if rep else 0,
                     cache_hit_rate=(rep.hits / rep.needed if rep.needed else 1.0) if rep else None,
+                    spec_recall=rep.spec_recall if rep else None,
                 )
                 last, index = now, index + 1
         finally:
@@ -257,7 +258,9 @@ class Engine:
             selector_bytes=selector_bytes,
             kv_bytes=2 * args.n_layers * self.max_context * args.n_kv_heads * args.head_dim * itemsize,
             slot_bytes=ffn.stride + (0 if same else len(ffn.parts) * ffn.hidden_size * itemsize),
-            n_layers=len(ffn.layers), d_ff=d_ff, min_capacity=n_keep(d_ff, cfg.effective_density),
+            # one step pins its exact set and, with lookahead, the speculative one
+            n_layers=len(ffn.layers), d_ff=d_ff,
+            min_capacity=min(d_ff, n_keep(d_ff, cfg.effective_density) * (1 + cfg.lookahead)),
         )
         caches = [
             NeuronCache(capacity=min(self.memory.capacity, layer.n_neurons), n_neurons=layer.n_neurons, layout=ffn,
@@ -290,7 +293,7 @@ class Engine:
     def _new_window(self) -> RequestWindow | None:
         if self._sparse is None:
             return None
-        return RequestWindow(len(self._sparse.caches), self._sparse.d_ff, self.config.window)
+        return RequestWindow(len(self._sparse.caches), self._sparse.d_ff, self.config.window, self._sparse.capacity)
 
     def _check_open(self) -> None:
         if self._dead is not None:

@@ -39,22 +39,39 @@ class TokenReport:
     spec_read_bytes: int
     hits: int
     needed: int
-    read_wait_ms: float
+    read_wait_ms: float  # time steps waited for reads (flash latency not hidden by compute)
     compute_ms: float
+    spec_hits: int = 0  # exact-set neurons the speculative set (one layer early) had predicted
+    spec_needed: int = 0  # exact-set neurons of the layers that had a speculative set
+
+    @property
+    def spec_recall(self) -> float | None:
+        return self.spec_hits / self.spec_needed if self.spec_needed else None
 
 
 class RequestWindow:
-    """One request's sliding window: for each layer, the step at which it last selected a neuron."""
+    """One request's sliding window: per layer, the request's own step at which it last
+    selected each neuron. A step's FFN is computed over the neurons selected in the request's
+    last `window` steps (speculative and exact), at most `capacity` of them, most recent
+    first (ties: lower id) — a function of the request alone, so concurrent requests give
+    the same answers as solo ones whatever the shared caches hold."""
 
-    def __init__(self, n_layers: int, d_ff: int, window: int) -> None:
+    def __init__(self, n_layers: int, d_ff: int, window: int, capacity: int) -> None:
         self.last = np.full((n_layers, d_ff), -(10**9), dtype=np.int64)
         self.window = window
+        self.capacity = capacity
+        self.step = 0  # the request's own clock: one per forward (a prompt token or an answer token)
 
-    def mark(self, layer: int, ids: np.ndarray, token: int) -> None:
-        self.last[layer, ids] = token
+    def mark(self, layer: int, ids: np.ndarray) -> None:
+        self.last[layer, ids] = self.step
 
-    def active(self, layer: int, neurons: np.ndarray, token: int) -> np.ndarray:
-        return self.last[layer, neurons] > token - self.window
+    def needed(self, layer: int) -> np.ndarray:
+        last = self.last[layer]
+        ids = np.flatnonzero(last > self.step - self.window)
+        if ids.size > self.capacity:  # the budget holds less than the window: keep the most recent
+            order = np.lexsort((ids, -last[ids]))
+            ids = np.sort(ids[order[: self.capacity]])
+        return ids
 
 
 class SparseRunner:
@@ -68,12 +85,19 @@ class SparseRunner:
         self.window = window
         self._pool = pool
         self.d_ff = max(c.n_neurons for c in caches)
+        self.capacity = min(c.capacity for c in caches)
         self._token = 0  # engine-wide step counter: the caches' clock
         self._replies: set[asyncio.Future[LayerStep]] = set()
         self._dead: BaseException | None = None
         self._lock = asyncio.Lock()  # one token step at a time (steps of requests interleave)
         self.compute_events: list[tuple[int, int, float, float]] = []  # (layer, token, start, end) when recording
         self.record = False
+
+    def set_recording(self, on: bool) -> None:
+        """Timestamp every read (actors) and FFN compute (here), for overlap analysis."""
+        self.record = on
+        for a in self.actors:
+            a.record = on
 
     def dead(self, error: BaseException) -> None:
         """The actors are gone: fail every step waiting on one, and all later ones."""
@@ -82,9 +106,16 @@ class SparseRunner:
             if not reply.done():
                 reply.set_exception(EngineDeadError(f"a layer actor crashed ({error!r}); open a new engine"))
 
-    async def _ask(self, layer: int, msg_token: int, ids: np.ndarray) -> LayerStep:
+    def _check_alive(self) -> None:
         if self._dead is not None:
             raise EngineDeadError(f"a layer actor crashed ({self._dead!r}); open a new engine")
+
+    async def _post(self, layer: int, msg: Prefetch) -> None:
+        self._check_alive()
+        await self.actors[layer].inbox.put(msg)
+
+    async def _ask(self, layer: int, msg_token: int, ids: np.ndarray) -> LayerStep:
+        self._check_alive()
         reply: asyncio.Future[LayerStep] = asyncio.get_running_loop().create_future()
         self._replies.add(reply)
         try:
@@ -109,15 +140,16 @@ class SparseRunner:
             spec = self._select(layer + 1, ffn_in) if self.lookahead and layer + 1 < len(self.caches) else None
         return residual, ffn_in, exact, spec
 
-    def _ffn(self, layer: int, residual: torch.Tensor, ffn_in: torch.Tensor, win: RequestWindow,
+    def _ffn(self, layer: int, residual: torch.Tensor, ffn_in: torch.Tensor, needed: np.ndarray,
              token: int) -> torch.Tensor:
         t0 = time.perf_counter()
         with torch.inference_mode():
-            rows, neuron_ids = self.caches[layer].compute_view()
-            active = win.active(layer, self.caches[layer].neurons(), token)
-            if not active.all():  # another request's neurons are cached too: compute over ours only
-                keep = torch.from_numpy(np.flatnonzero(active)).to(rows.device)
-                rows, neuron_ids = rows.index_select(0, keep), neuron_ids.index_select(0, keep)
+            cache = self.caches[layer]
+            rows, neuron_ids = cache.compute_view()
+            if rows.shape[0] != needed.size:  # the cache also holds neurons outside this request's window
+                keep = np.flatnonzero(np.isin(cache.neurons(), needed, assume_unique=True))
+                keep_t = torch.from_numpy(keep).to(rows.device)
+                rows, neuron_ids = rows.index_select(0, keep_t), neuron_ids.index_select(0, keep_t)
             block = self.model.layers[layer]
             out = block.combine(residual, block.ffn(ffn_in, rows, neuron_ids))
         if self.record:
@@ -127,31 +159,51 @@ class SparseRunner:
     # -- one step ---------------------------------------------------------------------------
 
     async def forward(self, ids: torch.Tensor, kv: Any, win: RequestWindow) -> tuple[torch.Tensor, TokenReport]:
-        """Logits of the last position for `ids` (T,) appended at kv.length."""
+        """Logits of the last position for `ids` (T,) appended at kv.length. When the caches
+        cannot hold every neuron, a prompt goes one token per step (each its own window step)."""
+        if ids.shape[0] > 1 and self.capacity < self.d_ff:
+            reports = []
+            for i in range(ids.shape[0]):
+                logits, rep = await self.forward(ids[i : i + 1], kv, win)
+                reports.append(rep)
+            return logits, TokenReport(*(sum(getattr(r, f) for r in reports) for f in TokenReport.__dataclass_fields__))
         async with self._lock:
-            token = self._token
-            self._token += 1
-            t0 = time.perf_counter()
-            pos = kv.length
-            x = await self._cpu(self.model.embed, ids, pos)
-            steps: list[LayerStep] = []
-            for layer in range(len(self.caches)):
-                residual, ffn_in, exact, spec = await self._cpu(self._attend, layer, x, kv, pos)
-                if spec is not None:
-                    win.mark(layer + 1, spec, token)
-                    await self.actors[layer + 1].inbox.put(Prefetch(token, spec))
-                win.mark(layer, exact, token)
-                steps.append(await self._ask(layer, token, exact))
-                x = await self._cpu(self._ffn, layer, residual, ffn_in, win, token)
-            kv.advance(ids.shape[0])
-            logits = await self._cpu(self.model.head, x[-1:])
-            wait = sum(s.read_wait_ms for s in steps)
-            report = TokenReport(
-                read_bytes=sum(s.read_bytes for s in steps),
-                spec_read_bytes=sum(s.spec_read_bytes for s in steps),
-                hits=sum(s.hits for s in steps),
-                needed=sum(s.needed for s in steps),
-                read_wait_ms=wait,
-                compute_ms=(time.perf_counter() - t0) * 1e3 - wait,
-            )
-            return logits[-1], report
+            return await self._step(ids, kv, win)
+
+    async def _step(self, ids: torch.Tensor, kv: Any, win: RequestWindow) -> tuple[torch.Tensor, TokenReport]:
+        token = self._token
+        self._token += 1
+        t0 = time.perf_counter()
+        pos = kv.length
+        x = await self._cpu(self.model.embed, ids, pos)
+        steps: list[LayerStep] = []
+        spec_hits = spec_needed = 0
+        predicted: np.ndarray | None = None
+        for layer in range(len(self.caches)):
+            residual, ffn_in, exact, spec = await self._cpu(self._attend, layer, x, kv, pos)
+            if predicted is not None:
+                spec_hits += np.intersect1d(predicted, exact, assume_unique=True).size
+                spec_needed += exact.size
+            predicted = spec
+            if spec is not None:
+                win.mark(layer + 1, spec)
+                await self._post(layer + 1, Prefetch(token, spec))
+            win.mark(layer, exact)
+            needed = win.needed(layer)
+            steps.append(await self._ask(layer, token, needed))
+            x = await self._cpu(self._ffn, layer, residual, ffn_in, needed, token)
+        kv.advance(ids.shape[0])
+        win.step += 1
+        logits = await self._cpu(self.model.head, x[-1:])
+        wait = sum(s.read_wait_ms for s in steps)
+        report = TokenReport(
+            read_bytes=sum(s.read_bytes for s in steps),
+            spec_read_bytes=sum(s.spec_read_bytes for s in steps),
+            hits=sum(s.hits for s in steps),
+            needed=sum(s.needed for s in steps),
+            read_wait_ms=wait,
+            compute_ms=(time.perf_counter() - t0) * 1e3 - wait,
+            spec_hits=spec_hits,
+            spec_needed=spec_needed,
+        )
+        return logits[-1], report

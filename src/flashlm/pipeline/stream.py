@@ -19,4 +19,5 @@ class StreamChunk:
     finish_reason: str | None  # None until the last chunk: "stop" (EOS or stop string) or "length"
     timings: TokenTimings
     bytes_read: int = 0  # FFN bytes read from flash for this token
-    cache_hit_rate: float | None = None  # neuron cache hits / needed, when the FFN is sparse
+    cache_hit_rate: float | None = None  # needed neurons found cached (or prefetched), when the FFN is on flash
+    spec_recall: float | None = None  # exact-set neurons the one-layer-early speculation had predicted

@@ -1,0 +1,223 @@
+"""The sparse flash engine: FFN neurons read from the store into per-layer caches by layer
+actors, selected per token, computed over the sliding window's union."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_llama, random_opt, save_checkpoint
+from flashlm import Engine, EngineConfig
+from flashlm.convert import convert
+from flashlm.errors import ConfigError, EngineDeadError, MemoryBudgetError, NeuronReadError
+from flashlm.io.backends import ThreadsBackend
+from flashlm.pipeline.budget import parse_budget
+from flashlm.pipeline.sparse import RequestWindow
+
+PROMPT = [5, 17, 42, 99, 7, 250, 3]
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sparse")
+    out = {}
+    for name, model in (("llama", random_llama(11, eos_token_id=None, intermediate_size=256)),
+                        ("opt", random_opt(12, eos_token_id=None, ffn_dim=256))):
+        # no tokenizer, no eos: every run is as long as asked
+        convert(save_checkpoint(model, root / f"{name}-ckpt"), root / name, dtype="float32", progress=False)
+        out[name] = root / name
+    return out
+
+
+async def tokens(engine, n=24, **kw):
+    return [c.token_id async for c in engine.stream(PROMPT, max_tokens=n, **kw)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+async def test_density_100_is_token_exact_with_dense(stores, arch):
+    async with await Engine.open(stores[arch], ffn="ram") as ram:
+        want = await tokens(ram, 64)
+    async with await Engine.open(stores[arch], ffn="flash", selection="dense") as flash:
+        chunks = [c async for c in flash.stream(PROMPT, max_tokens=64)]
+        stride = flash.store.manifest.ffn.stride
+    assert [c.token_id for c in chunks] == want and len(want) == 64
+    # the first step reads every neuron (layer 0 on demand, the others speculatively, one layer early)
+    assert chunks[0].bytes_read == 2 * 256 * stride and chunks[0].cache_hit_rate == 0.5
+    assert all(c.bytes_read == 0 and c.cache_hit_rate == 1 for c in chunks[1:])
+
+
+def reference_step_logits(model, rows_all, select, steps, window, lookahead):
+    """FFN over the union of the last `window` steps' selected sets (speculative + exact),
+    written with plain sets: the semantics the engine's caches must reproduce."""
+    n_layers = len(model.layers)
+    last: list[dict[int, int]] = [dict() for _ in range(n_layers)]
+    kv = model.new_cache(64)
+    out = []
+    with torch.inference_mode():
+        for t, ids in enumerate(steps):
+            x = model.embed(torch.tensor(ids), kv.length)
+            for layer, block in enumerate(model.layers):
+                residual, ffn_in = block.attention(x, kv, kv.length)
+                for n in select[layer](ffn_in).tolist():
+                    last[layer][n] = t
+                if lookahead and layer + 1 < n_layers:
+                    for n in select[layer + 1](ffn_in).tolist():
+                        last[layer + 1][n] = t
+                active = torch.tensor(sorted(n for n, u in last[layer].items() if u > t - window))
+                x = block.combine(residual, block.ffn(ffn_in, rows_all[layer][active], active))
+            kv.advance(len(ids))
+            out.append(model.head(x[-1:])[0])
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("selection,density,window,lookahead", [
+    ("gate", 0.3, 1, 1), ("shadow", 0.4, 3, 1), ("shadow", 0.25, 2, 0), ("gate", 0.5, 4, 1)])
+async def test_logits_equal_reference_sparse_ffn_over_the_same_sets(stores, arch, selection, density, window,
+                                                                    lookahead):
+    async with await Engine.open(stores[arch], ffn="ram") as ram:
+        model = ram.model
+        rows_all = [b.ffn_rows for b in model.layers]
+        async with await Engine.open(stores[arch], selection=selection, density=density, window=window,
+                                     lookahead=lookahead) as engine:
+            runner = engine._sparse
+            kv, win = engine.model.new_cache(64), RequestWindow(len(model.layers), runner.d_ff, window, runner.capacity)
+            steps, got = [PROMPT], []
+            for _ in range(12):
+                logits, report = await runner.forward(torch.tensor(steps[-1]), kv, win)
+                got.append(logits)
+                steps.append([int(logits.argmax())])
+            assert report.read_bytes > 0 or window > 1
+            want = reference_step_logits(model, rows_all, runner.selectors, steps[:-1], window, lookahead)
+    for t, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert torch.allclose(g, w, atol=1e-4, rtol=1e-4), f"step {t}: max diff {(g - w).abs().max()}"
+    dense = reference_step_logits(model, rows_all, [lambda x, n=b.ffn_rows.shape[0]: torch.arange(n)
+                                                    for b in model.layers], steps[:-1], 1, 0)
+    assert any(not torch.allclose(g, d, atol=1e-3) for g, d in zip(got, dense))  # sparsity is real
+
+
+async def test_flash_reads_overlap_the_previous_layers_compute(stores):
+    async with await Engine.open(stores["llama"], selection="gate", density=0.3, window=1, lookahead=1) as engine:
+        engine._sparse.set_recording(True)
+        await tokens(engine, 8)
+        reads = [e for a in engine._sparse.actors for e in a.events if e.kind == "read" and e.speculative]
+        compute = {(layer, tok): (s, e) for layer, tok, s, e in engine._sparse.compute_events}
+    assert reads, "speculative reads were issued"
+    overlapped = [r for r in reads if (r.layer - 1, r.token) in compute and r.start < compute[(r.layer - 1, r.token)][1]]
+    # layer l+1's read began before layer l's FFN compute ended
+    assert len(overlapped) == len(reads)
+
+
+async def test_serial_order_does_not_overlap(stores):
+    async with await Engine.open(stores["llama"], selection="gate", density=0.3, window=1, lookahead=0) as engine:
+        engine._sparse.set_recording(True)
+        await tokens(engine, 6)
+        reads = [e for a in engine._sparse.actors for e in a.events if e.kind == "read"]
+        compute = {(layer, tok): (s, e) for layer, tok, s, e in engine._sparse.compute_events}
+    assert reads and not any(r.speculative for r in reads)
+    assert all(r.start >= compute[(r.layer - 1, r.token)][1] for r in reads if (r.layer - 1, r.token) in compute)
+
+
+async def test_speculation_recall_is_reported(stores):
+    async with await Engine.open(stores["llama"], selection="shadow", density=0.4, window=2) as engine:
+        chunks = [c async for c in engine.stream(PROMPT, max_tokens=10)]
+    recalls = [c.spec_recall for c in chunks]
+    assert all(r is not None and 0 <= r <= 1 for r in recalls)
+    assert all(c.cache_hit_rate is not None for c in chunks)
+
+
+class FailOnce(ThreadsBackend):
+    """EIO on the n-th preadv, then healthy: the backend seam, not a mock of the reader."""
+
+    def __init__(self, n: int, in_flight: int = 8):
+        super().__init__(in_flight)
+        self.calls, self.n = 0, n
+
+    def preadv(self, fd, buffers, offset):
+        self.calls += 1
+        if self.calls == self.n:
+            raise OSError(errno.EIO, "Input/output error")
+        return super().preadv(fd, buffers, offset)
+
+
+async def test_read_fault_reaches_the_stream_and_the_engine_recovers(stores):
+    cfg = dict(selection="gate", density=0.3, window=2)
+    async with await Engine.open(stores["llama"], **cfg) as fresh:
+        want = await tokens(fresh, 16)
+    async with await Engine.open(stores["llama"], io_backend=FailOnce(5), **cfg) as engine:
+        with pytest.raises(NeuronReadError, match="layer"):
+            await tokens(engine, 16)
+        for cache in engine._sparse.caches:
+            cache.invariants()  # reads of the abandoned step may still be pending: they are healed next step
+        assert await tokens(engine, 16) == want
+        assert all(c.n_pending == 0 for c in engine._sparse.caches)
+
+
+async def test_actor_crash_kills_the_engine_cleanly(stores):
+    async with await Engine.open(stores["llama"], selection="gate", density=0.3, window=1) as engine:
+        await tokens(engine, 2)
+        await engine._sparse.actors[1].inbox.put("not a message")  # a bug inside an actor
+        with pytest.raises(EngineDeadError):
+            await asyncio.wait_for(tokens(engine, 8), timeout=30)
+        with pytest.raises(EngineDeadError):
+            engine.stream(PROMPT)
+
+
+async def test_cancel_mid_token_leaves_caches_consistent(stores):
+    cfg = dict(selection="shadow", density=0.3, window=3)
+    async with await Engine.open(stores["opt"], **cfg) as fresh:
+        want = await tokens(fresh, 12)
+    async with await Engine.open(stores["opt"], **cfg) as engine:
+        for delay in (0.0, 0.001, 0.003, 0.01):
+            task = asyncio.create_task(tokens(engine, 200))
+            await asyncio.sleep(delay)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            for cache in engine._sparse.caches:
+                cache.invariants()
+        # the window of earlier requests is cached but masked out: same answer as a fresh engine
+        assert await tokens(engine, 12) == want
+
+
+async def test_concurrent_sparse_streams_equal_solo_runs(stores):
+    settings = [dict(temperature=0), dict(temperature=0.8, seed=1), dict(temperature=1.0, seed=7)]
+    cfg = dict(selection="gate", density=0.3, window=3)
+    solo = []
+    for s in settings:
+        async with await Engine.open(stores["llama"], **cfg) as engine:
+            solo.append(await tokens(engine, 16, **s))
+    async with await Engine.open(stores["llama"], **cfg) as engine:
+        together = await asyncio.gather(*(tokens(engine, 16, **s) for s in settings))
+    assert list(together) == solo
+
+
+async def test_memory_budget(stores):
+    with pytest.raises(MemoryBudgetError, match=r"below the minimum \d+ B"):
+        await Engine.open(stores["llama"], selection="gate", density=0.5, memory_budget=10_000)
+    # resident 263424 B + gate copies 131072 B + KV 131072 B leave room for ~180 of 256 neurons per layer
+    async with await Engine.open(stores["llama"], selection="gate", density=0.25, window=4,
+                                 memory_budget=900_000) as engine:
+        plan = engine.memory
+        assert plan.total <= plan.budget and plan.capacity < 256
+        assert all(c.capacity == plan.capacity for c in engine._sparse.caches)
+        assert len(await tokens(engine, 16)) == 16
+        assert engine.statistics()["memory"]["total"] == plan.total
+
+
+def test_budget_parsing():
+    assert parse_budget("2GiB", 0) == 2 * 2**30
+    assert parse_budget("500 MB", 0) == 500 * 10**6
+    assert parse_budget(0.5, 1000) == 500
+    assert parse_budget(12345, 0) == 12345
+    for bad in ("lots", -5, 1.5, 0.0, True):
+        with pytest.raises(ConfigError):
+            parse_budget(bad, 1000)
+    with pytest.raises(ConfigError, match="density"):
+        EngineConfig(selection="dense", density=0.5)
+    with pytest.raises(ConfigError, match="selection"):
+        EngineConfig(selection="magic")
+    assert np.isclose(EngineConfig(selection="gate").effective_density, 0.4)
