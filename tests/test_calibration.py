@@ -126,6 +126,7 @@ def test_evaluate_reports_the_check_names(store, tmp_path):
     for x in r["runs"]:
         assert keys <= set(x)
         assert 0.0 <= x["ffn_read_fraction"] <= 1.0 and 0.0 <= x["recall"] <= 1.0
+        assert x["density"] <= x["cache_fraction"] + 1e-6 <= 1.0 + 1e-6
     full = r["runs"][0]  # every neuron, every token: the dense model
     assert full["ppl_wiki"] == pytest.approx(r["dense"]["ppl_wiki"], rel=1e-6) and full["recall"] == 1.0
     assert full["ffn_read_fraction"] == 0.0

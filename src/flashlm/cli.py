@@ -118,6 +118,17 @@ async def _bench_io(a: argparse.Namespace) -> int:
     return 0
 
 
+async def _bench_engine(a: argparse.Namespace) -> int:
+    from flashlm.pipeline.bench_engine import run_engine_bench
+
+    r = await run_engine_bench(Path(a.out), quick=a.quick, model=a.model, selection=a.selection,
+                               density=a.density, window=a.window)
+    summary = {k: {f: r[k][f] for f in ("ms_per_token", "bytes_per_token")} for k in ("dense_ram", "hybrid", "ours")}
+    print(json.dumps({**summary, "hidden_io_fraction": r["hidden_io_fraction"], "cache_hit_rate": r["cache_hit_rate"],
+                      **r["ratios"], **r["checks"]}))
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------
 
 
@@ -174,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     bio.add_argument("--out", required=True, help="JSON file to write (a PNG plot goes next to it)")
     bio.add_argument("--workdir", default=None, help="directory for the test file (default: beside --out)")
     bio.set_defaults(func=lambda a: _run_async(_bench_io(a)))
+    ben = bsub.add_parser("engine", help="decode ms/token: sparse flash engine vs dense in RAM vs hybrid",
+                          description="Side by side in one process, page cache defeated (O_DIRECT): the dense "
+                          "model in RAM, the hybrid baseline (whole FFN read every token) and the sparse engine.")
+    ben.add_argument("--quick", action="store_true", help="fewer tokens and runs")
+    ben.add_argument("--out", required=True, help="JSON file to write")
+    ben.add_argument("--model", default=DEFAULT_MODEL, help="store or built-in name")
+    ben.add_argument("--selection", default="shadow", choices=["gate", "shadow", "predictor"])
+    ben.add_argument("--density", type=float, default=0.4)
+    ben.add_argument("--window", type=int, default=8)
+    ben.set_defaults(func=lambda a: _run_async(_bench_engine(a)))
     return p
 
 

@@ -82,6 +82,7 @@ class _Tally:
         self.density = [0.0] * n_layers
         self.rows = [0] * n_layers
         self.new = 0.0
+        self.cached = 0.0  # window-union size / d_ff, summed over steady-state tokens
         self.new_tokens = 0
         self.runs = [0.0, 0.0]  # contiguous runs: physical order, original order
         self.h_last: list[Tensor | None] = [None] * n_layers
@@ -108,6 +109,7 @@ def _masked_ffn(dense: DenseModel, sels: list[Selector], run: Run, tally: _Tally
         cached = window_union(chosen, run.window)
         new = entering(cached)[run.window:]  # steady state
         tally.new += float(new.float().mean(1).sum())
+        tally.cached += float(cached[run.window:].float().mean(1).sum())
         tally.new_tokens += new.shape[0]
         if inv_perm[l] is not None and new.shape[0]:
             for i, e in enumerate((new, new[:, inv_perm[l]])):
@@ -196,6 +198,7 @@ def evaluate(store_path: str | Path, quick: bool = False, *, tokens: int | None 
                 "ppl_wiki_rel": ppl["ppl_wiki"] / base["ppl_wiki"] - 1, "ppl_news_rel": ppl["ppl_news"] / base["ppl_news"] - 1,
                 "ffn_read_fraction": t.new / max(t.new_tokens, 1),
                 "ffn_read_bytes_per_token": t.new / max(t.new_tokens, 1) * d_ff * bundle * n_layers,
+                "cache_fraction": t.cached / max(t.new_tokens, 1),
                 "recall": sum(t.recall) / sum(t.rows),
                 "recall_per_layer": [r / max(n, 1) for r, n in zip(t.recall, t.rows)],
                 "predicted_density": sum(t.density) / sum(t.rows),

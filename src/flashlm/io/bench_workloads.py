@@ -110,9 +110,12 @@ async def plain_reads(path: Path, lay: FFNLayout, backend: str, size: int, depth
     n_chunks = lay.layers[0].n_neurons // per
     k = max(2 * depth, 16)
     jobs = []
-    for _ in range(64):  # chunks on even positions only, so two reads never touch
-        chunks = rng.choice(n_chunks // 2, k, replace=False) * 2
-        ids = (chunks[:, None] * per + np.arange(per)).reshape(-1)
+    for _ in range(min(512, max(64, 2 * n_chunks // k))):  # enough to cover the whole file
+        c = np.unique(rng.integers(0, n_chunks, 2 * k))
+        c = c[np.concatenate(([True], np.diff(c) > 1))]  # no two adjacent: every read its own range
+        c = rng.permutation(c)[:k]
+        assert len(c) == k
+        ids = (c[:, None] * per + np.arange(per)).reshape(-1)
         jobs.append((0, ids, np.arange(len(ids))))
     dests = [aligned_empty(k * per, PLAIN_BLOCK) for _ in range(2)]
     async with BundleReader(path, lay, backend=backend, in_flight=depth, min_read_bytes=0, max_gap_bytes=0) as r:

@@ -27,6 +27,7 @@ class EngineConfig:
     selection: str = "dense"  # "dense" (every neuron) | "gate" | "shadow" | "predictor"
     density: float | None = None  # fraction of each layer's neurons selected per token (None: mode default)
     window: int = 8  # tokens a selected neuron stays cached (the paper's sliding window k)
+    reuse: bool = True  # False: caches are emptied after every token (the "hybrid" baseline re-reads all)
     lookahead: int = 1  # 1: predict layer l+1 from layer l's attention output and prefetch; 0: serial
     memory_budget: int | float | str | None = None  # bytes, "2GiB", or a fraction of the model's bytes
     io_backend: Any = "threads"  # "threads" (os.preadv workers) | "uring" | a flashlm.io.backends.Backend

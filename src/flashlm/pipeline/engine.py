@@ -272,7 +272,7 @@ class Engine:
         await self._reader.start()
         actors = [LayerActor(i, c, self._reader) for i, c in enumerate(caches)]
         self._sparse = SparseRunner(self.model, caches, actors, selectors, lookahead=cfg.lookahead,
-                                    window=cfg.window, pool=self._pool)
+                                    window=cfg.window, pool=self._pool, reuse=cfg.reuse)
         self._runner = self._sparse
         self._supervisor = asyncio.create_task(self._supervise(actors), name="flashlm-actors")
 

@@ -279,6 +279,16 @@ class NeuronCache:
         self.n_pending -= s.size
         self._version += 1
 
+    def clear(self) -> None:
+        """Forget every cached neuron (no reuse across tokens: the "hybrid" baseline)."""
+        if self.n_pending:
+            raise RuntimeError(f"{self.n_pending} cache slots are pending: commit or drop them first")
+        self.slot_of[:] = -1
+        self.neuron_of[:] = -1
+        self._lu[:-1] = _NEVER
+        self.num_used = 0
+        self._version += 1
+
     def drop_pending(self) -> int:
         """Drop every pending neuron (its read failed or was cancelled); returns how many."""
         slots = np.flatnonzero(self._pending)

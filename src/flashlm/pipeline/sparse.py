@@ -76,12 +76,13 @@ class RequestWindow:
 
 class SparseRunner:
     def __init__(self, model: Any, caches: list[Any], actors: list[LayerActor], selectors: list[Selector], *,
-                 lookahead: int, window: int, pool: Any) -> None:
+                 lookahead: int, window: int, pool: Any, reuse: bool = True) -> None:
         self.model = model
         self.caches = caches
         self.actors = actors
         self.selectors = selectors
         self.lookahead = lookahead
+        self.reuse = reuse
         self.window = window
         self._pool = pool
         self.d_ff = max(c.n_neurons for c in caches)
@@ -170,31 +171,49 @@ class SparseRunner:
         async with self._lock:
             return await self._step(ids, kv, win)
 
+    def _ffn_attend(self, layer: int, residual: torch.Tensor, ffn_in: torch.Tensor, needed: np.ndarray, token: int,
+                    kv: Any, pos: int) -> tuple[Any, ...]:
+        """Layer l's FFN and layer l+1's attention + selections: one hop to the compute thread."""
+        return self._attend(layer + 1, self._ffn(layer, residual, ffn_in, needed, token), kv, pos)
+
+    def _ffn_head(self, layer: int, residual: torch.Tensor, ffn_in: torch.Tensor, needed: np.ndarray,
+                  token: int) -> torch.Tensor:
+        x = self._ffn(layer, residual, ffn_in, needed, token)
+        with torch.inference_mode():
+            return self.model.head(x[-1:])[-1]
+
     async def _step(self, ids: torch.Tensor, kv: Any, win: RequestWindow) -> tuple[torch.Tensor, TokenReport]:
         token = self._token
         self._token += 1
         t0 = time.perf_counter()
         pos = kv.length
+        n_layers = len(self.caches)
         x = await self._cpu(self.model.embed, ids, pos)
         steps: list[LayerStep] = []
         spec_hits = spec_needed = 0
         predicted: np.ndarray | None = None
-        for layer in range(len(self.caches)):
-            residual, ffn_in, exact, spec = await self._cpu(self._attend, layer, x, kv, pos)
+        residual, ffn_in, exact, spec = await self._cpu(self._attend, 0, x, kv, pos)
+        for layer in range(n_layers):
             if predicted is not None:
                 spec_hits += np.intersect1d(predicted, exact, assume_unique=True).size
                 spec_needed += exact.size
             predicted = spec
-            if spec is not None:
+            if spec is not None:  # layer l+1's reads start now, while layer l computes
                 win.mark(layer + 1, spec)
                 await self._post(layer + 1, Prefetch(token, spec))
             win.mark(layer, exact)
             needed = win.needed(layer)
             steps.append(await self._ask(layer, token, needed))
-            x = await self._cpu(self._ffn, layer, residual, ffn_in, needed, token)
+            if layer + 1 < n_layers:
+                residual, ffn_in, exact, spec = await self._cpu(
+                    self._ffn_attend, layer, residual, ffn_in, needed, token, kv, pos)
+            else:
+                logits = await self._cpu(self._ffn_head, layer, residual, ffn_in, needed, token)
         kv.advance(ids.shape[0])
         win.step += 1
-        logits = await self._cpu(self.model.head, x[-1:])
+        if not self.reuse:
+            for cache in self.caches:
+                cache.clear()
         wait = sum(s.read_wait_ms for s in steps)
         report = TokenReport(
             read_bytes=sum(s.read_bytes for s in steps),
@@ -206,4 +225,4 @@ class SparseRunner:
             spec_hits=spec_hits,
             spec_needed=spec_needed,
         )
-        return logits[-1], report
+        return logits, report
