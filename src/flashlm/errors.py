@@ -68,7 +68,11 @@ class ReaderClosedError(FlashLMError, RuntimeError):
 
 
 class MemoryBudgetError(FlashLMError):
-    """The memory budget is below what the engine needs."""
+    """The memory budget is below what the engine needs (`minimum`: the bytes it would need)."""
+
+    def __init__(self, message: str, minimum: int | None = None) -> None:
+        super().__init__(message)
+        self.minimum = minimum
 
 
 class TokenizerMissingError(FlashLMError):

@@ -15,7 +15,7 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
 
 def parse_budget(value: int | float | str | None, model_bytes: int) -> int | None:
     """Bytes from an int, a "2GiB"/"500MB" string, or a float in (0, 1] (a fraction of the
-    model's bytes on flash). None: no budget."""
+    model's bytes in the compute dtype: what holding all of it in DRAM would take). None: no budget."""
     if value is None:
         return None
     if isinstance(value, bool):
@@ -65,6 +65,7 @@ def plan_memory(*, budget: int | None, resident_bytes: int, selector_bytes: int,
         raise MemoryBudgetError(
             f"memory budget {budget} B is below the minimum {minimum} B ({minimum / 2**20:.1f} MiB): resident "
             f"{resident_bytes} B + selectors {selector_bytes} B + KV cache {kv_bytes} B + {min_capacity} neurons per "
-            f"layer ({slot_bytes} B each, {n_layers} layers); raise the budget, or lower density / max_context"
+            f"layer ({slot_bytes} B each, {n_layers} layers); raise the budget, or lower density / max_context",
+            minimum=minimum,
         )
     return MemoryPlan(budget, resident_bytes, selector_bytes, kv_bytes, slot_bytes, capacity, n_layers)

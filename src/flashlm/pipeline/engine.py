@@ -9,6 +9,7 @@ cache; steps of concurrent requests interleave on the compute thread, one token 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -68,6 +69,16 @@ def _build_model(store: FlashStore, config: EngineConfig) -> tuple[Any, dict[str
     else:
         rows = [None] * n
     return arch.build(args, resident, rows), resident
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed at open back to the OS. glibc keeps freed heap memory (the
+    transient float copies made while building selectors: ~250 MB on SmolLM2) inside the
+    process unless asked; RSS is what a memory budget is judged by."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 class _RamRunner:
@@ -244,6 +255,7 @@ class Engine:
         self.model, resident = await loop.run_in_executor(self._pool, _build_model, store, cfg)
         if cfg.ffn == "ram":
             self._runner = _RamRunner(self.model, self._pool)
+            release_freed_memory()
             return
         selectors, selector_bytes = await loop.run_in_executor(
             self._pool, make_selectors, cfg, store, self.model, resident)
@@ -252,9 +264,11 @@ class Engine:
         itemsize = torch.empty((), dtype=cfg.torch_dtype).element_size()
         same = cfg.torch_dtype == TORCH_DTYPES[ffn.dtype] and self.device.type == "cpu"
         args = self.model.args
+        resident_bytes = sum(t.numel() * t.element_size() for t in resident.values())
+        ffn_elems = sum(layer.n_neurons for layer in ffn.layers) * len(ffn.parts) * ffn.hidden_size
         self.memory = plan_memory(
-            budget=parse_budget(cfg.memory_budget, store.manifest.resident.size + ffn.file.size),
-            resident_bytes=sum(t.numel() * t.element_size() for t in resident.values()),
+            budget=parse_budget(cfg.memory_budget, resident_bytes + ffn_elems * itemsize),
+            resident_bytes=resident_bytes,
             selector_bytes=selector_bytes,
             kv_bytes=2 * args.n_layers * self.max_context * args.n_kv_heads * args.head_dim * itemsize,
             slot_bytes=ffn.stride + (0 if same else len(ffn.parts) * ffn.hidden_size * itemsize),
@@ -274,6 +288,7 @@ class Engine:
         self._sparse = SparseRunner(self.model, caches, actors, selectors, lookahead=cfg.lookahead,
                                     window=cfg.window, pool=self._pool, reuse=cfg.reuse)
         self._runner = self._sparse
+        release_freed_memory()  # building the selectors freed large transients
         self._supervisor = asyncio.create_task(self._supervise(actors), name="flashlm-actors")
 
     async def _supervise(self, actors: list[LayerActor]) -> None:

@@ -54,4 +54,6 @@ def make_selectors(config: EngineConfig, store: FlashStore, model: Any, resident
             sels.append(build_selector(config.selection, rows, blocks[layer].act, bias))
             del rows
     nbytes = sum(sum(t.numel() * t.element_size() for t in s.state().values()) for s in sels)
+    # fbgemm keeps its own packed copy of an int8 shadow next to ours
+    nbytes += sum(s.q.numel() for s in sels if getattr(s, "fast", False))
     return [_top(s, density) for s in sels], nbytes
