@@ -46,7 +46,7 @@ async def test_greedy_64_tokens_match_transformers(tmp_path, case):
     src = save_checkpoint(model, tmp_path / "ckpt")
     convert(src, tmp_path / "store", dtype="float32", progress=False)
     want = hf_greedy(model, PROMPT, 64)
-    async with await Engine.open(tmp_path / "store") as engine:
+    async with await Engine.open(tmp_path / "store", selection="dense") as engine:
         assert engine.tokenizer is None
         chunks = await collect(engine.stream(PROMPT, max_tokens=64))
     assert [c.token_id for c in chunks] == want and len(want) == 64
@@ -55,7 +55,7 @@ async def test_greedy_64_tokens_match_transformers(tmp_path, case):
 
 async def test_text_stream_deltas_join_to_decoded_tokens(llama_store):
     model, store = llama_store
-    async with await Engine.open(store) as engine:
+    async with await Engine.open(store, selection="dense") as engine:
         stream = await engine.stream("Flash memory is", max_tokens=48, temperature=0.9, seed=3)
         chunks = await collect(stream)
         ids = [c.token_id for c in chunks]
@@ -196,7 +196,7 @@ async def test_smollm2_greedy_matches_transformers(smollm2_store, smollm2_hf):
     messages = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
     prompt_ids = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
     want = hf_greedy(hf, prompt_ids, 64)
-    async with await Engine.open(smollm2_store) as engine:  # FFN streamed from flash, every neuron
+    async with await Engine.open(smollm2_store, selection="dense") as engine:  # FFN from flash, every neuron
         stream = await engine.stream(messages, max_tokens=64)
         assert list(stream.request.prompt_ids) == prompt_ids
         chunks = await collect(stream)

@@ -24,7 +24,9 @@ class EngineConfig:
     store_dtype: str = "float16"  # dtype used when a built-in model is converted on first use
     # -- the FFN: where it lives and which neurons are computed -----------------------------
     ffn: str = "flash"  # "flash": neurons read from the store into per-layer caches; "ram": all resident
-    selection: str = "dense"  # "dense" (every neuron) | "gate" | "shadow" | "predictor"
+    # The default is what `flashlm eval` chose on SmolLM2 (benchmarks/results/eval-quick.json): int8 shadow
+    # copies of gate+up at 40% density, window 8: +0.6% / +1.2% ppl, 1.3% of FFN bytes read per token.
+    selection: str = "shadow"  # "dense" (every neuron) | "gate" | "shadow" | "predictor"
     density: float | None = None  # fraction of each layer's neurons selected per token (None: mode default)
     window: int = 8  # tokens a selected neuron stays cached (the paper's sliding window k)
     reuse: bool = True  # False: caches are emptied after every token (the "hybrid" baseline re-reads all)

@@ -41,11 +41,13 @@ def make_selectors(config: EngineConfig, store: FlashStore, model: Any, resident
     density = config.effective_density
     blocks = model.layers
     gated = len(ffn.parts) == 3
-    if config.selection == "predictor":
-        try:
-            sels = load_selectors(resident, store.manifest.predictors or {}, "predictor", blocks[0].act, gated)
-        except KeyError as e:
-            raise ConfigError(f"selection 'predictor': {e.args[0]}") from None
+    calibrated = (store.manifest.predictors or {}).get("selectors", {})
+    name = {"predictor": "predictor", "shadow": "shadow_int8"}.get(config.selection)
+    if name in calibrated:  # `flashlm calibrate` wrote them (in the store's physical neuron order)
+        sels = load_selectors(resident, store.manifest.predictors, name, blocks[0].act, gated)
+    elif config.selection == "predictor":
+        raise ConfigError(f"selection 'predictor' needs trained predictors: run `flashlm calibrate {store.path}` "
+                          f"(or choose selection 'shadow', which needs none)")
     else:
         sels = []
         for layer in range(n_layers):  # one pass over the FFN; checksums are checked on the way
