@@ -3,6 +3,7 @@ what the model computes, atomically; evaluation reports the names the checks use
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -131,6 +132,25 @@ def test_evaluate_reports_the_check_names(store, tmp_path):
     assert full["ppl_wiki"] == pytest.approx(r["dense"]["ppl_wiki"], rel=1e-6) and full["recall"] == 1.0
     assert full["ffn_read_fraction"] == 0.0
     assert r["default"]["mode"] != "oracle"
+
+
+def test_budget_limited_cache_reads_more_and_holds_at_most_its_capacity(store):
+    calibrate(store, ids=calibration_ids(), **FAST)
+    texts = {"wiki": calibration_ids(200, 7), "news": calibration_ids(200, 8)}
+    runs = (Run("shadow_int8", 0.3, 8), Run("shadow_int8", 0.3, 8, 0.4), Run("shadow_int8", 0.3, 32, 0.4),
+            Run("shadow_int8", 0.4, 8, mass=0.8))
+    r = evaluate(store, texts=texts, runs=runs, seq_len=100, progress=False)
+    free, capped, lru, mass = r["runs"]
+    assert free["cache_capacity"] is None and capped["cache_capacity"] == lru["cache_capacity"] == 0.4
+    assert free["cache_peak_fraction"] > 0.4  # the window's union would exceed the budget
+    for x in (capped, lru):
+        assert x["ffn_read_fraction"] >= free["ffn_read_fraction"]
+        cap = math.ceil(0.4 * r["d_ff"]) / r["d_ff"]
+        assert x["cache_peak_fraction"] <= cap + 1e-6 and x["cache_fraction"] <= cap + 1e-6
+        assert x["dram_fraction"] == pytest.approx(x["cache_peak_fraction"] + x["selector_bytes"] / (
+            r["d_ff"] * r["bundle_bytes"] * r["n_layers"]), abs=1 / r["d_ff"])
+    assert free["dram_fraction"] > capped["dram_fraction"]
+    assert mass["rule"] == "mass" and 0.0 < mass["predicted_density"] < 1.0
 
 
 @pytest.mark.slow

@@ -19,10 +19,12 @@ from flashlm.models.selectors import (
     OracleSelector,
     PredictorSelector,
     ShadowSelector,
+    budget_window,
     build_selector,
     load_selectors,
     magnitudes,
     mass_mask,
+    reads,
     recall,
     state_keys,
     top_ids,
@@ -140,6 +142,50 @@ def test_window_union_matches_brute_force(k):
     assert torch.equal(window_union(mask, k, hist), want)
     want0 = torch.stack([mask[max(0, t - k + 1): t + 1].any(0) for t in range(11)])
     assert torch.equal(window_union(mask, k), want0)
+
+
+def test_mass_rule_keeps_at_least_the_requested_mass_and_no_more_than_needed():
+    torch.manual_seed(0)
+    s = torch.rand(50, 300) ** 3
+    for mass in (0.5, 0.8, 0.95):
+        m = mass_mask(s, mass)
+        kept = (s * m).sum(1)
+        assert (kept >= mass * s.sum(1) - 1e-5).all()
+        smallest_kept = torch.where(m, s, torch.inf).min(1).values  # dropping it falls below the line
+        assert (kept - smallest_kept < mass * s.sum(1)).all()
+
+
+@pytest.mark.parametrize(("n", "k", "capacity"), [(40, 4, 12), (40, 8, 40), (64, 3, 20), (30, 16, 9)])
+def test_budget_window_is_the_engines_window_and_cache(n, k, capacity):
+    """Computed sets, flash reads and cache contents equal the engine's own RequestWindow and
+    NeuronCache on the same selections; the cache never holds more than its capacity."""
+    import numpy as np
+
+    from flashlm.pipeline.neuron_cache import NeuronCache
+    from flashlm.pipeline.sparse import RequestWindow
+
+    g = torch.Generator().manual_seed(n + k)
+    mask = torch.rand(60, n, generator=g) < 0.25
+    mask &= mask.cumsum(1) <= min(capacity, 8)  # a token's set fits the cache
+    computed, held = budget_window(mask, k, capacity)
+    read = reads(computed, held)
+    win = RequestWindow(1, n, k, capacity)
+    cache = NeuronCache(n, capacity, parts=1, hidden=1, stride=4096, store_dtype="float16", window=k)
+    for t in range(mask.shape[0]):
+        win.step = t
+        win.mark(0, mask[t].nonzero().flatten().numpy())
+        need = win.needed(0)
+        plan = cache.update(need, t)
+        cache.commit(plan)
+        assert need.tolist() == computed[t].nonzero().flatten().tolist()
+        assert sorted(plan.missing_ids.tolist()) == read[t].nonzero().flatten().tolist()
+        assert sorted(cache.neuron_of[cache.neuron_of >= 0].tolist()) == held[t].nonzero().flatten().tolist()
+    assert int(held.sum(1).max()) <= capacity and bool((computed & ~held).sum() == 0)
+    if capacity >= n:
+        assert torch.equal(computed, window_union(mask, k))
+    with pytest.raises(ValueError):
+        budget_window(torch.ones(3, n, dtype=torch.bool), k, n - 1)
+    assert np.all(read.sum(1).numpy() >= 0)
 
 
 def test_predictor_recovers_a_known_low_rank_rule():

@@ -10,7 +10,9 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
+import textwrap
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
@@ -62,10 +64,10 @@ async def _run(a: argparse.Namespace) -> int:
     from flashlm import Engine, EngineConfig
 
     config = EngineConfig(device=a.device, num_threads=a.threads, store_dtype=a.store_dtype)
-    prompt: Any = a.prompt
+    prompt: Any = sys.stdin.read() if a.prompt == "-" else a.prompt
     async with await Engine.open(a.model, config, progress=not a.quiet) as engine:
         if not a.raw and engine.tokenizer is not None and getattr(engine.tokenizer, "chat_template", None):
-            prompt = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": a.prompt}]
+            prompt = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
         stream = await engine.stream(prompt, max_tokens=a.max_tokens, temperature=a.temperature,
                                      top_p=a.top_p, seed=a.seed, stop=a.stop or None)
         parts, chunks = [], []
@@ -93,6 +95,42 @@ async def _run(a: argparse.Namespace) -> int:
     return 0
 
 
+# -- chat ------------------------------------------------------------------------------
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    try:
+        from flashlm.tui import ChatApp, ChatSettings
+    except ImportError as e:
+        raise FlashLMError(f"flashlm chat needs textual ({e}); install it with: pip install 'flashlm[tui]'") from None
+    from flashlm import EngineConfig
+    from flashlm.builtin import is_builtin
+    from flashlm.convert import resolve_store
+
+    if not is_builtin(a.store):
+        resolve_store(a.store)  # a wrong path fails here, in one line, before the screen is taken over
+    config = EngineConfig(device=a.device, num_threads=a.threads, store_dtype=a.store_dtype, ffn=a.ffn,
+                          selection=a.selection, density=a.density, window=a.window,
+                          memory_budget=_budget(a.memory_budget), max_context=a.max_context)
+    settings = ChatSettings(model=a.store, config=config, max_tokens=a.max_tokens, temperature=a.temperature,
+                            top_p=a.top_p, seed=a.seed, system=a.system, verbose=a.verbose)
+    app = ChatApp(settings)
+    code = app.run()
+    return code if isinstance(code, int) else 0
+
+
+def _budget(text: str | None) -> int | float | str | None:
+    """--memory-budget: bytes, a size string ("600MiB"), or a fraction of the model ("0.5")."""
+    if text is None:
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 # -- verify ----------------------------------------------------------------------------
 
 
@@ -101,9 +139,13 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
     store = FlashStore.open(a.store)
     problems = store.verify()
+    if a.json:
+        print(json.dumps({"store": a.store, "sound": not problems, "layers": len(store.manifest.ffn.layers),
+                          "problems": problems}))
     if problems:
         raise FlashLMError(f"{a.store}: {len(problems)} problem(s): " + "; ".join(problems))
-    print(f"{a.store}: sound ({len(store.manifest.ffn.layers)} layers, every checksum matches)")
+    if not a.json:
+        print(f"{a.store}: sound ({len(store.manifest.ffn.layers)} layers, every checksum matches)")
     return 0
 
 
@@ -161,10 +203,55 @@ async def _bench_engine(a: argparse.Namespace) -> int:
 
 # -- parser ----------------------------------------------------------------------------
 
+EPILOG = f"""\
+examples:
+  flashlm run "What is flash memory?"          answer with the default model ({DEFAULT_MODEL})
+  flashlm chat                                 chat in the terminal (needs the tui extra)
+  flashlm convert ckpt/ store/ --dtype float32 make a store from a transformers checkpoint
+  flashlm verify store/ --json                 check every checksum, as JSON
+
+exit codes: 0 success, 1 a flashlm error (one line on stderr), 2 bad usage, 130 interrupted.
+`flashlm COMMAND --help` explains each command."""
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps prose lines to the terminal; keeps indented lines (examples, key lists) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(indent + line if not line or line.startswith(" ") else
+                         textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+                         for line in text.splitlines())
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every (sub-)parser formats its help the same way."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _engine_options(p: argparse.ArgumentParser) -> None:
+    """Where the engine runs; shared by run and chat."""
+    g = p.add_argument_group("engine")
+    g.add_argument("--device", default="cpu", help="cpu (default), cuda or mps")
+    g.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: 1 on <=2 CPUs)")
+    g.add_argument("--store-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="dtype when converting a built-in model on first use (default float16)")
+
+
+def _sampling_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", "-n", type=int, default=256, metavar="N", help="most tokens per answer (default 256)")
+    g.add_argument("--temperature", "-t", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus sampling mass (default 1.0)")
+    g.add_argument("--seed", type=int, default=None, metavar="S", help="sampling seed, for repeatable answers")
+    g.add_argument("--system", default=None, metavar="TEXT", help="system message (chat models)")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="flashlm", description="Run language models larger than memory: "
-                                "attention stays in RAM, FFN neurons are read from flash as needed.")
+    p = _Parser(prog="flashlm", epilog=EPILOG,
+                                description="Run language models larger than memory: attention stays in RAM, "
+                                "FFN neurons are read from flash as needed.")
     p.add_argument("--version", action="version", version=f"flashlm {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -184,35 +271,60 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="answer a prompt, streamed to the terminal",
                        description="Stream a model's answer to PROMPT. With a chat model the prompt is sent as a "
-                       "user message (use --raw for plain text completion).")
-    r.add_argument("prompt", metavar="PROMPT")
+                       "user message (use --raw for plain text completion). PROMPT - reads it from stdin.",
+                       epilog="example:\n  flashlm run -n 64 \"Name three uses of flash memory.\"\n"
+                       "  echo 'The capital of France is' | flashlm run --raw --json -")
+    r.add_argument("prompt", metavar="PROMPT", help="the prompt, or - to read it from stdin")
     r.add_argument("--model", "-m", default=DEFAULT_MODEL,
                    help=f"store directory or built-in name (default {DEFAULT_MODEL}, converted on first use)")
-    r.add_argument("--max-tokens", "-n", type=int, default=256, help="most tokens to generate (default 256)")
-    r.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy (default)")
-    r.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    r.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable answers")
+    _sampling_options(r)
     r.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     r.add_argument("--raw", action="store_true", help="complete PROMPT as raw text, no chat template")
-    r.add_argument("--system", default=None, help="system message (chat models)")
-    r.add_argument("--device", default="cpu", help="cpu, cuda or mps")
-    r.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on <=2 CPUs)")
-    r.add_argument("--store-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
-                   help="dtype when converting a built-in model on first use")
+    _engine_options(r)
     r.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress bar or stats line")
     r.set_defaults(func=lambda a: _run_async(_run(a)))
 
+    ch = sub.add_parser("chat", help="chat with a model in a terminal app (live ms/token, MB read, cache hits)",
+                        
+                        description="A full-screen chat: the answer streams in as it is generated, with a side "
+                        "panel of live figures (ms/token, MB read from flash, cache hit rate, density, memory "
+                        "used vs budget). Keyboard only; works in 80x24. Needs the tui extra "
+                        "(pip install 'flashlm[tui]').",
+                        epilog="keys:\n  Enter sends · Esc or ctrl+c stops the answer · ctrl+l resets\n"
+                        "  F1 help · F2 hides the panel · ctrl+q quits\n"
+                        "commands (type /help in the app):\n  /reset /temp T /top_p P /max N /seed N|off "
+                        "/system TEXT|off\n  /trace FILE|off /theme [NAME] /stats /reopen /quit")
+    ch.add_argument("store", metavar="STORE", nargs="?", default=DEFAULT_MODEL,
+                    help=f"store directory or built-in name (default {DEFAULT_MODEL}, converted on first use)")
+    _sampling_options(ch)
+    _engine_options(ch)
+    g = ch.add_argument_group("sparsity and memory")
+    g.add_argument("--ffn", default="flash", choices=["flash", "ram"],
+                   help="flash: FFN neurons read from the store as needed (default); ram: all resident")
+    g.add_argument("--selection", default="shadow", choices=["dense", "gate", "shadow", "predictor"],
+                   help="how the neurons to compute are chosen (default shadow)")
+    g.add_argument("--density", type=float, default=None, metavar="D",
+                   help="fraction of each layer's neurons computed per token (default: the mode's)")
+    g.add_argument("--window", type=int, default=8, metavar="K", help="tokens a neuron stays cached (default 8)")
+    g.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="DRAM budget: bytes, a size such as 600MiB, or a fraction of the model such as 0.5")
+    g.add_argument("--max-context", type=int, default=None, metavar="N",
+                   help="tokens per conversation (default: the model's limit, capped at 8192)")
+    ch.set_defaults(func=cmd_chat, logs_to_app=True)
+
     v = sub.add_parser("verify", help="check every checksum of a store",
-                       description="Check a store's manifest, file sizes and every checksum. Exit 0 when sound.")
-    v.add_argument("store", metavar="STORE")
+                       description="Check a store's manifest, file sizes and every checksum. Exit 0 when sound, "
+                       "1 (with the problems on stderr) when not.")
+    v.add_argument("store", metavar="STORE", help="store directory")
+    v.add_argument("--json", action="store_true", help='print {"store", "sound", "layers", "problems"} as JSON')
     v.set_defaults(func=cmd_verify)
 
     cal = sub.add_parser("calibrate", help="record the model on text, build neuron selectors into the store",
                          description="Run the dense model over calibration text (the Wikipedia sample in gensim's "
                          "test data, or --text FILE), build shadow copies and low-rank predictors, order neurons by "
-                         "co-activation, and write it all into STORE atomically.")
-    cal.add_argument("store", metavar="STORE")
+                         "co-activation, and write it all into STORE atomically. Needs the calibrate extra.")
+    cal.add_argument("store", metavar="STORE", help="store directory (changed in place, atomically)")
     cal.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")
     cal.add_argument("--text", default=None, help="a UTF-8 text file to calibrate on instead")
     cal.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -222,44 +334,56 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="perplexity vs bytes read per token for each selection mode",
                         description="Perplexity on held-out Wikipedia and news text for dense, oracle, shadow, gate "
                         "and predictor selections at several densities and windows; JSON + a PNG plot.")
-    ev.add_argument("store", metavar="STORE")
+    ev.add_argument("store", metavar="STORE", help="store directory (calibrated, for the predictor modes)")
     ev.add_argument("--quick", action="store_true", help="a few thousand tokens per text")
     ev.add_argument("--tokens", type=int, default=None, help="tokens per text (overrides --quick)")
-    ev.add_argument("--json", default=None, help="JSON file to write")
-    ev.add_argument("--plot", default=None, help="PNG to write (default: next to --json)")
+    ev.add_argument("--json", default=None, metavar="FILE", help="JSON file to write")
+    ev.add_argument("--plot", default=None, metavar="FILE", help="PNG to write (default: next to --json)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=cmd_eval)
 
-    b = sub.add_parser("bench", help="benchmarks (writes JSON)")
+    b = sub.add_parser("bench", help="benchmarks (write JSON, print a JSON summary)",
+                       description="Benchmarks. Each writes a full JSON report to --out and prints a one-line JSON "
+                       "summary on stdout.")
     bsub = b.add_subparsers(dest="bench", required=True, metavar="WHAT")
-    bio = bsub.add_parser("io", help="flash read throughput vs fio (the paper's Figure 2b)")
+    bio = bsub.add_parser("io", help="flash read throughput vs fio (the paper's Figure 2b)",
+                          description="Random-read throughput of the bundle reader against fio over chunk sizes and "
+                          "queue depths, page cache defeated (O_DIRECT); a PNG plot goes next to --out.")
     bio.add_argument("--quick", action="store_true", help="a small grid, under 2 minutes")
-    bio.add_argument("--out", required=True, help="JSON file to write (a PNG plot goes next to it)")
+    bio.add_argument("--out", required=True, metavar="FILE", help="JSON file to write (a PNG plot goes next to it)")
     bio.add_argument("--workdir", default=None, help="directory for the test file (default: beside --out)")
     bio.set_defaults(func=lambda a: _run_async(_bench_io(a)))
     ben = bsub.add_parser("engine", help="decode ms/token: sparse flash engine vs dense in RAM vs hybrid",
                           description="Side by side in one process, page cache defeated (O_DIRECT): the dense "
                           "model in RAM, the hybrid baseline (whole FFN read every token) and the sparse engine.")
     ben.add_argument("--quick", action="store_true", help="fewer tokens and runs")
-    ben.add_argument("--out", required=True, help="JSON file to write")
-    ben.add_argument("--model", default=DEFAULT_MODEL, help="store or built-in name")
-    ben.add_argument("--selection", default="shadow", choices=["gate", "shadow", "predictor"])
-    ben.add_argument("--density", type=float, default=0.4)
-    ben.add_argument("--window", type=int, default=8)
+    ben.add_argument("--out", required=True, metavar="FILE", help="JSON file to write")
+    ben.add_argument("--model", default=DEFAULT_MODEL, help=f"store or built-in name (default {DEFAULT_MODEL})")
+    ben.add_argument("--selection", default="shadow", choices=["gate", "shadow", "predictor"],
+                     help="neuron selection of the sparse engine (default shadow)")
+    ben.add_argument("--density", type=float, default=0.4, help="fraction of neurons computed (default 0.4)")
+    ben.add_argument("--window", type=int, default=8, help="tokens a neuron stays cached (default 8)")
     ben.set_defaults(func=lambda a: _run_async(_bench_engine(a)))
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    if not getattr(args, "logs_to_app", False):  # the chat app shows flashlm's warnings itself
+        _configure_logging(args.verbose)
     try:
         return args.func(args)
     except FlashLMError as e:
         print(f"flashlm: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a path that cannot be read or written: the user's to fix, not a crash
+        if isinstance(e, BrokenPipeError):  # `flashlm run ... | head`: the reader left; say nothing
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
+        print(f"flashlm: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("flashlm: interrupted", file=sys.stderr)
+        print("\nflashlm: interrupted", file=sys.stderr)
         return 130
 
 

@@ -31,24 +31,34 @@ from flashlm.calibration.record import DenseModel, chunks, forward_with, load_de
 from flashlm.io.store import FlashStore
 from flashlm.models.selectors import (
     Selector,
+    ShadowSelector,
+    budget_window,
     build_selector,
     load_selectors,
+    mass_mask,
+    n_keep,
+    reads,
     recall,
     top_ids,
     top_mask,
-    window_union,
 )
 
 
 @dataclass(frozen=True)
 class Run:
     selector: str  # oracle | gate | shadow_int8 | shadow_int4 | predictor
-    density: float
+    density: float  # top-k rule: the fraction of d_ff chosen per token (mass rule: the recall target's density)
     window: int
+    capacity: float | None = None  # the cache budget per layer, a fraction of d_ff (None: unlimited)
+    mass: float | None = None  # mass rule: per token the fewest neurons holding this share of the estimated magnitude
 
     @property
     def mode(self) -> str:
         return self.selector.split("_")[0]
+
+    @property
+    def rule(self) -> str:
+        return "top_k" if self.mass is None else "mass"
 
 
 DEFAULT_RUNS = (
@@ -57,6 +67,14 @@ DEFAULT_RUNS = (
     Run("shadow_int8", 0.3, 8), Run("shadow_int8", 0.4, 4), Run("shadow_int8", 0.4, 8), Run("shadow_int8", 0.5, 8),
     Run("shadow_int4", 0.4, 8),
     Run("predictor", 0.4, 8), Run("predictor", 0.5, 8),
+    Run("shadow_int8", 0.4, 8, mass=0.8),
+)
+# The budget-limited cache: the engine computes over at most `capacity` neurons per layer (the
+# most recently selected of the window), so a budget below the window's union trades accuracy
+# for DRAM; a long window then acts as an LRU cache of that size.
+BUDGET_RUNS = (
+    Run("oracle", 0.3, 32, 0.5),
+    Run("shadow_int8", 0.3, 32, 0.3), Run("shadow_int8", 0.3, 32, 0.5), Run("shadow_int8", 0.4, 32, 0.7), Run("shadow_int8", 0.4, 8, 0.7), Run("shadow_int8", 0.4, 32, 0.9),
 )
 QUICK_TOKENS, FULL_TOKENS = 2048, 8192
 
@@ -74,6 +92,21 @@ def _selectors(name: str, dense: DenseModel, store: FlashStore, resident: dict[s
     return None  # a predictor needs calibration
 
 
+def _selector_bytes(name: str, sels: list[Selector], store: FlashStore) -> int:
+    """DRAM the selector keeps resident (the oracle, a reference, is counted as 0)."""
+    entry = (store.manifest.predictors or {}).get("selectors", {}).get(name)
+    if entry is not None and "resident_bytes" in entry:
+        return int(entry["resident_bytes"])
+    item = store.manifest.ffn.itemsize
+    total = 0
+    for s in sels:
+        if isinstance(s, ShadowSelector):
+            total += s.nbytes
+        elif s.mode != "oracle":
+            total += sum(t.numel() for t in s.state().values()) * item
+    return total
+
+
 class _Tally:
     def __init__(self, n_layers: int) -> None:
         self.nll = 0.0
@@ -85,6 +118,8 @@ class _Tally:
         self.cached = 0.0  # window-union size / d_ff, summed over steady-state tokens
         self.new_tokens = 0
         self.runs = [0.0, 0.0]  # contiguous runs: physical order, original order
+        self.held_peak = 0.0  # the largest cache (fraction of d_ff) any layer held in steady state
+        self.entering = 0.0  # neurons entering the computed set per token / d_ff (reads with a cache of only that set)
         self.h_last: list[Tensor | None] = [None] * n_layers
 
 
@@ -101,15 +136,22 @@ def _masked_ffn(dense: DenseModel, sels: list[Selector], run: Run, tally: _Tally
             pre = h @ rows[:, 0].T
             a = dense.act(pre if b1 is None else pre + b1)
             down, out_bias = rows[:, 1], block.fc2_bias
-        chosen = top_mask(sels[l].scores(h), run.density)
-        target = top_mask(a.abs(), run.density)
+        scores = sels[l].scores(h)
+        if run.mass is None:
+            chosen, target = top_mask(scores, run.density), top_mask(a.abs(), run.density)
+        else:
+            chosen, target = mass_mask(scores, run.mass), mass_mask(a.abs(), run.mass)
         tally.recall[l] += float(recall(chosen, target).sum())
         tally.density[l] += float(chosen.float().mean(1).sum())
         tally.rows[l] += h.shape[0]
-        cached = window_union(chosen, run.window)
-        new = entering(cached)[run.window:]  # steady state
+        cap = a.shape[1] if run.capacity is None else n_keep(a.shape[1], run.capacity)
+        cached, held = budget_window(chosen, run.window, cap)
+        new = reads(cached, held)[run.window:]  # steady state
         tally.new += float(new.float().mean(1).sum())
-        tally.cached += float(cached[run.window:].float().mean(1).sum())
+        tally.entering += float(entering(cached)[run.window:].float().mean(1).sum())
+        tally.cached += float(held[run.window:].float().mean(1).sum())
+        if new.shape[0]:
+            tally.held_peak = max(tally.held_peak, float(held[run.window:].float().mean(1).max()))
         tally.new_tokens += new.shape[0]
         if inv_perm[l] is not None and new.shape[0]:
             for i, e in enumerate((new, new[:, inv_perm[l]])):
@@ -135,7 +177,7 @@ def _time_ms(fn, repeat: int = 15) -> float:
 
 
 def evaluate(store_path: str | Path, quick: bool = False, *, tokens: int | None = None,
-             runs: tuple[Run, ...] = DEFAULT_RUNS, seq_len: int = 512, json_path: str | Path | None = None,
+             runs: tuple[Run, ...] = DEFAULT_RUNS + BUDGET_RUNS, seq_len: int = 512, json_path: str | Path | None = None,
              plot_path: str | Path | None = None, progress: bool = True,
              texts: dict[str, list[int]] | None = None) -> dict[str, Any]:
     """Evaluate dense and every run; returns (and writes to json_path) the report. `texts`:
@@ -190,15 +232,25 @@ def evaluate(store_path: str | Path, quick: bool = False, *, tokens: int | None 
                 continue
             ppl, t = ppl_of(lambda tally, s=sels, r=run: _masked_ffn(dense, s, r, tally, inv_perm))
             hs = [x if x is not None else torch.zeros_like(h1[0]) for x in t.h_last]
-            sel_ms = _time_ms(lambda s=sels, r=run: [top_ids(s[l].scores(hs[l]), r.density) for l in range(n_layers)])
+            pick = (lambda x, r=run: top_ids(x, r.density)) if run.mass is None else \
+                (lambda x, r=run: mass_mask(x, r.mass).nonzero())
+            sel_ms = _time_ms(lambda s=sels: [pick(s[l].scores(hs[l])) for l in range(n_layers)])
             new_neurons = t.new * d_ff
+            steady = max(t.new_tokens, 1)
+            sel_bytes = _selector_bytes(run.selector, sels, store)
+            held = t.held_peak if run.capacity is None else n_keep(d_ff, run.capacity) / d_ff
             report["runs"].append({
                 "mode": run.mode, "selector": run.selector, "density": run.density, "window": run.window,
+                "cache_capacity": run.capacity, "rule": run.rule, "mass": run.mass,
                 **ppl,
                 "ppl_wiki_rel": ppl["ppl_wiki"] / base["ppl_wiki"] - 1, "ppl_news_rel": ppl["ppl_news"] / base["ppl_news"] - 1,
                 "ffn_read_fraction": t.new / max(t.new_tokens, 1),
                 "ffn_read_bytes_per_token": t.new / max(t.new_tokens, 1) * d_ff * bundle * n_layers,
-                "cache_fraction": t.cached / max(t.new_tokens, 1),
+                "cache_fraction": t.cached / steady,
+                "cache_peak_fraction": t.held_peak,
+                "window_entering_fraction": t.entering / steady,
+                "selector_bytes": sel_bytes,
+                "dram_fraction": held + sel_bytes / (d_ff * bundle * n_layers),
                 "recall": sum(t.recall) / sum(t.rows),
                 "recall_per_layer": [r / max(n, 1) for r, n in zip(t.recall, t.rows)],
                 "predicted_density": sum(t.density) / sum(t.rows),
@@ -223,7 +275,7 @@ def choose_default(report: dict[str, Any], max_rel: float = 0.03, max_read: floa
                    max_select: float = 0.25) -> dict[str, Any] | None:
     """The engine's default: among runs the engine can run (not oracle) meeting every goal, the
     one reading least; else the non-oracle run with the lowest worst-case perplexity."""
-    runs = [r for r in report["runs"] if r["mode"] != "oracle"]
+    runs = [r for r in report["runs"] if r["mode"] != "oracle" and r.get("rule", "top_k") == "top_k"]  # what the engine runs
     if not runs:
         return None
     ok = [r for r in runs if max(r["ppl_wiki_rel"], r["ppl_news_rel"]) <= max_rel
@@ -233,30 +285,40 @@ def choose_default(report: dict[str, Any], max_rel: float = 0.03, max_read: floa
     return {**best, "meets_goals": bool(ok)}
 
 
+def _label(r: dict[str, Any]) -> str:
+    name = r["selector"] if r.get("rule", "top_k") == "top_k" else f"{r['selector']} mass"
+    return name if r.get("cache_capacity") is None else f"{name}, cache budget"
+
+
 def plot(report: dict[str, Any], path: str | Path) -> None:
+    """Perplexity vs FFN bytes read per token (left) and vs DRAM held (right), per text."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, text in zip(axes, ("wiki", "news")):
-        by: dict[str, list[dict]] = {}
-        for r in report["runs"]:
-            by.setdefault(r["selector"], []).append(r)
-        for name, rs in sorted(by.items()):
-            rs = sorted(rs, key=lambda r: r["ffn_read_bytes_per_token"])
-            ax.plot([r["ffn_read_bytes_per_token"] / 2**20 for r in rs], [r[f"ppl_{text}"] for r in rs], "o-",
-                    label=name)
-            for r in rs:
-                ax.annotate(f"{r['density']:.0%}/k{r['window']}", (r["ffn_read_bytes_per_token"] / 2**20,
-                                                                    r[f"ppl_{text}"]), fontsize=6)
-        ax.axhline(report["dense"][f"ppl_{text}"], color="k", lw=0.8, label="dense")
-        ax.axhline(report["dense"][f"ppl_{text}"] * 1.03, color="k", lw=0.6, ls="--", label="dense +3%")
-        ax.set_xlabel("FFN bytes read per token (MiB, steady state)")
-        ax.set_ylabel(f"perplexity ({text})")
-        ax.set_title(f"held-out {text}")
-        ax.legend(fontsize=7)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    by: dict[str, list[dict]] = {}
+    for r in report["runs"]:
+        by.setdefault(_label(r), []).append(r)
+    for row, text in zip(axes, ("wiki", "news")):
+        for ax, (key, xlabel, scale) in zip(row, (
+                ("ffn_read_bytes_per_token", "FFN bytes read per token (MiB, steady state)", 2**-20),
+                ("dram_fraction", "DRAM held: cache + selector, fraction of the FFN's bytes", 1.0))):
+            for i, (name, rs) in enumerate(sorted(by.items())):
+                rs = sorted(rs, key=lambda r: r[key])
+                ax.plot([r[key] * scale for r in rs], [r[f"ppl_{text}"] for r in rs],
+                        "s--" if "budget" in name else "o-", color=f"C{i % 10}", label=name)
+                for r in rs:
+                    cap = "" if r.get("cache_capacity") is None else f" C{r['cache_capacity']:.0%}"
+                    rule = f"m{r['mass']:.2f}" if r.get("mass") else f"{r['density']:.0%}"
+                    ax.annotate(f"{rule}/k{r['window']}{cap}", (r[key] * scale, r[f"ppl_{text}"]), fontsize=6)
+            ax.axhline(report["dense"][f"ppl_{text}"], color="k", lw=0.8, label="dense")
+            ax.axhline(report["dense"][f"ppl_{text}"] * 1.03, color="k", lw=0.6, ls="--", label="dense +3%")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(f"perplexity ({text})")
+            ax.set_title(f"held-out {text}")
+        row[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -33,7 +33,7 @@ class Block(Protocol):
     ffn_permutation: Tensor | None  # (d_ff,) long, physical -> original neuron id, or None
 
     def attention(self, x: Tensor, cache: KVCache, pos: int) -> tuple[Tensor, Tensor]: ...  # (residual, ffn_in)
-    def ffn(self, x: Tensor, rows: Tensor, neuron_ids: Tensor | None = None) -> Tensor: ...
+    def ffn(self, x: Tensor, rows: Tensor, neuron_ids: Tensor | None = None, mask: Tensor | None = None) -> Tensor: ...
     def combine(self, residual: Tensor, ffn_out: Tensor) -> Tensor: ...
 
 
@@ -248,20 +248,24 @@ def attend(q: Tensor, k: Tensor, v: Tensor, pos: int, scale: float) -> Tensor:
 # --- FFN over rows ---------------------------------------------------------------------------
 
 
-def ffn_gated(x: Tensor, rows: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
-    """Gated MLP (SwiGLU, GeGLU) over n neurons: x (T, d), rows (n, 3, d) = [gate, up, down^T]."""
+def ffn_gated(x: Tensor, rows: Tensor, act: Callable[[Tensor], Tensor], mask: Tensor | None = None) -> Tensor:
+    """Gated MLP (SwiGLU, GeGLU) over n neurons: x (T, d), rows (n, 3, d) = [gate, up, down^T].
+    mask (n,) of 0/1 leaves neurons out without gathering the others' rows."""
     gate = x @ rows[:, 0].T  # (T, n)
     up = x @ rows[:, 1].T  # (T, n)
-    return (act(gate) * up) @ rows[:, 2]  # (T, d)
+    h = act(gate) * up
+    return (h if mask is None else h * mask) @ rows[:, 2]  # (T, d)
 
 
 def ffn_ungated(x: Tensor, rows: Tensor, act: Callable[[Tensor], Tensor],
-                fc1_bias: Tensor | None = None, fc2_bias: Tensor | None = None) -> Tensor:
-    """Plain MLP (OPT's ReLU) over n neurons: x (T, d), rows (n, 2, d) = [fc1, fc2^T], fc1_bias (n,)."""
+                fc1_bias: Tensor | None = None, fc2_bias: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    """Plain MLP (OPT's ReLU) over n neurons: x (T, d), rows (n, 2, d) = [fc1, fc2^T], fc1_bias (n,).
+    mask (n,) of 0/1 leaves neurons out without gathering the others' rows."""
     w1 = rows[:, 0].T  # (d, n)
     h = x @ w1 if fc1_bias is None else torch.addmm(fc1_bias, x, w1)  # (T, n)
+    h = act(h) if mask is None else act(h) * mask
     w2 = rows[:, 1]  # (n, d)
-    return act(h) @ w2 if fc2_bias is None else torch.addmm(fc2_bias, act(h), w2)  # (T, d)
+    return h @ w2 if fc2_bias is None else torch.addmm(fc2_bias, h, w2)  # (T, d)
 
 
 def permutation(resident: dict[str, Tensor], layer: int, device: torch.device) -> Tensor | None:

@@ -114,9 +114,10 @@ class LlamaBlock:
         residual = x + F.linear(o, self.o_proj, self.o_bias)
         return residual, rms_norm(residual, self.post_attention_layernorm, a.rms_norm_eps)
 
-    def ffn(self, x: Tensor, rows: Tensor, neuron_ids: Tensor | None = None) -> Tensor:
-        """The MLP over the neurons in rows (n, 3, d); no per-neuron biases, so neuron_ids is unused."""
-        return ffn_gated(x, rows, self.act)
+    def ffn(self, x: Tensor, rows: Tensor, neuron_ids: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """The MLP over the neurons in rows (n, 3, d) (those with mask 1, if a mask is given); no
+        per-neuron biases, so neuron_ids is unused."""
+        return ffn_gated(x, rows, self.act, mask)
 
     def combine(self, residual: Tensor, ffn_out: Tensor) -> Tensor:
         return residual + ffn_out

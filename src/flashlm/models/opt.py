@@ -113,12 +113,13 @@ class OPTBlock:
         residual = layer_norm(residual, *self.self_attn_layer_norm)
         return residual, residual
 
-    def ffn(self, x: Tensor, rows: Tensor, neuron_ids: Tensor | None = None) -> Tensor:
-        """fc2(act(fc1(x))) over the neurons in rows (n, 2, d) with physical ids neuron_ids (None: all)."""
+    def ffn(self, x: Tensor, rows: Tensor, neuron_ids: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """fc2(act(fc1(x))) over the neurons in rows (n, 2, d) with physical ids neuron_ids (None: all),
+        those with mask 1 if a mask (n,) is given."""
         b1 = self.fc1_bias
         if b1 is not None and neuron_ids is not None:
             b1 = b1[neuron_ids]
-        return ffn_ungated(x, rows, self.act, b1, self.fc2_bias)
+        return ffn_ungated(x, rows, self.act, b1, self.fc2_bias, mask)
 
     def combine(self, residual: Tensor, ffn_out: Tensor) -> Tensor:
         y = residual + ffn_out

@@ -90,6 +90,51 @@ def window_union(mask: Tensor, k: int, history: Tensor | None = None) -> Tensor:
     return out
 
 
+_NEVER = -(1 << 40)
+
+
+def _last_step(mask: Tensor) -> Tensor:
+    """(T, n) bool -> (T, n) long: the last row <= t where the neuron is set (never: a large negative)."""
+    steps = torch.arange(mask.shape[0]).unsqueeze(1).expand(mask.shape)
+    return torch.where(mask, steps, torch.full_like(steps, _NEVER)).cummax(0).values
+
+
+def _most_recent(last: Tensor, k: int, capacity: int, prefer_low_id: bool) -> Tensor:
+    """Per row t: the neurons with last > t - k, at most `capacity` of them, most recent first."""
+    T, n = last.shape
+    live = last > torch.arange(T).unsqueeze(1) - k
+    if capacity >= n:
+        return live
+    ids = torch.arange(n)
+    key = torch.where(live, last * n + ((n - 1 - ids) if prefer_low_id else ids), torch.full_like(last, _NEVER * n))
+    return torch.zeros_like(live).scatter_(1, key.topk(capacity, dim=1).indices, True) & live
+
+
+def budget_window(mask: Tensor, k: int, capacity: int) -> tuple[Tensor, Tensor]:
+    """The engine's window under a cache budget, for one sequence of per-token sets (T, n).
+
+    Returns (computed, held), both (T, n) bool. computed[t]: the neurons the FFN runs over at
+    token t - those selected in the last k tokens, at most `capacity`, most recently selected
+    first, ties to the lower id (`pipeline.sparse.RequestWindow.needed`); with capacity >= n
+    it is `window_union(mask, k)`. held[t]: the layer's cache after token t - the neurons
+    computed in the last k tokens, at most `capacity`, least recently computed evicted first,
+    ties lower id first (`pipeline.neuron_cache.NeuronCache.update`). Flash reads at token t
+    are computed[t] & ~held[t - 1]. capacity must hold one token's set.
+    """
+    if k < 1:
+        raise ValueError(f"window must be >= 1, got {k}")
+    if mask.numel() and int(mask.sum(1).max()) > capacity:
+        raise ValueError(f"capacity {capacity} is smaller than a token's selected set ({int(mask.sum(1).max())})")
+    computed = _most_recent(_last_step(mask), k, capacity, prefer_low_id=True)
+    held = _most_recent(_last_step(computed), k, capacity, prefer_low_id=False)
+    return computed, held
+
+
+def reads(computed: Tensor, held: Tensor) -> Tensor:
+    """(T, n) computed and held sets -> (T, n) the neurons read from flash at each token (token 0: all)."""
+    return computed & ~torch.cat([torch.zeros_like(held[:1]), held[:-1]])
+
+
 def recall(selected: Tensor, target: Tensor) -> Tensor:
     """Fraction of the target set's members that were selected, per row: (T, n) bool x2 -> (T,)."""
     return (selected & target).sum(-1).float() / target.sum(-1).clamp_min(1).float()

@@ -30,6 +30,7 @@ class EngineConfig:
     density: float | None = None  # fraction of each layer's neurons selected per token (None: mode default)
     window: int = 8  # tokens a selected neuron stays cached (the paper's sliding window k)
     reuse: bool = True  # False: caches are emptied after every token (the "hybrid" baseline re-reads all)
+    compute: str = "thread"  # "thread": torch runs on a dedicated compute thread; "loop": inline on the event loop
     lookahead: int = 1  # 1: predict layer l+1 from layer l's attention output and prefetch; 0: serial
     memory_budget: int | float | str | None = None  # bytes, "2GiB", or a fraction of the model's bytes
     io_backend: Any = "threads"  # "threads" (os.preadv workers) | "uring" | a flashlm.io.backends.Backend
@@ -63,6 +64,8 @@ class EngineConfig:
             raise ConfigError(f"density must be in (0, 1], got {self.density!r}")
         if self.selection == "dense" and self.density not in (None, 1, 1.0):
             raise ConfigError("selection 'dense' computes every neuron; choose gate/shadow/predictor for density < 1")
+        if self.compute not in ("thread", "loop"):
+            raise ConfigError(f"compute {self.compute!r} must be 'thread' or 'loop'")
         if not isinstance(self.window, int) or self.window < 1:
             raise ConfigError(f"window must be an int >= 1 (tokens), got {self.window!r}")
         if self.lookahead not in (0, 1):

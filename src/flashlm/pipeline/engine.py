@@ -286,7 +286,8 @@ class Engine:
         await self._reader.start()
         actors = [LayerActor(i, c, self._reader) for i, c in enumerate(caches)]
         self._sparse = SparseRunner(self.model, caches, actors, selectors, lookahead=cfg.lookahead,
-                                    window=cfg.window, pool=self._pool, reuse=cfg.reuse)
+                                    window=cfg.window, pool=self._pool, reuse=cfg.reuse,
+                                    inline=cfg.compute == "loop")
         self._runner = self._sparse
         release_freed_memory()  # building the selectors freed large transients
         self._supervisor = asyncio.create_task(self._supervise(actors), name="flashlm-actors")

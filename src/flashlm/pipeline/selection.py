@@ -16,7 +16,7 @@ import torch
 
 from flashlm.errors import ConfigError
 from flashlm.io.store import FlashStore
-from flashlm.models.selectors import build_selector, load_selectors, top_ids
+from flashlm.models.selectors import build_selector, load_selectors, n_keep
 from flashlm.pipeline.config import EngineConfig
 
 LayerSelect = Callable[[torch.Tensor], torch.Tensor]
@@ -24,7 +24,9 @@ LayerSelect = Callable[[torch.Tensor], torch.Tensor]
 
 def _top(selector: Any, density: float) -> LayerSelect:
     def select(x: torch.Tensor) -> torch.Tensor:
-        ids = top_ids(selector.scores(x), density)  # (T, k)
+        scores = selector.scores(x)  # (T, d_ff)
+        ids = torch.topk(scores, n_keep(scores.shape[-1], density), dim=-1, sorted=False).indices
+        # unordered: the cache sorts what it is given once anyway
         return ids[0] if ids.shape[0] == 1 else torch.unique(ids)
 
     return select

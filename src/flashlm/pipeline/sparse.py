@@ -76,13 +76,14 @@ class RequestWindow:
 
 class SparseRunner:
     def __init__(self, model: Any, caches: list[Any], actors: list[LayerActor], selectors: list[Selector], *,
-                 lookahead: int, window: int, pool: Any, reuse: bool = True) -> None:
+                 lookahead: int, window: int, pool: Any, reuse: bool = True, inline: bool = False) -> None:
         self.model = model
         self.caches = caches
         self.actors = actors
         self.selectors = selectors
         self.lookahead = lookahead
         self.reuse = reuse
+        self.inline = inline
         self.window = window
         self._pool = pool
         self.d_ff = max(c.n_neurons for c in caches)
@@ -126,6 +127,8 @@ class SparseRunner:
             self._replies.discard(reply)
 
     async def _cpu(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self.inline:  # compute="loop": no thread hop; the loop is busy while torch runs
+            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     # -- compute-thread pieces ---------------------------------------------------------------
@@ -147,12 +150,12 @@ class SparseRunner:
         with torch.inference_mode():
             cache = self.caches[layer]
             rows, neuron_ids = cache.compute_view()
+            mask = None
             if rows.shape[0] != needed.size:  # the cache also holds neurons outside this request's window
-                keep = np.flatnonzero(np.isin(cache.neurons(), needed, assume_unique=True))
-                keep_t = torch.from_numpy(keep).to(rows.device)
-                rows, neuron_ids = rows.index_select(0, keep_t), neuron_ids.index_select(0, keep_t)
+                keep = np.isin(cache.neurons(), needed, assume_unique=True)
+                mask = torch.from_numpy(keep).to(rows.device, rows.dtype)  # cheaper than gathering the rows
             block = self.model.layers[layer]
-            out = block.combine(residual, block.ffn(ffn_in, rows, neuron_ids))
+            out = block.combine(residual, block.ffn(ffn_in, rows, neuron_ids, mask))
         if self.record:
             self.compute_events.append((layer, token, t0, time.perf_counter()))
         return out
