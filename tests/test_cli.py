@@ -76,3 +76,32 @@ def test_bad_request_and_usage(ckpt, tmp_path):
     assert r.returncode == 1 and "max_tokens must be a positive int" in r.stderr
     assert flashlm("run").returncode == 2  # argparse usage error
     assert "PROMPT" in flashlm("run", "--help").stdout
+
+
+def test_help_explains_every_command():
+    top = flashlm("--help")
+    assert top.returncode == 0 and "exit codes" in top.stdout
+    for cmd in (["convert"], ["run"], ["chat"], ["verify"], ["calibrate"], ["eval"], ["bench"], ["bench", "io"],
+                ["bench", "engine"]):
+        r = flashlm(*cmd, "--help")
+        assert r.returncode == 0 and len(r.stdout.splitlines()) > 5, cmd
+    assert "Esc" in flashlm("chat", "--help").stdout
+
+
+def test_chat_with_a_bad_store_is_one_line_before_the_screen(tmp_path):
+    r = flashlm("chat", str(tmp_path / "nope"))
+    assert r.returncode == 1 and "neither a store directory" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert flashlm("chat", "--temperature", "warm").returncode == 2
+
+
+def test_verify_json_and_prompt_from_stdin(ckpt, tmp_path):
+    out = tmp_path / "store"
+    assert flashlm("convert", str(ckpt), str(out), "--dtype", "float32", "--quiet").returncode == 0
+    r = flashlm("verify", str(out), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == {"store": str(out), "sound": True, "layers": 2, "problems": []}
+
+    r = subprocess.run([FLASHLM, "run", "--model", str(out), "--raw", "-n", "4", "--json", "-"], input="The quick",
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert 1 <= json.loads(r.stdout)["tokens"] <= 4

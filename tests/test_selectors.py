@@ -203,3 +203,17 @@ def test_predictor_recovers_a_known_low_rank_rule():
     # and a random (untrained) predictor does not: the threshold is meaningful
     rand = PredictorSelector(torch.randn(r, d, generator=g), torch.randn(n, r, generator=g), torch.zeros(n))
     assert recall(top_mask(rand.scores(X[5000:]), 0.25), target[5000:]).mean() < 0.5
+
+
+def test_greedy_mass_allocation_keeps_the_mean_density_and_favours_flat_layers():
+    from flashlm.calibration.allocate import greedy_mass
+
+    n = 100
+    j = torch.arange(n, dtype=torch.float32)
+    steep, flat = torch.exp(-j / 5), torch.exp(-j / 50)
+    curves = torch.stack([steep / steep.sum(), flat / flat.sum(), flat / flat.sum()])
+    d = greedy_mass(curves, 0.4, floor=0.1, cap=0.9)
+    assert sum(d) / 3 == pytest.approx(0.4, abs=0.01)
+    assert d[0] < 0.4 < d[1] and d[1] == d[2] and all(0.1 <= x <= 0.9 for x in d)
+    with pytest.raises(ValueError):
+        greedy_mass(curves, 0.95, cap=0.9)

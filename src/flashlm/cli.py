@@ -63,7 +63,13 @@ def cmd_convert(a: argparse.Namespace) -> int:
 async def _run(a: argparse.Namespace) -> int:
     from flashlm import Engine, EngineConfig
 
-    config = EngineConfig(device=a.device, num_threads=a.threads, store_dtype=a.store_dtype)
+    sparse = {k: v for k, v in (("selection", a.selection), ("density", a.density), ("window", a.window)) if v is not None}
+    budget = a.memory_budget
+    if budget is not None:
+        budget = float(budget) if budget.replace(".", "", 1).isdigit() and "." in budget else budget
+        budget = int(budget) if isinstance(budget, str) and budget.isdigit() else budget
+    config = EngineConfig(device=a.device, num_threads=a.threads, store_dtype=a.store_dtype,
+                          ffn="ram" if a.ram else "flash", memory_budget=budget, trace=a.trace, **sparse)
     prompt: Any = sys.stdin.read() if a.prompt == "-" else a.prompt
     async with await Engine.open(a.model, config, progress=not a.quiet) as engine:
         if not a.raw and engine.tokenizer is not None and getattr(engine.tokenizer, "chat_template", None):
@@ -84,14 +90,21 @@ async def _run(a: argparse.Namespace) -> int:
             "finish_reason": chunks[-1].finish_reason if chunks else None,
             "first_token_ms": round(chunks[0].timings.latency_ms, 2) if chunks else None,
             "ms_per_token": round(sum(decode) / len(decode), 2) if decode else None,
+            "flash_bytes_read": sum(c.bytes_read for c in chunks),
+            "flash_bytes_per_token": round(sum(c.bytes_read for c in chunks[1:]) / len(decode)) if decode else None,
+            "selection": engine.config.selection if engine.config.ffn == "flash" else "ram",
         }
         if a.json:
             print(json.dumps({"text": "".join(parts), "token_ids": [c.token_id for c in chunks], **stats}))
         else:
             sys.stdout.write("\n")
             if not a.quiet:
-                print(f"[{n} tokens, first token {stats['first_token_ms']} ms, {stats['ms_per_token']} ms/token, "
-                      f"finish: {stats['finish_reason']}]", file=sys.stderr)
+                per_tok = stats["flash_bytes_per_token"]
+                flash = (f", flash {stats['flash_bytes_read'] / 2**20:.1f} MiB read"
+                         + (f" ({per_tok / 2**10:.0f} KiB/token after the prompt)" if per_tok is not None else "")
+                         if engine.config.ffn == "flash" else "")
+                print(f"[{n} tokens, first token {stats['first_token_ms']} ms, {stats['ms_per_token']} ms/token{flash}, "
+                      f"selection {stats['selection']}, finish: {stats['finish_reason']}]", file=sys.stderr)
     return 0
 
 
@@ -109,14 +122,17 @@ def cmd_chat(a: argparse.Namespace) -> int:
 
     if not is_builtin(a.store):
         resolve_store(a.store)  # a wrong path fails here, in one line, before the screen is taken over
-    config = EngineConfig(device=a.device, num_threads=a.threads, store_dtype=a.store_dtype, ffn=a.ffn,
-                          selection=a.selection, density=a.density, window=a.window,
-                          memory_budget=_budget(a.memory_budget), max_context=a.max_context)
+    sparse = {k: v for k, v in (("selection", a.selection), ("density", a.density), ("window", a.window)) if v is not None}
+    config = EngineConfig(device=a.device, num_threads=a.threads, store_dtype=a.store_dtype,
+                          ffn="ram" if a.ram else "flash", memory_budget=_budget(a.memory_budget),
+                          max_context=a.max_context, trace=a.trace, **sparse)
     settings = ChatSettings(model=a.store, config=config, max_tokens=a.max_tokens, temperature=a.temperature,
                             top_p=a.top_p, seed=a.seed, system=a.system, verbose=a.verbose)
     app = ChatApp(settings)
-    code = app.run()
-    return code if isinstance(code, int) else 0
+    app.run()
+    if app.open_failed and app.open_error:  # it was on screen; say it again on the restored terminal
+        raise FlashLMError(app.open_error)
+    return app.return_code or 0
 
 
 def _budget(text: str | None) -> int | float | str | None:
@@ -201,6 +217,55 @@ async def _bench_engine(a: argparse.Namespace) -> int:
     return 0
 
 
+async def _bench_paper(a: argparse.Namespace) -> int:
+    from flashlm.pipeline.bench_paper import run_paper_bench
+
+    out = Path(a.out)
+    r = await run_paper_bench(out, quick=a.quick, model=a.model, selection=a.selection, density=a.density,
+                              window=a.window, tokens=a.tokens,
+                              report_dir=out.with_name(out.stem + "-report") if not a.no_report else None)
+    summary = {k: {f: round(r[k][f], 3) for f in ("ms_per_token", "io_ms", "mem_ms", "compute_ms", "bytes_per_token")}
+               for k in ("naive", "hybrid", "dense_ram", "ours")}
+    print(json.dumps({**summary, "ablation_io_ms": {x["technique"]: round(x["io_ms"], 2) for x in r["ablation"]},
+                      **r["ratios"], **r["checks"], "trace_overhead": r["trace_overhead"]["overhead_fraction"],
+                      "markdown": str(out.with_suffix(".md"))}))
+    return 0
+
+
+async def _bench_scale(a: argparse.Namespace) -> int:
+    from flashlm.io.scale import run_scale_bench
+
+    r = await run_scale_bench(Path(a.out), quick=a.quick, store_dir=Path(a.dir) if a.dir else None,
+                              tokens=a.tokens, from_trace=a.from_trace, keep=a.keep)
+    print(json.dumps({k: r.get(k) for k in ("simulated", "skipped", "io_ms_per_token", "mem_ms_per_token",
+                                             "gb_s", "fio_gb_s", "vs_fio", "bytes_per_token", "paper")}))
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    """`flashlm bench` with no WHAT (or WHAT=paper) runs the paper ablation."""
+    if a.out is None:
+        print("flashlm bench: error: --out FILE is required", file=sys.stderr)
+        return 2
+    return _run_async(_bench_paper(a))
+
+
+def cmd_trace_report(a: argparse.Namespace) -> int:
+    from flashlm.pipeline.trace_report import report
+
+    try:
+        r = report(a.trace, a.out, n_tokens=a.tokens)
+    except ValueError as e:
+        raise FlashLMError(str(e)) from None
+    if a.json:
+        print(json.dumps({"summary": r["summary"], "files": r["files"]}))
+    else:
+        print(r["text"])
+        if r["files"]:
+            print("wrote " + ", ".join(r["files"]))
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------
 
 EPILOG = f"""\
@@ -237,6 +302,22 @@ def _engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: 1 on <=2 CPUs)")
     g.add_argument("--store-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="dtype when converting a built-in model on first use (default float16)")
+    g.add_argument("--trace", default=None, metavar="FILE",
+                   help="write a JSON-lines trace of every token and layer (docs/trace.md); "
+                   "`flashlm trace report FILE` explains it")
+
+
+def _sparsity_options(p: argparse.ArgumentParser) -> None:
+    """Which FFN neurons are computed and how much DRAM the engine may use; shared by run and chat."""
+    g = p.add_argument_group("sparsity and memory")
+    g.add_argument("--ram", action="store_true", help="hold the whole FFN in RAM (default: read neurons from flash)")
+    g.add_argument("--selection", default=None, choices=["dense", "gate", "shadow", "predictor"],
+                   help="how the neurons to compute are chosen (default shadow)")
+    g.add_argument("--density", type=float, default=None, metavar="D",
+                   help="fraction of each layer's neurons computed per token (default: the mode's)")
+    g.add_argument("--window", type=int, default=None, metavar="K", help="tokens a neuron stays cached (default 8)")
+    g.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="DRAM budget: bytes, a size such as 600MiB, or a fraction of the model such as 0.5")
 
 
 def _sampling_options(p: argparse.ArgumentParser) -> None:
@@ -281,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     r.add_argument("--raw", action="store_true", help="complete PROMPT as raw text, no chat template")
     _engine_options(r)
+    _sparsity_options(r)
     r.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
     r.add_argument("--quiet", "-q", action="store_true", help="no progress bar or stats line")
     r.set_defaults(func=lambda a: _run_async(_run(a)))
@@ -299,18 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"store directory or built-in name (default {DEFAULT_MODEL}, converted on first use)")
     _sampling_options(ch)
     _engine_options(ch)
-    g = ch.add_argument_group("sparsity and memory")
-    g.add_argument("--ffn", default="flash", choices=["flash", "ram"],
-                   help="flash: FFN neurons read from the store as needed (default); ram: all resident")
-    g.add_argument("--selection", default="shadow", choices=["dense", "gate", "shadow", "predictor"],
-                   help="how the neurons to compute are chosen (default shadow)")
-    g.add_argument("--density", type=float, default=None, metavar="D",
-                   help="fraction of each layer's neurons computed per token (default: the mode's)")
-    g.add_argument("--window", type=int, default=8, metavar="K", help="tokens a neuron stays cached (default 8)")
-    g.add_argument("--memory-budget", default=None, metavar="SIZE",
-                   help="DRAM budget: bytes, a size such as 600MiB, or a fraction of the model such as 0.5")
-    g.add_argument("--max-context", type=int, default=None, metavar="N",
-                   help="tokens per conversation (default: the model's limit, capped at 8192)")
+    _sparsity_options(ch)
+    ch.add_argument("--max-context", type=int, default=None, metavar="N",
+                    help="tokens per conversation (default: the model's limit, capped at 8192)")
     ch.set_defaults(func=cmd_chat, logs_to_app=True)
 
     v = sub.add_parser("verify", help="check every checksum of a store",
@@ -344,8 +417,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmarks (write JSON, print a JSON summary)",
                        description="Benchmarks. Each writes a full JSON report to --out and prints a one-line JSON "
-                       "summary on stdout.")
-    bsub = b.add_subparsers(dest="bench", required=True, metavar="WHAT")
+                       "summary on stdout. Without WHAT (or with WHAT=paper): the paper's Table 2 ablation and "
+                       "Table 3 breakdown (naive, hybrid, dense in RAM, ours) side by side, plus a markdown table "
+                       "next to --out.",
+                       epilog="examples:\n  flashlm bench --quick --out benchmarks/results/paper-quick.json\n"
+                       "  flashlm bench io --quick --out benchmarks/results/io-quick.json\n"
+                       "  flashlm bench scale --out benchmarks/results/scale.json   (simulated OPT-6.7B shapes)")
+    _paper_options(b)
+    b.set_defaults(func=cmd_bench)
+    bsub = b.add_subparsers(dest="bench", required=False, metavar="WHAT")
+    bp = bsub.add_parser("paper", help="the paper's Tables 2-3 side by side (the default)",
+                         description="naive, hybrid, dense in RAM and ours, and the ablation (hybrid -> +predictor -> "
+                         "+window -> +bundling -> +speculation), one process, page cache defeated.")
+    _paper_options(bp)
+    bp.set_defaults(func=cmd_bench)
+    bsc = bsub.add_parser("scale", help="SIMULATED 7B-scale replay: I/O and cache ms/token on OPT-6.7B FFN shapes",
+                          description="Writes a random-weight store with OPT-6.7B's FFN shapes (32 layers, d 4096, "
+                          "FFN 16384, fp16: ~8.6 GB; skipped with a message if the disk has < 20 GB free) and replays "
+                          "neuron-selection sequences on it with the bundle reader and the neuron cache (no model "
+                          "compute). Every figure is labelled simulated. docs/scale.md says how the replay is made.")
+    bsc.add_argument("--quick", action="store_true", help="tiny shapes (a few MB), for tests")
+    bsc.add_argument("--out", required=True, metavar="FILE", help="JSON file to write")
+    bsc.add_argument("--dir", default=None, help="where the simulated store goes (default: a directory under /tmp)")
+    bsc.add_argument("--tokens", type=int, default=None, help="tokens replayed (default 48; quick 12)")
+    bsc.add_argument("--from-trace", default=None, metavar="TRACE",
+                     help="take the selection statistics from a real trace instead of the defaults")
+    bsc.add_argument("--keep", action="store_true", help="keep the simulated store afterwards (default: delete it)")
+    bsc.set_defaults(func=lambda a: _run_async(_bench_scale(a)))
     bio = bsub.add_parser("io", help="flash read throughput vs fio (the paper's Figure 2b)",
                           description="Random-read throughput of the bundle reader against fio over chunk sizes and "
                           "queue depths, page cache defeated (O_DIRECT); a PNG plot goes next to --out.")
@@ -364,7 +462,35 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--density", type=float, default=0.4, help="fraction of neurons computed (default 0.4)")
     ben.add_argument("--window", type=int, default=8, help="tokens a neuron stays cached (default 8)")
     ben.set_defaults(func=lambda a: _run_async(_bench_engine(a)))
+
+    t = sub.add_parser("trace", help="explain a trace written with --trace",
+                       description="Work with trace files (JSON lines, schema in docs/trace.md).")
+    tsub = t.add_subparsers(dest="trace_cmd", required=True, metavar="WHAT")
+    tr = tsub.add_parser("report", help="per-token breakdown (I/O, memory management, compute) and PNG charts",
+                         description="Print the per-token breakdown the paper uses (I/O latency, memory management, "
+                         "compute; flash-read time hidden vs exposed) and write timeline.png (one lane per layer: "
+                         "predict / read / cache update / compute) and breakdown.png into --out.",
+                         epilog="example:\n  flashlm run --trace t.jsonl -n 32 \"Hello\"\n"
+                         "  flashlm trace report t.jsonl --out report/")
+    tr.add_argument("trace", metavar="TRACE", help="trace file")
+    tr.add_argument("--out", default=None, metavar="DIR", help="directory for timeline.png, breakdown.png, breakdown.json")
+    tr.add_argument("--tokens", type=int, default=3, metavar="N", help="token steps drawn in the timeline (default 3)")
+    tr.add_argument("--json", action="store_true", help="print the summary as JSON instead of the table")
+    tr.set_defaults(func=cmd_trace_report)
     return p
+
+
+def _paper_options(p: argparse.ArgumentParser) -> None:
+    """Options of the paper ablation (`flashlm bench` / `flashlm bench paper`)."""
+    p.add_argument("--quick", action="store_true", help="fewer tokens (a minute or two)")
+    p.add_argument("--out", default=None, metavar="FILE", help="JSON file to write (a .md table goes next to it)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"store or built-in name (default {DEFAULT_MODEL})")
+    p.add_argument("--selection", default="shadow", choices=["gate", "shadow", "predictor"],
+                   help="neuron selection of the sparse runs (default shadow)")
+    p.add_argument("--density", type=float, default=0.4, help="fraction of neurons computed (default 0.4)")
+    p.add_argument("--window", type=int, default=8, help="tokens a neuron stays cached (default 8)")
+    p.add_argument("--tokens", type=int, default=None, help="tokens measured per run (default 32; quick 8)")
+    p.add_argument("--no-report", action="store_true", help="skip the trace report PNGs of ours' run")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

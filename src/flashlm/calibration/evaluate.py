@@ -51,6 +51,11 @@ class Run:
     window: int
     capacity: float | None = None  # the cache budget per layer, a fraction of d_ff (None: unlimited)
     mass: float | None = None  # mass rule: per token the fewest neurons holding this share of the estimated magnitude
+    layer_density: tuple[float, ...] | None = None  # per-layer densities (mean: `density`); None: uniform
+    label: str = ""  # names a variant in the report (e.g. the per-layer allocation)
+
+    def density_of(self, layer: int) -> float:
+        return self.density if self.layer_density is None else self.layer_density[layer]
 
     @property
     def mode(self) -> str:
@@ -138,7 +143,8 @@ def _masked_ffn(dense: DenseModel, sels: list[Selector], run: Run, tally: _Tally
             down, out_bias = rows[:, 1], block.fc2_bias
         scores = sels[l].scores(h)
         if run.mass is None:
-            chosen, target = top_mask(scores, run.density), top_mask(a.abs(), run.density)
+            d = run.density_of(l)
+            chosen, target = top_mask(scores, d), top_mask(a.abs(), d)
         else:
             chosen, target = mass_mask(scores, run.mass), mass_mask(a.abs(), run.mass)
         tally.recall[l] += float(recall(chosen, target).sum())
@@ -241,7 +247,8 @@ def evaluate(store_path: str | Path, quick: bool = False, *, tokens: int | None 
             held = t.held_peak if run.capacity is None else n_keep(d_ff, run.capacity) / d_ff
             report["runs"].append({
                 "mode": run.mode, "selector": run.selector, "density": run.density, "window": run.window,
-                "cache_capacity": run.capacity, "rule": run.rule, "mass": run.mass,
+                "cache_capacity": run.capacity, "rule": run.rule, "mass": run.mass, "label": run.label,
+                "layer_density": run.layer_density,
                 **ppl,
                 "ppl_wiki_rel": ppl["ppl_wiki"] / base["ppl_wiki"] - 1, "ppl_news_rel": ppl["ppl_news"] / base["ppl_news"] - 1,
                 "ffn_read_fraction": t.new / max(t.new_tokens, 1),
@@ -275,7 +282,8 @@ def choose_default(report: dict[str, Any], max_rel: float = 0.03, max_read: floa
                    max_select: float = 0.25) -> dict[str, Any] | None:
     """The engine's default: among runs the engine can run (not oracle) meeting every goal, the
     one reading least; else the non-oracle run with the lowest worst-case perplexity."""
-    runs = [r for r in report["runs"] if r["mode"] != "oracle" and r.get("rule", "top_k") == "top_k"]  # what the engine runs
+    runs = [r for r in report["runs"] if r["mode"] != "oracle" and r.get("rule", "top_k") == "top_k"
+            and not r.get("layer_density")]  # what the engine runs
     if not runs:
         return None
     ok = [r for r in runs if max(r["ppl_wiki_rel"], r["ppl_news_rel"]) <= max_rel
@@ -287,6 +295,7 @@ def choose_default(report: dict[str, Any], max_rel: float = 0.03, max_read: floa
 
 def _label(r: dict[str, Any]) -> str:
     name = r["selector"] if r.get("rule", "top_k") == "top_k" else f"{r['selector']} mass"
+    name += f" {r['label']}" if r.get("label") else ""
     return name if r.get("cache_capacity") is None else f"{name}, cache budget"
 
 

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flashlm.log import get_logger
 
 from flashlm.io import bench_workloads as wl
 from flashlm.io.reader import DEFAULT_BACKEND, DEFAULT_MAX_GAP_BYTES, DEFAULT_MIN_READ_BYTES
+from flashlm.log import get_logger
 
 log = get_logger(__name__)
 

@@ -5,7 +5,9 @@ preallocated, aligned destination (the neuron cache's slots): no intermediate `b
 Inside, ids are sorted (slot pairing kept), neighbours are coalesced into ranges (exact
 neighbours always; small gaps are read through into scratch memory when a range is still short,
 see `plan_ranges`), and each range is one `os.preadv` whose iovecs point at the destination
-rows. At most `in_flight` reads are in the kernel at once, shared by every concurrent `read`.
+rows (backend "threads", the default; backend "uring" issues one read SQE per destination part,
+see `flashlm.io.uring_backend`). At most `in_flight` reads are in the kernel at once, shared by
+every concurrent `read`.
 
 Contract:
 - Duplicate neuron ids (or two ids into one slot) are rejected with `DuplicateNeuronError`:
@@ -35,7 +37,6 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
-from flashlm.log import get_logger
 
 from flashlm.errors import (
     AlignmentError,
@@ -48,23 +49,26 @@ from flashlm.errors import (
 from flashlm.io.backends import Backend, Range, ReadCall, ShortReadError, make_backend
 from flashlm.io.buffers import PAGE, aligned_empty, is_aligned, slots_as_tensor
 from flashlm.io.format import FFNLayout
+from flashlm.log import get_logger
 
 __all__ = ["BundleReader", "ReadStats", "aligned_empty", "plan_ranges", "slots_as_tensor",
            "DEFAULT_BACKEND", "DEFAULT_MAX_GAP_BYTES", "DEFAULT_MIN_READ_BYTES"]
 
 log = get_logger(__name__)
 
-# `flashlm bench io` (benchmarks/results/io.json, "bundles"): on SmolLM2-shaped bundle reads the
-# two backends are within this virtual disk's run-to-run noise of each other (useful MiB/s,
-# geometric mean over 4 workloads: threads 184 vs uring 168 in the full run, 146 vs 170 in a quick
-# one). Threads is the default: it reads through small gaps (uring-api has no readv), which wins
-# clearly on dense sets (10% uniform: 222 vs 185, 198 vs 176), and it needs no extra package.
+# `flashlm bench io` ("bundles" in benchmarks/results/io.json): on SmolLM2-shaped bundle reads the
+# two backends are within this shared VM's run-to-run noise of each other. Geometric mean of
+# useful MiB/s over the 4 workloads, threads vs uring: 128 vs 130 (io.json), 184 vs 168 (an
+# earlier full run), 170 vs 145 and 146 vs 170 (quick runs). Threads is the default: it reads
+# through small gaps (uring-api has no readv), which wins on dense sets every time (10% uniform:
+# 185 vs 149, 222 vs 185, 185 vs 167, 198 vs 176), and it needs no extra package.
 DEFAULT_BACKEND = "threads"
 DEFAULT_MIN_READ_BYTES = 32 * 1024
-# Reading through a gap vs splitting, single 3.5 KiB bundles, 32 in flight (io.json, "gap"):
-# one read over the gap / two reads, useful MiB/s, at gaps of 1/2/3/4/6/8 bundles (3.5-28 KiB):
-# 1.44 1.12 1.25 1.06 0.84 0.88 (full run); quick runs: 1.59 1.42 - 1.32 - 1.09 and 1.53 1.46 -
-# 1.06 - 0.76. So gaps up to ~4 bundles (14-16 KiB) pay, 6 and more do not.
+# Reading through a gap vs splitting ("gap" in io.json): single 3.5 KiB bundles, 32 in flight,
+# one read over the gap / two reads, in useful MiB/s, at gaps of 1/2/3/4/6/8/12/16 bundles:
+# io.json 1.15 1.61 1.35 1.17 0.87 1.05 0.63 0.61; an earlier full run 1.44 1.12 1.25 1.06 0.84
+# 0.88 0.83 0.50; quick runs (1/2/4/8): 1.53 1.46 1.06 0.76 and 1.59 1.42 1.32 1.09. Up to 4
+# bundles (14 KiB) always paid, 6 and more mostly did not: 16 KiB.
 DEFAULT_MAX_GAP_BYTES = 16 * 1024
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 

@@ -72,6 +72,7 @@ class LayerActor:
         self._inflight_token = -1
         self.record = record
         self.events: list[Event] = []
+        self.trace: Any = None  # a flashlm.pipeline.trace.TraceSink when the engine traces
 
     async def run(self) -> None:
         """The actor's life: until a None message (engine closing) or cancellation."""
@@ -98,11 +99,14 @@ class LayerActor:
 
     async def _prefetch(self, msg: Prefetch) -> None:
         await self._heal(msg.token)
+        t0, u0 = time.perf_counter(), self.cache.num_used
         try:
             plan = self.cache.update(msg.ids, msg.token)
         except Exception as e:  # noqa: BLE001 - speculation is optional: the exact step decides
             log.debug("prefetch skipped", layer=self.layer, token=msg.token, error=repr(e))
             return
+        if self.trace is not None:
+            self._trace_update(plan, msg, t0, u0, speculative=True)
         if len(plan.missing_ids):
             self._start_read(plan, msg.token, speculative=True)
 
@@ -112,13 +116,18 @@ class LayerActor:
             await self._heal(msg.token)
             # Pending speculative rows count as present; only the remainder is read, while
             # the speculative reads may still be landing.
+            t_up, u0 = time.perf_counter(), self.cache.num_used
             plan = self.cache.update(msg.ids, msg.token)
+            if self.trace is not None:
+                self._trace_update(plan, msg, t_up, u0, speculative=False)
             if len(plan.missing_ids):
                 self._start_read(plan, msg.token, speculative=False)
             spec, exact = await self._settle()
             t1 = time.perf_counter()
             if self.record:
                 self.events.append(Event(self.layer, msg.token, "wait", t0, t1))
+            if self.trace is not None:
+                self.trace.emit("wait", msg.token, layer=self.layer, start=t0, end=t1)
             step = LayerStep(plan.hits, len(msg.ids), spec + exact, spec, (t1 - t0) * 1e3)
         except BaseException as e:
             if not msg.reply.done():
@@ -138,7 +147,21 @@ class LayerActor:
         stats = await self.reader.read(self.layer, plan.missing_ids, self.cache.raw, plan.slots)
         if self.record:
             self.events.append(Event(self.layer, token, "read", t0, time.perf_counter(), stats.bytes_read, speculative))
+        if self.trace is not None:
+            self.trace.emit("read", token, layer=self.layer, issued=t0, completed=time.perf_counter(),
+                            speculative=speculative, bundles=stats.bundles, bytes=stats.bytes_read,
+                            bytes_requested=stats.bytes_requested, ranges=stats.ranges, syscalls=stats.syscalls,
+                            depth=stats.max_in_flight)
         return stats.bytes_read, speculative, plan
+
+    def _trace_update(self, plan: Any, msg: Prefetch | Ensure, t0: float, u0: int, speculative: bool) -> None:
+        """One `cache.update`: the paper's memory management (evict, move rows, place new ones)."""
+        m = len(plan.missing_ids)
+        appended = int(np.count_nonzero(plan.slots >= u0))  # placed past the old end; the rest filled holes
+        self.trace.emit("cache", msg.token, layer=self.layer, phase="update", start=t0, end=time.perf_counter(),
+                        speculative=speculative, requested=len(msg.ids), hits=plan.hits, missing=m,
+                        evicted=plan.evicted, appended=appended, hole_fills=m - appended, moved=plan.moved,
+                        num_used=self.cache.num_used)
 
     async def _settle(self) -> tuple[int, int]:
         """Wait for every read in flight and commit them: (speculative, exact) bytes read.
@@ -151,6 +174,12 @@ class LayerActor:
             if isinstance(r, BaseException):
                 self.cache.drop_pending()  # slots of a failed read are not valid
                 raise r
+        t0 = time.perf_counter()
         for _, _, plan in results:
             self.cache.commit(plan)
+        if self.trace is not None:
+            n = sum(len(p.missing_ids) for _, _, p in results)
+            self.trace.emit("cache", results[0][2].token, layer=self.layer, phase="commit", start=t0,
+                            end=time.perf_counter(), speculative=None, requested=n, hits=0, missing=0, evicted=0,
+                            appended=0, hole_fills=0, moved=0, num_used=self.cache.num_used)
         return sum(r[0] for r in results if r[1]), sum(r[0] for r in results if not r[1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ class EngineConfig:
     io_backend: Any = "threads"  # "threads" (os.preadv workers) | "uring" | a flashlm.io.backends.Backend
     in_flight: int = 32  # reads in flight per store
     page_cache: bool = False  # False: O_DIRECT (honest timings); True: buffered reads
+    trace: str | os.PathLike[str] | None = None  # JSON-lines trace file (docs/trace.md); None: off
 
     def __post_init__(self) -> None:
         for name in ("dtype", "store_dtype"):
@@ -72,6 +74,8 @@ class EngineConfig:
             raise ConfigError(f"lookahead must be 0 (serial) or 1 (prefetch one layer ahead), got {self.lookahead!r}")
         if isinstance(self.io_backend, str) and self.io_backend not in ("threads", "uring"):
             raise ConfigError(f"io_backend {self.io_backend!r} must be 'threads' or 'uring'")
+        if self.trace is not None and not isinstance(self.trace, str | os.PathLike):
+            raise ConfigError(f"trace must be a file path or None, got {self.trace!r}")
         if not isinstance(self.in_flight, int) or not 1 <= self.in_flight <= 256:
             raise ConfigError(f"in_flight must be an int in [1, 256], got {self.in_flight!r}")
 

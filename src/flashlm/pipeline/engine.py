@@ -9,6 +9,7 @@ cache; steps of concurrent requests interleave on the compute thread, one token 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ctypes
 import os
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
+import structlog
 import torch
 
 from flashlm.builtin import DEFAULT_MODEL
@@ -39,6 +41,7 @@ from flashlm.pipeline.detokenizer import Detokenizer
 from flashlm.pipeline.request import Request, make_request
 from flashlm.pipeline.sampler import Sampler
 from flashlm.pipeline.stream import StreamChunk, TokenTimings
+from flashlm.pipeline.trace import TraceSink
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -121,8 +124,17 @@ class _Generation:
     async def step(self, ids: list[int]) -> _StepResult:
         engine = self.engine
         t0 = time.perf_counter()
+        tr = engine._trace if engine._sparse is None else None  # the sparse runner traces its own steps
+        if tr is not None:
+            token = engine._ram_token
+            engine._ram_token += 1
+            tr.begin_token(token, self.request.id, len(ids))
         logits, report = await engine._runner.forward(
             torch.tensor(ids, dtype=torch.long, device=engine.device), self.kv, self.window)
+        if tr is not None:
+            tr.emit("token", token, start=t0, end=time.perf_counter(), read_bytes=0, spec_read_bytes=0, hits=0,
+                    needed=0, read_wait_ms=0.0, compute_ms=(time.perf_counter() - t0) * 1e3, spec_hits=0,
+                    spec_needed=0)
         token, text, finish = await engine._submit(self._emit, logits)
         return _StepResult(token, text, finish, (time.perf_counter() - t0) * 1e3, report)
 
@@ -171,14 +183,19 @@ class Stream:
         engine._check_open()
         gen = _Generation(engine, self.request)
         log.debug("request admitted", request_id=self.request.id, prompt_tokens=len(self.request.prompt_ids))
+        # The request id is bound (structlog contextvars) in the context its steps run in: their
+        # log lines and trace events carry it, and the caller's own context is left alone.
+        ctx = contextvars.copy_context()
+        ctx.run(structlog.contextvars.bind_contextvars, request_id=self.request.id)
         last = time.perf_counter()
-        pending: asyncio.Task[_StepResult] | None = asyncio.create_task(gen.step(list(self.request.prompt_ids)))
+        pending: asyncio.Task[_StepResult] | None = asyncio.create_task(
+            gen.step(list(self.request.prompt_ids)), context=ctx)
         try:
             index = 0
             while pending is not None:
                 r = await pending
                 # Start the next token before handing this one out (the consumer's time overlaps compute).
-                pending = None if r.finish else asyncio.create_task(gen.step([r.token]))
+                pending = None if r.finish else asyncio.create_task(gen.step([r.token]), context=ctx)
                 now = time.perf_counter()
                 rep = r.report
                 yield StreamChunk(
@@ -221,6 +238,8 @@ class Engine:
         self.memory: MemoryPlan | None = None
         self._closed = False
         self._dead: BaseException | None = None
+        self._trace: TraceSink | None = None
+        self._ram_token = 0  # token clock of traced steps without the sparse runner
 
     def _init_thread(self) -> None:
         if self.config.num_threads is not None:
@@ -252,6 +271,10 @@ class Engine:
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         cfg, store = self.config, self.store
+        if cfg.trace is not None:
+            conf = {k: (v if isinstance(v, int | float | str | bool | type(None)) else repr(v))
+                    for k, v in cfg.__dict__.items()}
+            self._trace = TraceSink(cfg.trace, config=conf, model=str(store.path))
         self.model, resident = await loop.run_in_executor(self._pool, _build_model, store, cfg)
         if cfg.ffn == "ram":
             self._runner = _RamRunner(self.model, self._pool)
@@ -288,6 +311,10 @@ class Engine:
         self._sparse = SparseRunner(self.model, caches, actors, selectors, lookahead=cfg.lookahead,
                                     window=cfg.window, pool=self._pool, reuse=cfg.reuse,
                                     inline=cfg.compute == "loop")
+        if self._trace is not None:
+            self._sparse.trace = self._trace
+            for a in actors:
+                a.trace = self._trace
         self._runner = self._sparse
         release_freed_memory()  # building the selectors freed large transients
         self._supervisor = asyncio.create_task(self._supervise(actors), name="flashlm-actors")
@@ -368,6 +395,8 @@ class Engine:
         if self._reader is not None:
             await self._reader.aclose()
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
+        if self._trace is not None:
+            await asyncio.to_thread(self._trace.close)
 
     async def __aenter__(self) -> Engine:
         return self

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import structlog
 import torch
 
 from flashlm.errors import EngineDeadError
@@ -94,6 +95,8 @@ class SparseRunner:
         self._lock = asyncio.Lock()  # one token step at a time (steps of requests interleave)
         self.compute_events: list[tuple[int, int, float, float]] = []  # (layer, token, start, end) when recording
         self.record = False
+        self.trace: Any = None  # a flashlm.pipeline.trace.TraceSink when the engine traces
+        self._cur_token = -1  # the step in progress (steps are serialized by _lock)
 
     def set_recording(self, on: bool) -> None:
         """Timestamp every read (actors) and FFN compute (here), for overlap analysis."""
@@ -138,10 +141,20 @@ class SparseRunner:
         return np.ascontiguousarray(ids.to("cpu", torch.int64).numpy())
 
     def _attend(self, layer: int, x: torch.Tensor, kv: Any, pos: int) -> tuple[Any, ...]:
+        t0 = time.perf_counter()
         with torch.inference_mode():
             residual, ffn_in = self.model.layers[layer].attention(x, kv, pos)
+            t1 = time.perf_counter()
             exact = self._select(layer, ffn_in)
+            t2 = time.perf_counter()
             spec = self._select(layer + 1, ffn_in) if self.lookahead and layer + 1 < len(self.caches) else None
+        if self.trace is not None:
+            tr, tok = self.trace, self._cur_token
+            tr.emit("attn", tok, layer=layer, start=t0, end=t1)
+            tr.emit("predict", tok, layer=layer, start=t1, end=t2, speculative=False, n=int(exact.size))
+            if spec is not None:
+                tr.emit("predict", tok, layer=layer + 1, start=t2, end=time.perf_counter(), speculative=True,
+                        n=int(spec.size))
         return residual, ffn_in, exact, spec
 
     def _ffn(self, layer: int, residual: torch.Tensor, ffn_in: torch.Tensor, needed: np.ndarray,
@@ -158,6 +171,8 @@ class SparseRunner:
             out = block.combine(residual, block.ffn(ffn_in, rows, neuron_ids, mask))
         if self.record:
             self.compute_events.append((layer, token, t0, time.perf_counter()))
+        if self.trace is not None:
+            self.trace.emit("compute", token, layer=layer, start=t0, end=time.perf_counter(), rows=int(rows.shape[0]))
         return out
 
     # -- one step ---------------------------------------------------------------------------
@@ -188,6 +203,9 @@ class SparseRunner:
     async def _step(self, ids: torch.Tensor, kv: Any, win: RequestWindow) -> tuple[torch.Tensor, TokenReport]:
         token = self._token
         self._token += 1
+        self._cur_token = token
+        if self.trace is not None:  # the request id is bound in the step's context by the engine
+            self.trace.begin_token(token, structlog.contextvars.get_contextvars().get("request_id"), ids.shape[0])
         t0 = time.perf_counter()
         pos = kv.length
         n_layers = len(self.caches)
@@ -198,8 +216,12 @@ class SparseRunner:
         residual, ffn_in, exact, spec = await self._cpu(self._attend, 0, x, kv, pos)
         for layer in range(n_layers):
             if predicted is not None:
-                spec_hits += np.intersect1d(predicted, exact, assume_unique=True).size
+                hit = np.intersect1d(predicted, exact, assume_unique=True).size
+                spec_hits += hit
                 spec_needed += exact.size
+                if self.trace is not None:
+                    self.trace.emit("spec", token, layer=layer, predicted=int(predicted.size), needed=int(exact.size),
+                                    hits=int(hit))
             predicted = spec
             if spec is not None:  # layer l+1's reads start now, while layer l computes
                 win.mark(layer + 1, spec)
@@ -228,4 +250,6 @@ class SparseRunner:
             spec_hits=spec_hits,
             spec_needed=spec_needed,
         )
+        if self.trace is not None:
+            self.trace.emit("token", token, start=t0, end=time.perf_counter(), **report.__dict__)
         return logits, report

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +72,7 @@ class _AppLogHandler(logging.Handler):
             self.handleError(record)
 
 
-class ChatApp(App[int]):
+class ChatApp(App[None]):
     """`flashlm chat`: type a message, Enter sends it, Esc stops the answer."""
 
     TITLE = "flashlm chat"
@@ -101,6 +102,7 @@ class ChatApp(App[int]):
         self.info: dict[str, Any] = {"model": self.settings.model}
         self.answer: Worker[None] | None = None
         self.open_failed = False
+        self.open_error: str | None = None  # why the model did not open (the CLI repeats it on exit)
         self._epoch = 0  # bumped by /reset: an answer from before it must not write into the new history
         self._log_handler: _AppLogHandler | None = None
 
@@ -180,9 +182,9 @@ class ChatApp(App[int]):
             view.stage(f"opening {path} …")
             self.engine = await Engine.open(path, config)
         except FlashLMError as e:
-            self.open_failed = True
+            self.open_failed, self.open_error = True, f"could not open {name}: {e}"
             await view.remove()
-            self.say("error", f"could not open {name}: {e}")
+            self.say("error", self.open_error)
             self.set_status("no model · ctrl+q quits", busy=True)
             return
         await view.remove()
@@ -232,12 +234,10 @@ class ChatApp(App[int]):
             self._ready_status()
             return
         try:
-            async for chunk in stream:
-                bubble.append(chunk.text)
-                self.stats.add(chunk)
-                self._refresh_panel()
-                self.set_status(f"answering… {self.stats.tokens} tokens · Esc stops", busy=True)
-                self.query_one("#chat", VerticalScroll).scroll_end(animate=False)
+            # aclosing: a stopped answer's stream is closed now, not whenever it is collected
+            async with aclosing(aiter(stream)) as chunks:
+                async for chunk in chunks:
+                    await self.show_chunk(chunk, bubble)
         except asyncio.CancelledError:
             self.stats.finish = "stopped"
             bubble.set_note("[stopped]")
@@ -257,6 +257,14 @@ class ChatApp(App[int]):
                 self.history.pop()  # nothing was said: drop the unanswered turn
             self._refresh_panel()
             self._ready_status()
+
+    async def show_chunk(self, chunk: Any, bubble: Message) -> None:
+        """One streamed token: its text into the bubble, its figures into the panel."""
+        bubble.append(chunk.text)
+        self.stats.add(chunk)
+        self._refresh_panel()
+        self.set_status(f"answering… {self.stats.tokens} tokens · Esc stops", busy=True)
+        self.query_one("#chat", VerticalScroll).scroll_end(animate=False)
 
     # -- actions --------------------------------------------------------------------------
 
@@ -283,7 +291,7 @@ class ChatApp(App[int]):
 
     async def action_quit(self) -> None:
         self.action_stop()
-        self.exit(1 if self.open_failed else 0)
+        self.exit(return_code=1 if self.open_failed else 0)
 
     def on_log_line(self, event: LogLine) -> None:
         self.say("error" if event.level >= logging.ERROR else "info", event.text)
@@ -303,7 +311,7 @@ class ChatApp(App[int]):
         elif cmd.name == "help":
             self.action_help()
         elif cmd.name == "quit":
-            self.exit(1 if self.open_failed else 0)
+            self.exit(return_code=1 if self.open_failed else 0)
         elif cmd.name in ("temp", "top_p", "max", "seed", "system"):
             field = {"temp": "temperature", "max": "max_tokens"}.get(cmd.name, cmd.name)
             setattr(s, field, cmd.value)

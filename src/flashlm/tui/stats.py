@@ -18,6 +18,7 @@ class AnswerStats:
     decode_ms: float = 0.0  # latency of every token after the first (prefill is not decode)
     last_ms: float | None = None
     bytes_read: int = 0
+    decode_bytes: int = 0  # read for the tokens after the first (the prompt's read is the first token's)
     finish: str | None = None  # "stop", "length", "stopped" (Esc), "error"
     hit_rates: list[float] = field(default_factory=list)
     recalls: list[float] = field(default_factory=list)
@@ -28,6 +29,7 @@ class AnswerStats:
             self.first_token_ms = ms
         else:
             self.decode_ms += ms
+            self.decode_bytes += chunk.bytes_read
         self.tokens += 1
         self.last_ms = ms
         self.bytes_read += chunk.bytes_read
@@ -45,7 +47,7 @@ class AnswerStats:
 
     @property
     def mb_per_token(self) -> float | None:
-        return self.bytes_read / self.tokens / 1e6 if self.tokens else None
+        return self.decode_bytes / (self.tokens - 1) / 1e6 if self.tokens > 1 else None
 
     @property
     def cache_hit_rate(self) -> float | None:
@@ -76,6 +78,7 @@ def panel_rows(stats: AnswerStats, engine_info: dict[str, Any], sampling: dict[s
         ("model", str(engine_info.get("model", "-"))),
         ("ffn", engine_info.get("ffn_line", "-")),
         ("density", engine_info.get("density_line", "-")),
+        ("trace", engine_info.get("trace", "off")),
         ("── answer", ""),
         ("tokens", f"{stats.tokens}" + (f" ({stats.finish})" if stats.finish else "")),
         ("first", _fmt(stats.first_token_ms, ".0f", " ms")),
@@ -110,4 +113,6 @@ def engine_info(engine: Any, model: str) -> dict[str, Any]:
     else:
         ffn_line = f"flash, {cfg.selection}"
         density_line = f"{cfg.effective_density:.2f}, k={cfg.window}"
-    return {"model": model, "ffn_line": ffn_line, "density_line": density_line, "memory": stats.get("memory")}
+    trace = getattr(cfg, "trace", None)
+    return {"model": model, "ffn_line": ffn_line, "density_line": density_line, "memory": stats.get("memory"),
+            "trace": os.path.basename(os.fspath(trace)) if trace else "off"}

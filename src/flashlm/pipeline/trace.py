@@ -1,0 +1,134 @@
+"""The trace sink: per-token, per-layer events of an engine run as JSON lines (docs/trace.md).
+
+Off by default (`EngineConfig(trace=None)`). When on, the hot path only appends a tuple to a
+`collections.deque` (thread-safe, no lock, no I/O, no JSON); a writer thread wakes every
+`flush_s`, turns the queued events into JSON lines and writes them in one buffered write. The
+event loop and the compute thread never wait on the file. `close()` drains and closes.
+
+Timestamps are `time.perf_counter()` seconds (monotonic, the same clock the engine's
+timings use); the header records a (perf_counter, wall time) pair to place them in time.
+The request id comes from structlog's contextvars (`request_id`, bound by the engine per
+request) when the runner starts a token; events of that token emitted elsewhere (layer
+actors, whose tasks were started before the request) get it through the token number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "flashlm-trace"
+SCHEMA_VERSION = 1
+
+# Fields every event of a kind carries (besides "ev", "token", "rid"). docs/trace.md explains them.
+FIELDS: dict[str, tuple[str, ...]] = {
+    "header": ("schema", "version", "clock", "perf_counter", "wall_time", "pid", "config", "model"),
+    "token_start": ("t", "tokens_in"),
+    "token": ("start", "end", "read_bytes", "spec_read_bytes", "hits", "needed", "read_wait_ms", "compute_ms",
+              "spec_hits", "spec_needed"),
+    "attn": ("layer", "start", "end"),
+    "predict": ("layer", "start", "end", "speculative", "n"),
+    "cache": ("layer", "phase", "start", "end", "speculative", "requested", "hits", "missing", "evicted",
+              "appended", "hole_fills", "moved", "num_used"),
+    "read": ("layer", "issued", "completed", "speculative", "bundles", "bytes", "bytes_requested", "ranges",
+             "syscalls", "depth"),
+    "wait": ("layer", "start", "end"),
+    "compute": ("layer", "start", "end", "rows"),
+    "spec": ("layer", "predicted", "needed", "hits"),
+}
+LAYER_KINDS = ("attn", "predict", "cache", "read", "wait", "compute", "spec")
+
+
+class TraceSink:
+    """`sink.emit(kind, token, **fields)` from any thread; `sink.close()` at the end."""
+
+    def __init__(self, path: str | os.PathLike[str], *, config: dict[str, Any] | None = None, model: str = "",
+                 flush_s: float = 0.2) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "w", encoding="utf-8", buffering=1 << 20)  # noqa: SIM115 - closed in close()
+        self._q: deque[tuple[str, int, dict[str, Any]]] = deque()
+        self._rid: dict[int, Any] = {}  # token -> request id
+        self._flush_s = flush_s
+        self._stop = threading.Event()
+        self.emitted = 0
+        self.emit("header", -1, schema=SCHEMA, version=SCHEMA_VERSION, clock="perf_counter",
+                  perf_counter=time.perf_counter(), wall_time=time.time(), pid=os.getpid(), config=config or {},
+                  model=model)
+        self._thread = threading.Thread(target=self._writer, name="flashlm-trace", daemon=True)
+        self._thread.start()
+
+    def begin_token(self, token: int, rid: Any, tokens_in: int) -> None:
+        """A runner starts token step `token` for request `rid` (later events of it inherit the id)."""
+        self._rid[token] = rid
+        self.emit("token_start", token, t=time.perf_counter(), tokens_in=tokens_in)
+
+    def emit(self, kind: str, token: int, **fields: Any) -> None:
+        self._q.append((kind, token, fields))  # deque.append is atomic: no lock on the hot path
+
+    # -- the writer thread ----------------------------------------------------------------
+
+    def _drain(self) -> None:
+        q, rid, lines = self._q, self._rid, []
+        dumps = json.dumps
+        while q:
+            kind, token, fields = q.popleft()
+            lines.append(dumps({"ev": kind, "token": token, "rid": rid.get(token), **fields},
+                               separators=(",", ":"), default=_plain))
+        if lines:
+            self._file.write("\n".join(lines) + "\n")
+            self.emitted += len(lines)
+
+    def _writer(self) -> None:
+        while not self._stop.wait(self._flush_s):
+            self._drain()
+        self._drain()
+
+    def close(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join()
+        self._drain()  # anything appended after the thread's last drain
+        self._file.close()
+
+    def __enter__(self) -> TraceSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _plain(o: Any) -> Any:
+    """numpy scalars and other stragglers."""
+    if hasattr(o, "item"):
+        return o.item()
+    return repr(o)
+
+
+def load(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every event of a trace file; raises ValueError naming the line if one is not JSON or lacks
+    its kind's fields."""
+    events = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                ev = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
+            missing = [k for k in ("ev", "token", "rid", *FIELDS.get(ev.get("ev"), ())) if k not in ev]
+            if ev.get("ev") not in FIELDS or missing:
+                raise ValueError(f"{path}:{n}: event {ev.get('ev')!r} is not in the schema or lacks {missing}")
+            events.append(ev)
+    if not events or events[0]["ev"] != "header" or events[0]["schema"] != SCHEMA:
+        raise ValueError(f"{path}: not a flashlm trace (no {SCHEMA} header on the first line)")
+    if events[0]["version"] != SCHEMA_VERSION:
+        raise ValueError(f"{path}: trace schema version {events[0]['version']}, this flashlm reads {SCHEMA_VERSION}")
+    return events
