@@ -32,7 +32,7 @@ def test_bench_quick_writes_tables(llama_store, tmp_path, capsys):
     assert r["hybrid"]["bytes_per_token"] > 0 and r["dense_ram"]["bytes_per_token"] == 0
     assert "overhead_fraction" in r["trace_overhead"]
     md = out.with_suffix(".md").read_text()
-    assert "Table 2" in md and "Table 3" in md and "AMD" in md or "Machine:" in md
+    assert "Table 2" in md and "Table 3" in md and "Machine:" in md
     assert (tmp_path / "paper-report" / "timeline.png").is_file()
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert ROW <= set(summary["ours"])

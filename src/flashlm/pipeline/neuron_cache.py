@@ -368,7 +368,9 @@ class NeuronCache:
 
     def _check_ids(self, ids) -> np.ndarray:
         a = ids.cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
-        a = np.unique(a.astype(np.int64, copy=False))
+        a = np.sort(a.astype(np.int64, copy=False))
+        if a.size > 1 and not (a[1:] != a[:-1]).all():  # selections are unique already: a sort is cheaper
+            a = np.unique(a)
         if a.size and (a[0] < 0 or a[-1] >= self.n_neurons):
             raise ReadRequestError(f"neuron ids must be in 0..{self.n_neurons - 1}; got {a[0]}..{a[-1]}")
         return a
