@@ -54,6 +54,14 @@ class NeuronReadError(FlashLMError, OSError):
     failed range) and `filename` set; `errno` is the OS error number where there was one.
     """
 
+    def __str__(self) -> str:
+        # OSError's str with a filename set is "[Errno N] strerror: 'file'": without an errno (a
+        # failure that was not an OSError) that form printed "[Errno None] None: 'file'" and lost
+        # the message. The message names the file already.
+        if self.errno is None and self.args:
+            return str(self.args[0])
+        return super().__str__()
+
 
 class ReadRequestError(FlashLMError, ValueError):
     """A bundle read request is malformed: layer, neuron ids or slots out of range, bad shapes."""
@@ -85,3 +93,8 @@ class EngineClosedError(FlashLMError, RuntimeError):
 
 class EngineDeadError(FlashLMError, RuntimeError):
     """The engine hit an unrecoverable fault; open a new one."""
+
+
+class NonFiniteLogitsError(FlashLMError, ArithmeticError):
+    """The model produced NaN or infinite logits: damaged weights (run `flashlm verify`) or
+    overflow in a half-precision compute dtype. The request is aborted, not answered with garbage."""

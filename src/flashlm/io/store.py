@@ -98,8 +98,18 @@ class FlashStore:
     # -- data --------------------------------------------------------------------------
 
     def load_resident(self) -> dict[str, torch.Tensor]:
+        """Every resident tensor, checksum-checked: they are read whole anyway, and a flipped bit
+        in them (embeddings, attention, lm_head) would otherwise give silently wrong answers."""
+        entry = self.manifest.resident
+        path = self._resolve(entry.path)
         try:
-            return load_file(str(self._resolve(self.manifest.resident.path)))
+            damaged = _file_sha256(path) != entry.sha256
+        except OSError as e:
+            raise CheckpointFormatError(f"{self.path}: {entry.path} unreadable ({e}); {FIX}") from None
+        if damaged:
+            raise CheckpointFormatError(f"{self.path}: {entry.path} fails its checksum (damaged); {FIX}")
+        try:
+            return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointFormatError(f"{self.path}: resident tensors unreadable ({e}); {FIX}") from None
 
@@ -128,10 +138,19 @@ class FlashStore:
             except CheckpointFormatError as e:
                 problems.append(str(e))
                 continue
-            h = hashlib.sha256()
-            with open(self._resolve(entry.path), "rb") as f:
-                while chunk := f.read(1 << 22):
-                    h.update(chunk)
-            if h.hexdigest() != entry.sha256:
+            try:
+                digest = _file_sha256(self._resolve(entry.path))
+            except OSError as e:  # an unreadable file is a problem to report, not a crash
+                problems.append(f"{entry.path}: unreadable ({e})")
+                continue
+            if digest != entry.sha256:
                 problems.append(f"{entry.path}: checksum mismatch (damaged)")
         return problems
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()

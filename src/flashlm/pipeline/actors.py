@@ -34,6 +34,16 @@ class Prefetch:
 
 
 @dataclass(frozen=True)
+class Touch:
+    """The step already computed on this token's set, which was all cached (the fast path):
+    now do its bookkeeping — mark the set used, evict what left the window, compact. Sent
+    after the layer's FFN ran, so rows move while *another* layer computes."""
+
+    token: int
+    ids: np.ndarray
+
+
+@dataclass(frozen=True)
 class Ensure:
     token: int
     ids: np.ndarray
@@ -67,7 +77,8 @@ class LayerActor:
         self.layer = layer
         self.cache = cache
         self.reader = reader
-        self.inbox: asyncio.Queue[Prefetch | Ensure | None] = asyncio.Queue(maxsize=4)
+        self.inbox: asyncio.Queue[Prefetch | Touch | Ensure | None] = asyncio.Queue(maxsize=4)
+        self._busy = False
         self._inflight: list[asyncio.Task[tuple[int, bool, Any]]] = []
         self._inflight_token = -1
         self.record = record
@@ -78,15 +89,38 @@ class LayerActor:
         """The actor's life: until a None message (engine closing) or cancellation."""
         try:
             while (msg := await self.inbox.get()) is not None:
+                self._busy = True
                 if isinstance(msg, Prefetch):
                     await self._prefetch(msg)
+                elif isinstance(msg, Touch):
+                    await self._touch(msg)
                 else:
                     await self._ensure(msg)
+                self._busy = False
         finally:
             for task in self._inflight:
                 task.cancel()
             if self._inflight:
                 await asyncio.gather(*self._inflight, return_exceptions=True)
+
+    def quiescent(self) -> bool:
+        """No message queued or being handled, no read in flight or uncommitted: the cache
+        will not change until the driver sends the next message."""
+        return not self._busy and self.inbox.empty() and not self._inflight and self.cache.n_pending == 0
+
+    async def _touch(self, msg: Touch) -> None:
+        try:
+            await self._heal(msg.token)
+            t0, u0 = time.perf_counter(), self.cache.num_used
+            plan = self.cache.update(msg.ids, msg.token)
+            if self.trace is not None:  # the step did not wait: everything was cached
+                self.trace.emit("wait", msg.token, layer=self.layer, start=t0, end=t0)
+                self._trace_update(plan, msg, t0, u0, speculative=False)
+            if len(plan.missing_ids):  # cannot happen after a quiescent check; read them anyway
+                self._start_read(plan, msg.token, speculative=False)
+                await self._settle()
+        except Exception as e:  # noqa: BLE001 - bookkeeping of a finished step: the next step heals
+            log.warning("cache bookkeeping failed", layer=self.layer, token=msg.token, error=repr(e))
 
     async def _heal(self, token: int) -> None:
         """Reads left by a step that was cancelled or failed mid-way (its driver is gone):
@@ -99,6 +133,8 @@ class LayerActor:
 
     async def _prefetch(self, msg: Prefetch) -> None:
         await self._heal(msg.token)
+        if msg.ids.size and (self.cache.slot_of[msg.ids] >= 0).all():
+            return  # all cached: nothing to read; the exact step marks them (its set includes these)
         t0, u0 = time.perf_counter(), self.cache.num_used
         try:
             plan = self.cache.update(msg.ids, msg.token)
@@ -154,7 +190,7 @@ class LayerActor:
                             depth=stats.max_in_flight)
         return stats.bytes_read, speculative, plan
 
-    def _trace_update(self, plan: Any, msg: Prefetch | Ensure, t0: float, u0: int, speculative: bool) -> None:
+    def _trace_update(self, plan: Any, msg: Prefetch | Touch | Ensure, t0: float, u0: int, speculative: bool) -> None:
         """One `cache.update`: the paper's memory management (evict, move rows, place new ones)."""
         m = len(plan.missing_ids)
         appended = int(np.count_nonzero(plan.slots >= u0))  # placed past the old end; the rest filled holes

@@ -24,7 +24,7 @@ import torch
 
 from flashlm.builtin import DEFAULT_MODEL
 from flashlm.convert import resolve_store
-from flashlm.errors import EngineClosedError, EngineDeadError
+from flashlm.errors import EngineClosedError, EngineDeadError, NonFiniteLogitsError
 from flashlm.io.reader import BundleReader
 from flashlm.io.store import FlashStore
 from flashlm.io.writer import TORCH_DTYPES
@@ -140,6 +140,13 @@ class _Generation:
 
     def _emit(self, logits: torch.Tensor) -> tuple[int, str, str | None]:
         """Sample and detokenize (compute thread: tokenizer work stays off the loop)."""
+        # NaN logits used to pass silently (argmax picks a NaN; sampling crashed unnamed). A
+        # damaged weight (a flipped exponent bit) shows up here: fail the request by name.
+        if not bool(torch.isfinite(logits).all()):
+            raise NonFiniteLogitsError(
+                f"request {self.request.id}: the model produced non-finite logits after {self.produced} tokens; "
+                f"the store may be damaged (run `flashlm verify {self.engine.store.path}`) or dtype "
+                f"{self.engine.config.dtype} overflowed (use float32)")
         token = self.sampler(logits)
         self.produced += 1
         finish = None
@@ -384,14 +391,18 @@ class Engine:
         if self._closed:
             return
         self._closed = True
-        if self._sparse is not None and self._supervisor is not None and not self._supervisor.done():
-            for a in self._sparse.actors:
-                a.inbox.put_nowait(None) if not a.inbox.full() else None
-            try:
-                await asyncio.wait_for(asyncio.shield(self._supervisor), timeout=10)
-            except (TimeoutError, Exception):  # noqa: BLE001 - closing: a dead actor group is fine
-                self._supervisor.cancel()
-                await asyncio.gather(self._supervisor, return_exceptions=True)
+        sup = self._supervisor
+        if self._sparse is not None and sup is not None:
+            if not sup.done():
+                for a in self._sparse.actors:
+                    with contextlib.suppress(asyncio.QueueFull):
+                        a.inbox.put_nowait(None)  # a full inbox: the actor is cancelled below instead
+                try:
+                    await asyncio.wait_for(asyncio.shield(sup), timeout=10)
+                except (TimeoutError, Exception):  # noqa: BLE001 - closing: a dead actor group is fine
+                    sup.cancel()
+            # collect the outcome (a crash was already reported to the streams as EngineDeadError)
+            await asyncio.gather(sup, return_exceptions=True)
         if self._reader is not None:
             await self._reader.aclose()
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)

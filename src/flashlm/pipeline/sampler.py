@@ -23,8 +23,10 @@ class SamplingParams:
             raise InvalidRequestError(f"temperature must be a number in [0, 100] (0 = greedy), got {t!r}")
         if isinstance(p, bool) or not isinstance(p, int | float) or not math.isfinite(p) or not 0 < p <= 1:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise InvalidRequestError(f"seed must be an int or None, got {self.seed!r}")
+        # torch's generator takes a 64-bit seed: a larger one used to fail later, unnamed, mid-stream
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -(2**63) <= self.seed < 2**64):
+            raise InvalidRequestError(f"seed must be an int in [-2**63, 2**64) or None, got {self.seed!r}")
 
 
 class Sampler:
@@ -41,7 +43,10 @@ class Sampler:
         p = self.params
         if p.temperature == 0:
             return int(torch.argmax(logits))
-        probs = torch.softmax(logits.float() / p.temperature, dim=-1)
+        # Shift by the max first (softmax is shift-invariant): a tiny temperature such as 1e-300
+        # used to turn logits / t into inf - inf = nan and crash torch.multinomial.
+        x = logits.float()
+        probs = torch.softmax((x - x.max()) / p.temperature, dim=-1)
         if p.top_p < 1.0:
             sorted_p, order = torch.sort(probs, descending=True)
             # keep the smallest prefix whose mass reaches top_p (always at least one token)

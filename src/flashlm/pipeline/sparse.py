@@ -27,7 +27,7 @@ import structlog
 import torch
 
 from flashlm.errors import EngineDeadError
-from flashlm.pipeline.actors import Ensure, LayerActor, LayerStep, Prefetch
+from flashlm.pipeline.actors import Ensure, LayerActor, LayerStep, Prefetch, Touch
 
 Selector = Callable[[torch.Tensor], torch.Tensor]  # ffn_in (T, d) -> neuron ids (n,), unique
 
@@ -115,7 +115,7 @@ class SparseRunner:
         if self._dead is not None:
             raise EngineDeadError(f"a layer actor crashed ({self._dead!r}); open a new engine")
 
-    async def _post(self, layer: int, msg: Prefetch) -> None:
+    async def _post(self, layer: int, msg: Prefetch | Touch) -> None:
         self._check_alive()
         await self.actors[layer].inbox.put(msg)
 
@@ -213,6 +213,7 @@ class SparseRunner:
         steps: list[LayerStep] = []
         spec_hits = spec_needed = 0
         predicted: np.ndarray | None = None
+        deferred: tuple[int, Touch] | None = None
         residual, ffn_in, exact, spec = await self._cpu(self._attend, 0, x, kv, pos)
         for layer in range(n_layers):
             if predicted is not None:
@@ -228,12 +229,24 @@ class SparseRunner:
                 await self._post(layer + 1, Prefetch(token, spec))
             win.mark(layer, exact)
             needed = win.needed(layer)
-            steps.append(await self._ask(layer, token, needed))
+            if deferred is not None:  # the previous layer's FFN is done: its cache may move rows now
+                await self._post(*deferred)
+                deferred = None
+            cache = self.caches[layer]
+            if self.reuse and self.actors[layer].quiescent() and (cache.slot_of[needed] >= 0).all():
+                # Fast path: everything is cached and nothing touches this cache until we say
+                # so: compute now (over the window's neurons, masked), book-keep afterwards.
+                deferred = (layer, Touch(token, needed))
+                steps.append(LayerStep(int(needed.size), int(needed.size), 0, 0, 0.0))
+            else:
+                steps.append(await self._ask(layer, token, needed))
             if layer + 1 < n_layers:
                 residual, ffn_in, exact, spec = await self._cpu(
                     self._ffn_attend, layer, residual, ffn_in, needed, token, kv, pos)
             else:
                 logits = await self._cpu(self._ffn_head, layer, residual, ffn_in, needed, token)
+        if deferred is not None:
+            await self._post(*deferred)
         kv.advance(ids.shape[0])
         win.step += 1
         if not self.reuse:
