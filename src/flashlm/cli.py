@@ -449,18 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "queue depths, page cache defeated (O_DIRECT); a PNG plot goes next to --out.")
     bio.add_argument("--quick", action="store_true", help="a small grid, under 2 minutes")
     bio.add_argument("--out", required=True, metavar="FILE", help="JSON file to write (a PNG plot goes next to it)")
-    bio.add_argument("--workdir", default=None, help="directory for the test file (default: beside --out)")
+    bio.add_argument("--workdir", default=None, help="directory for the ~700 MB test files (default: a temporary directory, removed after)")
     bio.set_defaults(func=lambda a: _run_async(_bench_io(a)))
     ben = bsub.add_parser("engine", help="decode ms/token: sparse flash engine vs dense in RAM vs hybrid",
                           description="Side by side in one process, page cache defeated (O_DIRECT): the dense "
                           "model in RAM, the hybrid baseline (whole FFN read every token) and the sparse engine.")
     ben.add_argument("--quick", action="store_true", help="fewer tokens and runs")
     ben.add_argument("--out", required=True, metavar="FILE", help="JSON file to write")
-    ben.add_argument("--model", default=DEFAULT_MODEL, help=f"store or built-in name (default {DEFAULT_MODEL})")
-    ben.add_argument("--selection", default="shadow", choices=["gate", "shadow", "predictor"],
-                     help="neuron selection of the sparse engine (default shadow)")
-    ben.add_argument("--density", type=float, default=0.4, help="fraction of neurons computed (default 0.4)")
-    ben.add_argument("--window", type=int, default=8, help="tokens a neuron stays cached (default 8)")
+    _sparse_bench_options(ben)
     ben.set_defaults(func=lambda a: _run_async(_bench_engine(a)))
 
     t = sub.add_parser("trace", help="explain a trace written with --trace",
@@ -480,15 +476,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _paper_options(p: argparse.ArgumentParser) -> None:
-    """Options of the paper ablation (`flashlm bench` / `flashlm bench paper`)."""
-    p.add_argument("--quick", action="store_true", help="fewer tokens (a minute or two)")
-    p.add_argument("--out", default=None, metavar="FILE", help="JSON file to write (a .md table goes next to it)")
+def _sparse_bench_options(p: argparse.ArgumentParser) -> None:
+    """The model and the sparse engine's settings a benchmark runs with."""
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"store or built-in name (default {DEFAULT_MODEL})")
     p.add_argument("--selection", default="shadow", choices=["gate", "shadow", "predictor"],
                    help="neuron selection of the sparse runs (default shadow)")
     p.add_argument("--density", type=float, default=0.4, help="fraction of neurons computed (default 0.4)")
     p.add_argument("--window", type=int, default=8, help="tokens a neuron stays cached (default 8)")
+
+
+def _paper_options(p: argparse.ArgumentParser) -> None:
+    """Options of the paper ablation (`flashlm bench` / `flashlm bench paper`)."""
+    p.add_argument("--quick", action="store_true", help="fewer tokens (a minute or two)")
+    p.add_argument("--out", default=None, metavar="FILE", help="JSON file to write (a .md table goes next to it)")
+    _sparse_bench_options(p)
     p.add_argument("--tokens", type=int, default=None, help="tokens measured per run (default 32; quick 8)")
     p.add_argument("--no-report", action="store_true", help="skip the trace report PNGs of ours' run")
 

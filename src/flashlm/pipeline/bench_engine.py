@@ -20,35 +20,9 @@ import torch
 from flashlm.errors import MemoryBudgetError
 from flashlm.pipeline.config import EngineConfig
 from flashlm.pipeline.engine import Engine
+from flashlm.pipeline.trace_report import length, overlap, union
 
 PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
-
-
-def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    merged: list[tuple[float, float]] = []
-    for s, e in sorted(intervals):
-        if merged and s <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], e))
-        else:
-            merged.append((s, e))
-    return merged
-
-
-def _length(intervals: list[tuple[float, float]]) -> float:
-    return sum(e - s for s, e in intervals)
-
-
-def _overlap(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
-    """Seconds covered by both of two merged interval lists."""
-    total, i, j = 0.0, 0, 0
-    while i < len(a) and j < len(b):
-        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
-        total += max(0.0, hi - lo)
-        if a[i][1] < b[j][1]:
-            i += 1
-        else:
-            j += 1
-    return total
 
 
 async def _measure(model: str, cfg: EngineConfig, tokens: int, warmup: int) -> dict[str, Any]:
@@ -85,9 +59,9 @@ async def _measure(model: str, cfg: EngineConfig, tokens: int, warmup: int) -> d
             waits = [e for a in sparse.actors for e in a.events if e.kind == "wait"]
             # flash-read time is exposed where the token step waited on its layer's actor while
             # a read was in flight; the rest of the read time ran behind compute
-            read_spans = _union([(e.start, e.end) for e in reads])
-            read_busy = _length(read_spans)
-            exposed = _overlap(read_spans, _union([(w.start, w.end) for w in waits]))
+            read_spans = union([(e.start, e.end) for e in reads])
+            read_busy = length(read_spans)
+            exposed = overlap(read_spans, union([(w.start, w.end) for w in waits]))
             out["read_busy_ms_per_token"] = read_busy * 1e3 / len(chunks)
             out["exposed_read_ms_per_token"] = exposed * 1e3 / len(chunks)
             out["hidden_io_fraction"] = max(0.0, 1 - exposed / read_busy) if read_busy else None

@@ -41,6 +41,9 @@ def encode_prompt(prompt: Any, tokenizer: Any | None, vocab_size: int) -> list[i
             raise InvalidRequestError("prompt is empty; pass some text, messages or token ids")
         _need(tokenizer, "a text prompt")
         return list(tokenizer.encode(prompt))
+    if isinstance(prompt, bytes | bytearray | memoryview):  # a Sequence of ints: was taken as token ids
+        raise InvalidRequestError(f"prompt must be a str, a list of messages or a list of token ids, got "
+                                  f"{type(prompt).__name__}: decode bytes to str first")
     if isinstance(prompt, Sequence) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         bad = [t for t in prompt if not 0 <= t < vocab_size]
         if bad:

@@ -43,10 +43,11 @@ class Sampler:
         p = self.params
         if p.temperature == 0:
             return int(torch.argmax(logits))
-        # Shift by the max first (softmax is shift-invariant): a tiny temperature such as 1e-300
-        # used to turn logits / t into inf - inf = nan and crash torch.multinomial.
+        # Shift by the max first (softmax is shift-invariant) and keep t a normal float32: a tiny
+        # temperature such as 1e-300 used to give inf - inf (or 0 / 0) = nan and crash multinomial.
         x = logits.float()
-        probs = torch.softmax((x - x.max()) / p.temperature, dim=-1)
+        t = max(p.temperature, torch.finfo(torch.float32).tiny)
+        probs = torch.softmax((x - x.max()) / t, dim=-1)
         if p.top_p < 1.0:
             sorted_p, order = torch.sort(probs, descending=True)
             # keep the smallest prefix whose mass reaches top_p (always at least one token)
