@@ -120,3 +120,18 @@ def test_run_cli_writes_trace(llama_store, tmp_path):
     assert main(["run", "--model", str(store), "--raw", "-n", "3", "-q", "--json", "--trace", str(path),
                  "--selection", "gate", "--density", "0.5", "The quick"]) == 0
     assert any(e["ev"] == "read" for e in load(path))
+
+
+def test_trace_rotates_and_stays_bounded(tmp_path):
+    from flashlm.pipeline.trace import TraceSink, load
+
+    path = tmp_path / "t.jsonl"
+    sink = TraceSink(path, max_bytes=64 * 1024, flush_s=0.01)
+    for token in range(6000):
+        sink.begin_token(token, "r1", 1)
+        sink.emit("wait", token, layer=0, start=0.0, end=1.0)
+    sink.close()
+    assert sink.rotations >= 1
+    assert path.stat().st_size <= 64 * 1024 and (tmp_path / "t.jsonl.1").stat().st_size <= 64 * 1024
+    assert load(path)[0]["ev"] == "header"  # a rotated file still parses on its own
+    assert len(sink._rid) <= 4096

@@ -38,6 +38,7 @@ class EngineConfig:
     in_flight: int = 32  # reads in flight per store
     page_cache: bool = False  # False: O_DIRECT (honest timings); True: buffered reads
     trace: str | os.PathLike[str] | None = None  # JSON-lines trace file (docs/trace.md); None: off
+    trace_max_bytes: int = 256 * 2**20  # past this the trace rotates to TRACE.1: at most twice this on disk
 
     def __post_init__(self) -> None:
         for name in ("dtype", "store_dtype"):
@@ -74,6 +75,8 @@ class EngineConfig:
             raise ConfigError(f"lookahead must be 0 (serial) or 1 (prefetch one layer ahead), got {self.lookahead!r}")
         if isinstance(self.io_backend, str) and self.io_backend not in ("threads", "uring"):
             raise ConfigError(f"io_backend {self.io_backend!r} must be 'threads' or 'uring'")
+        if not isinstance(self.trace_max_bytes, int) or self.trace_max_bytes < 4096:
+            raise ConfigError(f"trace_max_bytes must be an int >= 4096, got {self.trace_max_bytes!r}")
         if self.trace is not None and not isinstance(self.trace, str | os.PathLike):
             raise ConfigError(f"trace must be a file path or None, got {self.trace!r}")
         if not isinstance(self.in_flight, int) or not 1 <= self.in_flight <= 256:

@@ -282,7 +282,7 @@ class Engine:
         if cfg.trace is not None:
             conf = {k: (v if isinstance(v, int | float | str | bool | type(None)) else repr(v))
                     for k, v in cfg.__dict__.items()}
-            self._trace = TraceSink(cfg.trace, config=conf, model=str(store.path))
+            self._trace = TraceSink(cfg.trace, config=conf, model=str(store.path), max_bytes=cfg.trace_max_bytes)
         self.model, resident = await loop.run_in_executor(self._pool, _build_model, store, cfg)
         if cfg.ffn == "ram":
             self._runner = _RamRunner(self.model, self._pool)

@@ -48,8 +48,12 @@ class TraceSink:
     """`sink.emit(kind, token, **fields)` from any thread; `sink.close()` at the end."""
 
     def __init__(self, path: str | os.PathLike[str], *, config: dict[str, Any] | None = None, model: str = "",
-                 flush_s: float = 0.2) -> None:
+                 flush_s: float = 0.2, max_bytes: int = 256 * 2**20) -> None:
         self.path = Path(path)
+        # A long run rotates: past max_bytes the file becomes PATH.1 (replacing an older one)
+        # and a new PATH starts with the header again, so a trace holds at most 2 x max_bytes.
+        self.max_bytes = max_bytes
+        self.rotations = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "w", encoding="utf-8", buffering=1 << 20)  # noqa: SIM115 - closed in close()
         self._q: deque[tuple[str, int, dict[str, Any]]] = deque()
@@ -57,15 +61,17 @@ class TraceSink:
         self._flush_s = flush_s
         self._stop = threading.Event()
         self.emitted = 0
-        self.emit("header", -1, schema=SCHEMA, version=SCHEMA_VERSION, clock="perf_counter",
-                  perf_counter=time.perf_counter(), wall_time=time.time(), pid=os.getpid(), config=config or {},
-                  model=model)
+        self._header = dict(schema=SCHEMA, version=SCHEMA_VERSION, clock="perf_counter",
+                            perf_counter=time.perf_counter(), wall_time=time.time(), pid=os.getpid(),
+                            config=config or {}, model=model)
+        self.emit("header", -1, **self._header)
         self._thread = threading.Thread(target=self._writer, name="flashlm-trace", daemon=True)
         self._thread.start()
 
     def begin_token(self, token: int, rid: Any, tokens_in: int) -> None:
         """A runner starts token step `token` for request `rid` (later events of it inherit the id)."""
         self._rid[token] = rid
+        self._rid.pop(token - 4096, None)  # events of a token are written within a flush: keep the map bounded
         self.emit("token_start", token, t=time.perf_counter(), tokens_in=tokens_in)
 
     def emit(self, kind: str, token: int, **fields: Any) -> None:
@@ -74,15 +80,29 @@ class TraceSink:
     # -- the writer thread ----------------------------------------------------------------
 
     def _drain(self) -> None:
-        q, rid, lines = self._q, self._rid, []
+        q, rid, lines, size = self._q, self._rid, [], self._file.tell()
         dumps = json.dumps
         while q:
             kind, token, fields = q.popleft()
-            lines.append(dumps({"ev": kind, "token": token, "rid": rid.get(token), **fields},
-                               separators=(",", ":"), default=_plain))
+            line = dumps({"ev": kind, "token": token, "rid": rid.get(token), **fields},
+                         separators=(",", ":"), default=_plain) + "\n"
+            if size + len(line) > self.max_bytes and kind != "header":
+                self._file.write("".join(lines))
+                self._rotate()
+                lines, size = [], self._file.tell()
+            lines.append(line)
+            size += len(line)  # json.dumps escapes to ASCII: characters are bytes
+            self.emitted += 1
         if lines:
-            self._file.write("\n".join(lines) + "\n")
-            self.emitted += len(lines)
+            self._file.write("".join(lines))
+
+    def _rotate(self) -> None:
+        self._file.close()
+        os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+        self._file = open(self.path, "w", encoding="utf-8", buffering=1 << 20)  # noqa: SIM115
+        self._file.write(json.dumps({"ev": "header", "token": -1, "rid": None, **self._header},
+                                    separators=(",", ":"), default=_plain) + "\n")
+        self.rotations += 1
 
     def _writer(self) -> None:
         while not self._stop.wait(self._flush_s):
