@@ -28,12 +28,12 @@ from flashlm import Engine
 from flashlm.cli import main as cli_main
 from flashlm.convert import convert
 from flashlm.errors import (
+    BundleChecksumError,
     CheckpointFormatError,
     ConfigError,
     EngineDeadError,
     InvalidRequestError,
     NeuronReadError,
-    NonFiniteLogitsError,
     PromptTooLongError,
     StoreVersionError,
 )
@@ -188,20 +188,19 @@ def test_verify_sound_store(pristine, capsys):
 
 async def test_ffn_bit_flip(store, capsys):
     """Bundles are read whole (checksum-checked) when selectors are built from them (gate and the
-    default shadow) and with ffn="ram"; `flashlm verify` finds any flip. A flip that makes a weight
-    non-finite fails the request by name in every mode. A finite flip under selection "dense" or
-    "predictor" (no pass over the bundles at open) is found only by `flashlm verify`: bundles
-    carry no per-bundle checksum in format 1 (docs/reliability.md)."""
+    default shadow) and with ffn="ram"; every bundle read from flash is checked against its CRC32
+    (selection "dense", "predictor", a calibrated shadow); `flashlm verify` finds any flip."""
     m = FlashStore.open(store).manifest
-    nan = struct.pack("<f", float("nan"))
-    with open(store / "ffn.bin", "r+b") as f:  # gate row of neuron 3, layer 1: element 0 becomes NaN
+    with open(store / "ffn.bin", "r+b") as f:  # gate row of neuron 3, layer 1: the lowest mantissa bit
         f.seek(m.ffn.bundle_offset(1, 3))
-        f.write(nan)
+        b = f.read(1)
+        f.seek(m.ffn.bundle_offset(1, 3))
+        f.write(bytes([b[0] ^ 1]))  # still a finite weight: only a checksum can tell
     for cfg in (dict(selection="gate"), dict(selection="shadow"), dict(ffn="ram")):
         with pytest.raises(CheckpointFormatError, match="layer 1 bundles fail their checksum.*flashlm convert"):
             await asyncio.wait_for(Engine.open(store, **cfg), HANG_S)
     async with await Engine.open(store, selection="dense") as engine:
-        with pytest.raises(NonFiniteLogitsError, match="non-finite logits.*flashlm verify"):
+        with pytest.raises(BundleChecksumError, match=r"layer 1 neurons \[3\].*CRC32.*flashlm verify"):
             await asyncio.wait_for(tokens(engine, 4), HANG_S)
     assert cli_main(["verify", str(store)]) == 1
     assert "ffn.bin: checksum mismatch" in capsys.readouterr().err

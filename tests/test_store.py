@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -64,6 +65,11 @@ def test_exact_bundle_bytes(tmp_path, dtype, block_size):
             assert raw[at : at + bundle] == want
             assert raw[at + bundle : at + stride] == bytes(stride - bundle)  # zero padding
     assert len(raw) == m.ffn.file.size == m.ffn.layers[-1].offset + N * stride
+    # ffn.crc32: one little-endian CRC32 per bundle (its unpadded bytes), layer-major
+    crcs = (tmp_path / "s" / "ffn.crc32").read_bytes()
+    want = b"".join(struct.pack("<I", zlib.crc32(raw[lay.offset + i * stride: lay.offset + i * stride + bundle]))
+                    for lay in m.ffn.layers for i in range(N))
+    assert crcs == want and m.ffn.crc32.size == len(want)
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])

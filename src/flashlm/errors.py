@@ -63,6 +63,10 @@ class NeuronReadError(FlashLMError, OSError):
         return super().__str__()
 
 
+class BundleChecksumError(NeuronReadError):
+    """Bundles read from flash do not match their CRC32 in the store (the file was damaged)."""
+
+
 class ReadRequestError(FlashLMError, ValueError):
     """A bundle read request is malformed: layer, neuron ids or slots out of range, bad shapes."""
 

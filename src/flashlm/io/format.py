@@ -32,6 +32,7 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 RESIDENT_NAME = "resident.safetensors"
 FFN_NAME = "ffn.bin"
+CRC_NAME = "ffn.crc32"  # uint32 little-endian per bundle (its unpadded bytes), layer-major
 TOKENIZER_DIR = "tokenizer"
 
 # ffn.bin header: magic, format version, number of layers, block size, store id (16 bytes).
@@ -84,6 +85,9 @@ class FFNLayout:
     hidden_size: int  # elements per part
     dtype: str
     layers: tuple[LayerLayout, ...]
+    # Per-bundle CRC32s: checked on every read, so a flipped bit is caught when its neuron is
+    # read, not only by `flashlm verify`. None in stores written before they were added.
+    crc32: FileEntry | None = None
 
     @property
     def itemsize(self) -> int:
@@ -160,6 +164,7 @@ class Manifest:
                         **{
                             **ffn,
                             "file": FileEntry(**ffn["file"]),
+                            "crc32": None if ffn.get("crc32") is None else FileEntry(**ffn["crc32"]),
                             "parts": tuple(ffn["parts"]),
                             "layers": tuple(LayerLayout(**layer) for layer in ffn["layers"]),
                         }
@@ -186,6 +191,9 @@ class Manifest:
             raise CheckpointFormatError(
                 f"{where}: ffn layout ends at byte {end} but {f.file.path} is {f.file.size} bytes; {fix}"
             )
+        n_bundles = sum(layer.n_neurons for layer in f.layers)
+        if f.crc32 is not None and f.crc32.size != 4 * n_bundles:
+            raise CheckpointFormatError(f"{where}: {f.crc32.path} holds {f.crc32.size} bytes, not 4 per bundle; {fix}")
 
 
 def _body_checksum(body: dict[str, Any]) -> str:

@@ -74,7 +74,16 @@ class FlashStore:
 
     def _files(self) -> list[FileEntry]:
         m = self.manifest
-        return [m.resident, m.ffn.file, *(m.tokenizer or ())]
+        return [m.resident, m.ffn.file, *([m.ffn.crc32] if m.ffn.crc32 else []), *(m.tokenizer or ())]
+
+    def bundle_crcs(self) -> list[np.ndarray] | None:
+        """Per layer, the CRC32 of each bundle's unpadded bytes (None: a store without them)."""
+        entry = self.manifest.ffn.crc32
+        if entry is None:
+            return None
+        flat = np.fromfile(self._resolve(entry.path), dtype="<u4").astype(np.uint32)
+        bounds = np.cumsum([0] + [layer.n_neurons for layer in self.manifest.ffn.layers])
+        return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     def _check_size(self, entry: FileEntry) -> None:
         p = self._resolve(entry.path)

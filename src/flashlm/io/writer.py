@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +26,7 @@ from flashlm import __version__
 from flashlm.errors import ConfigError, StoreExistsError
 from flashlm.io.format import (
     ALLOWED_BLOCK_SIZES,
+    CRC_NAME,
     DTYPE_SIZES,
     FFN_HEADER_BYTES,
     FFN_NAME,
@@ -119,6 +121,7 @@ def write_store(
         bundle = len(parts) * hidden_size * DTYPE_SIZES[dtype]
         stride = round_up(bundle, block_size)
         layers: list[LayerLayout] = []
+        crcs: list[int] = []
         file_hash = hashlib.sha256()
         with open(tmp / FFN_NAME, "wb") as f:
             header = pack_ffn_header(n_layers, block_size, store_id)
@@ -135,6 +138,7 @@ def write_store(
                     file_hash.update(b"\x00" * pad)
                     pos += pad
                 data = bundle_bytes_array(rows, dtype, stride)
+                crcs.extend(zlib.crc32(row) for row in data[:, :bundle])
                 f.write(memoryview(data))
                 file_hash.update(memoryview(data))
                 layers.append(LayerLayout(offset=pos, n_neurons=rows.shape[0],
@@ -144,6 +148,8 @@ def write_store(
                     on_layer(i)
             if len(layers) != n_layers:
                 raise ConfigError(f"got FFN rows for {len(layers)} layers, expected {n_layers}")
+        crc_path = tmp / CRC_NAME
+        crc_path.write_bytes(np.asarray(crcs, dtype="<u4").tobytes())
 
         tokenizer_files = None
         if tokenizer_saver is not None:
@@ -169,6 +175,7 @@ def write_store(
                 hidden_size=hidden_size,
                 dtype=dtype,
                 layers=tuple(layers),
+                crc32=_file_entry(tmp, crc_path),
             ),
             tokenizer=tokenizer_files,
         )

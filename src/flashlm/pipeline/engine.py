@@ -313,7 +313,7 @@ class Engine:
             for layer in ffn.layers
         ]
         self._reader = BundleReader(store.ffn_path, ffn, backend=cfg.io_backend, in_flight=cfg.in_flight,
-                                    page_cache=cfg.page_cache)
+                                    page_cache=cfg.page_cache, crcs=store.bundle_crcs())
         await self._reader.start()
         actors = [LayerActor(i, c, self._reader) for i, c in enumerate(caches)]
         self._sparse = SparseRunner(self.model, caches, actors, selectors, lookahead=cfg.lookahead,
