@@ -326,7 +326,7 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
     for row, text in zip(axes, ("wiki", "news")):
         for ax, (key, xlabel, scale) in zip(row, (
                 ("ffn_read_bytes_per_token", "FFN bytes read per token (MiB, steady state, log)", 2**-20),
-                ("dram_fraction", "DRAM held: peak cache + selector, fraction of the FFN's bytes (oracle: cache only)", 1.0))):
+                ("dram_fraction", "DRAM held / FFN bytes (peak cache + selector)", 1.0))):
             for i, (name, rs) in enumerate(sorted(by.items())):
                 rs = sorted(rs, key=lambda r: r[key])
                 ax.plot([r[key] * scale for r in rs], [r[f"ppl_{text}"] for r in rs],
