@@ -189,9 +189,12 @@ def cmd_eval(a: argparse.Namespace) -> int:
     d = report["dense"]
     print(f"dense: ppl wiki {d['ppl_wiki']:.2f}, news {d['ppl_news']:.2f}")
     for r in report["runs"]:
-        print(f"{r['mode']:>9} density {r['density']:.2f} k={r['window']}: ppl wiki {r['ppl_wiki']:.2f} "
+        rule = f"mass {r['mass']:.2f}" if r.get("mass") else f"density {r['density']:.2f}"
+        cap = f", cache {100 * r['cache_capacity']:.0f}%" if r.get("cache_capacity") else ""
+        print(f"{r['mode']:>9} {rule} k={r['window']}{cap}: ppl wiki {r['ppl_wiki']:.2f} "
               f"news {r['ppl_news']:.2f}, reads {100 * r['ffn_read_fraction']:.2f}% of FFN/token, "
-              f"recall {r['recall']:.3f}")
+              f"DRAM {100 * r.get('dram_fraction', 0):.0f}% of FFN"
+              + (f", recall {r['recall']:.3f}" if r.get("recall") is not None else ""))
     return 0
 
 

@@ -26,7 +26,8 @@ class EngineConfig:
     # -- the FFN: where it lives and which neurons are computed -----------------------------
     ffn: str = "flash"  # "flash": neurons read from the store into per-layer caches; "ram": all resident
     # The default is what `flashlm eval` chose on SmolLM2 (benchmarks/results/eval-quick.json): int8 shadow
-    # copies of gate+up at 40% density, window 8: +0.6% / +1.2% ppl, 1.3% of FFN bytes read per token.
+    # copies of gate+up at 40% density, window 8: +0.49% / +0.73% ppl (wiki / news), 0.18% of the FFN's
+    # bytes read per token (benchmarks/results/eval.json).
     selection: str = "shadow"  # "dense" (every neuron) | "gate" | "shadow" | "predictor"
     density: float | None = None  # fraction of each layer's neurons selected per token (None: mode default)
     window: int = 8  # tokens a selected neuron stays cached (the paper's sliding window k)
