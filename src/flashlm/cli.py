@@ -61,15 +61,9 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
 
 async def _run(a: argparse.Namespace) -> int:
-    from flashlm import Engine, EngineConfig
+    from flashlm import Engine
 
-    sparse = {k: v for k, v in (("selection", a.selection), ("density", a.density), ("window", a.window)) if v is not None}
-    budget = a.memory_budget
-    if budget is not None:
-        budget = float(budget) if budget.replace(".", "", 1).isdigit() and "." in budget else budget
-        budget = int(budget) if isinstance(budget, str) and budget.isdigit() else budget
-    config = EngineConfig(device=a.device, num_threads=a.threads, store_dtype=a.store_dtype,
-                          ffn="ram" if a.ram else "flash", memory_budget=budget, trace=a.trace, **sparse)
+    config = _engine_config(a)
     prompt: Any = sys.stdin.read() if a.prompt == "-" else a.prompt
     async with await Engine.open(a.model, config, progress=not a.quiet) as engine:
         if not a.raw and engine.tokenizer is not None and getattr(engine.tokenizer, "chat_template", None):
@@ -116,16 +110,12 @@ def cmd_chat(a: argparse.Namespace) -> int:
         from flashlm.tui import ChatApp, ChatSettings
     except ImportError as e:
         raise FlashLMError(f"flashlm chat needs textual ({e}); install it with: pip install 'flashlm[tui]'") from None
-    from flashlm import EngineConfig
     from flashlm.builtin import is_builtin
     from flashlm.convert import resolve_store
 
     if not is_builtin(a.store):
         resolve_store(a.store)  # a wrong path fails here, in one line, before the screen is taken over
-    sparse = {k: v for k, v in (("selection", a.selection), ("density", a.density), ("window", a.window)) if v is not None}
-    config = EngineConfig(device=a.device, num_threads=a.threads, store_dtype=a.store_dtype,
-                          ffn="ram" if a.ram else "flash", memory_budget=_budget(a.memory_budget),
-                          max_context=a.max_context, trace=a.trace, **sparse)
+    config = _engine_config(a)
     settings = ChatSettings(model=a.store, config=config, max_tokens=a.max_tokens, temperature=a.temperature,
                             top_p=a.top_p, seed=a.seed, system=a.system, verbose=a.verbose)
     app = ChatApp(settings)
@@ -133,6 +123,16 @@ def cmd_chat(a: argparse.Namespace) -> int:
     if app.open_failed and app.open_error:  # it was on screen; say it again on the restored terminal
         raise FlashLMError(app.open_error)
     return app.return_code or 0
+
+
+def _engine_config(a: argparse.Namespace, **extra: Any) -> Any:
+    """The EngineConfig of the shared engine and sparsity options (run, chat)."""
+    from flashlm import EngineConfig
+
+    sparse = {k: v for k, v in (("selection", a.selection), ("density", a.density), ("window", a.window)) if v is not None}
+    return EngineConfig(device=a.device, num_threads=a.threads, store_dtype=a.store_dtype,
+                        ffn="ram" if a.ram else "flash", memory_budget=_budget(a.memory_budget), trace=a.trace,
+                        max_context=a.max_context, **sparse, **extra)
 
 
 def _budget(text: str | None) -> int | float | str | None:
@@ -321,6 +321,9 @@ def _sparsity_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window", type=int, default=None, metavar="K", help="tokens a neuron stays cached (default 8)")
     g.add_argument("--memory-budget", default=None, metavar="SIZE",
                    help="DRAM budget: bytes, a size such as 600MiB, or a fraction of the model such as 0.5")
+    g.add_argument("--max-context", type=int, default=None, metavar="N",
+                   help="tokens per request or conversation (default: the model's limit, capped at 8192); "
+                   "the budget counts one KV cache of this size")
 
 
 def _sampling_options(p: argparse.ArgumentParser) -> None:
@@ -385,8 +388,6 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_options(ch)
     _engine_options(ch)
     _sparsity_options(ch)
-    ch.add_argument("--max-context", type=int, default=None, metavar="N",
-                    help="tokens per conversation (default: the model's limit, capped at 8192)")
     ch.set_defaults(func=cmd_chat, logs_to_app=True)
 
     v = sub.add_parser("verify", help="check every checksum of a store",
