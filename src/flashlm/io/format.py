@@ -44,8 +44,9 @@ REGION_ALIGN = 4096
 
 DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
-# Resident tensor names that are not transformers keys.
-PERMUTATION_KEY = "flashlm.ffn_permutation.{layer}"  # int32 (n_neurons,): physical slot -> neuron
+# Resident tensors that are not transformers keys are named by the models package:
+# flashlm.models.base.PERMUTATION_KEY ("flashlm.ffn_permutation.{layer}", int32: physical slot -> neuron)
+# and flashlm.models.selectors.SELECTOR_KEY (calibrated selectors).
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -72,7 +73,7 @@ class LayerLayout:
     offset: int  # byte offset of bundle 0; a multiple of REGION_ALIGN
     n_neurons: int
     sha256: str  # of the region's n_neurons * stride bytes
-    permuted: bool = False  # True: resident holds PERMUTATION_KEY for this layer
+    permuted: bool = False  # True: resident holds this layer's neuron permutation
 
 
 @dataclass(frozen=True)
