@@ -300,7 +300,7 @@ async def test_truncated_file_is_neuron_read_error(tmp_path, backend, cut):
         with pytest.raises(NeuronReadError) as e:
             await reader.read(1, np.arange(100, 300), dest, np.arange(200))
         msg = str(e.value)
-        assert f"layer 1 neurons" in msg and str(path) in msg and "truncated" in msg, msg
+        assert "layer 1 neurons" in msg and str(path) in msg and "truncated" in msg, msg
         first, last = e.value.neurons
         assert e.value.layer == 1 and first <= 150 <= last and e.value.filename == str(path)
         assert e.value.errno == errno.EIO

@@ -20,7 +20,6 @@ import struct
 import sys
 import threading
 
-import numpy as np
 import pytest
 
 from conftest import random_llama, save_checkpoint

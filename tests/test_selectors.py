@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import random_llama, random_opt, save_checkpoint
 from flashlm.calibration.record import forward_with, load_dense

@@ -121,7 +121,7 @@ async def _run(cfg: dict, quick: bool, workdir: Path) -> dict:
                      "why_backend": "best geometric mean of useful MiB/s over the bundle workloads",
                      "code": {"backend": DEFAULT_BACKEND, "max_gap_bytes": DEFAULT_MAX_GAP_BYTES,
                               "note": "bundle workloads ran with the code's max_gap_bytes"}},
-        "machine": _machine(workdir, fio),
+        "machine": machine_info(workdir, fio),
         "files": {"plain": {"bytes": plain_lay.file.size}, "model": {"bytes": model_lay.file.size},
                   "workdir": str(workdir)},
     }
@@ -263,7 +263,8 @@ async def _fio(fio: str, path: Path, bs: int, depth: int, seconds: float, blocka
             "p50_us": pct.get("50.000000", 0) / 1e3, "p99_us": pct.get("99.000000", 0) / 1e3}
 
 
-def _machine(workdir: Path, fio: str | None) -> dict:
+def machine_info(workdir: Path, fio: str | None) -> dict:
+    """The machine a benchmark ran on (CPU, kernel, filesystem of workdir, fio and uring versions)."""
     mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
     wd = str(workdir.resolve())
     mnt = max((m for m in mounts if wd == m[1] or wd.startswith(m[1].rstrip("/") + "/")), key=lambda m: len(m[1]))

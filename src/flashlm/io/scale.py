@@ -231,7 +231,7 @@ async def _replay(path: Path, lay: FFNLayout, shape: Shape, seqs: list[list[np.n
     io, mem, nbytes, reads, ranges = [], [], [], 0, 0
     async with BundleReader(path, lay) as reader:
         for t in range(tokens):
-            m = r = b = 0.0
+            m = r = 0.0
             if concurrent:  # every layer's plan first, then all reads at once
                 t0 = time.perf_counter()
                 plans = [c.update(seqs[i][t], t) for i, c in enumerate(caches)]
@@ -279,7 +279,7 @@ def _max_union(seq: list[np.ndarray], window: int) -> int:
 
 async def run_scale_bench(out: Path, *, quick: bool, store_dir: Path | None = None, tokens: int | None = None,
                           from_trace: str | None = None, keep: bool = False, seed: int = 0) -> dict[str, Any]:
-    from flashlm.io.bench_io import _fio, _machine
+    from flashlm.io.bench_io import _fio, machine_info
 
     shape = QUICK if quick else OPT_6_7B
     tokens = tokens or (12 if quick else 48)
@@ -347,7 +347,7 @@ async def run_scale_bench(out: Path, *, quick: bool, store_dir: Path | None = No
         result["fio"], result["fio_gb_s"], result["vs_fio"] = None, None, None
     result["vs_paper"] = {"io_ms": head["io_ms_per_token"] / PAPER["io_ms"],
                           "mem_ms": head["mem_ms_per_token"] / PAPER["mem_ms"]}
-    result["machine"] = _machine(store_dir, fio)
+    result["machine"] = machine_info(store_dir, fio)
     if own_dir and not keep:
         shutil.rmtree(store_dir, ignore_errors=True)
     _write(out, result)

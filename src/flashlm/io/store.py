@@ -27,6 +27,7 @@ from flashlm.io.format import (
     FileEntry,
     Manifest,
     check_ffn_header,
+    file_sha256,
 )
 from flashlm.io.writer import TORCH_DTYPES
 
@@ -112,7 +113,7 @@ class FlashStore:
         entry = self.manifest.resident
         path = self._resolve(entry.path)
         try:
-            damaged = _file_sha256(path) != entry.sha256
+            damaged = file_sha256(path) != entry.sha256
         except OSError as e:
             raise CheckpointFormatError(f"{self.path}: {entry.path} unreadable ({e}); {FIX}") from None
         if damaged:
@@ -148,18 +149,10 @@ class FlashStore:
                 problems.append(str(e))
                 continue
             try:
-                digest = _file_sha256(self._resolve(entry.path))
+                digest = file_sha256(self._resolve(entry.path))
             except OSError as e:  # an unreadable file is a problem to report, not a crash
                 problems.append(f"{entry.path}: unreadable ({e})")
                 continue
             if digest != entry.sha256:
                 problems.append(f"{entry.path}: checksum mismatch (damaged)")
         return problems
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()

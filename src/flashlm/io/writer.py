@@ -40,6 +40,7 @@ from flashlm.io.format import (
     FileEntry,
     LayerLayout,
     Manifest,
+    file_sha256,
     pack_ffn_header,
     round_up,
 )
@@ -186,11 +187,7 @@ def write_store(
 
 
 def _file_entry(root: Path, path: Path) -> FileEntry:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return FileEntry(str(path.relative_to(root)), path.stat().st_size, h.hexdigest())
+    return FileEntry(str(path.relative_to(root)), path.stat().st_size, file_sha256(path))
 
 
 def _fsync_tree(root: Path) -> None:

@@ -9,8 +9,7 @@ reproduce.
 from __future__ import annotations
 
 import json
-import os
-import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from flashlm.errors import MemoryBudgetError
+from flashlm.io.bench_io import machine_info
 from flashlm.pipeline.config import EngineConfig
 from flashlm.pipeline.engine import Engine
 from flashlm.pipeline.trace_report import length, overlap, union
@@ -90,7 +90,7 @@ async def run_engine_bench(out: Path, *, quick: bool, model: str = "smollm2-135m
     if quick:
         del runs["ours_serial"], runs["ours_compute_on_loop"]
     result: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": {**machine_info(Path.cwd(), shutil.which("fio")), "torch": torch.__version__},
         "model": model, "prompt": PROMPT, "page_cache": "O_DIRECT", "quick": quick,
     }
     for name, cfg in runs.items():

@@ -37,16 +37,17 @@ from pathlib import Path
 from typing import Any
 
 from flashlm.io.backends import Range, ReadCall, ThreadsBackend
+from flashlm.io.bench_io import machine_info
 from flashlm.io.buffers import aligned_empty
 from flashlm.log import get_logger
 from flashlm.pipeline.config import EngineConfig
+from flashlm.pipeline.bench_engine import PROMPT
 from flashlm.pipeline.engine import Engine
 from flashlm.pipeline.trace_report import breakdown, summarize
 from flashlm.pipeline.trace import load
 
 log = get_logger(__name__)
 
-PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 RAW_PROMPT = "Flash memory is slower than DRAM, so a language model larger than memory"
 
 # LLM in a Flash (arXiv 2312.11514), OPT-6.7B on CPU: Table 2 (I/O latency per token as techniques
@@ -194,9 +195,7 @@ async def _trace_overhead(model: str, cfg: EngineConfig, *, tokens: int, warmup:
 
 
 def _machine() -> dict[str, Any]:
-    from flashlm.io.bench_io import _machine as io_machine
-
-    info = io_machine(Path.cwd(), shutil.which("fio"))
+    info = machine_info(Path.cwd(), shutil.which("fio"))
     info["page_cache"] = "defeated: O_DIRECT reads (flash store and, for naive, the resident file)"
     return info
 
