@@ -162,3 +162,17 @@ def test_wikipedia_splits_by_article_and_news_is_separate():
     assert len(data.wiki_articles()) == len(cal) + len(held)
     assert all("'''" not in t and "[[" not in t for t in held)
     assert len(data.news_texts()) > 100
+
+
+def test_token_only_compute_is_the_window_of_one_token(store):
+    """compute="token" runs each token's FFN over its own set: with window 1 that is the window's
+    union exactly; with a longer window the union holds more neurons, so the two differ."""
+    texts = {"wiki": calibration_ids(200, 7), "news": calibration_ids(200, 8)}
+    runs = (Run("shadow_int8", 0.3, 1), Run("shadow_int8", 0.3, 1, compute="token"),
+            Run("shadow_int8", 0.3, 6), Run("shadow_int8", 0.3, 6, compute="token"))
+    r = evaluate(store, texts=texts, runs=runs, seq_len=100, progress=False)
+    w1, t1, w6, t6 = r["runs"]
+    assert t1["compute"] == "token" and w1["compute"] == "window"
+    assert t1["ppl_wiki"] == pytest.approx(w1["ppl_wiki"], rel=1e-9)
+    assert t6["ppl_wiki"] == pytest.approx(t1["ppl_wiki"], rel=1e-9)  # the window changes reads, not the sum
+    assert t6["ppl_wiki"] != pytest.approx(w6["ppl_wiki"], rel=1e-6)

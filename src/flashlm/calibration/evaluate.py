@@ -1,9 +1,9 @@
 """`flashlm eval STORE`: perplexity of neuron selections with a sliding window, side by side.
 
 Each run computes every layer's FFN over the union of the last `window` tokens' selected
-sets (the engine's cache), in batch: per-token masks from the selector, OR over the window,
-the dense FFN's neuron outputs multiplied by the mask - the same sum the engine computes
-over its cache rows. It reports perplexity on held-out Wikipedia and news, the fraction of
+sets (the engine's cache; `compute="window"`) or over each token's own set (`compute="token"`,
+the engine's default), in batch: per-token masks from the selector, OR over the window, the
+dense FFN's neuron outputs multiplied by the mask - the same sum the engine computes. It reports perplexity on held-out Wikipedia and news, the fraction of
 FFN bundles read per token in steady state (neurons entering the window / d_ff, first
 `window` tokens of each sequence excluded), recall of the exact top set at the same density,
 and the selector's cost for one token (all layers, this process, the current thread count).
@@ -53,6 +53,7 @@ class Run:
     mass: float | None = None  # mass rule: per token the fewest neurons holding this share of the estimated magnitude
     layer_density: tuple[float, ...] | None = None  # per-layer densities (mean: `density`); None: uniform
     label: str = ""  # names a variant in the report (e.g. the per-layer allocation)
+    compute: str = "window"  # the FFN over the window's union ("window") or the token's own set ("token")
 
     def density_of(self, layer: int) -> float:
         return self.density if self.layer_density is None else self.layer_density[layer]
@@ -162,7 +163,7 @@ def _masked_ffn(dense: DenseModel, sels: list[Selector], run: Run, tally: _Tally
         if inv_perm[l] is not None and new.shape[0]:
             for i, e in enumerate((new, new[:, inv_perm[l]])):
                 tally.runs[i] += float((e & ~F.pad(e[:, :-1], (1, 0))).sum())
-        out = (a * cached) @ down
+        out = (a * (chosen if run.compute == "token" else cached)) @ down
         return out if out_bias is None else out + out_bias
 
     return ffn
@@ -247,7 +248,7 @@ def evaluate(store_path: str | Path, quick: bool = False, *, tokens: int | None 
             held = t.held_peak if run.capacity is None else n_keep(d_ff, run.capacity) / d_ff
             report["runs"].append({
                 "mode": run.mode, "selector": run.selector, "density": run.density, "window": run.window,
-                "cache_capacity": run.capacity, "rule": run.rule, "mass": run.mass, "label": run.label,
+                "cache_capacity": run.capacity, "compute": run.compute, "rule": run.rule, "mass": run.mass, "label": run.label,
                 "layer_density": run.layer_density,
                 **ppl,
                 "ppl_wiki_rel": ppl["ppl_wiki"] / base["ppl_wiki"] - 1, "ppl_news_rel": ppl["ppl_news"] / base["ppl_news"] - 1,

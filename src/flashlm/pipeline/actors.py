@@ -4,8 +4,10 @@ An actor takes two kinds of message from its bounded inbox:
 - `Prefetch(token, ids)`: a *speculative* set, predicted one layer early from the previous
   layer's attention output. The actor updates its cache (evict outside the window, append
   the missing neurons) and starts their flash reads, without waiting for them.
-- `Ensure(token, ids, reply)`: the exact set for this token. The actor waits for its
-  prefetch reads, reads whatever is still missing, commits the new rows and answers.
+- `Ensure(token, ids, reply, ready)`: the exact set for this token. The actor places and
+  starts reading whatever is still missing, tells `ready` which slots are still pending
+  (reads in flight: the driver may compute the layer's FFN over the other rows meanwhile),
+  waits for every read (its own and the prefetch's), commits the new rows and answers.
 
 So layer l+1's reads run on the reader's I/O threads while layer l's FFN computes on the
 compute thread: flash latency hides behind compute. Every phase is timestamped into the
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +50,13 @@ class Touch:
 class Ensure:
     token: int
     ids: np.ndarray
-    reply: asyncio.Future[LayerStep] = field(compare=False)
+    # asyncio futures (driver on the loop) or concurrent.futures ones (driver on the compute
+    # thread: answering wakes it directly); the actor only calls done / set_result / set_exception
+    reply: asyncio.Future[LayerStep] | Future[LayerStep] = field(compare=False)
+    # set once the reads are in flight: (the cache's pending slots, whose rows are not valid yet;
+    # the neuron of each row [0, num_used)), the cache as it stands then
+    ready: asyncio.Future[tuple[np.ndarray, np.ndarray]] | Future[tuple[np.ndarray, np.ndarray]] | None = field(
+        default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -58,7 +67,7 @@ class LayerStep:
     needed: int
     read_bytes: int  # bytes of bundles read from flash for this token (speculative + exact)
     spec_read_bytes: int
-    read_wait_ms: float  # time Ensure waited for reads (exposed I/O)
+    read_wait_ms: float  # time the step was blocked on this layer's reads (exposed I/O; set by the driver)
 
 
 @dataclass(frozen=True)
@@ -78,7 +87,10 @@ class LayerActor:
         self.cache = cache
         self.reader = reader
         self.inbox: asyncio.Queue[Prefetch | Touch | Ensure | None] = asyncio.Queue(maxsize=4)
-        self._busy = False
+        # Messages the driver sent / this actor finished: each counter is written by one thread
+        # only (the driver may post from the compute thread), so `quiescent` is safe to ask there.
+        self.sent = 0
+        self.handled = 0
         self._inflight: list[asyncio.Task[tuple[int, bool, Any]]] = []
         self._inflight_token = -1
         self.record = record
@@ -89,14 +101,15 @@ class LayerActor:
         """The actor's life: until a None message (engine closing) or cancellation."""
         try:
             while (msg := await self.inbox.get()) is not None:
-                self._busy = True
-                if isinstance(msg, Prefetch):
-                    await self._prefetch(msg)
-                elif isinstance(msg, Touch):
-                    await self._touch(msg)
-                else:
-                    await self._ensure(msg)
-                self._busy = False
+                try:
+                    if isinstance(msg, Prefetch):
+                        await self._prefetch(msg)
+                    elif isinstance(msg, Touch):
+                        await self._touch(msg)
+                    else:
+                        await self._ensure(msg)
+                finally:
+                    self.handled += 1
         finally:
             for task in self._inflight:
                 task.cancel()
@@ -104,9 +117,9 @@ class LayerActor:
                 await asyncio.gather(*self._inflight, return_exceptions=True)
 
     def quiescent(self) -> bool:
-        """No message queued or being handled, no read in flight or uncommitted: the cache
-        will not change until the driver sends the next message."""
-        return not self._busy and self.inbox.empty() and not self._inflight and self.cache.n_pending == 0
+        """Every message sent is handled, no read in flight or uncommitted: the cache will not
+        change until the driver sends the next message."""
+        return self.sent == self.handled and not self._inflight and self.cache.n_pending == 0
 
     async def _touch(self, msg: Touch) -> None:
         try:
@@ -158,16 +171,17 @@ class LayerActor:
                 self._trace_update(plan, msg, t_up, u0, speculative=False)
             if len(plan.missing_ids):
                 self._start_read(plan, msg.token, speculative=False)
+            if msg.ready is not None and not msg.ready.done():
+                # a snapshot: the driver computes on it while this actor may still change the cache
+                # (commit the landed rows; or, if a read fails, drop them, and then the step fails)
+                msg.ready.set_result((self.cache.pending_slots(), self.cache.neurons().copy()))
             spec, exact = await self._settle()
-            t1 = time.perf_counter()
-            if self.record:
-                self.events.append(Event(self.layer, msg.token, "wait", t0, t1))
-            if self.trace is not None:
-                self.trace.emit("wait", msg.token, layer=self.layer, start=t0, end=t1)
-            step = LayerStep(plan.hits, len(msg.ids), spec + exact, spec, (t1 - t0) * 1e3)
+            # (the driver records when it was blocked: with `ready` it computes meanwhile)
+            step = LayerStep(plan.hits, len(msg.ids), spec + exact, spec, (time.perf_counter() - t0) * 1e3)
         except BaseException as e:
-            if not msg.reply.done():
-                msg.reply.set_exception(e if isinstance(e, Exception) else asyncio.CancelledError())
+            for fut in (msg.ready, msg.reply):
+                if fut is not None and not fut.done():
+                    fut.set_exception(e if isinstance(e, Exception) else asyncio.CancelledError())
             if not isinstance(e, Exception):
                 raise
             return

@@ -405,6 +405,8 @@ class Engine:
                     sup.cancel()
             # collect the outcome (a crash was already reported to the streams as EngineDeadError)
             await asyncio.gather(sup, return_exceptions=True)
+            # a step still waiting on an actor (closed mid-step) fails now instead of hanging
+            self._sparse.dead(EngineClosedError("the engine was closed while a step was running"))
         if self._reader is not None:
             await self._reader.aclose()
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)

@@ -1,24 +1,37 @@
 """The sparse flash runner: one token step through the layers, with each layer's FFN
 computed over the neurons its actor holds in its cache.
 
-Per layer l, on the compute thread: combine layer l-1's FFN output, attention of layer l,
-the exact selection for layer l and the speculative selection for layer l+1 (from the same
-hidden state, one layer early) — one hop. On the loop: layer l+1's actor gets the
-speculative set and starts reading; layer l's actor is asked to ensure its exact set.
-Then, on the compute thread, layer l's FFN over its cache rows. Flash reads for l+1 thus
-run while layer l computes.
+Per layer l: attention, the exact selection for layer l and the speculative selection for
+layer l+1 (from the same hidden state, one layer early). Layer l+1's actor gets the
+speculative set and starts reading at once. If layer l's actor holds its whole window and is
+idle (the steady state), layer l's FFN runs right away over its cache rows and the actor does
+its bookkeeping (evict, compact) afterwards, while later layers compute. Otherwise the actor
+is asked to ensure the set: as soon as its reads are in flight it says which slots are still
+pending, the FFN runs over the other rows meanwhile, and the rows that land are added after.
+So flash reads run behind compute: layer l+1's behind layer l's FFN, a layer's own misses
+behind the rest of its own FFN.
+
+The layer loop is written once (`_layers`, a generator) and driven either from the compute
+thread (compute="thread", the default: the whole token runs there with no thread hop per
+layer, the actors on the event loop answer through thread-safe futures, and the loop is never
+blocked) or on the loop itself (compute="loop").
 
 Concurrent requests share the caches but not their windows: each request keeps the last
 token at which it selected each neuron, and its FFN is computed over exactly the cached
-neurons in *its* window (a gather only when another request's neurons are cached too), so
-a request's output is the same whether it runs alone or beside others.
+neurons in *its* window (a mask when another request's neurons are cached too), so a
+request's output is the same whether it runs alone or beside others; steps of concurrent
+requests are interleaved, one token step at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,8 +39,8 @@ import numpy as np
 import structlog
 import torch
 
-from flashlm.errors import EngineDeadError
-from flashlm.pipeline.actors import Ensure, LayerActor, LayerStep, Prefetch, Touch
+from flashlm.errors import EngineClosedError, EngineDeadError
+from flashlm.pipeline.actors import Ensure, Event, LayerActor, LayerStep, Prefetch, Touch
 
 Selector = Callable[[torch.Tensor], torch.Tensor]  # ffn_in (T, d) -> neuron ids (n,), unique
 
@@ -89,14 +102,17 @@ class SparseRunner:
         self._pool = pool
         self.d_ff = max(c.n_neurons for c in caches)
         self.capacity = min(c.capacity for c in caches)
+        self._sel = np.zeros(self.d_ff, dtype=bool)  # scratch: a request's window as a mask
         self._token = 0  # engine-wide step counter: the caches' clock
-        self._replies: set[asyncio.Future[LayerStep]] = set()
+        self._replies: set[Any] = set()  # asyncio or concurrent futures the actors will answer
+        self._replies_lock = threading.Lock()  # the compute thread adds and removes them too
         self._dead: BaseException | None = None
         self._lock = asyncio.Lock()  # one token step at a time (steps of requests interleave)
         self.compute_events: list[tuple[int, int, float, float]] = []  # (layer, token, start, end) when recording
         self.record = False
         self.trace: Any = None  # a flashlm.pipeline.trace.TraceSink when the engine traces
         self._cur_token = -1  # the step in progress (steps are serialized by _lock)
+        self.early_steps = 0  # layer steps that computed over cached rows while their own reads landed
 
     def set_recording(self, on: bool) -> None:
         """Timestamp every read (actors) and FFN compute (here), for overlap analysis."""
@@ -105,34 +121,57 @@ class SparseRunner:
             a.record = on
 
     def dead(self, error: BaseException) -> None:
-        """The actors are gone: fail every step waiting on one, and all later ones."""
+        """The actors are gone (crashed, or the engine closed: EngineClosedError): fail every
+        step waiting on one, and all later ones."""
         self._dead = error
-        for reply in self._replies:
+        with self._replies_lock:
+            waiting = list(self._replies)
+        for reply in waiting:
             if not reply.done():
-                reply.set_exception(EngineDeadError(f"a layer actor crashed ({error!r}); open a new engine"))
+                reply.set_exception(self._failure())
+
+    def _failure(self) -> Exception:
+        if isinstance(self._dead, EngineClosedError):
+            return EngineClosedError(str(self._dead))
+        return EngineDeadError(f"a layer actor crashed ({self._dead!r}); open a new engine")
 
     def _check_alive(self) -> None:
         if self._dead is not None:
-            raise EngineDeadError(f"a layer actor crashed ({self._dead!r}); open a new engine")
+            raise self._failure()
 
     async def _post(self, layer: int, msg: Prefetch | Touch) -> None:
         self._check_alive()
+        self.actors[layer].sent += 1
         await self.actors[layer].inbox.put(msg)
 
-    async def _ask(self, layer: int, msg_token: int, ids: np.ndarray) -> LayerStep:
+    async def _ask(self, layer: int, msg_token: int, ids: np.ndarray) -> tuple[Any, asyncio.Future[LayerStep]]:
+        """Send Ensure; return once the layer's reads are in flight: ((its pending slots, the
+        neuron of each row), the future of its LayerStep, for `_answer`)."""
         self._check_alive()
-        reply: asyncio.Future[LayerStep] = asyncio.get_running_loop().create_future()
-        self._replies.add(reply)
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[tuple[np.ndarray, np.ndarray]] = loop.create_future()
+        reply: asyncio.Future[LayerStep] = loop.create_future()
+        with self._replies_lock:
+            self._replies.update((ready, reply))
         try:
-            await self.actors[layer].inbox.put(Ensure(msg_token, ids, reply))
+            self.actors[layer].sent += 1
+            await self.actors[layer].inbox.put(Ensure(msg_token, ids, reply, ready))
+            return await ready, reply
+        except BaseException:
+            with self._replies_lock:
+                self._replies.discard(reply)
+            reply.cancel()
+            raise
+        finally:
+            with self._replies_lock:
+                self._replies.discard(ready)
+
+    async def _answer(self, reply: asyncio.Future[LayerStep]) -> LayerStep:
+        try:
             return await reply
         finally:
-            self._replies.discard(reply)
-
-    async def _cpu(self, fn: Callable[..., Any], *args: Any) -> Any:
-        if self.inline:  # compute="loop": no thread hop; the loop is busy while torch runs
-            return fn(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+            with self._replies_lock:
+                self._replies.discard(reply)
 
     # -- compute-thread pieces ---------------------------------------------------------------
 
@@ -157,23 +196,71 @@ class SparseRunner:
                         n=int(spec.size))
         return residual, ffn_in, exact, spec
 
-    def _ffn(self, layer: int, residual: torch.Tensor, ffn_in: torch.Tensor, needed: np.ndarray,
-             token: int) -> torch.Tensor:
+    def _window_mask(self, neurons: np.ndarray, needed: np.ndarray) -> np.ndarray:
+        """Which of the rows holding `neurons` are in this request's window (`needed`)."""
+        sel = self._sel
+        sel[needed] = True
+        keep = sel[neurons]
+        sel[needed] = False
+        return keep
+
+    def _ffn_early(self, layer: int, ffn_in: torch.Tensor, needed: np.ndarray, pending: np.ndarray, held: np.ndarray,
+                   token: int) -> tuple[torch.Tensor, np.ndarray] | None:
+        """While layer l's own reads are in flight: its FFN over the rows already there.
+        Returns (that partial output, the pending slots still to add), or None when waiting
+        is better (nothing pending is needed, or most of the window is still pending, as in
+        a prompt's first step). Pending rows are masked out, never used: they may be half
+        written, but they always hold finite weights (an old neuron's or the new one's,
+        whole floats), so 0 x row adds exactly nothing."""
+        cache = self.caches[layer]
+        keep = self._window_mask(held, needed)  # held: the neuron of each row when the actor answered
+        late = pending[keep[pending]]
+        if not late.size or 2 * late.size > needed.size:
+            return None
         t0 = time.perf_counter()
+        self.early_steps += 1
+        keep[pending] = False
+        with torch.inference_mode():
+            rows = cache.rows[: held.size]
+            ids = torch.from_numpy(held).to(rows.device)
+            part = self.model.layers[layer].ffn(ffn_in, rows, ids, torch.from_numpy(keep).to(rows.device, rows.dtype))
+        self._compute_event(layer, token, t0, int(rows.shape[0]))
+        return part, late
+
+    def _ffn(self, layer: int, residual: torch.Tensor, ffn_in: torch.Tensor, needed: np.ndarray, token: int,
+             early: tuple[torch.Tensor, np.ndarray] | None = None) -> torch.Tensor:
+        t0 = time.perf_counter()
+        block = self.model.layers[layer]
         with torch.inference_mode():
             cache = self.caches[layer]
             rows, neuron_ids = cache.compute_view()
-            mask = None
-            if rows.shape[0] != needed.size:  # the cache also holds neurons outside this request's window
-                keep = np.isin(cache.neurons(), needed, assume_unique=True)
-                mask = torch.from_numpy(keep).to(rows.device, rows.dtype)  # cheaper than gathering the rows
-            block = self.model.layers[layer]
-            out = block.combine(residual, block.ffn(ffn_in, rows, neuron_ids, mask))
+            if early is not None:  # add the rows that landed after the early part
+                part, late = early
+                idx = torch.from_numpy(late).to(rows.device)
+                rows, neuron_ids = rows[idx], neuron_ids[idx]
+                # an FFN over no neuron is its output bias (OPT's fc2) or 0: count it once
+                out = part + (block.ffn(ffn_in, rows, neuron_ids) - block.ffn(ffn_in, rows[:0], neuron_ids[:0]))
+            else:
+                mask = None
+                if rows.shape[0] != needed.size:  # the cache also holds neurons outside this request's window
+                    keep = self._window_mask(cache.neurons(), needed)
+                    mask = torch.from_numpy(keep).to(rows.device, rows.dtype)  # cheaper than gathering the rows
+                out = block.ffn(ffn_in, rows, neuron_ids, mask)
+            out = block.combine(residual, out)
+        self._compute_event(layer, token, t0, int(rows.shape[0]))
+        return out
+
+    def _compute_event(self, layer: int, token: int, t0: float, rows: int) -> None:
         if self.record:
             self.compute_events.append((layer, token, t0, time.perf_counter()))
         if self.trace is not None:
-            self.trace.emit("compute", token, layer=layer, start=t0, end=time.perf_counter(), rows=int(rows.shape[0]))
-        return out
+            self.trace.emit("compute", token, layer=layer, start=t0, end=time.perf_counter(), rows=rows)
+
+    def _ffn_head(self, layer: int, residual: torch.Tensor, ffn_in: torch.Tensor, needed: np.ndarray, token: int,
+                  early: tuple[torch.Tensor, np.ndarray] | None) -> torch.Tensor:
+        x = self._ffn(layer, residual, ffn_in, needed, token, early)
+        with torch.inference_mode():
+            return self.model.head(x[-1:])[-1]
 
     # -- one step ---------------------------------------------------------------------------
 
@@ -189,17 +276,6 @@ class SparseRunner:
         async with self._lock:
             return await self._step(ids, kv, win)
 
-    def _ffn_attend(self, layer: int, residual: torch.Tensor, ffn_in: torch.Tensor, needed: np.ndarray, token: int,
-                    kv: Any, pos: int) -> tuple[Any, ...]:
-        """Layer l's FFN and layer l+1's attention + selections: one hop to the compute thread."""
-        return self._attend(layer + 1, self._ffn(layer, residual, ffn_in, needed, token), kv, pos)
-
-    def _ffn_head(self, layer: int, residual: torch.Tensor, ffn_in: torch.Tensor, needed: np.ndarray,
-                  token: int) -> torch.Tensor:
-        x = self._ffn(layer, residual, ffn_in, needed, token)
-        with torch.inference_mode():
-            return self.model.head(x[-1:])[-1]
-
     async def _step(self, ids: torch.Tensor, kv: Any, win: RequestWindow) -> tuple[torch.Tensor, TokenReport]:
         token = self._token
         self._token += 1
@@ -207,46 +283,11 @@ class SparseRunner:
         if self.trace is not None:  # the request id is bound in the step's context by the engine
             self.trace.begin_token(token, structlog.contextvars.get_contextvars().get("request_id"), ids.shape[0])
         t0 = time.perf_counter()
-        pos = kv.length
-        n_layers = len(self.caches)
-        x = await self._cpu(self.model.embed, ids, pos)
-        steps: list[LayerStep] = []
-        spec_hits = spec_needed = 0
-        predicted: np.ndarray | None = None
-        deferred: tuple[int, Touch] | None = None
-        residual, ffn_in, exact, spec = await self._cpu(self._attend, 0, x, kv, pos)
-        for layer in range(n_layers):
-            if predicted is not None:
-                hit = np.intersect1d(predicted, exact, assume_unique=True).size
-                spec_hits += hit
-                spec_needed += exact.size
-                if self.trace is not None:
-                    self.trace.emit("spec", token, layer=layer, predicted=int(predicted.size), needed=int(exact.size),
-                                    hits=int(hit))
-            predicted = spec
-            if spec is not None:  # layer l+1's reads start now, while layer l computes
-                win.mark(layer + 1, spec)
-                await self._post(layer + 1, Prefetch(token, spec))
-            win.mark(layer, exact)
-            needed = win.needed(layer)
-            if deferred is not None:  # the previous layer's FFN is done: its cache may move rows now
-                await self._post(*deferred)
-                deferred = None
-            cache = self.caches[layer]
-            if self.reuse and self.actors[layer].quiescent() and (cache.slot_of[needed] >= 0).all():
-                # Fast path: everything is cached and nothing touches this cache until we say
-                # so: compute now (over the window's neurons, masked), book-keep afterwards.
-                deferred = (layer, Touch(token, needed))
-                steps.append(LayerStep(int(needed.size), int(needed.size), 0, 0, 0.0))
-            else:
-                steps.append(await self._ask(layer, token, needed))
-            if layer + 1 < n_layers:
-                residual, ffn_in, exact, spec = await self._cpu(
-                    self._ffn_attend, layer, residual, ffn_in, needed, token, kv, pos)
-            else:
-                logits = await self._cpu(self._ffn_head, layer, residual, ffn_in, needed, token)
-        if deferred is not None:
-            await self._post(*deferred)
+        layers = self._layers(ids, kv, win, token)
+        if self.inline:
+            logits, steps, spec_hits, spec_needed = await self._drive_here(layers, token)
+        else:
+            logits, steps, spec_hits, spec_needed = await self._drive_on_thread(layers, token)
         kv.advance(ids.shape[0])
         win.step += 1
         if not self.reuse:
@@ -266,3 +307,188 @@ class SparseRunner:
         if self.trace is not None:
             self.trace.emit("token", token, start=t0, end=time.perf_counter(), **report.__dict__)
         return logits, report
+
+    # The layer loop is one generator: it computes inline and yields what it needs from the
+    # actors — ("post", layer, msg): deliver, no answer; ("ask", layer, ids): Ensure, answer a
+    # LayerStep. Two drivers run it. On the compute thread (compute="thread") the whole token
+    # runs there back to back, posting to the actors on the loop thread-safely and blocking only
+    # when a layer must wait for its reads; so the loop (actors, reads, bookkeeping) runs on the
+    # other core meanwhile, with no thread hop per layer. Inline (compute="loop") every post and
+    # ask is awaited.
+
+    async def _drive_here(self, layers: Any, token: int) -> Any:
+        answer: Any = None
+        reply = None
+        while True:
+            try:
+                op = layers.send(answer)
+            except StopIteration as done:
+                return done.value
+            if op[0] == "post":
+                answer = await self._post(op[1], op[2])
+            elif op[0] == "ask":
+                answer, reply = await self._ask(op[1], token, op[2])
+            else:
+                answer = await self._answer(reply)
+
+    async def _drive_on_thread(self, layers: Any, token: int) -> Any:
+        loop = asyncio.get_running_loop()
+        abort = threading.Event()
+        done = loop.run_in_executor(self._pool, self._drive_sync, layers, token, loop, abort)
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            # The token cannot stop mid-layer on its thread: stop it at the next layer and
+            # wait, so no later step runs while this one still touches the caches or KV cache.
+            abort.set()
+            with contextlib.suppress(BaseException):
+                await done
+            raise
+
+    def _drive_sync(self, layers: Any, token: int, loop: asyncio.AbstractEventLoop, abort: threading.Event) -> Any:
+        answer: Any = None
+        reply = None
+        outbox: list[tuple[LayerActor, Prefetch | Touch]] = []
+        try:
+            while True:
+                if abort.is_set():
+                    raise _Aborted
+                try:
+                    op = layers.send(answer)
+                except StopIteration as done:
+                    return done.value
+                answer = None
+                if op[0] == "post":
+                    self._post_threadsafe(op[1], op[2], loop, outbox)
+                elif op[0] == "ask":
+                    answer, reply = self._ask_threadsafe(op[1], token, op[2], loop, outbox)
+                else:
+                    try:
+                        answer = reply.result()
+                    finally:
+                        with self._replies_lock:
+                            self._replies.discard(reply)
+        finally:
+            self._flush(outbox, loop)
+            layers.close()
+
+    # Bookkeeping (Touch) waits in an outbox for a few layers: each wake-up of the loop from
+    # this thread costs a context switch, and on a small machine the two threads share a core.
+    # A Prefetch goes at once (its reads should start now), taking the outbox with it. An
+    # Ensure does not wait for the outbox (other actors' bookkeeping would run before it).
+    OUTBOX = 4
+
+    def _post_threadsafe(self, layer: int, msg: Prefetch | Touch, loop: asyncio.AbstractEventLoop,
+                         outbox: list[tuple[LayerActor, Prefetch | Touch]]) -> None:
+        self._check_alive()
+        actor = self.actors[layer]
+        actor.sent += 1  # counted before delivery: the actor is not quiescent from now on
+        if actor.sent - actor.handled > actor.inbox.maxsize:  # a full inbox pushes back on the compute thread
+            self._flush(outbox, loop)
+            asyncio.run_coroutine_threadsafe(actor.inbox.put(msg), loop).result()
+            return
+        outbox.append((actor, msg))  # room for certain: put_nowait cannot fail
+        if isinstance(msg, Prefetch) or len(outbox) >= self.OUTBOX:
+            self._flush(outbox, loop)
+
+    def _ask_threadsafe(self, layer: int, token: int, ids: np.ndarray, loop: asyncio.AbstractEventLoop,
+                        outbox: list[tuple[LayerActor, Prefetch | Touch]]) -> tuple[Any, Future[LayerStep]]:
+        """`_ask` from the compute thread, answered through thread-safe futures: the actor's
+        answers wake this thread directly, with no round trip through the loop."""
+        ready: Future[tuple[np.ndarray, np.ndarray]] = Future()
+        reply: Future[LayerStep] = Future()
+        with self._replies_lock:
+            self._replies.update((ready, reply))
+        try:
+            self._check_alive()  # after registering: `dead` either saw these futures or is seen here
+            actor = self.actors[layer]
+            if any(a is actor for a, _ in outbox):  # keep that actor's order; others' bookkeeping can wait
+                self._flush(outbox, loop)
+            actor.sent += 1
+            msg = Ensure(token, ids, reply, ready)
+            if actor.sent - actor.handled > actor.inbox.maxsize:
+                asyncio.run_coroutine_threadsafe(actor.inbox.put(msg), loop).result()
+            else:
+                loop.call_soon_threadsafe(actor.inbox.put_nowait, msg)
+            return ready.result(), reply
+        except BaseException:
+            with self._replies_lock:
+                self._replies.discard(reply)
+            raise
+        finally:
+            with self._replies_lock:
+                self._replies.discard(ready)
+
+    @staticmethod
+    def _flush(outbox: list[tuple[LayerActor, Prefetch | Touch]], loop: asyncio.AbstractEventLoop) -> None:
+        if outbox:
+            batch = outbox.copy()
+            outbox.clear()
+            loop.call_soon_threadsafe(lambda: [a.inbox.put_nowait(m) for a, m in batch])
+
+    def _layers(self, ids: torch.Tensor, kv: Any, win: RequestWindow, token: int) -> Any:
+        """One token step through every layer (a generator: see above). Returns
+        (logits, per-layer LayerSteps, speculative hits, speculative needed)."""
+        pos = kv.length
+        n_layers = len(self.caches)
+        with torch.inference_mode():
+            x = self.model.embed(ids, pos)
+        steps: list[LayerStep] = []
+        spec_hits = spec_needed = 0
+        predicted: np.ndarray | None = None
+        deferred = touch = None  # ("post", layer, Touch): a fast-path layer's bookkeeping, sent after its FFN
+        early: tuple[torch.Tensor, np.ndarray] | None = None
+        residual, ffn_in, exact, spec = self._attend(0, x, kv, pos)
+        for layer in range(n_layers):
+            if predicted is not None:  # the speculative set was marked in the window at this step
+                hit = int(np.count_nonzero(win.last[layer, exact] == win.step))
+                spec_hits += hit
+                spec_needed += exact.size
+                if self.trace is not None:
+                    self.trace.emit("spec", token, layer=layer, predicted=int(predicted.size), needed=int(exact.size),
+                                    hits=int(hit))
+            predicted = spec
+            if spec is not None:  # layer l+1's reads start now, while layer l computes
+                nxt = layer + 1
+                win.mark(nxt, spec)
+                if not (self.actors[nxt].quiescent() and (self.caches[nxt].slot_of[spec] >= 0).all()):
+                    yield "post", nxt, Prefetch(token, spec)  # (all cached: nothing to read)
+            win.mark(layer, exact)
+            needed = win.needed(layer)
+            cache = self.caches[layer]
+            if self.reuse and self.actors[layer].quiescent() and (cache.slot_of[needed] >= 0).all():
+                # Fast path: everything is cached and nothing touches this cache until we say
+                # so: compute now (over the window's neurons, masked), book-keep afterwards.
+                touch = ("post", layer, Touch(token, needed))
+                steps.append(LayerStep(int(needed.size), int(needed.size), 0, 0, 0.0))
+            else:
+                t_ask = time.perf_counter()
+                pending, held = yield "ask", layer, needed  # answered once the layer's reads are in flight
+                t_wait = time.perf_counter()
+                early = self._ffn_early(layer, ffn_in, needed, pending, held, token) if pending.size else None
+                t_block = time.perf_counter()
+                step = yield "wait", layer
+                t_done = time.perf_counter()
+                waited = (t_wait - t_ask) + (t_done - t_block)
+                steps.append(dataclasses.replace(step, read_wait_ms=waited * 1e3))
+                for a, b in ((t_ask, t_wait), (t_block, t_done)):  # when this step was blocked on the actor
+                    if self.record:
+                        self.actors[layer].events.append(Event(layer, token, "wait", a, b))
+                    if self.trace is not None:
+                        self.trace.emit("wait", token, layer=layer, start=a, end=b)
+            if deferred is not None:  # the previous layer's FFN is done: its cache may move rows now
+                yield deferred
+            deferred, touch = touch, None
+            if layer + 1 < n_layers:
+                x = self._ffn(layer, residual, ffn_in, needed, token, early)
+                residual, ffn_in, exact, spec = self._attend(layer + 1, x, kv, pos)
+            else:
+                logits = self._ffn_head(layer, residual, ffn_in, needed, token, early)
+            early = None
+        if deferred is not None:
+            yield deferred
+        return logits, steps, spec_hits, spec_needed
+
+
+class _Aborted(Exception):
+    """The step's stream was cancelled: its compute thread stops at the next layer."""
