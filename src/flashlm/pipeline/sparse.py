@@ -348,7 +348,7 @@ class SparseRunner:
     def _drive_sync(self, layers: Any, token: int, loop: asyncio.AbstractEventLoop, abort: threading.Event) -> Any:
         answer: Any = None
         reply = None
-        outbox: list[tuple[LayerActor, Prefetch | Touch]] = []
+        outbox: list[tuple[LayerActor, Prefetch | Touch | Ensure]] = []
         try:
             while True:
                 if abort.is_set():
@@ -378,21 +378,25 @@ class SparseRunner:
     # Ensure does not wait for the outbox (other actors' bookkeeping would run before it).
     OUTBOX = 4
 
-    def _post_threadsafe(self, layer: int, msg: Prefetch | Touch, loop: asyncio.AbstractEventLoop,
-                         outbox: list[tuple[LayerActor, Prefetch | Touch]]) -> None:
+    def _post_threadsafe(self, layer: int, msg: Prefetch | Touch | Ensure, loop: asyncio.AbstractEventLoop,
+                         outbox: list[tuple[LayerActor, Prefetch | Touch | Ensure]]) -> None:
         self._check_alive()
         actor = self.actors[layer]
         actor.sent += 1  # counted before delivery: the actor is not quiescent from now on
         if actor.sent - actor.handled > actor.inbox.maxsize:  # a full inbox pushes back on the compute thread
             self._flush(outbox, loop)
             asyncio.run_coroutine_threadsafe(actor.inbox.put(msg), loop).result()
-            return
-        outbox.append((actor, msg))  # room for certain: put_nowait cannot fail
-        if isinstance(msg, Prefetch) or len(outbox) >= self.OUTBOX:
-            self._flush(outbox, loop)
+        elif isinstance(msg, Ensure):  # at once, and ahead of other actors' bookkeeping
+            if any(a is actor for a, _ in outbox):  # but after this actor's own messages
+                self._flush(outbox, loop)
+            loop.call_soon_threadsafe(actor.inbox.put_nowait, msg)
+        else:
+            outbox.append((actor, msg))  # room for certain: put_nowait cannot fail
+            if isinstance(msg, Prefetch) or len(outbox) >= self.OUTBOX:
+                self._flush(outbox, loop)
 
     def _ask_threadsafe(self, layer: int, token: int, ids: np.ndarray, loop: asyncio.AbstractEventLoop,
-                        outbox: list[tuple[LayerActor, Prefetch | Touch]]) -> tuple[Any, Future[LayerStep]]:
+                        outbox: list[tuple[LayerActor, Prefetch | Touch | Ensure]]) -> tuple[Any, Future[LayerStep]]:
         """`_ask` from the compute thread, answered through thread-safe futures: the actor's
         answers wake this thread directly, with no round trip through the loop."""
         ready: Future[tuple[np.ndarray, np.ndarray]] = Future()
@@ -400,16 +404,8 @@ class SparseRunner:
         with self._replies_lock:
             self._replies.update((ready, reply))
         try:
-            self._check_alive()  # after registering: `dead` either saw these futures or is seen here
-            actor = self.actors[layer]
-            if any(a is actor for a, _ in outbox):  # keep that actor's order; others' bookkeeping can wait
-                self._flush(outbox, loop)
-            actor.sent += 1
-            msg = Ensure(token, ids, reply, ready)
-            if actor.sent - actor.handled > actor.inbox.maxsize:
-                asyncio.run_coroutine_threadsafe(actor.inbox.put(msg), loop).result()
-            else:
-                loop.call_soon_threadsafe(actor.inbox.put_nowait, msg)
+            # (checks the engine is alive after registering: `dead` either saw these futures or is seen)
+            self._post_threadsafe(layer, Ensure(token, ids, reply, ready), loop, outbox)
             return ready.result(), reply
         except BaseException:
             with self._replies_lock:
@@ -420,7 +416,7 @@ class SparseRunner:
                 self._replies.discard(ready)
 
     @staticmethod
-    def _flush(outbox: list[tuple[LayerActor, Prefetch | Touch]], loop: asyncio.AbstractEventLoop) -> None:
+    def _flush(outbox: list[tuple[LayerActor, Prefetch | Touch | Ensure]], loop: asyncio.AbstractEventLoop) -> None:
         if outbox:
             batch = outbox.copy()
             outbox.clear()
