@@ -1,12 +1,14 @@
 """`flashlm eval STORE`: perplexity of neuron selections with a sliding window, side by side.
 
 Each run computes every layer's FFN over the union of the last `window` tokens' selected
-sets (the engine's cache; `compute="window"`) or over each token's own set (`compute="token"`,
-the engine's default), in batch: per-token masks from the selector, OR over the window, the
-dense FFN's neuron outputs multiplied by the mask - the same sum the engine computes. It reports perplexity on held-out Wikipedia and news, the fraction of
-FFN bundles read per token in steady state (neurons entering the window / d_ff, first
-`window` tokens of each sequence excluded), recall of the exact top set at the same density,
-and the selector's cost for one token (all layers, this process, the current thread count).
+sets (the engine's cache and what the engine computes: `compute="window"`) or, to measure
+what the window buys, over each token's own set (`compute="token"`), in batch: per-token masks
+from the selector, OR over the window, the dense FFN's neuron outputs multiplied by the mask -
+the same sum the engine computes over its cache rows. It reports perplexity on held-out
+Wikipedia and news, the fraction of FFN bundles read per token in steady state (neurons
+entering the window / d_ff, first `window` tokens of each sequence excluded), recall of the
+exact top set at the same density, and the selector's cost for one token (all layers, this
+process, the current thread count).
 """
 
 from __future__ import annotations
@@ -248,7 +250,8 @@ def evaluate(store_path: str | Path, quick: bool = False, *, tokens: int | None 
             held = t.held_peak if run.capacity is None else n_keep(d_ff, run.capacity) / d_ff
             report["runs"].append({
                 "mode": run.mode, "selector": run.selector, "density": run.density, "window": run.window,
-                "cache_capacity": run.capacity, "compute": run.compute, "rule": run.rule, "mass": run.mass, "label": run.label,
+                "cache_capacity": run.capacity, "compute": run.compute, "rule": run.rule, "mass": run.mass,
+                "label": run.label,
                 "layer_density": run.layer_density,
                 **ppl,
                 "ppl_wiki_rel": ppl["ppl_wiki"] / base["ppl_wiki"] - 1, "ppl_news_rel": ppl["ppl_news"] / base["ppl_news"] - 1,

@@ -309,12 +309,13 @@ class SparseRunner:
         return logits, report
 
     # The layer loop is one generator: it computes inline and yields what it needs from the
-    # actors — ("post", layer, msg): deliver, no answer; ("ask", layer, ids): Ensure, answer a
-    # LayerStep. Two drivers run it. On the compute thread (compute="thread") the whole token
-    # runs there back to back, posting to the actors on the loop thread-safely and blocking only
-    # when a layer must wait for its reads; so the loop (actors, reads, bookkeeping) runs on the
-    # other core meanwhile, with no thread hop per layer. Inline (compute="loop") every post and
-    # ask is awaited.
+    # actors — ("post", layer, msg): deliver, no answer; ("ask", layer, ids): send Ensure, answer
+    # (pending slots, row neurons) once the layer's reads are in flight; ("wait", layer): answer
+    # that Ensure's LayerStep once every read is committed. Two drivers run it. On the compute
+    # thread (compute="thread") the whole token runs there back to back, posting to the actors
+    # on the loop thread-safely and blocking only when a layer must wait for its reads; so the
+    # loop (actors, reads, bookkeeping) runs beside it, with no thread hop per layer. Inline
+    # (compute="loop") every post and ask is awaited.
 
     async def _drive_here(self, layers: Any, token: int) -> Any:
         answer: Any = None
