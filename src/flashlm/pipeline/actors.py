@@ -161,7 +161,6 @@ class LayerActor:
 
     async def _ensure(self, msg: Ensure) -> None:
         try:
-            t0 = time.perf_counter()
             await self._heal(msg.token)
             # Pending speculative rows count as present; only the remainder is read, while
             # the speculative reads may still be landing.
@@ -176,8 +175,8 @@ class LayerActor:
                 # (commit the landed rows; or, if a read fails, drop them, and then the step fails)
                 msg.ready.set_result((self.cache.pending_slots(), self.cache.neurons().copy()))
             spec, exact = await self._settle()
-            # (the driver records when it was blocked: with `ready` it computes meanwhile)
-            step = LayerStep(plan.hits, len(msg.ids), spec + exact, spec, (time.perf_counter() - t0) * 1e3)
+            # read_wait_ms: the driver fills in when it was blocked (with `ready` it computes meanwhile)
+            step = LayerStep(plan.hits, len(msg.ids), spec + exact, spec, 0.0)
         except BaseException as e:
             for fut in (msg.ready, msg.reply):
                 if fut is not None and not fut.done():
