@@ -2,8 +2,10 @@
 
 Off by default (`EngineConfig(trace=None)`). When on, the hot path only appends a tuple to a
 `collections.deque` (thread-safe, no lock, no I/O, no JSON); a writer thread wakes every
-`flush_s`, turns the queued events into JSON lines and writes them in one buffered write. The
-event loop and the compute thread never wait on the file. `close()` drains and closes.
+`flush_s`, turns the queued events into JSON lines (orjson: ~10x cheaper than the standard
+library's encoder, which matters because the writer shares the one core with the compute
+thread) and writes them in one buffered write. The event loop and the compute thread never
+wait on the file. `close()` drains and closes.
 
 Timestamps are `time.perf_counter()` seconds (monotonic, the same clock the engine's
 timings use); the header records a (perf_counter, wall time) pair to place them in time.
@@ -21,6 +23,8 @@ import time
 from collections import deque
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 SCHEMA = "flashlm-trace"
 SCHEMA_VERSION = 1
@@ -55,7 +59,7 @@ class TraceSink:
         self.max_bytes = max_bytes
         self.rotations = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.path, "w", encoding="utf-8", buffering=1 << 20)  # noqa: SIM115 - closed in close()
+        self._file = open(self.path, "wb", buffering=1 << 20)  # noqa: SIM115 - closed in close()
         self._q: deque[tuple[str, int, dict[str, Any]]] = deque()
         self._rid: dict[int, Any] = {}  # token -> request id
         self._flush_s = flush_s
@@ -81,27 +85,24 @@ class TraceSink:
 
     def _drain(self) -> None:
         q, rid, lines, size = self._q, self._rid, [], self._file.tell()
-        dumps = json.dumps
         while q:
             kind, token, fields = q.popleft()
-            line = dumps({"ev": kind, "token": token, "rid": rid.get(token), **fields},
-                         separators=(",", ":"), default=_plain) + "\n"
+            line = _line({"ev": kind, "token": token, "rid": rid.get(token), **fields})
             if size + len(line) > self.max_bytes and kind != "header":
-                self._file.write("".join(lines))
+                self._file.write(b"".join(lines))
                 self._rotate()
                 lines, size = [], self._file.tell()
             lines.append(line)
-            size += len(line)  # json.dumps escapes to ASCII: characters are bytes
+            size += len(line)
             self.emitted += 1
         if lines:
-            self._file.write("".join(lines))
+            self._file.write(b"".join(lines))
 
     def _rotate(self) -> None:
         self._file.close()
         os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-        self._file = open(self.path, "w", encoding="utf-8", buffering=1 << 20)  # noqa: SIM115
-        self._file.write(json.dumps({"ev": "header", "token": -1, "rid": None, **self._header},
-                                    separators=(",", ":"), default=_plain) + "\n")
+        self._file = open(self.path, "wb", buffering=1 << 20)  # noqa: SIM115
+        self._file.write(_line({"ev": "header", "token": -1, "rid": None, **self._header}))
         self.rotations += 1
 
     def _writer(self) -> None:
@@ -122,6 +123,10 @@ class TraceSink:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _line(event: dict[str, Any]) -> bytes:
+    return orjson.dumps(event, default=_plain, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)
 
 
 def _plain(o: Any) -> Any:
