@@ -212,6 +212,37 @@ def test_window_expiry_and_compaction(policy):
     assert cache.num_used == 0 and cache.compute_view()[0].shape == (0, P, D)
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+def test_append_only_update_moves_no_row_and_tidy_evicts_later(policy):
+    """update(evict=False) places the misses past the end and leaves rows [0, num_used) as they
+    were (the engine computes on them meanwhile); tidy(token) then does the eviction."""
+    store, ref_rows, stride = make_store("float16")
+    cache = NeuronCache(N, 32, parts=P, hidden=D, stride=stride, window=2, policy=policy, dtype=torch.float32)
+    read_and_commit(cache, cache.update(range(8), 0), store)
+    read_and_commit(cache, cache.update([6, 7], 1), store)
+    U = cache.num_used
+    rows, owners = cache.rows[:U].clone(), cache.neuron_of[:U].copy()
+    plan = cache.update([7, 10, 11], 2, evict=False)  # 0..5 are out of the window, but stay for now
+    assert plan.evicted == 0 and plan.moved == 0 and plan.slots.tolist() == [U, U + 1]
+    assert np.array_equal(cache.neuron_of[:U], owners) and torch.equal(cache.rows[:U], rows)
+    assert cache.tidy(2) == (0, 0), "nothing is evicted while reads are in flight"
+    read_and_commit(cache, plan, store)
+    cache.invariants()
+    check_rows(cache, ref_rows, set(range(8)) | {10, 11})
+    evicted, moved = cache.tidy(2)
+    assert evicted == 6 and (moved > 0) == (policy == "compact")
+    cache.invariants()
+    check_rows(cache, ref_rows, {6, 7, 10, 11})
+    assert cache.tidy(1) == (0, 0)  # an older token's tidy: a later update already evicted
+    small = NeuronCache(N, 4, parts=P, hidden=D, stride=stride, window=8, policy=policy, dtype=torch.float32)
+    read_and_commit(small, small.update([1, 2, 3], 0), store)
+    before = (small.slot_of.copy(), small.neuron_of.copy(), small.num_used)
+    with pytest.raises(RuntimeError, match="no room"):
+        small.update([4, 5], 1, evict=False)
+    assert np.array_equal(before[0], small.slot_of) and np.array_equal(before[1], small.neuron_of)
+    assert before[2] == small.num_used
+
+
 def test_rejects_bad_input():
     kw = dict(parts=P, hidden=D, stride=64, store_dtype="float16")
     with pytest.raises(MemoryBudgetError, match="capacity 0"):

@@ -95,6 +95,8 @@ async def test_logits_equal_reference_sparse_ffn_over_the_same_sets(stores, arch
             assert report.read_bytes > 0 or window > 1
             if window == 4:  # few misses per step: layers computed over their cached rows while the rest was read
                 assert runner.early_steps > 0
+            # on the compute thread, without waiting for the actor's answer first (appending, moving no row)
+            assert (runner.fetch_steps > 0) == (compute == "thread")
             want = reference_step_logits(model, rows_all, runner.selectors, steps[:-1], window, lookahead)
     for t, (g, w) in enumerate(zip(got, want, strict=True)):
         assert torch.allclose(g, w, atol=1e-4, rtol=1e-4), f"step {t}: max diff {(g - w).abs().max()}"

@@ -4,10 +4,14 @@ An actor takes two kinds of message from its bounded inbox:
 - `Prefetch(token, ids)`: a *speculative* set, predicted one layer early from the previous
   layer's attention output. The actor updates its cache (evict outside the window, append
   the missing neurons) and starts their flash reads, without waiting for them.
-- `Ensure(token, ids, reply, ready)`: the exact set for this token. The actor places and
-  starts reading whatever is still missing, tells `ready` which slots are still pending
+- `Ensure(token, ids, reply, ready, evict)`: the exact set for this token. The actor places
+  and starts reading whatever is still missing, tells `ready` which slots are still pending
   (reads in flight: the driver may compute the layer's FFN over the other rows meanwhile),
   waits for every read (its own and the prefetch's), commits the new rows and answers.
+  With evict=False the new neurons are only appended (no row moves), so the driver may
+  compute on the rows it saw before sending, without waiting for `ready`; a `Tidy` after
+  the layer's FFN does the eviction.
+- `Touch(token, ids)` / `Tidy(token)`: bookkeeping after a layer's FFN (see each).
 
 So layer l+1's reads run on the reader's I/O threads while layer l's FFN computes on the
 compute thread: flash latency hides behind compute. Every phase is timestamped into the
@@ -47,6 +51,13 @@ class Touch:
 
 
 @dataclass(frozen=True)
+class Tidy:
+    """The eviction an `Ensure(evict=False)` of this token left: sent after the layer's FFN."""
+
+    token: int
+
+
+@dataclass(frozen=True)
 class Ensure:
     token: int
     ids: np.ndarray
@@ -57,6 +68,7 @@ class Ensure:
     # the neuron of each row [0, num_used)), the cache as it stands then
     ready: asyncio.Future[tuple[np.ndarray, np.ndarray]] | Future[tuple[np.ndarray, np.ndarray]] | None = field(
         default=None, compare=False)
+    evict: bool = True  # False: append only, rows [0, num_used) stay put (see the module doc)
 
 
 @dataclass(frozen=True)
@@ -86,7 +98,7 @@ class LayerActor:
         self.layer = layer
         self.cache = cache
         self.reader = reader
-        self.inbox: asyncio.Queue[Prefetch | Touch | Ensure | None] = asyncio.Queue(maxsize=4)
+        self.inbox: asyncio.Queue[Prefetch | Touch | Tidy | Ensure | None] = asyncio.Queue(maxsize=4)
         # Messages the driver sent / this actor finished: each counter is written by one thread
         # only (the driver may post from the compute thread), so `quiescent` is safe to ask there.
         self.sent = 0
@@ -106,6 +118,8 @@ class LayerActor:
                         await self._prefetch(msg)
                     elif isinstance(msg, Touch):
                         await self._touch(msg)
+                    elif isinstance(msg, Tidy):
+                        await self._tidy(msg)
                     else:
                         await self._ensure(msg)
                 finally:
@@ -115,6 +129,11 @@ class LayerActor:
                 task.cancel()
             if self._inflight:
                 await asyncio.gather(*self._inflight, return_exceptions=True)
+
+    def idle(self) -> bool:
+        """Every message sent is handled: until the driver sends the next one, only reads in
+        flight write into the cache (into pending slots' staging bytes)."""
+        return self.sent == self.handled
 
     def quiescent(self) -> bool:
         """Every message sent is handled, no read in flight or uncommitted: the cache will not
@@ -134,6 +153,17 @@ class LayerActor:
                 await self._settle()
         except Exception as e:  # noqa: BLE001 - bookkeeping of a finished step: the next step heals
             log.warning("cache bookkeeping failed", layer=self.layer, token=msg.token, error=repr(e))
+
+    async def _tidy(self, msg: Tidy) -> None:
+        try:
+            t0 = time.perf_counter()
+            evicted, moved = self.cache.tidy(msg.token)
+            if self.trace is not None:  # an update that evicts only (requested 0)
+                self.trace.emit("cache", msg.token, layer=self.layer, phase="update", start=t0,
+                                end=time.perf_counter(), speculative=False, requested=0, hits=0, missing=0,
+                                evicted=evicted, appended=0, hole_fills=0, moved=moved, num_used=self.cache.num_used)
+        except Exception as e:  # noqa: BLE001 - bookkeeping of a finished step: the next update evicts anyway
+            log.warning("cache eviction failed", layer=self.layer, token=msg.token, error=repr(e))
 
     async def _heal(self, token: int) -> None:
         """Reads left by a step that was cancelled or failed mid-way (its driver is gone):
@@ -165,7 +195,7 @@ class LayerActor:
             # Pending speculative rows count as present; only the remainder is read, while
             # the speculative reads may still be landing.
             t_up, u0 = time.perf_counter(), self.cache.num_used
-            plan = self.cache.update(msg.ids, msg.token)
+            plan = self.cache.update(msg.ids, msg.token, evict=msg.evict)
             if self.trace is not None:
                 self._trace_update(plan, msg, t_up, u0, speculative=False)
             if len(plan.missing_ids):

@@ -39,6 +39,10 @@ ever moved: in the same token nothing expires again, and a capacity eviction the
 as many slots as it fills, so incoming reads take every hole and no row moves. `update` for a
 later token while reads are pending is refused; `drop_pending()` drops the pending neurons of a failed
 or cancelled read (their slots become holes, compacted as the policy says).
+
+Eviction later. `update(ids, t, evict=False)` evicts nothing and places every missing neuron
+past the end, so rows [0, num_used) neither move nor change owner: the engine computes the
+layer's FFN over them while the new rows are read. `tidy(t)` does the eviction afterwards.
 """
 
 from __future__ import annotations
@@ -151,6 +155,7 @@ class NeuronCache:
         self._c = dict(updates=0, hits=0, misses=0, evictions=0, appends=0, hole_fills=0, moves=0, zeroed=0,
                        dropped=0)
         self._tok_misses = 0
+        self._tidy_due = False  # an update(evict=False) left expired neurons for tidy()
         self._rates = [0, 0.0, float("inf"), float("-inf"), float("nan")]  # n, sum, min, max, last
 
     @property
@@ -161,8 +166,12 @@ class NeuronCache:
 
     # -- the step --------------------------------------------------------------------------------
 
-    def update(self, ids: np.ndarray | torch.Tensor | list[int], token: int) -> CachePlan:
+    def update(self, ids: np.ndarray | torch.Tensor | list[int], token: int, *, evict: bool = True) -> CachePlan:
         """Mark `ids` used at `token`, evict, and choose slots for the missing neurons (see module doc).
+
+        evict=False: evict nothing and move no row; the missing neurons go past the end, so rows
+        [0, num_used) stay as they are (an FFN may be computing on them meanwhile); `tidy(token)`
+        evicts later. Needs room: num_used + missing <= capacity, else RuntimeError.
 
         Raises MemoryBudgetError (state unchanged) if the neurons used at `token` exceed capacity.
         """
@@ -189,22 +198,29 @@ class NeuronCache:
             raise MemoryBudgetError(
                 f"layer cache needs {n_pinned} neurons at token {token} but holds {self.capacity}: raise the "
                 f"memory budget (cache capacity) or lower the density")
+        if not evict and U + m > self.capacity:
+            raise RuntimeError(f"no room for {m} neurons without evicting ({U} of {self.capacity} slots used)")
         if token > self.token:
             self._close_token()
             self.token = token
-        evict = expired
+        if not evict:
+            expired = np.zeros_like(expired)
+        self._tidy_due = not evict
+        gone = expired
         extra = int(np.count_nonzero(live & ~expired)) + m - self.capacity
-        if extra > 0:  # least recently used first, ties by neuron id; never the current token's
+        if evict and extra > 0:  # least recently used first, ties by neuron id; never the current token's
             cand = np.flatnonzero(live & ~expired & (lu < token))
             key = lu[cand] * (self.n_neurons + 1) + self.neuron_of[cand]
             pick = cand[np.argpartition(key, extra - 1)[:extra]] if extra < cand.size else cand
-            evict = expired.copy()
-            evict[pick] = True
-        ev_slots = np.flatnonzero(evict)
+            gone = expired.copy()
+            gone[pick] = True
+        ev_slots = np.flatnonzero(gone)
         self._lu[ids] = token
         self.slot_of[self.neuron_of[ev_slots]] = -1
         self.neuron_of[ev_slots] = -1
-        holes = ev_slots if self.policy == "compact" else np.flatnonzero(~live | evict)  # sorted
+        holes = ev_slots if self.policy == "compact" else np.flatnonzero(~live | gone)  # sorted
+        if not evict:
+            holes = holes[:0]  # rows [0, U) must not change: append only
         k = min(m, holes.size)
         slots = np.concatenate([holes[:k], np.arange(U, U + m - k, dtype=np.int64)])
         self.neuron_of[slots] = missing
@@ -230,6 +246,26 @@ class NeuronCache:
         missing.setflags(write=False)
         slots.setflags(write=False)
         return CachePlan(missing, slots, int(ev_slots.size), moved, int(ids.size - m), token)
+
+    def tidy(self, token: int) -> tuple[int, int]:
+        """The eviction an `update(..., evict=False)` at `token` left for later: drop the neurons
+        not used in the last `window` tokens and close the holes as the policy says. Returns
+        (evicted, moved). Pending rows are never evicted or moved."""
+        if token != self.token or self.n_pending:
+            return 0, 0  # a later token's update already evicted; or reads are in flight (rows stay put)
+        self._tidy_due = False
+        U = self.num_used
+        lu = self._lu[self.neuron_of[:U]]
+        gone = np.flatnonzero(lu <= token - self.window)
+        if not gone.size:
+            return 0, 0
+        self.slot_of[self.neuron_of[gone]] = -1
+        self.neuron_of[gone] = -1
+        moved = self._fill(gone) if self.policy == "compact" else self._zero(gone)
+        self._c["evictions"] += gone.size
+        self._c["moves"] += moved
+        self._version += 1
+        return int(gone.size), moved
 
     def _fill(self, holes: np.ndarray) -> int:
         """compact: move the last rows into the holes below the new end; returns rows moved."""
@@ -366,7 +402,8 @@ class NeuronCache:
         slots = np.flatnonzero(nof[:U] >= 0)
         assert (self.slot_of[held] == slots).all(), "slot_of and neuron_of disagree"
         assert np.count_nonzero(self.slot_of >= 0) == held.size, "slot_of names a slot no neuron owns"
-        assert (self.last_used[held] > self.token - self.window).all(), "a cached neuron is outside the window"
+        if not self._tidy_due:  # (between update(evict=False) and tidy, expired neurons may stay)
+            assert (self.last_used[held] > self.token - self.window).all(), "a cached neuron is outside the window"
         assert self.n_pending == np.count_nonzero(self._pending), "pending count is off"
         assert not self._pending[U:].any() and (nof[self._pending] >= 0).all(), "a pending slot is not owned"
 

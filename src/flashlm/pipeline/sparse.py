@@ -40,7 +40,7 @@ import structlog
 import torch
 
 from flashlm.errors import EngineClosedError, EngineDeadError
-from flashlm.pipeline.actors import Ensure, Event, LayerActor, LayerStep, Prefetch, Touch
+from flashlm.pipeline.actors import Ensure, Event, LayerActor, LayerStep, Prefetch, Tidy, Touch
 
 Selector = Callable[[torch.Tensor], torch.Tensor]  # ffn_in (T, d) -> neuron ids (n,), unique
 
@@ -113,6 +113,12 @@ class SparseRunner:
         self.trace: Any = None  # a flashlm.pipeline.trace.TraceSink when the engine traces
         self._cur_token = -1  # the step in progress (steps are serialized by _lock)
         self.early_steps = 0  # layer steps that computed over cached rows while their own reads landed
+        # True (compute="thread"): a layer with reads to wait for computes over its cached rows
+        # at once, while the actor appends and reads the rest (no row moves until a Tidy after
+        # the FFN); False, compute="loop", or no room to append: it first waits for the actor to
+        # say which rows are pending (one round trip through the loop). Measured in docs/sparsity.md.
+        self.fetch_early = True
+        self.fetch_steps = 0  # layer steps that took the first way
 
     def set_recording(self, on: bool) -> None:
         """Timestamp every read (actors) and FFN compute (here), for overlap analysis."""
@@ -139,7 +145,7 @@ class SparseRunner:
         if self._dead is not None:
             raise self._failure()
 
-    async def _post(self, layer: int, msg: Prefetch | Touch) -> None:
+    async def _post(self, layer: int, msg: Prefetch | Touch | Tidy) -> None:
         self._check_alive()
         self.actors[layer].sent += 1
         await self.actors[layer].inbox.put(msg)
@@ -165,6 +171,16 @@ class SparseRunner:
         finally:
             with self._replies_lock:
                 self._replies.discard(ready)
+
+    async def _fetch(self, layer: int, msg_token: int, ids: np.ndarray) -> asyncio.Future[LayerStep]:
+        """Send Ensure(evict=False) and return at once: the future of its LayerStep."""
+        self._check_alive()
+        reply: asyncio.Future[LayerStep] = asyncio.get_running_loop().create_future()
+        with self._replies_lock:
+            self._replies.add(reply)
+        self.actors[layer].sent += 1
+        await self.actors[layer].inbox.put(Ensure(msg_token, ids, reply, evict=False))
+        return reply
 
     async def _answer(self, reply: asyncio.Future[LayerStep]) -> LayerStep:
         try:
@@ -196,12 +212,13 @@ class SparseRunner:
                         n=int(spec.size))
         return residual, ffn_in, exact, spec
 
-    def _window_mask(self, neurons: np.ndarray, needed: np.ndarray) -> np.ndarray:
-        """Which of the rows holding `neurons` are in this request's window (`needed`)."""
+    def _in_set(self, neurons: np.ndarray, members: np.ndarray) -> np.ndarray:
+        """Which of `neurons` are in `members` (e.g. which of a cache's rows hold a neuron of this
+        request's window): a boolean lookup, cheaper than np.isin at these sizes."""
         sel = self._sel
-        sel[needed] = True
+        sel[members] = True
         keep = sel[neurons]
-        sel[needed] = False
+        sel[members] = False
         return keep
 
     def _ffn_early(self, layer: int, ffn_in: torch.Tensor, needed: np.ndarray, pending: np.ndarray, held: np.ndarray,
@@ -213,7 +230,7 @@ class SparseRunner:
         written, but they always hold finite weights (an old neuron's or the new one's,
         whole floats), so 0 x row adds exactly nothing."""
         cache = self.caches[layer]
-        keep = self._window_mask(held, needed)  # held: the neuron of each row when the actor answered
+        keep = self._in_set(held, needed)  # held: the neuron of each row when the actor answered
         late = pending[keep[pending]]
         if not late.size or 2 * late.size > needed.size:
             return None
@@ -226,6 +243,26 @@ class SparseRunner:
             part = self.model.layers[layer].ffn(ffn_in, rows, ids, torch.from_numpy(keep).to(rows.device, rows.dtype))
         self._compute_event(layer, token, t0, int(rows.shape[0]))
         return part, late
+
+    def _ffn_held(self, layer: int, ffn_in: torch.Tensor, needed: np.ndarray, pending: np.ndarray, held: np.ndarray,
+                  token: int) -> tuple[torch.Tensor, np.ndarray] | None:
+        """The layer's FFN over the window's rows the cache held, committed, before the step was
+        sent (`held`: the neuron of each of those rows); the actor only appends past them and
+        commits pending rows meanwhile, which stay masked. Returns (that partial output, the
+        neurons it covered), or None when it covered none."""
+        keep = self._in_set(held, needed) & (held >= 0)
+        keep[pending] = False
+        if not keep.any():
+            return None
+        t0 = time.perf_counter()
+        self.early_steps += 1
+        cache = self.caches[layer]
+        with torch.inference_mode():
+            rows = cache.rows[: held.size]
+            ids = torch.from_numpy(np.maximum(held, 0)).to(rows.device)
+            part = self.model.layers[layer].ffn(ffn_in, rows, ids, torch.from_numpy(keep).to(rows.device, rows.dtype))
+        self._compute_event(layer, token, t0, int(rows.shape[0]))
+        return part, held[keep]
 
     def _ffn(self, layer: int, residual: torch.Tensor, ffn_in: torch.Tensor, needed: np.ndarray, token: int,
              early: tuple[torch.Tensor, np.ndarray] | None = None) -> torch.Tensor:
@@ -243,7 +280,7 @@ class SparseRunner:
             else:
                 mask = None
                 if rows.shape[0] != needed.size:  # the cache also holds neurons outside this request's window
-                    keep = self._window_mask(cache.neurons(), needed)
+                    keep = self._in_set(cache.neurons(), needed)
                     mask = torch.from_numpy(keep).to(rows.device, rows.dtype)  # cheaper than gathering the rows
                 out = block.ffn(ffn_in, rows, neuron_ids, mask)
             out = block.combine(residual, out)
@@ -329,6 +366,8 @@ class SparseRunner:
                 answer = await self._post(op[1], op[2])
             elif op[0] == "ask":
                 answer, reply = await self._ask(op[1], token, op[2])
+            elif op[0] == "fetch":
+                answer, reply = None, await self._fetch(op[1], token, op[2])
             else:
                 answer = await self._answer(reply)
 
@@ -349,7 +388,7 @@ class SparseRunner:
     def _drive_sync(self, layers: Any, token: int, loop: asyncio.AbstractEventLoop, abort: threading.Event) -> Any:
         answer: Any = None
         reply = None
-        outbox: list[tuple[LayerActor, Prefetch | Touch | Ensure]] = []
+        outbox: list[tuple[LayerActor, Prefetch | Touch | Tidy | Ensure]] = []
         try:
             while True:
                 if abort.is_set():
@@ -363,6 +402,8 @@ class SparseRunner:
                     self._post_threadsafe(op[1], op[2], loop, outbox)
                 elif op[0] == "ask":
                     answer, reply = self._ask_threadsafe(op[1], token, op[2], loop, outbox)
+                elif op[0] == "fetch":
+                    reply = self._fetch_threadsafe(op[1], token, op[2], loop, outbox)
                 else:
                     try:
                         answer = reply.result()
@@ -379,8 +420,8 @@ class SparseRunner:
     # Ensure does not wait for the outbox (other actors' bookkeeping would run before it).
     OUTBOX = 4
 
-    def _post_threadsafe(self, layer: int, msg: Prefetch | Touch | Ensure, loop: asyncio.AbstractEventLoop,
-                         outbox: list[tuple[LayerActor, Prefetch | Touch | Ensure]]) -> None:
+    def _post_threadsafe(self, layer: int, msg: Prefetch | Touch | Tidy | Ensure, loop: asyncio.AbstractEventLoop,
+                         outbox: list[tuple[LayerActor, Prefetch | Touch | Tidy | Ensure]]) -> None:
         self._check_alive()
         actor = self.actors[layer]
         actor.sent += 1  # counted before delivery: the actor is not quiescent from now on
@@ -397,7 +438,7 @@ class SparseRunner:
                 self._flush(outbox, loop)
 
     def _ask_threadsafe(self, layer: int, token: int, ids: np.ndarray, loop: asyncio.AbstractEventLoop,
-                        outbox: list[tuple[LayerActor, Prefetch | Touch | Ensure]]) -> tuple[Any, Future[LayerStep]]:
+                        outbox: list[tuple[LayerActor, Prefetch | Touch | Tidy | Ensure]]) -> tuple[Any, Future[LayerStep]]:
         """`_ask` from the compute thread, answered through thread-safe futures: the actor's
         answers wake this thread directly, with no round trip through the loop."""
         ready: Future[tuple[np.ndarray, np.ndarray]] = Future()
@@ -416,8 +457,22 @@ class SparseRunner:
             with self._replies_lock:
                 self._replies.discard(ready)
 
+    def _fetch_threadsafe(self, layer: int, token: int, ids: np.ndarray, loop: asyncio.AbstractEventLoop,
+                          outbox: list[tuple[LayerActor, Prefetch | Touch | Tidy | Ensure]]) -> Future[LayerStep]:
+        """`_fetch` from the compute thread."""
+        reply: Future[LayerStep] = Future()
+        with self._replies_lock:
+            self._replies.add(reply)
+        try:
+            self._post_threadsafe(layer, Ensure(token, ids, reply, evict=False), loop, outbox)
+        except BaseException:
+            with self._replies_lock:
+                self._replies.discard(reply)
+            raise
+        return reply
+
     @staticmethod
-    def _flush(outbox: list[tuple[LayerActor, Prefetch | Touch | Ensure]], loop: asyncio.AbstractEventLoop) -> None:
+    def _flush(outbox: list[tuple[LayerActor, Prefetch | Touch | Tidy | Ensure]], loop: asyncio.AbstractEventLoop) -> None:
         if outbox:
             batch = outbox.copy()
             outbox.clear()
@@ -453,22 +508,42 @@ class SparseRunner:
             win.mark(layer, exact)
             needed = win.needed(layer)
             cache = self.caches[layer]
-            if self.reuse and self.actors[layer].quiescent() and (cache.slot_of[needed] >= 0).all():
+            actor = self.actors[layer]
+            n_missing = int(np.count_nonzero(cache.slot_of[needed] < 0))
+            if self.reuse and not n_missing and actor.quiescent():
                 # Fast path: everything is cached and nothing touches this cache until we say
                 # so: compute now (over the window's neurons, masked), book-keep afterwards.
                 touch = ("post", layer, Touch(token, needed))
                 steps.append(LayerStep(int(needed.size), int(needed.size), 0, 0, 0.0))
             else:
                 t_ask = time.perf_counter()
-                pending, held = yield "ask", layer, needed  # answered once the layer's reads are in flight
-                t_wait = time.perf_counter()
-                early = self._ffn_early(layer, ffn_in, needed, pending, held, token) if pending.size else None
+                held_part = None
+                if (self.fetch_early and not self.inline and self.reuse and actor.idle()
+                        and cache.num_used + n_missing <= cache.capacity):
+                    # Reads in flight or to start, room to append them: send the step without
+                    # waiting for an answer (its update appends, moves no row) and compute over
+                    # the rows already there meanwhile; evict after the FFN. (Inline on the
+                    # loop the actor could not start the reads until this compute is done.)
+                    held, pending = cache.neuron_of[: cache.num_used].copy(), cache.pending_slots()
+                    yield "fetch", layer, needed
+                    self.fetch_steps += 1
+                    held_part = self._ffn_held(layer, ffn_in, needed, pending, held, token)
+                    touch = ("post", layer, Tidy(token))
+                    waits: tuple[tuple[float, float], ...] = ()
+                else:
+                    pending, held = yield "ask", layer, needed  # answered once the layer's reads are in flight
+                    t_wait = time.perf_counter()
+                    early = self._ffn_early(layer, ffn_in, needed, pending, held, token) if pending.size else None
+                    waits = ((t_ask, t_wait),)
                 t_block = time.perf_counter()
                 step = yield "wait", layer
                 t_done = time.perf_counter()
-                waited = (t_wait - t_ask) + (t_done - t_block)
-                steps.append(dataclasses.replace(step, read_wait_ms=waited * 1e3))
-                for a, b in ((t_ask, t_wait), (t_block, t_done)):  # when this step was blocked on the actor
+                if held_part is not None:  # every read is committed now: the rows still to add
+                    part, computed = held_part
+                    early = (part, cache.slot_of[needed[~self._in_set(needed, computed)]])
+                waits += ((t_block, t_done),)
+                steps.append(dataclasses.replace(step, read_wait_ms=sum(b - a for a, b in waits) * 1e3))
+                for a, b in waits:  # when this step was blocked on the actor
                     if self.record:
                         self.actors[layer].events.append(Event(layer, token, "wait", a, b))
                     if self.trace is not None:
