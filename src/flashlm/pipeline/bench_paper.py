@@ -237,7 +237,7 @@ async def run_paper_bench(out: Path, *, quick: bool, model: str = "smollm2-135m"
         for name, cfg in ablation_cfgs:
             runs[name] = await _measure(model, name.lstrip("+"), cfg, **kw)
         result["ours"] = runs["+speculation"]
-        result["trace_overhead"] = await _trace_overhead(model, EngineConfig(**sparse), rounds=2 if quick else 3, **kw)
+        result["trace_overhead"] = await _trace_overhead(model, EngineConfig(**sparse), rounds=2 if quick else 5, **kw)
         if report_dir is not None:  # the report of ours' trace: timeline.png, breakdown.png
             from flashlm.pipeline.trace_report import report
 
