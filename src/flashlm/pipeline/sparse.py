@@ -172,16 +172,6 @@ class SparseRunner:
             with self._replies_lock:
                 self._replies.discard(ready)
 
-    async def _fetch(self, layer: int, msg_token: int, ids: np.ndarray) -> asyncio.Future[LayerStep]:
-        """Send Ensure(evict=False) and return at once: the future of its LayerStep."""
-        self._check_alive()
-        reply: asyncio.Future[LayerStep] = asyncio.get_running_loop().create_future()
-        with self._replies_lock:
-            self._replies.add(reply)
-        self.actors[layer].sent += 1
-        await self.actors[layer].inbox.put(Ensure(msg_token, ids, reply, evict=False))
-        return reply
-
     async def _answer(self, reply: asyncio.Future[LayerStep]) -> LayerStep:
         try:
             return await reply
@@ -347,8 +337,9 @@ class SparseRunner:
 
     # The layer loop is one generator: it computes inline and yields what it needs from the
     # actors — ("post", layer, msg): deliver, no answer; ("ask", layer, ids): send Ensure, answer
-    # (pending slots, row neurons) once the layer's reads are in flight; ("wait", layer): answer
-    # that Ensure's LayerStep once every read is committed. Two drivers run it. On the compute
+    # (pending slots, row neurons) once the layer's reads are in flight; ("fetch", layer, ids):
+    # send Ensure(evict=False), no answer (compute thread only); ("wait", layer): answer that
+    # Ensure's LayerStep once every read is committed. Two drivers run it. On the compute
     # thread (compute="thread") the whole token runs there back to back, posting to the actors
     # on the loop thread-safely and blocking only when a layer must wait for its reads; so the
     # loop (actors, reads, bookkeeping) runs beside it, with no thread hop per layer. Inline
@@ -366,8 +357,6 @@ class SparseRunner:
                 answer = await self._post(op[1], op[2])
             elif op[0] == "ask":
                 answer, reply = await self._ask(op[1], token, op[2])
-            elif op[0] == "fetch":
-                answer, reply = None, await self._fetch(op[1], token, op[2])
             else:
                 answer = await self._answer(reply)
 
@@ -459,7 +448,8 @@ class SparseRunner:
 
     def _fetch_threadsafe(self, layer: int, token: int, ids: np.ndarray, loop: asyncio.AbstractEventLoop,
                           outbox: list[tuple[LayerActor, Prefetch | Touch | Tidy | Ensure]]) -> Future[LayerStep]:
-        """`_fetch` from the compute thread."""
+        """Send Ensure(evict=False) and return at once: the future of its LayerStep (only the
+        compute thread's driver does this: see `fetch_early`)."""
         reply: Future[LayerStep] = Future()
         with self._replies_lock:
             self._replies.add(reply)
