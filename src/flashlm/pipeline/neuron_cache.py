@@ -259,13 +259,18 @@ class NeuronCache:
         gone = np.flatnonzero(lu <= token - self.window)
         if not gone.size:
             return 0, 0
-        self.slot_of[self.neuron_of[gone]] = -1
-        self.neuron_of[gone] = -1
-        moved = self._fill(gone) if self.policy == "compact" else self._zero(gone)
+        moved = self._release(gone)
         self._c["evictions"] += gone.size
         self._c["moves"] += moved
         self._version += 1
         return int(gone.size), moved
+
+    def _release(self, slots: np.ndarray) -> int:
+        """Free `slots` (none pending; their neurons leave the cache) and close the holes as the
+        policy says; returns the rows moved."""
+        self.slot_of[self.neuron_of[slots]] = -1
+        self.neuron_of[slots] = -1
+        return self._fill(slots) if self.policy == "compact" else self._zero(slots)
 
     def _fill(self, holes: np.ndarray) -> int:
         """compact: move the last rows into the holes below the new end; returns rows moved."""
@@ -330,14 +335,9 @@ class NeuronCache:
         slots = np.flatnonzero(self._pending)
         if not slots.size:
             return 0
-        self.slot_of[self.neuron_of[slots]] = -1
-        self.neuron_of[slots] = -1
         self._pending[slots] = False
         self.n_pending = 0
-        if self.policy == "compact":
-            self._c["moves"] += self._fill(slots)
-        else:
-            self._zero(slots)
+        self._c["moves"] += self._release(slots)
         self._c["dropped"] += int(slots.size)
         self._version += 1
         return int(slots.size)
