@@ -219,20 +219,12 @@ class SparseRunner:
         a prompt's first step). Pending rows are masked out, never used: they may be half
         written, but they always hold finite weights (an old neuron's or the new one's,
         whole floats), so 0 x row adds exactly nothing."""
-        cache = self.caches[layer]
         keep = self._in_set(held, needed)  # held: the neuron of each row when the actor answered
         late = pending[keep[pending]]
         if not late.size or 2 * late.size > needed.size:
             return None
-        t0 = time.perf_counter()
-        self.early_steps += 1
         keep[pending] = False
-        with torch.inference_mode():
-            rows = cache.rows[: held.size]
-            ids = torch.from_numpy(held).to(rows.device)
-            part = self.model.layers[layer].ffn(ffn_in, rows, ids, torch.from_numpy(keep).to(rows.device, rows.dtype))
-        self._compute_event(layer, token, t0, int(rows.shape[0]))
-        return part, late
+        return self._ffn_masked(layer, ffn_in, held, keep, token), late
 
     def _ffn_held(self, layer: int, ffn_in: torch.Tensor, needed: np.ndarray, pending: np.ndarray, held: np.ndarray,
                   token: int) -> tuple[torch.Tensor, np.ndarray] | None:
@@ -244,15 +236,20 @@ class SparseRunner:
         keep[pending] = False
         if not keep.any():
             return None
+        return self._ffn_masked(layer, ffn_in, np.maximum(held, 0), keep, token), held[keep]
+
+    def _ffn_masked(self, layer: int, ffn_in: torch.Tensor, ids: np.ndarray, keep: np.ndarray,
+                    token: int) -> torch.Tensor:
+        """The layer's FFN over its cache's rows [0, ids.size) (ids: the neuron of each), each
+        row weighted by the 0/1 `keep`: an early step's part, timed as a compute event."""
         t0 = time.perf_counter()
         self.early_steps += 1
-        cache = self.caches[layer]
         with torch.inference_mode():
-            rows = cache.rows[: held.size]
-            ids = torch.from_numpy(np.maximum(held, 0)).to(rows.device)
-            part = self.model.layers[layer].ffn(ffn_in, rows, ids, torch.from_numpy(keep).to(rows.device, rows.dtype))
+            rows = self.caches[layer].rows[: ids.size]
+            part = self.model.layers[layer].ffn(ffn_in, rows, torch.from_numpy(ids).to(rows.device),
+                                                torch.from_numpy(keep).to(rows.device, rows.dtype))
         self._compute_event(layer, token, t0, int(rows.shape[0]))
-        return part, held[keep]
+        return part
 
     def _ffn(self, layer: int, residual: torch.Tensor, ffn_in: torch.Tensor, needed: np.ndarray, token: int,
              early: tuple[torch.Tensor, np.ndarray] | None = None) -> torch.Tensor:
