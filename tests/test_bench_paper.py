@@ -23,10 +23,11 @@ def test_bench_quick_writes_tables(llama_store, tmp_path, capsys):
         assert ROW <= set(r[k]), k
     assert r["machine"]["cpu_count"] >= 1
     names = [a["technique"] for a in r["ablation"]]
-    assert names == ["naive", "hybrid", "+predictor", "+window", "+bundling", "+speculation"]
+    assert names == ["naive", "hybrid", "+predictor", "+window", "+bundling", "+speculation", "+lazy eviction"]
     assert all("io_ms" in a and "paper_io_ms" in a for a in r["ablation"])
     # correctness while benchmarking: the exact baselines reproduce the dense model's tokens
     assert r["checks"]["naive_tokens_equal_dense"] and r["checks"]["hybrid_tokens_equal_dense"]
+    assert r["checks"]["ours_tokens_agree_with_window_eviction"] == 1.0  # lazy eviction: the same neurons
     # naive reads every weight: more bytes than hybrid (whole FFN) which reads more than ours
     assert r["naive"]["bytes_per_token"] > r["hybrid"]["bytes_per_token"] >= r["ours"]["bytes_per_token"]
     assert r["hybrid"]["bytes_per_token"] > 0 and r["dense_ram"]["bytes_per_token"] == 0

@@ -39,6 +39,11 @@ def test_convert_run_verify(ckpt, tmp_path):
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["tokens"] == len(res["token_ids"]) <= 12 and res["finish_reason"] in ("stop", "length")
+    # the paper's eviction computes the same neurons (the window's): the same answer
+    r = flashlm("run", "--model", str(out), "--raw", "--max-tokens", "12", "--json", "--eviction", "window",
+                "The quick brown")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["token_ids"] == res["token_ids"]
 
     r = flashlm("run", "--model", str(out), "--max-tokens", "5", "--quiet", "hello fox")
     assert r.returncode == 0 and r.stderr == ""

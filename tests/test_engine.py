@@ -175,6 +175,8 @@ async def test_closed_engine_and_bad_config(llama_store):
         EngineConfig(device="tpu")
     with pytest.raises(ConfigError, match="dtype"):
         EngineConfig(dtype="int3")
+    with pytest.raises(ConfigError, match="eviction 'fifo' must be 'lazy' or 'window'"):
+        EngineConfig(eviction="fifo")
 
 
 async def test_float16_store_runs_close_to_float32(tmp_path):

@@ -25,16 +25,17 @@ POLICIES = ["compact", "paired"]
 class RefCache:
     """What the cache must hold: neuron -> last used token, evictions by (last_used, id)."""
 
-    def __init__(self, capacity: int, window: int) -> None:
+    def __init__(self, capacity: int, window: int, lazy: bool = False) -> None:
         self.cap, self.window, self.lu, self.pending = capacity, window, {}, set()
+        self.lazy = lazy  # nothing expires: only room for the missing evicts (least recently used)
 
     def update(self, ids: set[int], t: int) -> tuple[int, int, int]:
         missing = ids - self.lu.keys()
         lu = {n: (t if n in ids else v) for n, v in self.lu.items()}
         if sum(v == t for v in lu.values()) + len(missing) > self.cap:
             raise MemoryBudgetError("ref")
-        gone = [n for n, v in lu.items() if v <= t - self.window]
-        keep = {n: v for n, v in lu.items() if v > t - self.window}
+        gone = [] if self.lazy else [n for n, v in lu.items() if v <= t - self.window]
+        keep = {n: v for n, v in lu.items() if self.lazy or v > t - self.window}
         extra = len(keep) + len(missing) - self.cap
         if extra > 0:
             victims = sorted((v, n) for n, v in keep.items() if v < t)[:extra]
@@ -83,17 +84,18 @@ def next_ids(rng: random.Random, prev: set[int], size: int) -> set[int]:
     return keep
 
 
+@pytest.mark.parametrize("eviction", ["window", "lazy"])
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("store_dtype", ["float32", "float16"])
-def test_random_requests_match_reference(policy, store_dtype):
+def test_random_requests_match_reference(policy, store_dtype, eviction):
     store, ref_rows, stride = make_store(store_dtype)
     for seed in range(6):
         rng = random.Random(seed)
         cap, window = rng.randrange(12, N + 1), rng.randrange(1, 6)
         cache = NeuronCache(N, cap, parts=P, hidden=D, stride=stride, store_dtype=store_dtype,
-                            dtype=torch.float32, window=window, policy=policy)
+                            dtype=torch.float32, window=window, policy=policy, eviction=eviction)
         assert cache.zero_copy == (store_dtype == "float32")
-        ref, ids, totals = RefCache(cap, window), set(), [0, 0, 0]
+        ref, ids, totals = RefCache(cap, window, lazy=eviction == "lazy"), set(), [0, 0, 0]
         for t in range(60):
             phases = [next_ids(rng, ids, rng.randrange(1, cap + 6))]
             if rng.random() < 0.3:  # speculation, then the exact set
@@ -249,6 +251,8 @@ def test_rejects_bad_input():
         NeuronCache(N, 0, **kw)
     with pytest.raises(ValueError, match="policy"):
         NeuronCache(N, 8, policy="lru", **kw)
+    with pytest.raises(ValueError, match="eviction"):
+        NeuronCache(N, 8, eviction="fifo", **kw)
     with pytest.raises(ValueError, match="stride"):
         NeuronCache(N, 8, parts=P, hidden=D, stride=16, store_dtype="float16")
     cache = NeuronCache(N, 8, **kw)

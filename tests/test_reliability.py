@@ -42,7 +42,7 @@ from flashlm.io.store import FlashStore
 
 PROMPT = [5, 17, 42, 99, 7, 250, 3]
 HANG_S = 60  # a test that waits this long has found a hang, not a slow machine
-SPARSE = dict(selection="gate", density=0.3, window=2)
+SPARSE = dict(selection="gate", density=0.3, window=2, eviction="window")  # evict as neurons leave: reads each step
 
 
 @pytest.fixture(scope="module")
@@ -326,7 +326,7 @@ def flashlm_threads() -> list[str]:
 
 
 async def test_hundred_cancellations_leak_nothing(pristine):
-    cfg = dict(selection="gate", density=0.3, window=1)  # a small window: reads on most steps
+    cfg = dict(selection="gate", density=0.3, window=1, eviction="window")  # a small window: reads on most steps
     want = await fresh_tokens(pristine, 12, **cfg)
     await asyncio.sleep(0)
     base_tasks, base_fds, base_threads = len(asyncio.all_tasks()), fd_count(), flashlm_threads()

@@ -74,20 +74,35 @@ def reference_step_logits(model, rows_all, select, steps, window, lookahead):
     return out
 
 
+def budget_for(plan, capacity: int) -> int:
+    """The memory budget that leaves `capacity` neurons per layer in `plan`'s engine."""
+    return plan.total - (plan.capacity - capacity) * plan.slot_bytes * plan.n_layers
+
+
 @pytest.mark.parametrize("arch", ["llama", "opt"])
-@pytest.mark.parametrize("selection,density,window,lookahead,compute", [
-    ("gate", 0.3, 1, 1, "thread"), ("shadow", 0.4, 3, 1, "thread"), ("shadow", 0.25, 2, 0, "thread"),
-    ("gate", 0.5, 4, 1, "thread"), ("shadow", 0.3, 4, 0, "loop")])
+@pytest.mark.parametrize("selection,density,window,lookahead,compute,eviction,capacity", [
+    ("gate", 0.3, 1, 1, "thread", "window", None), ("shadow", 0.4, 3, 1, "thread", "window", None),
+    ("shadow", 0.25, 2, 0, "thread", "window", None), ("gate", 0.5, 4, 1, "thread", "window", None),
+    ("shadow", 0.3, 4, 0, "loop", "window", None),
+    # lazy eviction keeps what left the window while there is room: a cache below the layer's
+    # 256 neurons (above the window's union) makes it evict, and read, every step
+    ("gate", 0.3, 1, 1, "thread", "lazy", 180), ("shadow", 0.25, 2, 0, "loop", "lazy", 200)])
 async def test_logits_equal_reference_sparse_ffn_over_the_same_sets(stores, arch, selection, density, window,
-                                                                    lookahead, compute):
+                                                                    lookahead, compute, eviction, capacity):
     async with await Engine.open(stores[arch], ffn="ram") as ram:
         model = ram.model
         rows_all = [b.ffn_rows for b in model.layers]
-        async with await Engine.open(stores[arch], selection=selection, density=density, window=window,
-                                     lookahead=lookahead, compute=compute) as engine:
+        cfg = dict(selection=selection, density=density, window=window, lookahead=lookahead, compute=compute,
+                   eviction=eviction)
+        if capacity is not None:
+            async with await Engine.open(stores[arch], **cfg) as free:
+                cfg["memory_budget"] = budget_for(free.memory, capacity)
+        async with await Engine.open(stores[arch], **cfg) as engine:
             runner = engine._sparse
+            assert runner.capacity == (capacity or 256)
             kv, win = engine.model.new_cache(64), RequestWindow(len(model.layers), runner.d_ff, window, runner.capacity)
-            steps, got = [PROMPT], []
+            # (a cache below the layer's neurons takes a prompt one token per step: start with one)
+            steps, got = [PROMPT if capacity is None else PROMPT[:1]], []
             for _ in range(12):
                 logits, report = await runner.forward(torch.tensor(steps[-1]), kv, win)
                 got.append(logits)
@@ -97,6 +112,8 @@ async def test_logits_equal_reference_sparse_ffn_over_the_same_sets(stores, arch
                 assert runner.early_steps > 0
             # on the compute thread, without waiting for the actor's answer first (appending, moving no row)
             assert (runner.fetch_steps > 0) == (compute == "thread")
+            if capacity is not None:  # full caches: each step evicted to make room
+                assert all(c.stats().evictions > 0 and c.num_used == capacity for c in runner.caches)
             want = reference_step_logits(model, rows_all, runner.selectors, steps[:-1], window, lookahead)
     for t, (g, w) in enumerate(zip(got, want, strict=True)):
         assert torch.allclose(g, w, atol=1e-4, rtol=1e-4), f"step {t}: max diff {(g - w).abs().max()}"
@@ -105,8 +122,29 @@ async def test_logits_equal_reference_sparse_ffn_over_the_same_sets(stores, arch
     assert any(not torch.allclose(g, d, atol=1e-3) for g, d in zip(got, dense))  # sparsity is real
 
 
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+async def test_lazy_eviction_gives_the_same_tokens_with_fewer_reads(stores, arch):
+    cfg = dict(selection="gate", density=0.3, window=2)
+    async with await Engine.open(stores[arch], eviction="window", **cfg) as paper:
+        want = [c async for c in paper.stream(PROMPT, max_tokens=24)]
+    async with await Engine.open(stores[arch], **cfg) as engine:  # lazy: the default
+        assert engine.config.eviction == "lazy"
+        got = [c async for c in engine.stream(PROMPT, max_tokens=24)]
+        for cache in engine._sparse.caches:
+            cache.invariants()
+            st = cache.stats()
+            # every neuron fits: none ever had to go, so each was read once, when first selected
+            assert st.evictions == 0 and st.misses == st.num_used <= 256
+    assert [c.token_id for c in got] == [c.token_id for c in want]
+    lazy_bytes, paper_bytes = sum(c.bytes_read for c in got), sum(c.bytes_read for c in want)
+    assert lazy_bytes <= paper_bytes / 2, (lazy_bytes, paper_bytes)
+    # (window eviction re-reads the neurons that come back after leaving the window)
+    late = [sum(c.bytes_read for c in run[12:]) for run in (got, want)]
+    assert late[0] < late[1] / 4, late
+
+
 async def test_flash_reads_overlap_the_previous_layers_compute(stores):
-    async with await Engine.open(stores["llama"], selection="gate", density=0.3, window=1, lookahead=1) as engine:
+    async with await Engine.open(stores["llama"], selection="gate", density=0.3, window=1, eviction="window", lookahead=1) as engine:
         engine._sparse.set_recording(True)
         await tokens(engine, 8)
         reads = [e for a in engine._sparse.actors for e in a.events if e.kind == "read" and e.speculative]
@@ -118,7 +156,7 @@ async def test_flash_reads_overlap_the_previous_layers_compute(stores):
 
 
 async def test_serial_order_does_not_overlap(stores):
-    async with await Engine.open(stores["llama"], selection="gate", density=0.3, window=1, lookahead=0) as engine:
+    async with await Engine.open(stores["llama"], selection="gate", density=0.3, window=1, eviction="window", lookahead=0) as engine:
         engine._sparse.set_recording(True)
         await tokens(engine, 6)
         reads = [e for a in engine._sparse.actors for e in a.events if e.kind == "read"]
@@ -150,7 +188,7 @@ class FailOnce(ThreadsBackend):
 
 
 async def test_read_fault_reaches_the_stream_and_the_engine_recovers(stores):
-    cfg = dict(selection="gate", density=0.3, window=2)
+    cfg = dict(selection="gate", density=0.3, window=2, eviction="window")
     async with await Engine.open(stores["llama"], **cfg) as fresh:
         want = await tokens(fresh, 16)
     async with await Engine.open(stores["llama"], io_backend=FailOnce(5), **cfg) as engine:
@@ -163,7 +201,7 @@ async def test_read_fault_reaches_the_stream_and_the_engine_recovers(stores):
 
 
 async def test_actor_crash_kills_the_engine_cleanly(stores):
-    async with await Engine.open(stores["llama"], selection="gate", density=0.3, window=1) as engine:
+    async with await Engine.open(stores["llama"], selection="gate", density=0.3, window=1, eviction="window") as engine:
         await tokens(engine, 2)
         await engine._sparse.actors[1].inbox.put("not a message")  # a bug inside an actor
         with pytest.raises(EngineDeadError):
@@ -173,7 +211,7 @@ async def test_actor_crash_kills_the_engine_cleanly(stores):
 
 
 async def test_cancel_mid_token_leaves_caches_consistent(stores):
-    cfg = dict(selection="shadow", density=0.3, window=3)
+    cfg = dict(selection="shadow", density=0.3, window=3, eviction="window")
     async with await Engine.open(stores["opt"], **cfg) as fresh:
         want = await tokens(fresh, 12)
     async with await Engine.open(stores["opt"], **cfg) as engine:

@@ -129,7 +129,8 @@ def _engine_config(a: argparse.Namespace, **extra: Any) -> Any:
     """The EngineConfig of the shared engine and sparsity options (run, chat)."""
     from flashlm import EngineConfig
 
-    sparse = {k: v for k, v in (("selection", a.selection), ("density", a.density), ("window", a.window)) if v is not None}
+    sparse = {k: v for k, v in (("selection", a.selection), ("density", a.density), ("window", a.window),
+                                ("eviction", a.eviction)) if v is not None}
     return EngineConfig(device=a.device, num_threads=a.threads, store_dtype=a.store_dtype,
                         ffn="ram" if a.ram else "flash", memory_budget=_budget(a.memory_budget), trace=a.trace,
                         max_context=a.max_context, **sparse, **extra)
@@ -318,7 +319,11 @@ def _sparsity_options(p: argparse.ArgumentParser) -> None:
                    help="how the neurons to compute are chosen (default shadow)")
     g.add_argument("--density", type=float, default=None, metavar="D",
                    help="fraction of each layer's neurons computed per token (default: the mode's)")
-    g.add_argument("--window", type=int, default=None, metavar="K", help="tokens a neuron stays cached (default 8)")
+    g.add_argument("--window", type=int, default=None, metavar="K",
+                   help="a neuron selected in the last K tokens is computed (default 8)")
+    g.add_argument("--eviction", default=None, choices=["lazy", "window"],
+                   help="lazy (default): a neuron that left the window stays cached until its slot is needed; "
+                        "window: evicted as it leaves (the paper's)")
     g.add_argument("--memory-budget", default=None, metavar="SIZE",
                    help="DRAM budget: bytes, a size such as 600MiB, or a fraction of the model such as 0.5")
     g.add_argument("--max-context", type=int, default=None, metavar="N",

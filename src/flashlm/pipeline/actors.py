@@ -140,14 +140,22 @@ class LayerActor:
         change until the driver sends the next message."""
         return self.sent == self.handled and not self._inflight and self.cache.n_pending == 0
 
+    def touch(self, msg: Touch) -> Any:
+        """A Touch's cache update, done here and now. The driver calls it itself (no message)
+        when this actor is quiescent and the update cannot move a row: every neuron cached and
+        lazy eviction, so it only marks them used; nothing else touches the cache meanwhile,
+        since only the driver sends this actor work."""
+        t0, u0 = time.perf_counter(), self.cache.num_used
+        plan = self.cache.update(msg.ids, msg.token)
+        if self.trace is not None:  # the step did not wait: everything was cached
+            self.trace.emit("wait", msg.token, layer=self.layer, start=t0, end=t0)
+            self._trace_update(plan, msg, t0, u0, speculative=False)
+        return plan
+
     async def _touch(self, msg: Touch) -> None:
         try:
             await self._heal(msg.token)
-            t0, u0 = time.perf_counter(), self.cache.num_used
-            plan = self.cache.update(msg.ids, msg.token)
-            if self.trace is not None:  # the step did not wait: everything was cached
-                self.trace.emit("wait", msg.token, layer=self.layer, start=t0, end=t0)
-                self._trace_update(plan, msg, t0, u0, speculative=False)
+            plan = self.touch(msg)
             if len(plan.missing_ids):  # cannot happen after a quiescent check; read them anyway
                 self._start_read(plan, msg.token, speculative=False)
                 await self._settle()

@@ -30,7 +30,10 @@ class EngineConfig:
     # bytes read per token (benchmarks/results/eval.json).
     selection: str = "shadow"  # "dense" (every neuron) | "gate" | "shadow" | "predictor"
     density: float | None = None  # fraction of each layer's neurons selected per token (None: mode default)
-    window: int = 8  # tokens a selected neuron stays cached (the paper's sliding window k)
+    window: int = 8  # tokens a selected neuron stays computed (the paper's sliding window k)
+    # "lazy": a neuron that left the window stays cached until its slot is needed (the FFN masks it
+    # out); "window": evicted as it leaves the window (the paper's). Same outputs, fewer reads with lazy.
+    eviction: str = "lazy"
     reuse: bool = True  # False: caches are emptied after every token (the "hybrid" baseline re-reads all)
     compute: str = "thread"  # "thread": torch runs on a dedicated compute thread; "loop": inline on the event loop
     lookahead: int = 1  # 1: predict layer l+1 from layer l's attention output and prefetch; 0: serial
@@ -72,6 +75,8 @@ class EngineConfig:
             raise ConfigError(f"compute {self.compute!r} must be 'thread' or 'loop'")
         if not isinstance(self.window, int) or self.window < 1:
             raise ConfigError(f"window must be an int >= 1 (tokens), got {self.window!r}")
+        if self.eviction not in ("lazy", "window"):
+            raise ConfigError(f"eviction {self.eviction!r} must be 'lazy' or 'window'")
         if self.lookahead not in (0, 1):
             raise ConfigError(f"lookahead must be 0 (serial) or 1 (prefetch one layer ahead), got {self.lookahead!r}")
         if isinstance(self.io_backend, str) and self.io_backend not in ("threads", "uring"):

@@ -309,7 +309,7 @@ class Engine:
         )
         caches = [
             NeuronCache(capacity=min(self.memory.capacity, layer.n_neurons), n_neurons=layer.n_neurons, layout=ffn,
-                        window=cfg.window, dtype=cfg.torch_dtype, device=self.device,
+                        window=cfg.window, eviction=cfg.eviction, dtype=cfg.torch_dtype, device=self.device,
                         pin_memory=self.device.type == "cuda")  # pinned staging: non-blocking H2D copies
             for layer in ffn.layers
         ]

@@ -64,9 +64,13 @@ Policy = Literal["compact", "paired"]
 # update + commit per token, median: compact 0.120 ms, paired 0.123 ms (with a 50% capacity: 0.126
 # vs 0.130 ms). Compact also computes over fewer rows (886 vs paired's 921, its zeroed holes). Default:
 DEFAULT_POLICY: Policy = "compact"  # measured faster, see above
+Eviction = Literal["window", "lazy"]
+DEFAULT_EVICTION: Eviction = "window"
 
 _HOLE = np.iinfo(np.int64).max  # last-used value of a hole: never expired, never an LRU victim
 _NEVER = np.iinfo(np.int64).min // 4
+_NONE = np.zeros(0, dtype=np.int64)
+_NONE.setflags(write=False)
 
 
 @dataclass(frozen=True)
@@ -109,13 +113,15 @@ class NeuronCache:
     def __init__(self, n_neurons: int, capacity: int, *, layout: FFNLayout | None = None, parts: int = 0,
                  hidden: int = 0, stride: int = 0, store_dtype: str = "float16", dtype: torch.dtype | None = None,
                  device: torch.device | str = "cpu", window: int = 8, policy: Policy = DEFAULT_POLICY,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, eviction: Eviction = DEFAULT_EVICTION) -> None:
         """Geometry from `layout` (the store's FFNLayout) or from parts/hidden/stride/store_dtype;
         `dtype` is the compute dtype (default: the store's)."""
         if layout is not None:
             parts, hidden, stride, store_dtype = len(layout.parts), layout.hidden_size, layout.stride, layout.dtype
         if policy not in ("compact", "paired"):
             raise ConfigError(f"cache policy {policy!r} is not known; choose 'compact' or 'paired'")
+        if eviction not in ("window", "lazy"):
+            raise ConfigError(f"cache eviction {eviction!r} is not known; choose 'window' or 'lazy'")
         if not 0 < capacity <= n_neurons:
             raise MemoryBudgetError(f"neuron cache capacity {capacity} must be in 1..{n_neurons} (the layer's "
                                     f"neurons); raise the memory budget or lower the density")
@@ -124,6 +130,7 @@ class NeuronCache:
         if store_dtype not in DTYPE_SIZES or parts < 1 or hidden < 1 or stride < parts * hidden * DTYPE_SIZES[store_dtype]:
             raise ConfigError(f"stride {stride} cannot hold {parts} x {hidden} {store_dtype!r} values")
         self.n_neurons, self.capacity, self.window, self.policy = n_neurons, capacity, window, policy
+        self.lazy = eviction == "lazy"
         self.stride, self.store_dtype = stride, store_dtype
         self.device = torch.device(device)
         raw_t = None
@@ -187,6 +194,15 @@ class NeuronCache:
         U = self.num_used
         id_slots = self.slot_of[ids]
         present = id_slots >= 0
+        if self.lazy and present.all():  # nothing to place, so nothing to evict: only mark
+            if token > self.token:
+                self._close_token()
+                self.token = token
+            self._lu[ids] = token
+            self._tidy_due = False
+            self._c["updates"] += 1
+            self._c["hits"] += ids.size
+            return CachePlan(_NONE, _NONE, 0, 0, int(ids.size), token)
         missing = ids[~present]
         m = missing.size
         lu = self._lu[self.neuron_of[:U]]  # (U,) last use per slot; holes: _HOLE
@@ -203,9 +219,9 @@ class NeuronCache:
         if token > self.token:
             self._close_token()
             self.token = token
-        if not evict:
+        if not evict or self.lazy:  # lazy: the expired go first when room is needed (lowest last use)
             expired = np.zeros_like(expired)
-        self._tidy_due = not evict
+        self._tidy_due = not evict and not self.lazy
         gone = expired
         extra = int(np.count_nonzero(live & ~expired)) + m - self.capacity
         if evict and extra > 0:  # least recently used first, ties by neuron id; never the current token's
@@ -251,8 +267,8 @@ class NeuronCache:
         """The eviction an `update(..., evict=False)` at `token` left for later: drop the neurons
         not used in the last `window` tokens and close the holes as the policy says. Returns
         (evicted, moved). Pending rows are never evicted or moved."""
-        if token != self.token or self.n_pending:
-            return 0, 0  # a later token's update already evicted; or reads are in flight (rows stay put)
+        if token != self.token or self.n_pending or self.lazy:
+            return 0, 0  # lazy: nothing to do; or a later token's update already evicted; or reads are in flight (rows stay put)
         self._tidy_due = False
         U = self.num_used
         lu = self._lu[self.neuron_of[:U]]
@@ -402,7 +418,7 @@ class NeuronCache:
         slots = np.flatnonzero(nof[:U] >= 0)
         assert (self.slot_of[held] == slots).all(), "slot_of and neuron_of disagree"
         assert np.count_nonzero(self.slot_of >= 0) == held.size, "slot_of names a slot no neuron owns"
-        if not self._tidy_due:  # (between update(evict=False) and tidy, expired neurons may stay)
+        if not self._tidy_due and not self.lazy:  # (between update(evict=False) and tidy, expired neurons may stay)
             assert (self.last_used[held] > self.token - self.window).all(), "a cached neuron is outside the window"
         assert self.n_pending == np.count_nonzero(self._pending), "pending count is off"
         assert not self._pending[U:].any() and (nof[self._pending] >= 0).all(), "a pending slot is not owned"

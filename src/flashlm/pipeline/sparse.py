@@ -499,8 +499,12 @@ class SparseRunner:
             n_missing = int(np.count_nonzero(cache.slot_of[needed] < 0))
             if self.reuse and not n_missing and actor.quiescent():
                 # Fast path: everything is cached and nothing touches this cache until we say
-                # so: compute now (over the window's neurons, masked), book-keep afterwards.
-                touch = ("post", layer, Touch(token, needed))
+                # so: compute now (over the window's neurons, masked), book-keep afterwards
+                # (with lazy eviction the update only marks: done here, no message).
+                if cache.lazy:
+                    actor.touch(Touch(token, needed))
+                else:
+                    touch = ("post", layer, Touch(token, needed))
                 steps.append(LayerStep(int(needed.size), int(needed.size), 0, 0, 0.0))
             else:
                 t_ask = time.perf_counter()
@@ -515,7 +519,7 @@ class SparseRunner:
                     yield "fetch", layer, needed
                     self.fetch_steps += 1
                     held_part = self._ffn_held(layer, ffn_in, needed, pending, held, token)
-                    touch = ("post", layer, Tidy(token))
+                    touch = None if cache.lazy else ("post", layer, Tidy(token))  # (lazy: nothing to evict)
                     waits: tuple[tuple[float, float], ...] = ()
                 else:
                     pending, held = yield "ask", layer, needed  # answered once the layer's reads are in flight
