@@ -17,8 +17,9 @@ def test_bench_quick_writes_tables(llama_store, tmp_path, capsys):
     _, store = llama_store
     out = tmp_path / "paper.json"
     assert main(["bench", "--quick", "--model", str(store), "--selection", "gate", "--density", "0.5",
-                 "--window", "2", "--tokens", "4", "--out", str(out)]) == 0
+                 "--window", "2", "--tokens", "4", "--rounds", "2", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
+    assert r["rounds"] == 2 and all(len(r[k]["ms_per_token_rounds"]) == 2 for k in ("naive", "hybrid", "ours"))
     for k in ("naive", "hybrid", "dense_ram", "ours"):
         assert ROW <= set(r[k]), k
     assert r["machine"]["cpu_count"] >= 1

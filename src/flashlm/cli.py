@@ -226,7 +226,7 @@ async def _bench_paper(a: argparse.Namespace) -> int:
 
     out = Path(a.out)
     r = await run_paper_bench(out, quick=a.quick, model=a.model, selection=a.selection, density=a.density,
-                              window=a.window, tokens=a.tokens,
+                              window=a.window, tokens=a.tokens, rounds=a.rounds,
                               report_dir=out.with_name(out.stem + "-report") if not a.no_report else None)
     summary = {k: {f: round(r[k][f], 3) for f in ("ms_per_token", "io_ms", "mem_ms", "compute_ms", "bytes_per_token")}
                for k in ("naive", "hybrid", "dense_ram", "ours")}
@@ -500,6 +500,8 @@ def _paper_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, metavar="FILE", help="JSON file to write (a .md table goes next to it)")
     _sparse_bench_options(p)
     p.add_argument("--tokens", type=int, default=None, help="tokens measured per run (default 32; quick 8)")
+    p.add_argument("--rounds", type=int, default=None, metavar="N",
+                   help="measured requests per run, taken round-robin across the runs (default 3; quick 1)")
     p.add_argument("--no-report", action="store_true", help="skip the trace report PNGs of ours' run")
 
 

@@ -2,7 +2,10 @@
 measured side by side in one process, on one prompt, with the page cache defeated (every
 flash read is O_DIRECT).
 
-Runs (each a fresh engine; a warm-up request, then the measured one, traced):
+Runs (each its own engine, all open at once; a warm-up request each, then `rounds` measured
+requests taken round-robin across the runs, so a noisy moment on a shared machine hits one
+round of every run rather than all of one run; ms/token is the median of a run's rounds;
+traced):
 - dense_ram: every weight resident (the speed ceiling with unlimited memory);
 - naive: every layer's weights read from flash for every token: the hybrid engine (whole FFN
   read each token) plus, after every token, a full O_DIRECT read of the resident tensors file
@@ -29,16 +32,18 @@ produce the dense model's tokens exactly; the sparse runs report their agreement
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from flashlm.errors import ConfigError
 from flashlm.io.backends import Range, ReadCall, ThreadsBackend
 from flashlm.io.bench_io import machine_info
 from flashlm.io.buffers import aligned_empty
@@ -114,36 +119,70 @@ def read_file_direct(path: Path, chunk: int = 8 << 20) -> tuple[int, float]:
     return total, time.perf_counter() - t0
 
 
-async def _measure(model: str, name: str, cfg: EngineConfig, *, tokens: int, warmup: int, trace_dir: Path,
-                   prompt: Any, naive: bool = False) -> dict[str, Any]:
+@dataclass
+class _Run:
+    """One configuration's engine, open for the whole bench, and its measured requests."""
+
+    name: str
+    cfg: EngineConfig
+    engine: Engine
+    trace: Path
+    naive: bool
+    opened_s: float
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+
+async def _open(model: str, name: str, cfg: EngineConfig, *, warmup: int, trace_dir: Path, prompt: Any,
+                naive: bool = False) -> _Run:
     trace = trace_dir / f"{name}.jsonl"
     cfg = replace(cfg, trace=str(trace))
     t_open = time.perf_counter()
-    async with await Engine.open(model, cfg) as engine:
-        opened = time.perf_counter() - t_open
-        resident = engine.store.path / engine.store.manifest.resident.path
+    engine = await Engine.open(model, cfg)
+    opened = time.perf_counter() - t_open
+    try:
         async for _ in await engine.stream(prompt, max_tokens=warmup):  # caches filled: steady state
             pass
-        stream = await engine.stream(prompt, max_tokens=tokens)
-        rid = stream.request.id
-        chunks, extra_bytes, extra_s = [], [], []
-        async for c in stream:
-            chunks.append(c)
-            if naive and c.finish_reason is None:
-                # the rest of the model comes from flash too, before the next token (blocks the loop)
-                n, s = read_file_direct(resident)
-                extra_bytes.append(n)
-                extra_s.append(s)
-    rows = [r for r in breakdown(load(trace)) if r.rid == rid]
-    s = summarize(rows)
+    except BaseException:
+        await engine.aclose()
+        raise
+    return _Run(name, cfg, engine, trace, naive, opened)
+
+
+async def _measure(run: _Run, *, tokens: int, prompt: Any) -> None:
+    """One measured request of `run` (a round)."""
+    engine = run.engine
+    resident = engine.store.path / engine.store.manifest.resident.path
+    stream = await engine.stream(prompt, max_tokens=tokens)
+    chunks, extra_bytes, extra_s = [], [], []
+    async for c in stream:
+        chunks.append(c)
+        if run.naive and c.finish_reason is None:
+            # the rest of the model comes from flash too, before the next token (blocks the loop)
+            n, sec = read_file_direct(resident)
+            extra_bytes.append(n)
+            extra_s.append(sec)
     decode = chunks[1:]
-    n = max(1, len(decode))
-    res_ms = 1e3 * sum(extra_s) / max(1, len(extra_s)) if naive else 0.0
-    res_bytes = sum(extra_bytes) / max(1, len(extra_bytes)) if naive else 0.0
-    ffn_bytes = sum(c.bytes_read for c in decode) / n
+    run.rounds.append({"rid": stream.request.id, "token_ids": [c.token_id for c in chunks],
+                       "ms_per_token": sum(c.timings.latency_ms for c in decode) / max(1, len(decode)),
+                       "ffn_bytes": sum(c.bytes_read for c in decode), "decode": len(decode),
+                       "extra_bytes": extra_bytes, "extra_s": extra_s})
+
+
+def _result(run: _Run) -> dict[str, Any]:
+    """A run's row: ms/token is the median of its rounds' means (robust to a noisy neighbour in one
+    round); the trace's breakdown and the bytes are means over every measured token."""
+    rids = {r["rid"] for r in run.rounds}
+    s = summarize([r for r in breakdown(load(run.trace)) if r.rid in rids])
+    extra_s = [x for r in run.rounds for x in r["extra_s"]]
+    extra_bytes = [x for r in run.rounds for x in r["extra_bytes"]]
+    res_ms = 1e3 * sum(extra_s) / max(1, len(extra_s)) if run.naive else 0.0
+    res_bytes = sum(extra_bytes) / max(1, len(extra_bytes)) if run.naive else 0.0
+    ffn_bytes = sum(r["ffn_bytes"] for r in run.rounds) / max(1, sum(r["decode"] for r in run.rounds))
     io_busy = s["io_busy_ms"] + res_ms
+    per_round = [r["ms_per_token"] for r in run.rounds]
     out = {
-        "ms_per_token": sum(c.timings.latency_ms for c in decode) / n,
+        "ms_per_token": statistics.median(per_round),
+        "ms_per_token_rounds": per_round,
         # Table 3's I/O column: flash time the token waited for (what was not hidden behind compute)
         "io_ms": s["io_exposed_ms"] + res_ms,
         "mem_ms": s["mem_ms"],
@@ -157,15 +196,15 @@ async def _measure(model: str, name: str, cfg: EngineConfig, *, tokens: int, war
         "ranges_per_token": s["ranges"],
         "spec_recall": s["spec_recall"],
         "attn_ms": s["attn_ms"], "predict_ms": s["predict_ms"], "ffn_ms": s["ffn_ms"],
-        "tokens": len(chunks),
-        "token_ids": [c.token_id for c in chunks],
-        "open_s": opened,
+        "tokens": len(run.rounds[-1]["token_ids"]),
+        "token_ids": run.rounds[-1]["token_ids"],
+        "open_s": run.opened_s,
         "config": {k: (v if isinstance(v, int | float | str | bool | type(None)) else repr(v))
-                   for k, v in cfg.__dict__.items() if k != "trace"},
+                   for k, v in run.cfg.__dict__.items() if k != "trace"},
     }
-    if naive:
+    if run.naive:
         out["resident_read_ms"], out["resident_bytes"] = res_ms, res_bytes
-    log.info("bench_run", name=name, ms_per_token=round(out["ms_per_token"], 2), io_ms=round(out["io_ms"], 2))
+    log.info("bench_run", name=run.name, ms_per_token=round(out["ms_per_token"], 2), io_ms=round(out["io_ms"], 2))
     return out
 
 
@@ -205,8 +244,11 @@ def _machine() -> dict[str, Any]:
 
 async def run_paper_bench(out: Path, *, quick: bool, model: str = "smollm2-135m", selection: str = "shadow",
                           density: float = 0.4, window: int = 8, tokens: int | None = None,
-                          report_dir: Path | None = None) -> dict[str, Any]:
-    tokens = tokens or (8 if quick else 32)
+                          rounds: int | None = None, report_dir: Path | None = None) -> dict[str, Any]:
+    tokens = (8 if quick else 32) if tokens is None else tokens
+    rounds = (1 if quick else 3) if rounds is None else rounds
+    if tokens < 2 or rounds < 1:
+        raise ConfigError(f"bench needs tokens >= 2 and rounds >= 1, got tokens {tokens}, rounds {rounds}")
     warmup = 4 if quick else 12
     ctx = 256 if quick else 1024  # the memory plan counts one request's KV cache at max_context
     t_start = time.perf_counter()
@@ -228,20 +270,29 @@ async def run_paper_bench(out: Path, *, quick: bool, model: str = "smollm2-135m"
     ]
     result: dict[str, Any] = {
         "machine": _machine(), "model": str(model), "store": str(store_path), "prompt": prompt, "quick": quick,
-        "tokens_measured": tokens, "warmup_tokens": warmup, "selection": selection, "density": density,
+        "tokens_measured": tokens, "rounds": rounds, "warmup_tokens": warmup, "selection": selection, "density": density,
         "window": window, "page_cache": "O_DIRECT",
     }
+    configs = [("dense_ram", EngineConfig(ffn="ram", max_context=ctx), False), ("naive", hybrid, True),
+               ("hybrid", hybrid, False), *((name, cfg, False) for name, cfg in ablation_cfgs)]
     with tempfile.TemporaryDirectory(prefix="flashlm-bench-") as tmp:
         td = Path(tmp)
-        kw = dict(tokens=tokens, warmup=warmup, trace_dir=td, prompt=prompt)
-        result["dense_ram"] = await _measure(model, "dense_ram", EngineConfig(ffn="ram", max_context=ctx), **kw)
-        result["naive"] = await _measure(model, "naive", hybrid, naive=True, **kw)
-        result["hybrid"] = await _measure(model, "hybrid", hybrid, **kw)
-        runs = {}
-        for name, cfg in ablation_cfgs:
-            runs[name] = await _measure(model, name.lstrip("+").replace(" ", "_"), cfg, **kw)
+        kw = dict(warmup=warmup, trace_dir=td, prompt=prompt)
+        async with contextlib.AsyncExitStack() as stack:
+            opened: dict[str, _Run] = {}
+            for name, cfg, naive in configs:  # every engine stays open: the rounds interleave them
+                run = await _open(model, name.lstrip("+").replace(" ", "_"), cfg, naive=naive, **kw)
+                stack.push_async_callback(run.engine.aclose)
+                opened[name] = run
+            for _ in range(rounds):  # round-robin: a noisy moment hits one round of each, not one run
+                for run in opened.values():
+                    await _measure(run, tokens=tokens, prompt=prompt)
+        for name, run in opened.items():  # (closed engines: their traces are complete on disk)
+            result[name] = _result(run)
+        runs = {name: result.pop(name) for name, _ in ablation_cfgs}
         result["ours"] = runs["+lazy eviction"]
-        result["trace_overhead"] = await _trace_overhead(model, EngineConfig(**sparse), rounds=2 if quick else 5, **kw)
+        result["trace_overhead"] = await _trace_overhead(model, EngineConfig(**sparse), rounds=2 if quick else 5,
+                                                         tokens=tokens, **kw)
         if report_dir is not None:  # the report of ours' trace: timeline.png, breakdown.png
             from flashlm.pipeline.trace_report import report
 
@@ -306,6 +357,7 @@ def markdown(r: dict[str, Any]) -> str:
              f"Machine: {m.get('cpu')} ({m.get('cpu_count')} vCPU), {m.get('mem_total_gib')} GiB RAM, "
              f"{m.get('workdir_fs')} on {m.get('workdir_device')}, kernel {m.get('kernel')}; {m.get('time')}. "
              f"Model {r['model']}, {r['tokens_measured']} tokens measured after {r['warmup_tokens']} warm-up, "
+             f"{r['rounds']} round(s) round-robin across the runs (ms/token: median of the rounds), "
              f"page cache defeated (O_DIRECT). Selection {r['selection']}, density {r['density']}, window "
              f"k={r['window']}. Paper: OPT-6.7B on an M1 Max CPU (ratios carry over, absolute times do not).", "",
              "## Table 2: I/O per token as techniques are added", "",
