@@ -291,7 +291,7 @@ async def run_paper_bench(out: Path, *, quick: bool, model: str = "smollm2-135m"
             result[name] = _result(run)
         runs = {name: result.pop(name) for name, _ in ablation_cfgs}
         result["ours"] = runs["+lazy eviction"]
-        result["trace_overhead"] = await _trace_overhead(model, EngineConfig(**sparse), rounds=2 if quick else 5,
+        result["trace_overhead"] = await _trace_overhead(model, EngineConfig(**sparse), rounds=2 if quick else 9,
                                                          tokens=tokens, **kw)
         if report_dir is not None:  # the report of ours' trace: timeline.png, breakdown.png
             from flashlm.pipeline.trace_report import report

@@ -40,6 +40,15 @@ as many slots as it fills, so incoming reads take every hole and no row moves. `
 later token while reads are pending is refused; `drop_pending()` drops the pending neurons of a failed
 or cancelled read (their slots become holes, compacted as the policy says).
 
+Lazy eviction (`eviction="lazy"`, the engine's default; this class defaults to the paper's
+"window"): nothing expires. A neuron that left the window keeps its slot until an incoming
+neuron needs room, and then the least recently used go first (the expired ones, since their
+last use is the oldest). The slots are preallocated either way, so keeping them costs no
+memory, and a neuron that comes back into the window is not read again. The FFN still
+computes over the window's neurons only (the engine masks the others), so the outputs are
+the same. An update whose neurons are all cached then only marks them used: no eviction, no
+row moves; `tidy` has nothing to do.
+
 Eviction later. `update(ids, t, evict=False)` evicts nothing and places every missing neuron
 past the end, so rows [0, num_used) neither move nor change owner: the engine computes the
 layer's FFN over them while the new rows are read. `tidy(t)` does the eviction afterwards.
