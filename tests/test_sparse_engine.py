@@ -144,7 +144,8 @@ async def test_lazy_eviction_gives_the_same_tokens_with_fewer_reads(stores, arch
 
 
 async def test_flash_reads_overlap_the_previous_layers_compute(stores):
-    async with await Engine.open(stores["llama"], selection="gate", density=0.3, window=1, eviction="window", lookahead=1) as engine:
+    async with await Engine.open(stores["llama"], selection="gate", density=0.3, window=1, eviction="window",
+                                 lookahead=1) as engine:
         engine._sparse.set_recording(True)
         await tokens(engine, 8)
         reads = [e for a in engine._sparse.actors for e in a.events if e.kind == "read" and e.speculative]
@@ -156,7 +157,8 @@ async def test_flash_reads_overlap_the_previous_layers_compute(stores):
 
 
 async def test_serial_order_does_not_overlap(stores):
-    async with await Engine.open(stores["llama"], selection="gate", density=0.3, window=1, eviction="window", lookahead=0) as engine:
+    async with await Engine.open(stores["llama"], selection="gate", density=0.3, window=1, eviction="window",
+                                 lookahead=0) as engine:
         engine._sparse.set_recording(True)
         await tokens(engine, 6)
         reads = [e for a in engine._sparse.actors for e in a.events if e.kind == "read"]

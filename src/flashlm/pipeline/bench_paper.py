@@ -270,8 +270,8 @@ async def run_paper_bench(out: Path, *, quick: bool, model: str = "smollm2-135m"
     ]
     result: dict[str, Any] = {
         "machine": _machine(), "model": str(model), "store": str(store_path), "prompt": prompt, "quick": quick,
-        "tokens_measured": tokens, "rounds": rounds, "warmup_tokens": warmup, "selection": selection, "density": density,
-        "window": window, "page_cache": "O_DIRECT",
+        "tokens_measured": tokens, "rounds": rounds, "warmup_tokens": warmup, "selection": selection,
+        "density": density, "window": window, "page_cache": "O_DIRECT",
     }
     configs = [("dense_ram", EngineConfig(ffn="ram", max_context=ctx), False), ("naive", hybrid, True),
                ("hybrid", hybrid, False), *((name, cfg, False) for name, cfg in ablation_cfgs)]

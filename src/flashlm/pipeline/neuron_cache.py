@@ -277,7 +277,9 @@ class NeuronCache:
         not used in the last `window` tokens and close the holes as the policy says. Returns
         (evicted, moved). Pending rows are never evicted or moved."""
         if token != self.token or self.n_pending or self.lazy:
-            return 0, 0  # lazy: nothing to do; or a later token's update already evicted; or reads are in flight (rows stay put)
+            # lazy: nothing to do; or a later token's update already evicted; or reads are in
+            # flight (rows stay put)
+            return 0, 0
         self._tidy_due = False
         U = self.num_used
         lu = self._lu[self.neuron_of[:U]]
