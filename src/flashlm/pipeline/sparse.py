@@ -499,8 +499,9 @@ class SparseRunner:
             n_missing = int(np.count_nonzero(cache.slot_of[needed] < 0))
             if self.reuse and not n_missing and actor.quiescent():
                 # Fast path: everything is cached and nothing touches this cache until we say
-                # so: compute now (over the window's neurons, masked), book-keep afterwards
-                # (with lazy eviction the update only marks: done here, no message).
+                # so: compute now (over the window's neurons, masked), book-keep afterwards.
+                # With lazy eviction the update only marks them used (no eviction, no row
+                # moves), so it is done here at once, without a message.
                 if cache.lazy:
                     actor.touch(Touch(token, needed))
                 else:
