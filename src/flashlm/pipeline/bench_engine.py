@@ -75,6 +75,11 @@ async def _measure(model: str, cfg: EngineConfig, tokens: int, warmup: int) -> d
         return out
 
 
+def token_agreement(run: dict[str, Any], ref: dict[str, Any]) -> float:
+    """The fraction of `ref`'s tokens that `run` produced too, position by position."""
+    return sum(a == b for a, b in zip(run["token_ids"], ref["token_ids"])) / max(1, len(ref["token_ids"]))
+
+
 async def run_engine_bench(out: Path, *, quick: bool, model: str = "smollm2-135m",
                            selection: str = "shadow", density: float = 0.4, window: int = 8) -> dict[str, Any]:
     tokens, warmup = (16, 8) if quick else (48, 16)
@@ -109,8 +114,7 @@ async def run_engine_bench(out: Path, *, quick: bool, model: str = "smollm2-135m
     dense = result["dense_ram"]
     result["checks"] = {
         "hybrid_tokens_equal_dense": result["hybrid"]["token_ids"] == dense["token_ids"],
-        "ours_tokens_agree_with_dense": sum(a == b for a, b in zip(result["ours"]["token_ids"], dense["token_ids"]))
-        / max(1, len(dense["token_ids"])),
+        "ours_tokens_agree_with_dense": token_agreement(result["ours"], dense),
     }
     result["hidden_io_fraction"] = result["ours"].get("hidden_io_fraction")  # None: no read after warm-up
     result["hidden_io_fraction_window_eviction"] = result["ours_window_eviction"].get("hidden_io_fraction")

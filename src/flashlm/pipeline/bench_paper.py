@@ -49,7 +49,7 @@ from flashlm.io.bench_io import machine_info
 from flashlm.io.buffers import aligned_empty
 from flashlm.log import get_logger
 from flashlm.pipeline.config import EngineConfig
-from flashlm.pipeline.bench_engine import PROMPT
+from flashlm.pipeline.bench_engine import PROMPT, token_agreement
 from flashlm.pipeline.engine import Engine
 from flashlm.pipeline.trace_report import breakdown, summarize
 from flashlm.pipeline.trace import load
@@ -313,13 +313,13 @@ async def run_paper_bench(out: Path, *, quick: bool, model: str = "smollm2-135m"
         "read each bundle with its own syscall. naive = hybrid + an O_DIRECT read of the resident tensors file "
         "every token.")
     dense, ours = result["dense_ram"], result["ours"]
-    agree = _agree(ours, dense)
+    agree = token_agreement(ours, dense)
     result["checks"] = {
         "naive_tokens_equal_dense": result["naive"]["token_ids"] == dense["token_ids"],
         "hybrid_tokens_equal_dense": result["hybrid"]["token_ids"] == dense["token_ids"],
         "ours_tokens_agree_with_dense": agree,
         # lazy eviction computes the same neurons: only float summation order may differ
-        "ours_tokens_agree_with_window_eviction": _agree(ours, runs["+speculation"]),
+        "ours_tokens_agree_with_window_eviction": token_agreement(ours, runs["+speculation"]),
     }
     result["ratios"] = {
         "ours_vs_naive_speed": result["naive"]["ms_per_token"] / ours["ms_per_token"],
@@ -336,11 +336,6 @@ async def run_paper_bench(out: Path, *, quick: bool, model: str = "smollm2-135m"
     out.write_text(json.dumps(result, indent=1))
     out.with_suffix(".md").write_text(markdown(result))
     return result
-
-
-def _agree(run: dict[str, Any], ref: dict[str, Any]) -> float:
-    """The fraction of `ref`'s tokens that `run` produced too, position by position."""
-    return sum(a == b for a, b in zip(run["token_ids"], ref["token_ids"])) / max(1, len(ref["token_ids"]))
 
 
 def _f(v: Any, fmt: str = ".1f") -> str:

@@ -204,9 +204,7 @@ class NeuronCache:
         id_slots = self.slot_of[ids]
         present = id_slots >= 0
         if self.lazy and present.all():  # nothing to place, so nothing to evict: only mark
-            if token > self.token:
-                self._close_token()
-                self.token = token
+            self._advance(token)
             self._lu[ids] = token
             self._tidy_due = False
             self._c["updates"] += 1
@@ -225,9 +223,7 @@ class NeuronCache:
                 f"memory budget (cache capacity) or lower the density")
         if not evict and U + m > self.capacity:
             raise RuntimeError(f"no room for {m} neurons without evicting ({U} of {self.capacity} slots used)")
-        if token > self.token:
-            self._close_token()
-            self.token = token
+        self._advance(token)
         if not evict or self.lazy:  # lazy: the expired go first when room is needed (lowest last use)
             expired = np.zeros_like(expired)
         self._tidy_due = not evict and not self.lazy
@@ -385,6 +381,12 @@ class NeuronCache:
         return self.rows[:n], self._ids_cache[1]
 
     # -- counters and checks ------------------------------------------------------------------------
+
+    def _advance(self, token: int) -> None:
+        """An update at `token`: a later token than the current one closes the current one."""
+        if token > self.token:
+            self._close_token()
+            self.token = token
 
     def _close_token(self) -> None:
         needed = int(np.count_nonzero(self.last_used == self.token)) if self.token >= 0 else 0
