@@ -173,7 +173,8 @@ def test_budget_window_is_the_engines_window_and_cache(n, k, capacity):
     for t in range(mask.shape[0]):
         win.step = t
         win.mark(0, mask[t].nonzero().flatten().numpy())
-        need = win.needed(0)
+        need = win.held(0)
+        assert win.computed(0, need).tolist() == need.tolist()  # (no speculation: every held neuron computed)
         plan = cache.update(need, t)
         cache.commit(plan)
         assert need.tolist() == computed[t].nonzero().flatten().tolist()

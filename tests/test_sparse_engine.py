@@ -50,11 +50,14 @@ async def test_density_100_is_token_exact_with_dense(stores, arch):
     assert all(c.bytes_read == 0 and c.cache_hit_rate == 1 for c in chunks[1:])
 
 
-def reference_step_logits(model, rows_all, select, steps, window, lookahead):
-    """FFN over the union of the last `window` steps' selected sets (speculative + exact),
-    written with plain sets: the semantics the engine's caches must reproduce."""
+def reference_step_logits(model, rows_all, select, steps, window, lookahead, capacity=None):
+    """FFN over the neurons selected exactly in the last `window` steps, written with plain sets:
+    the semantics the engine's caches must reproduce. A speculative set (lookahead) is never
+    computed as such, but with a `capacity` below the window it takes room: the cache holds the
+    most recently selected, exactly or speculatively (ties: lower id), and only those are computed."""
     n_layers = len(model.layers)
-    last: list[dict[int, int]] = [dict() for _ in range(n_layers)]
+    last: list[dict[int, int]] = [dict() for _ in range(n_layers)]  # exact
+    seen: list[dict[int, int]] = [dict() for _ in range(n_layers)]  # exact or speculative
     kv = model.new_cache(64)
     out = []
     with torch.inference_mode():
@@ -63,11 +66,13 @@ def reference_step_logits(model, rows_all, select, steps, window, lookahead):
             for layer, block in enumerate(model.layers):
                 residual, ffn_in = block.attention(x, kv, kv.length)
                 for n in select[layer](ffn_in).tolist():
-                    last[layer][n] = t
+                    last[layer][n] = seen[layer][n] = t
                 if lookahead and layer + 1 < n_layers:
                     for n in select[layer + 1](ffn_in).tolist():
-                        last[layer + 1][n] = t
-                active = torch.tensor(sorted(n for n, u in last[layer].items() if u > t - window))
+                        seen[layer + 1][n] = t
+                held = sorted((n for n, u in seen[layer].items() if u > t - window), key=lambda n: (-seen[layer][n], n))
+                held = held[:capacity]
+                active = torch.tensor(sorted(n for n in held if last[layer].get(n, -window) > t - window))
                 x = block.combine(residual, block.ffn(ffn_in, rows_all[layer][active], active))
             kv.advance(len(ids))
             out.append(model.head(x[-1:])[0])
@@ -86,7 +91,9 @@ def budget_for(plan, capacity: int) -> int:
     ("shadow", 0.3, 4, 0, "loop", "window", None),
     # lazy eviction keeps what left the window while there is room: a cache below the layer's
     # 256 neurons (above the window's union) makes it evict, and read, every step
-    ("gate", 0.3, 1, 1, "thread", "lazy", 180), ("shadow", 0.25, 2, 0, "loop", "lazy", 200)])
+    ("gate", 0.3, 1, 1, "thread", "lazy", 180), ("shadow", 0.25, 2, 0, "loop", "lazy", 200),
+    # a cache below the window's union: the most recent neurons computed, the speculative set taking room
+    ("gate", 0.3, 4, 1, "thread", "lazy", 160), ("shadow", 0.3, 3, 1, "thread", "window", 170)])
 async def test_logits_equal_reference_sparse_ffn_over_the_same_sets(stores, arch, selection, density, window,
                                                                     lookahead, compute, eviction, capacity):
     async with await Engine.open(stores[arch], ffn="ram") as ram:
@@ -114,7 +121,7 @@ async def test_logits_equal_reference_sparse_ffn_over_the_same_sets(stores, arch
             assert (runner.fetch_steps > 0) == (compute == "thread")
             if capacity is not None:  # full caches: each step evicted to make room
                 assert all(c.stats().evictions > 0 and c.num_used == capacity for c in runner.caches)
-            want = reference_step_logits(model, rows_all, runner.selectors, steps[:-1], window, lookahead)
+            want = reference_step_logits(model, rows_all, runner.selectors, steps[:-1], window, lookahead, capacity)
     for t, (g, w) in enumerate(zip(got, want, strict=True)):
         assert torch.allclose(g, w, atol=1e-4, rtol=1e-4), f"step {t}: max diff {(g - w).abs().max()}"
     dense = reference_step_logits(model, rows_all, [lambda x, n=b.ffn_rows.shape[0]: torch.arange(n)
@@ -168,11 +175,35 @@ async def test_serial_order_does_not_overlap(stores):
 
 
 async def test_speculation_recall_is_reported(stores):
-    async with await Engine.open(stores["llama"], selection="shadow", density=0.4, window=2) as engine:
+    cfg = dict(selection="shadow", density=0.4, window=2)
+    async with await Engine.open(stores["llama"], eviction="window", **cfg) as engine:
         chunks = [c async for c in engine.stream(PROMPT, max_tokens=10)]
-    recalls = [c.spec_recall for c in chunks]
-    assert all(r is not None and 0 <= r <= 1 for r in recalls)
+    # (None: no layer was predicted early, every next layer's cache held all its neurons then)
+    recalls = [c.spec_recall for c in chunks if c.spec_recall is not None]
+    assert len(recalls) >= len(chunks) // 2 and all(0 <= r <= 1 for r in recalls)
     assert all(c.cache_hit_rate is not None for c in chunks)
+    # speculation only prefetches: the same tokens without it
+    async with await Engine.open(stores["llama"], eviction="window", lookahead=0, **cfg) as serial:
+        assert [c.token_id async for c in serial.stream(PROMPT, max_tokens=10)] == [c.token_id for c in chunks]
+
+
+async def test_no_speculation_once_every_neuron_is_cached(stores):
+    """Lazy eviction with room for every neuron: here the prompt's step fills the caches of the
+    layers predicted early (all but layer 0), and from then on nothing is predicted early
+    (nothing to prefetch), with the tokens unchanged."""
+    cfg = dict(selection="shadow", density=0.5, window=2)
+    async with await Engine.open(stores["llama"], **cfg) as engine:
+        chunks = [c async for c in engine.stream(PROMPT, max_tokens=10)]
+        assert all(c.num_used == c.n_neurons for c in engine._sparse.caches)
+        calls = [0]
+        selectors = engine._sparse.selectors
+        engine._sparse.selectors = [lambda x, f=f: (calls.__setitem__(0, calls[0] + 1), f(x))[1] for f in selectors]
+        more = [c async for c in engine.stream(PROMPT[:3], max_tokens=4)]
+    assert chunks[0].spec_recall is not None and chunks[0].bytes_read > 0
+    assert all(c.spec_recall is None for c in chunks[1:] + more)
+    assert calls[0] == 4 * len(selectors)  # one (exact) selection per layer and step
+    async with await Engine.open(stores["llama"], lookahead=0, **cfg) as serial:
+        assert [c.token_id async for c in serial.stream(PROMPT, max_tokens=10)] == [c.token_id for c in chunks]
 
 
 class FailOnce(ThreadsBackend):

@@ -185,7 +185,7 @@ class LayerActor:
     async def _prefetch(self, msg: Prefetch) -> None:
         await self._heal(msg.token)
         if msg.ids.size and (self.cache.slot_of[msg.ids] >= 0).all():
-            return  # all cached: nothing to read; the exact step marks them (its set includes these)
+            return  # all cached: nothing to read (the window is the exact sets': nothing to mark)
         t0, u0 = time.perf_counter(), self.cache.num_used
         try:
             plan = self.cache.update(msg.ids, msg.token)

@@ -65,27 +65,39 @@ class TokenReport:
 
 class RequestWindow:
     """One request's sliding window: per layer, the request's own step at which it last
-    selected each neuron. A step's FFN is computed over the neurons selected in the request's
-    last `window` steps (speculative and exact), at most `capacity` of them, most recent
-    first (ties: lower id) — a function of the request alone, so concurrent requests give
-    the same answers as solo ones whatever the shared caches hold."""
+    selected each neuron, exactly (`last`) and exactly or speculatively (`seen`).
+
+    `held(layer)`: the neurons the layer's cache holds for the step - those seen in the last
+    `window` steps, at most `capacity`, most recent first (ties: lower id). `computed(layer,
+    held)`: the ones the FFN runs over - those of `held` selected exactly in the last `window`
+    steps. A speculative set only prefetches: it is never computed unless the exact selection
+    asks for it too, so without a cache budget the tokens do not depend on speculation; below
+    the window's union it takes room in the cache, and then it does. Both are functions of
+    the request alone, so concurrent requests give the same answers as solo ones whatever the
+    shared caches hold."""
 
     def __init__(self, n_layers: int, d_ff: int, window: int, capacity: int) -> None:
         self.last = np.full((n_layers, d_ff), -(10**9), dtype=np.int64)
+        self.seen = self.last.copy()
         self.window = window
         self.capacity = capacity
         self.step = 0  # the request's own clock: one per forward (a prompt token or an answer token)
 
-    def mark(self, layer: int, ids: np.ndarray) -> None:
-        self.last[layer, ids] = self.step
+    def mark(self, layer: int, ids: np.ndarray, *, speculative: bool = False) -> None:
+        self.seen[layer, ids] = self.step
+        if not speculative:
+            self.last[layer, ids] = self.step
 
-    def needed(self, layer: int) -> np.ndarray:
-        last = self.last[layer]
-        ids = np.flatnonzero(last > self.step - self.window)
+    def held(self, layer: int) -> np.ndarray:
+        seen = self.seen[layer]
+        ids = np.flatnonzero(seen > self.step - self.window)
         if ids.size > self.capacity:  # the budget holds less than the window: keep the most recent
-            order = np.lexsort((ids, -last[ids]))
+            order = np.lexsort((ids, -seen[ids]))
             ids = np.sort(ids[order[: self.capacity]])
         return ids
+
+    def computed(self, layer: int, held: np.ndarray) -> np.ndarray:
+        return held[self.last[layer, held] > self.step - self.window]
 
 
 class SparseRunner:
@@ -192,7 +204,7 @@ class SparseRunner:
             t1 = time.perf_counter()
             exact = self._select(layer, ffn_in)
             t2 = time.perf_counter()
-            spec = self._select(layer + 1, ffn_in) if self.lookahead and layer + 1 < len(self.caches) else None
+            spec = self._select(layer + 1, ffn_in) if self._speculate(layer + 1) else None
         if self.trace is not None:
             tr, tok = self.trace, self._cur_token
             tr.emit("attn", tok, layer=layer, start=t0, end=t1)
@@ -201,6 +213,17 @@ class SparseRunner:
                 tr.emit("predict", tok, layer=layer + 1, start=t2, end=time.perf_counter(), speculative=True,
                         n=int(spec.size))
         return residual, ffn_in, exact, spec
+
+    def _speculate(self, layer: int) -> bool:
+        """Whether to predict `layer`'s set one layer early: only to prefetch, so not when its
+        cache holds every neuron already (with lazy eviction, every layer from the first
+        prompt on, when the budget allows: the scoring would be wasted). num_used is the
+        actor's, read here unlocked: a stale value costs a wasted scoring or a read the exact
+        step does instead, never a wrong result."""
+        if not self.lookahead or layer >= len(self.caches):
+            return False
+        cache = self.caches[layer]
+        return not cache.lazy or cache.num_used < cache.n_neurons
 
     def _in_set(self, neurons: np.ndarray, members: np.ndarray) -> np.ndarray:
         """Which of `neurons` are in `members` (e.g. which of a cache's rows hold a neuron of this
@@ -479,34 +502,35 @@ class SparseRunner:
         early: tuple[torch.Tensor, np.ndarray] | None = None
         residual, ffn_in, exact, spec = self._attend(0, x, kv, pos)
         for layer in range(n_layers):
-            if predicted is not None:  # the speculative set was marked in the window at this step
-                hit = int(np.count_nonzero(win.last[layer, exact] == win.step))
+            if predicted is not None:  # this layer's set was predicted one layer early
+                hit = int(np.count_nonzero(self._in_set(exact, predicted)))
                 spec_hits += hit
                 spec_needed += exact.size
                 if self.trace is not None:
                     self.trace.emit("spec", token, layer=layer, predicted=int(predicted.size), needed=int(exact.size),
                                     hits=int(hit))
-            predicted = spec
             if spec is not None:  # layer l+1's reads start now, while layer l computes
                 nxt = layer + 1
-                win.mark(nxt, spec)
+                win.mark(nxt, spec, speculative=True)
                 if not (self.actors[nxt].quiescent() and (self.caches[nxt].slot_of[spec] >= 0).all()):
                     yield "post", nxt, Prefetch(token, spec)  # (all cached: nothing to read)
+            predicted = spec
             win.mark(layer, exact)
-            needed = win.needed(layer)
+            marks = win.held(layer)  # what the cache holds for the step
+            needed = win.computed(layer, marks)  # what the FFN computes over
             cache = self.caches[layer]
             actor = self.actors[layer]
-            n_missing = int(np.count_nonzero(cache.slot_of[needed] < 0))
+            n_missing = int(np.count_nonzero(cache.slot_of[marks] < 0))
             if self.reuse and not n_missing and actor.quiescent():
                 # Fast path: everything is cached and nothing touches this cache until we say
                 # so: compute now (over the window's neurons, masked), book-keep afterwards.
                 # With lazy eviction the update only marks them used (no eviction, no row
                 # moves), so it is done here at once, without a message.
                 if cache.lazy:
-                    actor.touch(Touch(token, needed))
+                    actor.touch(Touch(token, marks))
                 else:
-                    touch = ("post", layer, Touch(token, needed))
-                steps.append(LayerStep(int(needed.size), int(needed.size), 0, 0, 0.0))
+                    touch = ("post", layer, Touch(token, marks))
+                steps.append(LayerStep(int(marks.size), int(marks.size), 0, 0, 0.0))
             else:
                 t_ask = time.perf_counter()
                 held_part = None
@@ -517,13 +541,13 @@ class SparseRunner:
                     # the rows already there meanwhile; evict after the FFN. (Inline on the
                     # loop the actor could not start the reads until this compute is done.)
                     held, pending = cache.neuron_of[: cache.num_used].copy(), cache.pending_slots()
-                    yield "fetch", layer, needed
+                    yield "fetch", layer, marks
                     self.fetch_steps += 1
                     held_part = self._ffn_held(layer, ffn_in, needed, pending, held, token)
                     touch = None if cache.lazy else ("post", layer, Tidy(token))  # (lazy: nothing to evict)
                     waits: tuple[tuple[float, float], ...] = ()
                 else:
-                    pending, held = yield "ask", layer, needed  # answered once the layer's reads are in flight
+                    pending, held = yield "ask", layer, marks  # answered once the layer's reads are in flight
                     t_wait = time.perf_counter()
                     early = self._ffn_early(layer, ffn_in, needed, pending, held, token) if pending.size else None
                     waits = ((t_ask, t_wait),)
