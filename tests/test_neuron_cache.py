@@ -89,15 +89,18 @@ def next_ids(rng: random.Random, prev: set[int], size: int) -> set[int]:
 @pytest.mark.parametrize("store_dtype", ["float32", "float16"])
 def test_random_requests_match_reference(policy, store_dtype, eviction):
     store, ref_rows, stride = make_store(store_dtype)
+    fulls = []
     for seed in range(6):
         rng = random.Random(seed)
         cap, window = rng.randrange(12, N + 1), rng.randrange(1, 6)
+        cap = N if seed == 0 else cap  # (room for every neuron: a lazy cache fills up)
         cache = NeuronCache(N, cap, parts=P, hidden=D, stride=stride, store_dtype=store_dtype,
                             dtype=torch.float32, window=window, policy=policy, eviction=eviction)
         assert cache.zero_copy == (store_dtype == "float32")
         ref, ids, totals = RefCache(cap, window, lazy=eviction == "lazy"), set(), [0, 0, 0]
+        full = 0
         for t in range(60):
-            phases = [next_ids(rng, ids, rng.randrange(1, cap + 6))]
+            phases = [next_ids(rng, ids, min(N, rng.randrange(1, cap + 6)))]
             if rng.random() < 0.3:  # speculation, then the exact set
                 phases.append(next_ids(rng, phases[0], rng.randrange(1, cap // 2 + 2)))
             plans = []
@@ -126,10 +129,14 @@ def test_random_requests_match_reference(policy, store_dtype, eviction):
                 ref.pending = set()
             cache.invariants()
             check_rows(cache, ref_rows, set(ref.lu))
+            assert cache.holds_all() == (len(ref.lu) == N)
+            full += cache.holds_all()
         s = cache.stats()
         assert (s.hits, s.misses, s.evictions) == tuple(totals)
         assert s.bytes_appended == s.misses * stride and s.appends + s.hole_fills == s.misses
         assert 0.0 <= s.hit_rate_min <= s.hit_rate_mean <= s.hit_rate_max <= 1.0
+        fulls.append(full)
+    assert eviction == "window" or fulls[0]
 
 
 @pytest.mark.parametrize("policy", POLICIES)

@@ -116,9 +116,10 @@ def budget_window(mask: Tensor, k: int, capacity: int) -> tuple[Tensor, Tensor]:
     Returns (computed, held), both (T, n) bool. computed[t]: the neurons the FFN runs over at
     token t - those selected in the last k tokens, at most `capacity`, most recently selected
     first, ties to the lower id (`pipeline.sparse.RequestWindow` without speculation, whose
-    sets would take room too); with capacity >= n it is `window_union(mask, k)`. held[t]: the layer's cache after token t - the neurons
-    computed in the last k tokens, at most `capacity`, least recently computed evicted first,
-    ties lower id first (`pipeline.neuron_cache.NeuronCache.update`). Flash reads at token t
+    sets would take room too); with capacity >= n it is `window_union(mask, k)`. held[t]: the
+    layer's cache after token t - the neurons computed in the last k tokens, at most
+    `capacity`, least recently computed evicted first, ties lower id first
+    (`pipeline.neuron_cache.NeuronCache.update`). Flash reads at token t
     are computed[t] & ~held[t - 1]. capacity must hold one token's set.
     """
     if k < 1:
@@ -230,7 +231,7 @@ class ShadowSelector:
         h = self.raw(x)
         if self.gated:
             n = self.d_ff
-            return (self.act(h[:, :n]) * h[:, n:]).abs()
+            return self.act(h[:, :n]).mul_(h[:, n:]).abs_()  # (in place: fewer allocations per call)
         return self.act(h if self.bias is None else h + self.bias.float()).abs()
 
     def state(self) -> dict[str, Tensor]:

@@ -140,13 +140,13 @@ class LayerActor:
         change until the driver sends the next message."""
         return self.sent == self.handled and not self._inflight and self.cache.n_pending == 0
 
-    def touch(self, msg: Touch) -> Any:
-        """A Touch's cache update, done here and now. The driver calls it itself (no message)
-        when this actor is quiescent and the update cannot move a row: every neuron cached and
-        lazy eviction, so it only marks them used; nothing else touches the cache meanwhile,
-        since only the driver sends this actor work."""
+    def touch(self, msg: Touch, *, cached: bool = False) -> Any:
+        """A Touch's cache update, done here and now. The driver calls it itself (no message,
+        cached=True) when this actor is quiescent and the update cannot move a row: every
+        neuron cached (it checked) and lazy eviction, so it only marks them used; nothing else
+        touches the cache meanwhile, since only the driver sends this actor work."""
         t0, u0 = time.perf_counter(), self.cache.num_used
-        plan = self.cache.update(msg.ids, msg.token)
+        plan = self.cache.mark_cached(msg.ids, msg.token) if cached else self.cache.update(msg.ids, msg.token)
         if self.trace is not None:  # the step did not wait: everything was cached
             self.trace.emit("wait", msg.token, layer=self.layer, start=t0, end=t0)
             self._trace_update(plan, msg, t0, u0, speculative=False)
@@ -185,7 +185,7 @@ class LayerActor:
     async def _prefetch(self, msg: Prefetch) -> None:
         await self._heal(msg.token)
         if msg.ids.size and (self.cache.slot_of[msg.ids] >= 0).all():
-            return  # all cached: nothing to read (the window is the exact sets': nothing to mark)
+            return  # all cached: nothing to read; the step's own update marks them (it holds them too)
         t0, u0 = time.perf_counter(), self.cache.num_used
         try:
             plan = self.cache.update(msg.ids, msg.token)

@@ -166,7 +166,8 @@ class NeuronCache:
         self.num_used = 0
         self.token = -1
         self._ids_cache: tuple[int, torch.Tensor] | None = None
-        self._version = 0
+        self._version = 0  # bumped whenever the cached neurons or their slots change
+        self._holds_all = (-1, False)  # (version, holds_all())
         self._event = None  # CUDA event of the last commit's copies
         self._c = dict(updates=0, hits=0, misses=0, evictions=0, appends=0, hole_fills=0, moves=0, zeroed=0,
                        dropped=0)
@@ -204,12 +205,7 @@ class NeuronCache:
         id_slots = self.slot_of[ids]
         present = id_slots >= 0
         if self.lazy and present.all():  # nothing to place, so nothing to evict: only mark
-            self._advance(token)
-            self._lu[ids] = token
-            self._tidy_due = False
-            self._c["updates"] += 1
-            self._c["hits"] += ids.size
-            return CachePlan(_NONE, _NONE, 0, 0, int(ids.size), token)
+            return self.mark_cached(ids, token)
         missing = ids[~present]
         m = missing.size
         lu = self._lu[self.neuron_of[:U]]  # (U,) last use per slot; holes: _HOLE
@@ -267,6 +263,25 @@ class NeuronCache:
         missing.setflags(write=False)
         slots.setflags(write=False)
         return CachePlan(missing, slots, int(ev_slots.size), moved, int(ids.size - m), token)
+
+    def mark_cached(self, ids: np.ndarray, token: int) -> CachePlan:
+        """`update` of a lazy cache when every one of `ids` is cached: only mark them used at
+        `token` (nothing to place, so nothing to evict). The caller vouches for the rest: ids
+        sorted, unique and cached, token not before the cache's (the engine's own sets, which
+        it just checked: checking again costs more than the marking on the hot path)."""
+        self._advance(token)
+        self._lu[ids] = token
+        self._tidy_due = False
+        self._c["updates"] += 1
+        self._c["hits"] += ids.size
+        return CachePlan(_NONE, _NONE, 0, 0, int(ids.size), token)
+
+    def holds_all(self) -> bool:
+        """Every neuron of the layer has a slot (committed or pending): nothing can be missing.
+        Cached until the cache's contents change."""
+        if self._holds_all[0] != self._version:
+            self._holds_all = (self._version, bool(np.count_nonzero(self.slot_of >= 0) == self.n_neurons))
+        return self._holds_all[1]
 
     def tidy(self, token: int) -> tuple[int, int]:
         """The eviction an `update(..., evict=False)` at `token` left for later: drop the neurons

@@ -217,13 +217,13 @@ class SparseRunner:
     def _speculate(self, layer: int) -> bool:
         """Whether to predict `layer`'s set one layer early: only to prefetch, so not when its
         cache holds every neuron already (with lazy eviction, every layer from the first
-        prompt on, when the budget allows: the scoring would be wasted). num_used is the
-        actor's, read here unlocked: a stale value costs a wasted scoring or a read the exact
+        prompt on, when the budget allows: the scoring would be wasted). The cache is the
+        actor's, read here unlocked: a stale answer costs a wasted scoring or a read the exact
         step does instead, never a wrong result."""
         if not self.lookahead or layer >= len(self.caches):
             return False
         cache = self.caches[layer]
-        return not cache.lazy or cache.num_used < cache.n_neurons
+        return not cache.lazy or not cache.holds_all()
 
     def _in_set(self, neurons: np.ndarray, members: np.ndarray) -> np.ndarray:
         """Which of `neurons` are in `members` (e.g. which of a cache's rows hold a neuron of this
@@ -520,14 +520,16 @@ class SparseRunner:
             needed = win.computed(layer, marks)  # what the FFN computes over
             cache = self.caches[layer]
             actor = self.actors[layer]
-            n_missing = int(np.count_nonzero(cache.slot_of[marks] < 0))
-            if self.reuse and not n_missing and actor.quiescent():
+            # quiescent first: then the cache cannot change until this step sends its actor work
+            quiet = actor.quiescent()
+            n_missing = 0 if quiet and cache.holds_all() else int(np.count_nonzero(cache.slot_of[marks] < 0))
+            if self.reuse and quiet and not n_missing:
                 # Fast path: everything is cached and nothing touches this cache until we say
                 # so: compute now (over the window's neurons, masked), book-keep afterwards.
                 # With lazy eviction the update only marks them used (no eviction, no row
                 # moves), so it is done here at once, without a message.
                 if cache.lazy:
-                    actor.touch(Touch(token, marks))
+                    actor.touch(Touch(token, marks), cached=True)
                 else:
                     touch = ("post", layer, Touch(token, marks))
                 steps.append(LayerStep(int(marks.size), int(marks.size), 0, 0, 0.0))

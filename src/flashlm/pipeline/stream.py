@@ -20,4 +20,4 @@ class StreamChunk:
     timings: TokenTimings
     bytes_read: int = 0  # FFN bytes read from flash for this token
     cache_hit_rate: float | None = None  # needed neurons found cached (or prefetched), when the FFN is on flash
-    spec_recall: float | None = None  # exact-set neurons the one-layer-early speculation had predicted
+    spec_recall: float | None = None  # exact-set neurons predicted one layer early (None: no layer was)
