@@ -216,8 +216,8 @@ class SparseRunner:
 
     def _speculate(self, layer: int) -> bool:
         """Whether to predict `layer`'s set one layer early: only to prefetch, so not when its
-        cache holds every neuron already (with lazy eviction, every layer from the first
-        prompt on, when the budget allows: the scoring would be wasted). The cache is the
+        cache holds every neuron already (with lazy eviction and room for every neuron: on
+        SmolLM2 every layer after the first prompt; the scoring would be wasted). The cache is the
         actor's, read here unlocked: a stale answer costs a wasted scoring or a read the exact
         step does instead, never a wrong result."""
         if not self.lookahead or layer >= len(self.caches):
