@@ -271,7 +271,6 @@ class NeuronCache:
         it just checked: checking again costs more than the marking on the hot path)."""
         self._advance(token)
         self._lu[ids] = token
-        self._tidy_due = False
         self._c["updates"] += 1
         self._c["hits"] += ids.size
         return CachePlan(_NONE, _NONE, 0, 0, int(ids.size), token)
