@@ -202,6 +202,32 @@ def test_two_phases_never_evict_or_move_the_current_tokens_neurons(policy):
     assert s.tokens == 2 and s.hit_rate_last == pytest.approx(1 - 5 / 10)
 
 
+@pytest.mark.parametrize("store_dtype", ["float16", "bfloat16"])
+def test_commit_of_long_runs_and_of_scattered_slots_converts_exactly(store_dtype):
+    """commit copies long runs of slots slice by slice and scattered slots by one gather: both
+    must give the store's rows converted to the compute dtype, and leave other rows alone."""
+    store, _, stride = make_store(store_dtype, seed=2)
+    ref_rows = rows_view(store, P, D, store_dtype).float()
+    cache = NeuronCache(N, N, parts=P, hidden=D, stride=stride, store_dtype=store_dtype, window=1,
+                        policy="paired", dtype=torch.float32)
+    whole = cache.update(range(N), 0)
+    assert whole.slots.tolist() == list(range(N))  # one run: the slice path
+    read_and_commit(cache, whole, store)
+    check_rows(cache, ref_rows, set(range(N)))
+    keep = list(range(0, N, 2))  # every other neuron stays: the odd slots become holes
+    read_and_commit(cache, cache.update(keep, 1), store)
+    before = cache.rows.clone()
+    refill = cache.update(keep + [1, 5, 9, 13, 17], 2)  # scattered hole fills: the gather path
+    assert refill.slots.tolist() == [1, 3, 5, 7, 9]  # the first holes, one slot apart
+    cache.raw[refill.slots] = store[refill.missing_ids]
+    cache.commit(refill)
+    slots, ids = refill.slots.tolist(), refill.missing_ids.tolist()
+    assert torch.equal(cache.rows[slots], ref_rows[ids])
+    others = sorted(set(range(N)) - set(slots))
+    assert torch.equal(cache.rows[others], before[others])
+    cache.invariants()
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 def test_window_expiry_and_compaction(policy):
     store, ref_rows, stride = make_store("float32")

@@ -350,7 +350,13 @@ class NeuronCache:
                     self.rows[a:b].copy_(self._raw_rows[a:b], non_blocking=True)
                 self._event = torch.cuda.Event()
                 self._event.record()
-            else:
+            elif self.device.type == "cpu" and 8 * _n_runs(s) <= s.size:
+                # Runs of 8 rows or more on average (appended misses, a whole layer): one
+                # converting copy per run reads the staging rows once, where the gather below
+                # copies them three times (docs/sparsity.md, "Committing rows").
+                for a, b in _runs(s):
+                    self.rows[a:b].copy_(self._raw_rows[a:b])
+            else:  # scattered (hole fills): a call per short run costs more than one gather
                 s_t = torch.from_numpy(s.copy())  # plan arrays are read-only
                 self.rows[s_t.to(self.device)] = self._raw_rows[s_t].to(self.device, self.compute_dtype)
         self._pending[s] = False
@@ -458,6 +464,11 @@ class NeuronCache:
         if a.size and (a[0] < 0 or a[-1] >= self.n_neurons):
             raise ReadRequestError(f"neuron ids must be in 0..{self.n_neurons - 1}; got {a[0]}..{a[-1]}")
         return a
+
+
+def _n_runs(sorted_slots: np.ndarray) -> int:
+    """How many contiguous runs the sorted, unique slots form."""
+    return int(np.count_nonzero(np.diff(sorted_slots) != 1)) + 1 if sorted_slots.size else 0
 
 
 def _runs(slots: np.ndarray) -> list[tuple[int, int]]:
