@@ -219,8 +219,7 @@ def test_commit_of_long_runs_and_of_scattered_slots_converts_exactly(store_dtype
     before = cache.rows.clone()
     refill = cache.update(keep + [1, 5, 9, 13, 17], 2)  # scattered hole fills: the gather path
     assert refill.slots.tolist() == [1, 3, 5, 7, 9]  # the first holes, one slot apart
-    cache.raw[refill.slots] = store[refill.missing_ids]
-    cache.commit(refill)
+    read_and_commit(cache, refill, store)
     slots, ids = refill.slots.tolist(), refill.missing_ids.tolist()
     assert torch.equal(cache.rows[slots], ref_rows[ids])
     others = sorted(set(range(N)) - set(slots))
