@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from flashlm.errors import AlignmentError, DuplicateNeuronError, NeuronReadError, ReaderClosedError, ReadRequestError
-from flashlm.io.backends import ThreadsBackend
+from flashlm.io.threads_backend import ThreadsBackend
 from flashlm.io.uring_backend import UringBackend
 from flashlm.io.format import (
     DTYPE_SIZES,

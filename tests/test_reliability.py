@@ -36,7 +36,7 @@ from flashlm.errors import (
     PromptTooLongError,
     StoreVersionError,
 )
-from flashlm.io.backends import ThreadsBackend
+from flashlm.io.threads_backend import ThreadsBackend
 from flashlm.io.format import MANIFEST_NAME, _body_checksum
 from flashlm.io.store import FlashStore
 

@@ -14,7 +14,7 @@ from conftest import random_llama, random_opt, save_checkpoint
 from flashlm import Engine, EngineConfig
 from flashlm.convert import convert
 from flashlm.errors import ConfigError, EngineDeadError, MemoryBudgetError, NeuronReadError
-from flashlm.io.backends import ThreadsBackend
+from flashlm.io.threads_backend import ThreadsBackend
 from flashlm.pipeline.budget import parse_budget
 from flashlm.pipeline.sparse import RequestWindow
 

@@ -48,9 +48,10 @@ from flashlm.errors import (
     ReaderClosedError,
     ReadRequestError,
 )
-from flashlm.io.backends import Backend, Range, ReadCall, ShortReadError, make_backend
+from flashlm.io.backend import Backend, Range, ReadCall, ShortReadError
 from flashlm.io.buffers import PAGE, aligned_empty, is_aligned, slots_as_tensor
 from flashlm.io.format import FFNLayout
+from flashlm.io.threads_backend import ThreadsBackend
 from flashlm.log import get_logger
 
 __all__ = ["BundleReader", "ReadStats", "aligned_empty", "plan_ranges", "slots_as_tensor",
@@ -138,6 +139,19 @@ def plan_ranges(ids: np.ndarray, slots: np.ndarray, *, stride: int, base: int, m
         end = i + m
     ranges.append(Range(base + first * stride, (end - first) * stride, parts, first, end - 1))
     return ranges
+
+
+def make_backend(kind: str | Backend, in_flight: int) -> Backend:
+    """The backend `kind` names ("threads" or "uring"), or `kind` itself when it is one."""
+    if isinstance(kind, Backend):
+        return kind
+    if kind == "threads":
+        return ThreadsBackend(in_flight)
+    if kind == "uring":
+        from flashlm.io.uring_backend import UringBackend
+
+        return UringBackend(in_flight)
+    raise ConfigError(f"unknown read backend {kind!r}: use 'threads' or 'uring'")
 
 
 class BundleReader:

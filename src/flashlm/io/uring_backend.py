@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flashlm.errors import ConfigError
-from flashlm.io.backends import DIO_ALIGN, Backend, Range, ReadCall, ShortReadError, _set_done
+from flashlm.io.backend import DIO_ALIGN, Backend, Range, ReadCall, ShortReadError, _set_done
 
 
 @dataclass(slots=True)

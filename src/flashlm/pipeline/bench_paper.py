@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from flashlm.errors import ConfigError
-from flashlm.io.backends import Range, ReadCall, ThreadsBackend
+from flashlm.io.backend import Range, ReadCall
+from flashlm.io.threads_backend import ThreadsBackend
 from flashlm.io.bench_io import machine_info
 from flashlm.io.buffers import aligned_empty
 from flashlm.log import get_logger

@@ -38,7 +38,7 @@ class EngineConfig:
     compute: str = "thread"  # "thread": torch runs on a dedicated compute thread; "loop": inline on the event loop
     lookahead: int = 1  # 1: predict layer l+1 from layer l's attention output and prefetch; 0: serial
     memory_budget: int | float | str | None = None  # bytes, "2GiB", or a fraction of the model's bytes
-    io_backend: Any = "threads"  # "threads" (os.preadv workers) | "uring" | a flashlm.io.backends.Backend
+    io_backend: Any = "threads"  # "threads" (os.preadv workers) | "uring" | a flashlm.io.backend.Backend
     in_flight: int = 32  # reads in flight per store
     page_cache: bool = False  # False: O_DIRECT (honest timings); True: buffered reads
     trace: str | os.PathLike[str] | None = None  # JSON-lines trace file (docs/trace.md); None: off
