@@ -43,7 +43,7 @@ def test_bench_quick_writes_tables(llama_store, tmp_path, capsys):
 async def test_uncoalesced_backend_reads_one_bundle_per_syscall(llama_store):
     from flashlm.io.reader import BundleReader, aligned_empty
     from flashlm.io.store import FlashStore
-    from flashlm.pipeline.bench_paper import UncoalescedBackend
+    from flashlm.bench.paper import UncoalescedBackend
 
     _, store = llama_store
     lay = FlashStore.open(store).manifest.ffn
@@ -73,7 +73,7 @@ def test_scale_replay_quick(tmp_path, capsys):
 
 
 def test_scale_sequences_are_correlated():
-    from flashlm.io.scale import DEFAULT_STATS, new_fraction, sequence
+    from flashlm.bench.scale import DEFAULT_STATS, new_fraction, sequence
 
     rng = np.random.default_rng(0)
     seq = sequence(2048, 20, DEFAULT_STATS, 0.7, rng, rng.lognormal(0, 1, 2048))

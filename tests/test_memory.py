@@ -15,7 +15,7 @@ MiB = 2**20
 
 
 def probe(store, budget: int, tokens: int) -> dict:
-    r = subprocess.run([sys.executable, "-m", "flashlm.pipeline.rss_probe", str(store), str(budget), str(tokens)],
+    r = subprocess.run([sys.executable, "-m", "flashlm.bench.rss_probe", str(store), str(budget), str(tokens)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(r.stdout.strip().splitlines()[-1])

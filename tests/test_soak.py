@@ -19,7 +19,7 @@ import pytest
 from conftest import CORPUS, random_llama, save_checkpoint, tiny_tokenizer
 from flashlm.errors import CheckpointFormatError, MemoryBudgetError
 from flashlm.io.store import FlashStore
-from flashlm.pipeline.rss_probe import rss_bytes
+from flashlm.bench.rss_probe import rss_bytes
 
 MiB = 2**20
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"

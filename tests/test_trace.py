@@ -11,7 +11,7 @@ from flashlm import Engine, EngineConfig
 from flashlm.cli import main
 from flashlm.errors import ConfigError
 from flashlm.pipeline.trace import FIELDS, SCHEMA, TraceSink, load
-from flashlm.pipeline.trace_report import breakdown, summarize
+from flashlm.bench.trace_report import breakdown, summarize
 
 
 @pytest.fixture(scope="module")

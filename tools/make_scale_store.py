@@ -4,7 +4,7 @@
 
 Random bytes with OPT-6.7B's FFN geometry (32 layers, d_model 4096, d_ff 16384, fp16 bundles of
 fc1 row + fc2 column = 16 KiB; 8.6 GB). Refuses when the disk has < 20 GB free. The store is
-only for I/O and cache replays: it holds no model (see flashlm.io.scale and docs/scale.md).
+only for I/O and cache replays: it holds no model (see flashlm.bench.scale and docs/scale.md).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from flashlm.io.scale import MIN_FREE_BYTES, OPT_6_7B, QUICK, write_store
+from flashlm.bench.scale import MIN_FREE_BYTES, OPT_6_7B, QUICK, write_store
 
 
 def main(argv: list[str] | None = None) -> int:

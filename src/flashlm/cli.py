@@ -203,7 +203,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 async def _bench_io(a: argparse.Namespace) -> int:
-    from flashlm.io.bench_io import run_io_bench
+    from flashlm.bench.io import run_io_bench
 
     result = await run_io_bench(Path(a.out), quick=a.quick, workdir=Path(a.workdir) if a.workdir else None)
     print(json.dumps({k: result[k] for k in ("ours_vs_fio_32k_qd32", "bundle_vs_fio_32k", "fio") if k in result}))
@@ -211,7 +211,7 @@ async def _bench_io(a: argparse.Namespace) -> int:
 
 
 async def _bench_engine(a: argparse.Namespace) -> int:
-    from flashlm.pipeline.bench_engine import run_engine_bench
+    from flashlm.bench.engine import run_engine_bench
 
     r = await run_engine_bench(Path(a.out), quick=a.quick, model=a.model, selection=a.selection,
                                density=a.density, window=a.window)
@@ -222,7 +222,7 @@ async def _bench_engine(a: argparse.Namespace) -> int:
 
 
 async def _bench_paper(a: argparse.Namespace) -> int:
-    from flashlm.pipeline.bench_paper import run_paper_bench
+    from flashlm.bench.paper import run_paper_bench
 
     out = Path(a.out)
     r = await run_paper_bench(out, quick=a.quick, model=a.model, selection=a.selection, density=a.density,
@@ -237,7 +237,7 @@ async def _bench_paper(a: argparse.Namespace) -> int:
 
 
 async def _bench_scale(a: argparse.Namespace) -> int:
-    from flashlm.io.scale import run_scale_bench
+    from flashlm.bench.scale import run_scale_bench
 
     r = await run_scale_bench(Path(a.out), quick=a.quick, store_dir=Path(a.dir) if a.dir else None,
                               tokens=a.tokens, from_trace=a.from_trace, keep=a.keep)
@@ -255,7 +255,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
 
 
 def cmd_trace_report(a: argparse.Namespace) -> int:
-    from flashlm.pipeline.trace_report import report
+    from flashlm.bench.trace_report import report
 
     try:
         r = report(a.trace, a.out, n_tokens=a.tokens)

@@ -68,7 +68,7 @@ from flashlm.io.format import DTYPE_SIZES, FFNLayout
 from flashlm.io.store import rows_view
 
 Policy = Literal["compact", "paired"]
-# `python -m benchmarks.bench_cache` (benchmarks/results/cache.json; 2-vCPU x86 VM, 1 thread), one layer
+# `python -m flashlm.bench.cache` (benchmarks/results/cache.json; 2-vCPU x86 VM, 1 thread), one layer
 # of SmolLM2 geometry (d_ff 1536, d 576, fp16 -> fp32, window 8, 40% density, ~32 misses/token),
 # update + commit per token, median: compact 0.120 ms, paired 0.123 ms (with a 50% capacity: 0.126
 # vs 0.130 ms). Compact also computes over fewer rows (886 vs paired's 921, its zeroed holes). Default:

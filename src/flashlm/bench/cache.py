@@ -1,4 +1,4 @@
-"""Neuron cache policies: `python -m benchmarks.bench_cache [--tokens N] [--out FILE]`.
+"""Neuron cache policies: `python -m flashlm.bench.cache [--tokens N] [--out FILE]`.
 
 One layer of SmolLM2-135M's geometry (d_ff 1536, d 576, P 3, float16 store -> float32 compute),
 window 8, 40% density, id sets that keep most of the previous token's and swap 2-4% of d_ff.

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from flashlm.io import bench_workloads as wl
+from flashlm.bench import io_workloads as wl
 from flashlm.io.reader import DEFAULT_BACKEND, DEFAULT_MAX_GAP_BYTES, DEFAULT_MIN_READ_BYTES
 from flashlm.log import get_logger
 

@@ -16,11 +16,10 @@ from typing import Any
 
 import torch
 
+from flashlm import Engine, EngineConfig
+from flashlm.bench.io import machine_info
+from flashlm.bench.trace_report import length, overlap, union
 from flashlm.errors import MemoryBudgetError
-from flashlm.io.bench_io import machine_info
-from flashlm.pipeline.config import EngineConfig
-from flashlm.pipeline.engine import Engine
-from flashlm.pipeline.trace_report import length, overlap, union
 
 PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 

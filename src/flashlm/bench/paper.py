@@ -24,7 +24,7 @@ traced):
 
 Per run the trace gives I/O (flash reads in flight, and the part the step waited on),
 memory management (cache update + commit) and compute (attention, selection, sparse FFN);
-`flashlm.pipeline.trace_report` is the one place those are derived. Output: JSON + a
+`flashlm.bench.trace_report` is the one place those are derived. Output: JSON + a
 markdown table next to it. Tokens are checked while benchmarking: naive and hybrid must
 produce the dense model's tokens exactly; the sparse runs report their agreement.
 """
@@ -43,16 +43,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from flashlm import Engine, EngineConfig
+from flashlm.bench.engine import PROMPT, token_agreement
+from flashlm.bench.io import machine_info
+from flashlm.bench.trace_report import breakdown, summarize
 from flashlm.errors import ConfigError
 from flashlm.io.backend import Range, ReadCall
-from flashlm.io.threads_backend import ThreadsBackend
-from flashlm.io.bench_io import machine_info
 from flashlm.io.buffers import aligned_empty
+from flashlm.io.threads_backend import ThreadsBackend
 from flashlm.log import get_logger
-from flashlm.pipeline.config import EngineConfig
-from flashlm.pipeline.bench_engine import PROMPT, token_agreement
-from flashlm.pipeline.engine import Engine
-from flashlm.pipeline.trace_report import breakdown, summarize
 from flashlm.pipeline.trace import load
 
 log = get_logger(__name__)
@@ -295,7 +294,7 @@ async def run_paper_bench(out: Path, *, quick: bool, model: str = "smollm2-135m"
         result["trace_overhead"] = await _trace_overhead(model, EngineConfig(**sparse), rounds=2 if quick else 9,
                                                          tokens=tokens, **kw)
         if report_dir is not None:  # the report of ours' trace: timeline.png, breakdown.png
-            from flashlm.pipeline.trace_report import report
+            from flashlm.bench.trace_report import report
 
             rep = report(td / "lazy_eviction.jsonl", report_dir)
             result["report"] = {"dir": str(report_dir), "files": rep["files"]}

@@ -1,5 +1,5 @@
-"""Measure process RSS while an engine generates under a memory budget (used by the tests
-and the engine benchmark): `python -m flashlm.pipeline.rss_probe STORE BUDGET TOKENS`.
+"""Measure process RSS while an engine generates under a memory budget (used by the memory
+and soak tests): `python -m flashlm.bench.rss_probe STORE BUDGET TOKENS`.
 
 Run in a fresh process so the baseline is clean. Prints one JSON object.
 """

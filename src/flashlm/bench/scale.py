@@ -279,7 +279,7 @@ def _max_union(seq: list[np.ndarray], window: int) -> int:
 
 async def run_scale_bench(out: Path, *, quick: bool, store_dir: Path | None = None, tokens: int | None = None,
                           from_trace: str | None = None, keep: bool = False, seed: int = 0) -> dict[str, Any]:
-    from flashlm.io.bench_io import _fio, machine_info
+    from flashlm.bench.io import _fio, machine_info
 
     shape = QUICK if quick else OPT_6_7B
     tokens = tokens or (12 if quick else 48)
