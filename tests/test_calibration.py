@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from flashlm import Engine
-from flashlm.calibration import calibrate, evaluate
+from flashlm.bench.accuracy import Run, evaluate
+from flashlm.calibration import calibrate
 from flashlm.calibration.coactivation import coactivation_order, entering, read_stats
-from flashlm.calibration.evaluate import Run
 from flashlm.calibration.train import PredictorSettings
 from flashlm.io.store import FlashStore
 from flashlm.models.base import PERMUTATION_KEY

@@ -14,10 +14,9 @@ import json
 
 import torch
 
+from flashlm.bench.accuracy import Run, evaluate
 from flashlm.calibration import data
 from flashlm.calibration.allocate import greedy_mass, share_curves
-from flashlm.calibration.calibrate import _tokenizer
-from flashlm.calibration.evaluate import Run, evaluate
 from flashlm.calibration.record import load_dense, record
 from flashlm.io.store import FlashStore
 
@@ -35,7 +34,7 @@ def main() -> None:
     torch.set_num_threads(1)
     store = FlashStore.open(a.store)
     dense = load_dense(store)
-    tok = _tokenizer(store)
+    tok = data.tokenizer(store)
     ids = data.token_stream(tok, data.wiki_split("calibration"), a.cal_tokens, tok.eos_token_id)
     with torch.inference_mode():
         curves = share_curves(record(dense, ids, progress=False), dense.rows, dense.act, dense.fc1_bias)

@@ -183,7 +183,7 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    from flashlm.calibration import evaluate
+    from flashlm.bench.accuracy import evaluate
 
     plot = a.plot or (str(Path(a.json).with_suffix(".png")) if a.json else None)
     report = evaluate(a.store, quick=a.quick, tokens=a.tokens, json_path=a.json, plot_path=plot, progress=not a.quiet)

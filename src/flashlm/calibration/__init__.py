@@ -1,10 +1,8 @@
 """Calibration: record the dense model on text, build neuron selectors, order neurons by
-co-activation, write it all into the store atomically; and evaluate the selections.
-
-Entry points: `calibrate(store_path, tokens=...)` and `evaluate(store_path, quick=...)`.
+co-activation, and write it all into the store atomically (`calibrate(store_path,
+tokens=...)`). How well the selections do is measured in `flashlm.bench.accuracy`.
 """
 
 from flashlm.calibration.calibrate import calibrate
-from flashlm.calibration.evaluate import evaluate
 
-__all__ = ["calibrate", "evaluate"]
+__all__ = ["calibrate"]

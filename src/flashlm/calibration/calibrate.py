@@ -18,7 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flashlm import __version__
-from flashlm.calibration import data
+import flashlm.calibration.data as data
 from flashlm.calibration.coactivation import coactivation_order, entering_sets, read_stats
 from flashlm.calibration.record import load_dense, record
 from flashlm.calibration.train import PredictorSettings, selection_report, train_predictor
@@ -34,16 +34,8 @@ SELECTOR_PREFIX = SELECTOR_KEY.split("{")[0]  # "flashlm.selector."
 DEFAULT_SELECTION = {"selector": "shadow_int8", "density": 0.4, "window": 8, "rule": "top_k"}
 
 
-def _tokenizer(store: FlashStore) -> Any:
-    from transformers import AutoTokenizer
-
-    if store.tokenizer_dir is None:
-        raise data.CalibrationDataError(f"{store.path} has no tokenizer; calibration needs text -> tokens")
-    return AutoTokenizer.from_pretrained(str(store.tokenizer_dir))
-
-
 def calibration_ids(store: FlashStore, tokens: int, text: str | Path | None) -> tuple[list[int], str]:
-    tok = _tokenizer(store)
+    tok = data.tokenizer(store)
     if text is None:
         return data.token_stream(tok, data.wiki_split("calibration"), tokens, tok.eos_token_id), \
             f"gensim-4.4.0:{data.WIKI_FILE} (calibration split: article i % {data.HELD_OUT_EVERY} != 4)"

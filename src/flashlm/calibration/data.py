@@ -20,6 +20,7 @@ import sys
 import zipfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from flashlm.builtin import home
 from flashlm.errors import FlashLMError
@@ -126,3 +127,12 @@ def token_stream(tokenizer, texts: list[str], n: int, sep: int | None = None) ->
     if len(ids) < n:
         raise CalibrationDataError(f"the text has only {len(ids)} tokens, {n} were asked for")
     return ids[:n]
+
+
+def tokenizer(store: Any) -> Any:
+    """The tokenizer of `store` (a FlashStore), to turn these texts into token ids."""
+    from transformers import AutoTokenizer
+
+    if store.tokenizer_dir is None:
+        raise CalibrationDataError(f"{store.path} has no tokenizer; calibration needs text -> tokens")
+    return AutoTokenizer.from_pretrained(str(store.tokenizer_dir))

@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flashlm.calibration import data
-from flashlm.calibration.calibrate import _tokenizer
+import flashlm.calibration.data as data
 from flashlm.calibration.coactivation import entering
 from flashlm.calibration.record import DenseModel, chunks, forward_with, load_dense
 from flashlm.io.store import FlashStore
@@ -197,7 +196,7 @@ def evaluate(store_path: str | Path, quick: bool = False, *, tokens: int | None 
     n_layers, d_ff = len(dense.rows), dense.rows[0].shape[0]
     if texts is None:
         n = tokens or (QUICK_TOKENS if quick else FULL_TOKENS)
-        tok = _tokenizer(store)
+        tok = data.tokenizer(store)
         texts = {"wiki": data.token_stream(tok, data.wiki_split("heldout"), n, tok.eos_token_id),
                  "news": data.token_stream(tok, data.news_texts(), n, tok.eos_token_id)}
     seqs = {k: chunks(v, seq_len) for k, v in texts.items()}
