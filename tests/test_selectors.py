@@ -161,7 +161,7 @@ def test_budget_window_is_the_engines_window_and_cache(n, k, capacity):
     import numpy as np
 
     from flashlm.pipeline.neuron_cache import NeuronCache
-    from flashlm.pipeline.sparse import RequestWindow
+    from flashlm.pipeline.request_window import RequestWindow
 
     g = torch.Generator().manual_seed(n + k)
     mask = torch.rand(60, n, generator=g) < 0.25

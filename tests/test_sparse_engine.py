@@ -16,7 +16,7 @@ from flashlm.convert import convert
 from flashlm.errors import ConfigError, EngineDeadError, MemoryBudgetError, NeuronReadError
 from flashlm.io.threads_backend import ThreadsBackend
 from flashlm.pipeline.budget import parse_budget
-from flashlm.pipeline.sparse import RequestWindow
+from flashlm.pipeline.request_window import RequestWindow
 
 PROMPT = [5, 17, 42, 99, 7, 250, 3]
 

@@ -115,7 +115,7 @@ def budget_window(mask: Tensor, k: int, capacity: int) -> tuple[Tensor, Tensor]:
 
     Returns (computed, held), both (T, n) bool. computed[t]: the neurons the FFN runs over at
     token t - those selected in the last k tokens, at most `capacity`, most recently selected
-    first, ties to the lower id (`pipeline.sparse.RequestWindow` without speculation, whose
+    first, ties to the lower id (`pipeline.request_window.RequestWindow` without speculation, whose
     sets would take room too); with capacity >= n it is `window_union(mask, k)`. held[t]: the
     layer's cache after token t - the neurons computed in the last k tokens, at most
     `capacity`, least recently computed evicted first, ties lower id first

@@ -37,7 +37,8 @@ from flashlm.pipeline.budget import MemoryPlan, parse_budget, plan_memory
 from flashlm.pipeline.config import EngineConfig
 from flashlm.pipeline.neuron_cache import NeuronCache
 from flashlm.pipeline.selection import make_selectors
-from flashlm.pipeline.sparse import RequestWindow, SparseRunner, TokenReport
+from flashlm.pipeline.request_window import RequestWindow
+from flashlm.pipeline.sparse import SparseRunner, TokenReport
 from flashlm.pipeline.detokenizer import Detokenizer
 from flashlm.pipeline.request import Request, make_request
 from flashlm.pipeline.sampler import Sampler

@@ -14,24 +14,21 @@ behind the rest of its own FFN.
 The layer loop is written once (`_layers`, a generator) and driven either from the compute
 thread (compute="thread", the default: the whole token runs there with no thread hop per
 layer, the actors on the event loop answer through thread-safe futures, and the loop is never
-blocked) or on the loop itself (compute="loop").
+blocked) or on the loop itself (compute="loop"): `flashlm.pipeline.step_driver`.
 
 Concurrent requests share the caches but not their windows: each request keeps the last
-token at which it selected each neuron, and its FFN is computed over exactly the cached
-neurons in *its* window (a mask when another request's neurons are cached too), so a
-request's output is the same whether it runs alone or beside others; steps of concurrent
-requests are interleaved, one token step at a time.
+token at which it selected each neuron (`flashlm.pipeline.request_window`), and its FFN is
+computed over exactly the cached neurons in *its* window (a mask when another request's
+neurons are cached too), so a request's output is the same whether it runs alone or beside
+others; steps of concurrent requests are interleaved, one token step at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,8 +36,9 @@ import numpy as np
 import structlog
 import torch
 
-from flashlm.errors import EngineClosedError, EngineDeadError
-from flashlm.pipeline.actors import Ensure, Event, LayerActor, LayerStep, Prefetch, Tidy, Touch
+from flashlm.pipeline.actors import Event, LayerActor, LayerStep, Prefetch, Tidy, Touch
+from flashlm.pipeline.request_window import RequestWindow
+from flashlm.pipeline.step_driver import StepDriver
 
 Selector = Callable[[torch.Tensor], torch.Tensor]  # ffn_in (T, d) -> neuron ids (n,), unique
 
@@ -63,43 +61,6 @@ class TokenReport:
         return self.spec_hits / self.spec_needed if self.spec_needed else None
 
 
-class RequestWindow:
-    """One request's sliding window: per layer, the request's own step at which it last
-    selected each neuron, exactly (`last`) and exactly or speculatively (`seen`).
-
-    `held(layer)`: the neurons the layer's cache holds for the step - those seen in the last
-    `window` steps, at most `capacity`, most recent first (ties: lower id). `computed(layer,
-    held)`: the ones the FFN runs over - those of `held` selected exactly in the last `window`
-    steps. A speculative set only prefetches: it is never computed unless the exact selection
-    asks for it too, so without a cache budget the tokens do not depend on speculation; below
-    the window's union it takes room in the cache, and then it does. Both are functions of
-    the request alone, so concurrent requests give the same answers as solo ones whatever the
-    shared caches hold."""
-
-    def __init__(self, n_layers: int, d_ff: int, window: int, capacity: int) -> None:
-        self.last = np.full((n_layers, d_ff), -(10**9), dtype=np.int64)
-        self.seen = self.last.copy()
-        self.window = window
-        self.capacity = capacity
-        self.step = 0  # the request's own clock: one per forward (a prompt token or an answer token)
-
-    def mark(self, layer: int, ids: np.ndarray, *, speculative: bool = False) -> None:
-        self.seen[layer, ids] = self.step
-        if not speculative:
-            self.last[layer, ids] = self.step
-
-    def held(self, layer: int) -> np.ndarray:
-        seen = self.seen[layer]
-        ids = np.flatnonzero(seen > self.step - self.window)
-        if ids.size > self.capacity:  # the budget holds less than the window: keep the most recent
-            order = np.lexsort((ids, -seen[ids]))
-            ids = np.sort(ids[order[: self.capacity]])
-        return ids
-
-    def computed(self, layer: int, held: np.ndarray) -> np.ndarray:
-        return held[self.last[layer, held] > self.step - self.window]
-
-
 class SparseRunner:
     def __init__(self, model: Any, caches: list[Any], actors: list[LayerActor], selectors: list[Selector], *,
                  lookahead: int, window: int, pool: Any, reuse: bool = True, inline: bool = False) -> None:
@@ -111,14 +72,11 @@ class SparseRunner:
         self.reuse = reuse
         self.inline = inline
         self.window = window
-        self._pool = pool
+        self._driver = StepDriver(actors, pool, inline=inline)
         self.d_ff = max(c.n_neurons for c in caches)
         self.capacity = min(c.capacity for c in caches)
         self._sel = np.zeros(self.d_ff, dtype=bool)  # scratch: a request's window as a mask
         self._token = 0  # engine-wide step counter: the caches' clock
-        self._replies: set[Any] = set()  # asyncio or concurrent futures the actors will answer
-        self._replies_lock = threading.Lock()  # the compute thread adds and removes them too
-        self._dead: BaseException | None = None
         self._lock = asyncio.Lock()  # one token step at a time (steps of requests interleave)
         self.compute_events: list[tuple[int, int, float, float]] = []  # (layer, token, start, end) when recording
         self.record = False
@@ -141,55 +99,7 @@ class SparseRunner:
     def dead(self, error: BaseException) -> None:
         """The actors are gone (crashed, or the engine closed: EngineClosedError): fail every
         step waiting on one, and all later ones."""
-        self._dead = error
-        with self._replies_lock:
-            waiting = list(self._replies)
-        for reply in waiting:
-            if not reply.done():
-                reply.set_exception(self._failure())
-
-    def _failure(self) -> Exception:
-        if isinstance(self._dead, EngineClosedError):
-            return EngineClosedError(str(self._dead))
-        return EngineDeadError(f"a layer actor crashed ({self._dead!r}); open a new engine")
-
-    def _check_alive(self) -> None:
-        if self._dead is not None:
-            raise self._failure()
-
-    async def _post(self, layer: int, msg: Prefetch | Touch | Tidy) -> None:
-        self._check_alive()
-        self.actors[layer].sent += 1
-        await self.actors[layer].inbox.put(msg)
-
-    async def _ask(self, layer: int, msg_token: int, ids: np.ndarray) -> tuple[Any, asyncio.Future[LayerStep]]:
-        """Send Ensure; return once the layer's reads are in flight: ((its pending slots, the
-        neuron of each row), the future of its LayerStep, for `_answer`)."""
-        self._check_alive()
-        loop = asyncio.get_running_loop()
-        ready: asyncio.Future[tuple[np.ndarray, np.ndarray]] = loop.create_future()
-        reply: asyncio.Future[LayerStep] = loop.create_future()
-        with self._replies_lock:
-            self._replies.update((ready, reply))
-        try:
-            self.actors[layer].sent += 1
-            await self.actors[layer].inbox.put(Ensure(msg_token, ids, reply, ready))
-            return await ready, reply
-        except BaseException:
-            with self._replies_lock:
-                self._replies.discard(reply)
-            reply.cancel()
-            raise
-        finally:
-            with self._replies_lock:
-                self._replies.discard(ready)
-
-    async def _answer(self, reply: asyncio.Future[LayerStep]) -> LayerStep:
-        try:
-            return await reply
-        finally:
-            with self._replies_lock:
-                self._replies.discard(reply)
+        self._driver.dead(error)
 
     # -- compute-thread pieces ---------------------------------------------------------------
 
@@ -330,11 +240,7 @@ class SparseRunner:
         if self.trace is not None:  # the request id is bound in the step's context by the engine
             self.trace.begin_token(token, structlog.contextvars.get_contextvars().get("request_id"), ids.shape[0])
         t0 = time.perf_counter()
-        layers = self._layers(ids, kv, win, token)
-        if self.inline:
-            logits, steps, spec_hits, spec_needed = await self._drive_here(layers, token)
-        else:
-            logits, steps, spec_hits, spec_needed = await self._drive_on_thread(layers, token)
+        logits, steps, spec_hits, spec_needed = await self._driver.drive(self._layers(ids, kv, win, token), token)
         kv.advance(ids.shape[0])
         win.step += 1
         if not self.reuse:
@@ -355,141 +261,8 @@ class SparseRunner:
             self.trace.emit("token", token, start=t0, end=time.perf_counter(), **report.__dict__)
         return logits, report
 
-    # The layer loop is one generator: it computes inline and yields what it needs from the
-    # actors — ("post", layer, msg): deliver, no answer; ("ask", layer, ids): send Ensure, answer
-    # (pending slots, row neurons) once the layer's reads are in flight; ("fetch", layer, ids):
-    # send Ensure(evict=False), no answer (compute thread only); ("wait", layer): answer that
-    # Ensure's LayerStep once every read is committed. Two drivers run it. On the compute
-    # thread (compute="thread") the whole token runs there back to back, posting to the actors
-    # on the loop thread-safely and blocking only when a layer must wait for its reads; so the
-    # loop (actors, reads, bookkeeping) runs beside it, with no thread hop per layer. Inline
-    # (compute="loop") every post and ask is awaited.
-
-    async def _drive_here(self, layers: Any, token: int) -> Any:
-        answer: Any = None
-        reply = None
-        while True:
-            try:
-                op = layers.send(answer)
-            except StopIteration as done:
-                return done.value
-            if op[0] == "post":
-                answer = await self._post(op[1], op[2])
-            elif op[0] == "ask":
-                answer, reply = await self._ask(op[1], token, op[2])
-            else:
-                answer = await self._answer(reply)
-
-    async def _drive_on_thread(self, layers: Any, token: int) -> Any:
-        loop = asyncio.get_running_loop()
-        abort = threading.Event()
-        done = loop.run_in_executor(self._pool, self._drive_sync, layers, token, loop, abort)
-        try:
-            return await asyncio.shield(done)
-        except asyncio.CancelledError:
-            # The token cannot stop mid-layer on its thread: stop it at the next layer and
-            # wait, so no later step runs while this one still touches the caches or KV cache.
-            abort.set()
-            with contextlib.suppress(BaseException):
-                await done
-            raise
-
-    def _drive_sync(self, layers: Any, token: int, loop: asyncio.AbstractEventLoop, abort: threading.Event) -> Any:
-        answer: Any = None
-        reply = None
-        outbox: list[tuple[LayerActor, Prefetch | Touch | Tidy | Ensure]] = []
-        try:
-            while True:
-                if abort.is_set():
-                    raise _Aborted
-                try:
-                    op = layers.send(answer)
-                except StopIteration as done:
-                    return done.value
-                answer = None
-                if op[0] == "post":
-                    self._post_threadsafe(op[1], op[2], loop, outbox)
-                elif op[0] == "ask":
-                    answer, reply = self._ask_threadsafe(op[1], token, op[2], loop, outbox)
-                elif op[0] == "fetch":
-                    reply = self._fetch_threadsafe(op[1], token, op[2], loop, outbox)
-                else:
-                    try:
-                        answer = reply.result()
-                    finally:
-                        with self._replies_lock:
-                            self._replies.discard(reply)
-        finally:
-            self._flush(outbox, loop)
-            layers.close()
-
-    # Bookkeeping (Touch) waits in an outbox for a few layers: each wake-up of the loop from
-    # this thread costs a context switch, and on a small machine the two threads share a core.
-    # A Prefetch goes at once (its reads should start now), taking the outbox with it. An
-    # Ensure does not wait for the outbox (other actors' bookkeeping would run before it).
-    OUTBOX = 4
-
-    def _post_threadsafe(self, layer: int, msg: Prefetch | Touch | Tidy | Ensure, loop: asyncio.AbstractEventLoop,
-                         outbox: list[tuple[LayerActor, Prefetch | Touch | Tidy | Ensure]]) -> None:
-        self._check_alive()
-        actor = self.actors[layer]
-        actor.sent += 1  # counted before delivery: the actor is not quiescent from now on
-        if actor.sent - actor.handled > actor.inbox.maxsize:  # a full inbox pushes back on the compute thread
-            self._flush(outbox, loop)
-            asyncio.run_coroutine_threadsafe(actor.inbox.put(msg), loop).result()
-        elif isinstance(msg, Ensure):  # at once, and ahead of other actors' bookkeeping
-            if any(a is actor for a, _ in outbox):  # but after this actor's own messages
-                self._flush(outbox, loop)
-            loop.call_soon_threadsafe(actor.inbox.put_nowait, msg)
-        else:
-            outbox.append((actor, msg))  # room for certain: put_nowait cannot fail
-            if isinstance(msg, Prefetch) or len(outbox) >= self.OUTBOX:
-                self._flush(outbox, loop)
-
-    def _ask_threadsafe(self, layer: int, token: int, ids: np.ndarray, loop: asyncio.AbstractEventLoop,
-                        outbox: list[tuple[LayerActor, Prefetch | Touch | Tidy | Ensure]]) -> tuple[Any, Future[LayerStep]]:
-        """`_ask` from the compute thread, answered through thread-safe futures: the actor's
-        answers wake this thread directly, with no round trip through the loop."""
-        ready: Future[tuple[np.ndarray, np.ndarray]] = Future()
-        reply: Future[LayerStep] = Future()
-        with self._replies_lock:
-            self._replies.update((ready, reply))
-        try:
-            # (checks the engine is alive after registering: `dead` either saw these futures or is seen)
-            self._post_threadsafe(layer, Ensure(token, ids, reply, ready), loop, outbox)
-            return ready.result(), reply
-        except BaseException:
-            with self._replies_lock:
-                self._replies.discard(reply)
-            raise
-        finally:
-            with self._replies_lock:
-                self._replies.discard(ready)
-
-    def _fetch_threadsafe(self, layer: int, token: int, ids: np.ndarray, loop: asyncio.AbstractEventLoop,
-                          outbox: list[tuple[LayerActor, Prefetch | Touch | Tidy | Ensure]]) -> Future[LayerStep]:
-        """Send Ensure(evict=False) and return at once: the future of its LayerStep (only the
-        compute thread's driver does this: see `fetch_early`)."""
-        reply: Future[LayerStep] = Future()
-        with self._replies_lock:
-            self._replies.add(reply)
-        try:
-            self._post_threadsafe(layer, Ensure(token, ids, reply, evict=False), loop, outbox)
-        except BaseException:
-            with self._replies_lock:
-                self._replies.discard(reply)
-            raise
-        return reply
-
-    @staticmethod
-    def _flush(outbox: list[tuple[LayerActor, Prefetch | Touch | Tidy | Ensure]], loop: asyncio.AbstractEventLoop) -> None:
-        if outbox:
-            batch = outbox.copy()
-            outbox.clear()
-            loop.call_soon_threadsafe(lambda: [a.inbox.put_nowait(m) for a, m in batch])
-
     def _layers(self, ids: torch.Tensor, kv: Any, win: RequestWindow, token: int) -> Any:
-        """One token step through every layer (a generator: see above). Returns
+        """One token step through every layer (a generator: see `flashlm.pipeline.step_driver`). Returns
         (logits, per-layer LayerSteps, speculative hits, speculative needed)."""
         pos = kv.length
         n_layers = len(self.caches)
@@ -578,7 +351,3 @@ class SparseRunner:
         if deferred is not None:
             yield deferred
         return logits, steps, spec_hits, spec_needed
-
-
-class _Aborted(Exception):
-    """The step's stream was cancelled: its compute thread stops at the next layer."""
