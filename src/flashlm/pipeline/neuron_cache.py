@@ -1,11 +1,9 @@
 """One layer's neuron cache: the paper's DRAM management (LLM in a Flash, section 3.3).
 
-`capacity` bundle slots are preallocated: `raw`, the aligned (capacity, stride) uint8 host
-buffer the bundle reader writes into, and `rows`, the (capacity, P, d) tensor the FFN computes
-on. With store dtype == compute dtype on CPU, `rows` *is* a view of `raw` (zero copy);
-otherwise `commit` converts the new slots into `rows` once their reads are done (on CUDA a
-non-blocking copy from pinned `raw`). Bookkeeping is numpy: `slot_of[neuron]` (-1: absent),
-`neuron_of[slot]` (-1: hole), `last_used[neuron]` (token index), `num_used`, `window`.
+`capacity` bundle slots are preallocated (`flashlm.pipeline.cache_rows`: `raw`, what the bundle
+reader writes into, and `rows`, what the FFN computes on, the same memory when the dtypes
+match on CPU). This module is the bookkeeping over them, in numpy: `slot_of[neuron]` (-1:
+absent), `neuron_of[slot]` (-1: hole), `last_used[neuron]` (token index), `num_used`, `window`.
 
 A token's step for one layer::
 
@@ -63,9 +61,8 @@ import numpy as np
 import torch
 
 from flashlm.errors import ConfigError, MemoryBudgetError, ReadRequestError
-from flashlm.io.buffers import aligned_empty
 from flashlm.io.format import DTYPE_SIZES, FFNLayout
-from flashlm.io.store import rows_view
+from flashlm.pipeline.cache_rows import CacheRows
 
 Policy = Literal["compact", "paired"]
 # `python -m flashlm.bench.cache` (benchmarks/results/cache.json; 2-vCPU x86 VM, 1 thread), one layer
@@ -141,21 +138,10 @@ class NeuronCache:
         self.n_neurons, self.capacity, self.window, self.policy = n_neurons, capacity, window, policy
         self.lazy = eviction == "lazy"
         self.stride, self.store_dtype = stride, store_dtype
-        self.device = torch.device(device)
-        raw_t = None
-        if pin_memory and torch.cuda.is_available():  # pinned staging for non-blocking H2D copies
-            raw_t = _pinned_aligned(capacity, stride)
-            self.raw = raw_t.numpy()
-        else:
-            self.raw = aligned_empty(capacity, stride)  # (capacity, stride) uint8, what reads write
-            self.raw[:] = 0
-        self._raw_rows = rows_view(raw_t if raw_t is not None else self.raw, parts, hidden, store_dtype)
-        self.compute_dtype = dtype or self._raw_rows.dtype
-        self.zero_copy = self.device.type == "cpu" and self.compute_dtype == self._raw_rows.dtype
-        if self.zero_copy:
-            self.rows = self._raw_rows  # (capacity, P, d): same memory
-        else:
-            self.rows = torch.zeros(capacity, parts, hidden, dtype=self.compute_dtype, device=self.device)
+        self._mem = CacheRows(capacity, parts=parts, hidden=hidden, stride=stride, store_dtype=store_dtype,
+                              dtype=dtype, device=device, pin_memory=pin_memory)
+        self.raw, self.rows = self._mem.raw, self._mem.rows  # (capacity, stride) uint8 the reads write; (capacity, P, d)
+        self.device, self.compute_dtype, self.zero_copy = self._mem.device, self._mem.compute_dtype, self._mem.zero_copy
         self.slot_of = np.full(n_neurons, -1, dtype=np.int64)
         self.neuron_of = np.full(capacity, -1, dtype=np.int64)
         self._lu = np.full(n_neurons + 1, _NEVER, dtype=np.int64)  # [-1] is the holes' entry
@@ -168,7 +154,6 @@ class NeuronCache:
         self._ids_cache: tuple[int, torch.Tensor] | None = None
         self._version = 0  # bumped whenever the cached neurons or their slots change
         self._holds_all = (-1, False)  # (version, holds_all())
-        self._event = None  # CUDA event of the last commit's copies
         self._c = dict(updates=0, hits=0, misses=0, evictions=0, appends=0, hole_fills=0, moves=0, zeroed=0,
                        dropped=0)
         self._tok_misses = 0
@@ -178,8 +163,7 @@ class NeuronCache:
     @property
     def nbytes(self) -> int:
         """Bytes this cache holds: the raw slots, the compute rows when separate, the bookkeeping."""
-        rows = 0 if self.zero_copy else self.rows.numel() * self.rows.element_size()
-        return self.raw.nbytes + rows + self.slot_of.nbytes + self.neuron_of.nbytes + self._lu.nbytes
+        return self._mem.nbytes + self.slot_of.nbytes + self.neuron_of.nbytes + self._lu.nbytes
 
     # -- the step --------------------------------------------------------------------------------
 
@@ -198,9 +182,7 @@ class NeuronCache:
         if token > self.token and self.n_pending:
             raise RuntimeError(f"update for token {token} while {self.n_pending} slots of token {self.token} "
                                f"are pending: commit(plan) or drop_pending() first")
-        if self._event is not None:  # the reader is about to reuse slots a non-blocking copy may still read
-            self._event.synchronize()
-            self._event = None
+        self._mem.sync()  # the reader is about to reuse slots a non-blocking copy may still read
         U = self.num_used
         id_slots = self.slot_of[ids]
         present = id_slots >= 0
@@ -317,10 +299,7 @@ class NeuronCache:
             src = np.arange(self.num_used, self.num_used + holes.size)
             src = src[self.neuron_of[src] >= 0]
             assert src.size == dst.size and not self._pending[src].any(), "would move an in-flight row"
-            if self.zero_copy:
-                self.raw[dst] = self.raw[src]
-            else:  # after commit raw is only staging: move the compute rows alone
-                self.rows[torch.from_numpy(dst).to(self.device)] = self.rows[torch.from_numpy(src).to(self.device)]
+            self._mem.move(dst, src)
             n = self.neuron_of[src]
             self.neuron_of[dst], self.neuron_of[src] = n, -1
             self.slot_of[n] = dst
@@ -329,10 +308,7 @@ class NeuronCache:
     def _zero(self, holes: np.ndarray) -> int:
         """paired: zero the rows of holes left empty, then trim trailing holes off num_used."""
         if holes.size:
-            if self.zero_copy:
-                self.raw[holes] = 0
-            else:
-                self.rows[torch.from_numpy(holes).to(self.device)] = 0
+            self._mem.zero(holes)
             self._c["zeroed"] += int(holes.size)
         used = np.flatnonzero(self.neuron_of[: self.num_used] >= 0)
         self.num_used = int(used[-1]) + 1 if used.size else 0
@@ -344,21 +320,7 @@ class NeuronCache:
         if (plan.token != self.token or not self._pending[s].all()
                 or not np.array_equal(self.neuron_of[s], plan.missing_ids)):
             raise RuntimeError("commit of a stale plan (already committed, dropped, or of another token)")
-        if s.size and not self.zero_copy:
-            if self.device.type == "cuda":
-                for a, b in _runs(s):  # slices of pinned memory stay pinned: truly non-blocking copies
-                    self.rows[a:b].copy_(self._raw_rows[a:b], non_blocking=True)
-                self._event = torch.cuda.Event()
-                self._event.record()
-            elif self.device.type == "cpu" and 8 * _n_runs(s) <= s.size:
-                # Runs of 8 rows or more on average (appended misses, a whole layer): one
-                # converting copy per run reads the staging rows once, where the gather below
-                # copies them three times (docs/sparsity.md, "Committing rows").
-                for a, b in _runs(s):
-                    self.rows[a:b].copy_(self._raw_rows[a:b])
-            else:  # scattered (hole fills): a call per short run costs more than one gather
-                s_t = torch.from_numpy(s.copy())  # plan arrays are read-only
-                self.rows[s_t.to(self.device)] = self._raw_rows[s_t].to(self.device, self.compute_dtype)
+        self._mem.commit(s)
         self._pending[s] = False
         self.n_pending -= s.size
         self._version += 1
@@ -464,23 +426,3 @@ class NeuronCache:
         if a.size and (a[0] < 0 or a[-1] >= self.n_neurons):
             raise ReadRequestError(f"neuron ids must be in 0..{self.n_neurons - 1}; got {a[0]}..{a[-1]}")
         return a
-
-
-def _n_runs(sorted_slots: np.ndarray) -> int:
-    """How many contiguous runs the sorted, unique slots form."""
-    return int(np.count_nonzero(np.diff(sorted_slots) != 1)) + 1 if sorted_slots.size else 0
-
-
-def _runs(slots: np.ndarray) -> list[tuple[int, int]]:
-    """Contiguous [a, b) runs of the sorted slots."""
-    s = np.sort(slots)
-    cut = np.flatnonzero(np.diff(s) != 1) + 1
-    return [(int(r[0]), int(r[-1]) + 1) for r in np.split(s, cut)]
-
-
-def _pinned_aligned(n_rows: int, row_bytes: int, align: int = 4096) -> torch.Tensor:
-    """(n_rows, row_bytes) uint8 in page-locked host memory, `align`-aligned."""
-    n = n_rows * row_bytes
-    t = torch.zeros(n + align, dtype=torch.uint8, pin_memory=True)
-    start = (-t.data_ptr()) % align
-    return t[start : start + n].view(n_rows, row_bytes)

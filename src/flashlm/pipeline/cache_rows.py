@@ -1,0 +1,104 @@
+"""One neuron cache's memory and the row copies on it (`CacheRows`, owned by a `NeuronCache`).
+
+`capacity` bundle slots are preallocated: `raw`, the aligned (capacity, stride) uint8 host
+buffer the bundle reader writes into, and `rows`, the (capacity, P, d) tensor the FFN computes
+on. With store dtype == compute dtype on CPU, `rows` *is* a view of `raw` (zero copy);
+otherwise `commit` converts the new slots into `rows` once their reads are done (on CUDA a
+non-blocking copy from pinned `raw`). Which neuron is in which slot is the `NeuronCache`'s
+bookkeeping; this class only copies, moves and zeroes rows as it says.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from flashlm.io.buffers import aligned_empty
+from flashlm.io.store import rows_view
+
+
+class CacheRows:
+    def __init__(self, capacity: int, *, parts: int, hidden: int, stride: int, store_dtype: str,
+                 dtype: torch.dtype | None, device: torch.device | str, pin_memory: bool) -> None:
+        self.device = torch.device(device)
+        raw_t = None
+        if pin_memory and torch.cuda.is_available():  # pinned staging for non-blocking H2D copies
+            raw_t = _pinned_aligned(capacity, stride)
+            self.raw = raw_t.numpy()
+        else:
+            self.raw = aligned_empty(capacity, stride)  # (capacity, stride) uint8, what reads write
+            self.raw[:] = 0
+        self._raw_rows = rows_view(raw_t if raw_t is not None else self.raw, parts, hidden, store_dtype)
+        self.compute_dtype = dtype or self._raw_rows.dtype
+        self.zero_copy = self.device.type == "cpu" and self.compute_dtype == self._raw_rows.dtype
+        if self.zero_copy:
+            self.rows = self._raw_rows  # (capacity, P, d): same memory
+        else:
+            self.rows = torch.zeros(capacity, parts, hidden, dtype=self.compute_dtype, device=self.device)
+        self._event = None  # CUDA event of the last commit's copies
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the raw slots and, when separate, the compute rows."""
+        rows = 0 if self.zero_copy else self.rows.numel() * self.rows.element_size()
+        return self.raw.nbytes + rows
+
+    def sync(self) -> None:
+        """Wait for the last commit's non-blocking copies (the reader is about to reuse slots they may still read)."""
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+
+    def commit(self, s: np.ndarray) -> None:
+        """The reads of a plan's slots `s` landed in `raw[s]`: copy them into `rows`
+        (nothing to do when zero copy)."""
+        if not s.size or self.zero_copy:
+            return
+        if self.device.type == "cuda":
+            for a, b in _runs(s):  # slices of pinned memory stay pinned: truly non-blocking copies
+                self.rows[a:b].copy_(self._raw_rows[a:b], non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        elif self.device.type == "cpu" and 8 * _n_runs(s) <= s.size:
+            # Runs of 8 rows or more on average (appended misses, a whole layer): one
+            # converting copy per run reads the staging rows once, where the gather below
+            # copies them three times (docs/sparsity.md, "Committing rows").
+            for a, b in _runs(s):
+                self.rows[a:b].copy_(self._raw_rows[a:b])
+        else:  # scattered (hole fills): a call per short run costs more than one gather
+            s_t = torch.from_numpy(s.copy())  # plan arrays are read-only
+            self.rows[s_t.to(self.device)] = self._raw_rows[s_t].to(self.device, self.compute_dtype)
+
+    def move(self, dst: np.ndarray, src: np.ndarray) -> None:
+        """Rows `src` move to slots `dst` (the compact policy closing holes)."""
+        if self.zero_copy:
+            self.raw[dst] = self.raw[src]
+        else:  # after commit raw is only staging: move the compute rows alone
+            self.rows[torch.from_numpy(dst).to(self.device)] = self.rows[torch.from_numpy(src).to(self.device)]
+
+    def zero(self, holes: np.ndarray) -> None:
+        """Rows `holes` become zero (the paired policy's empty slots)."""
+        if self.zero_copy:
+            self.raw[holes] = 0
+        else:
+            self.rows[torch.from_numpy(holes).to(self.device)] = 0
+
+
+def _n_runs(sorted_slots: np.ndarray) -> int:
+    """How many contiguous runs the sorted, unique slots form."""
+    return int(np.count_nonzero(np.diff(sorted_slots) != 1)) + 1 if sorted_slots.size else 0
+
+
+def _runs(slots: np.ndarray) -> list[tuple[int, int]]:
+    """Contiguous [a, b) runs of the sorted slots."""
+    s = np.sort(slots)
+    cut = np.flatnonzero(np.diff(s) != 1) + 1
+    return [(int(r[0]), int(r[-1]) + 1) for r in np.split(s, cut)]
+
+
+def _pinned_aligned(n_rows: int, row_bytes: int, align: int = 4096) -> torch.Tensor:
+    """(n_rows, row_bytes) uint8 in page-locked host memory, `align`-aligned."""
+    n = n_rows * row_bytes
+    t = torch.zeros(n + align, dtype=torch.uint8, pin_memory=True)
+    start = (-t.data_ptr()) % align
+    return t[start : start + n].view(n_rows, row_bytes)
