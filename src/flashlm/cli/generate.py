@@ -1,0 +1,113 @@
+"""`flashlm run` and `flashlm chat`: a model answers, streamed to the terminal or in the chat app."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from flashlm.builtin import DEFAULT_MODEL
+from flashlm.cli.common import engine_config, engine_options, run_async, sampling_options, sparsity_options
+from flashlm.errors import FlashLMError
+
+
+async def _run(a: argparse.Namespace) -> int:
+    from flashlm import Engine
+
+    config = engine_config(a)
+    prompt: Any = sys.stdin.read() if a.prompt == "-" else a.prompt
+    async with await Engine.open(a.model, config, progress=not a.quiet) as engine:
+        if not a.raw and engine.tokenizer is not None and getattr(engine.tokenizer, "chat_template", None):
+            prompt = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
+        stream = await engine.stream(prompt, max_tokens=a.max_tokens, temperature=a.temperature,
+                                     top_p=a.top_p, seed=a.seed, stop=a.stop or None)
+        parts, chunks = [], []
+        async for chunk in stream:
+            parts.append(chunk.text)
+            chunks.append(chunk)
+            if not a.json:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+        n = len(chunks)
+        decode = [c.timings.latency_ms for c in chunks[1:]]
+        stats = {
+            "tokens": n,
+            "finish_reason": chunks[-1].finish_reason if chunks else None,
+            "first_token_ms": round(chunks[0].timings.latency_ms, 2) if chunks else None,
+            "ms_per_token": round(sum(decode) / len(decode), 2) if decode else None,
+            "flash_bytes_read": sum(c.bytes_read for c in chunks),
+            "flash_bytes_per_token": round(sum(c.bytes_read for c in chunks[1:]) / len(decode)) if decode else None,
+            "selection": engine.config.selection if engine.config.ffn == "flash" else "ram",
+        }
+        if a.json:
+            print(json.dumps({"text": "".join(parts), "token_ids": [c.token_id for c in chunks], **stats}))
+        else:
+            sys.stdout.write("\n")
+            if not a.quiet:
+                per_tok = stats["flash_bytes_per_token"]
+                flash = (f", flash {stats['flash_bytes_read'] / 2**20:.1f} MiB read"
+                         + (f" ({per_tok / 2**10:.0f} KiB/token after the prompt)" if per_tok is not None else "")
+                         if engine.config.ffn == "flash" else "")
+                print(f"[{n} tokens, first token {stats['first_token_ms']} ms, {stats['ms_per_token']} ms/token{flash}, "
+                      f"selection {stats['selection']}, finish: {stats['finish_reason']}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    try:
+        from flashlm.tui import ChatApp, ChatSettings
+    except ImportError as e:
+        raise FlashLMError(f"flashlm chat needs textual ({e}); install it with: pip install 'flashlm[tui]'") from None
+    from flashlm.builtin import is_builtin
+    from flashlm.convert import resolve_store
+
+    if not is_builtin(a.store):
+        resolve_store(a.store)  # a wrong path fails here, in one line, before the screen is taken over
+    config = engine_config(a)
+    settings = ChatSettings(model=a.store, config=config, max_tokens=a.max_tokens, temperature=a.temperature,
+                            top_p=a.top_p, seed=a.seed, system=a.system, verbose=a.verbose)
+    app = ChatApp(settings)
+    app.run()
+    if app.open_failed and app.open_error:  # it was on screen; say it again on the restored terminal
+        raise FlashLMError(app.open_error)
+    return app.return_code or 0
+
+
+def add_run(sub: Any) -> None:
+    """The `run` command."""
+    r = sub.add_parser("run", help="answer a prompt, streamed to the terminal",
+                       description="Stream a model's answer to PROMPT. With a chat model the prompt is sent as a "
+                       "user message (use --raw for plain text completion). PROMPT - reads it from stdin.",
+                       epilog="example:\n  flashlm run -n 64 \"Name three uses of flash memory.\"\n"
+                       "  echo 'The capital of France is' | flashlm run --raw --json -")
+    r.add_argument("prompt", metavar="PROMPT", help="the prompt, or - to read it from stdin")
+    r.add_argument("--model", "-m", default=DEFAULT_MODEL,
+                   help=f"store directory or built-in name (default {DEFAULT_MODEL}, converted on first use)")
+    sampling_options(r)
+    r.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    r.add_argument("--raw", action="store_true", help="complete PROMPT as raw text, no chat template")
+    engine_options(r)
+    sparsity_options(r)
+    r.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
+    r.add_argument("--quiet", "-q", action="store_true", help="no progress bar or stats line")
+    r.set_defaults(func=lambda a: run_async(_run(a)))
+
+
+def add_chat(sub: Any) -> None:
+    """The `chat` command."""
+    ch = sub.add_parser("chat", help="chat with a model in a terminal app (live ms/token, MB read, cache hits)",
+                        description="A full-screen chat: the answer streams in as it is generated, with a side "
+                        "panel of live figures (ms/token, MB read from flash, cache hit rate, density, memory "
+                        "used vs budget). Keyboard only; works in 80x24. Needs the tui extra "
+                        "(pip install 'flashlm[tui]').",
+                        epilog="keys:\n  Enter sends · Esc or ctrl+c stops the answer · ctrl+l resets\n"
+                        "  F1 help · F2 hides the panel · ctrl+q quits\n"
+                        "commands (type /help in the app):\n  /reset /temp T /top_p P /max N /seed N|off "
+                        "/system TEXT|off\n  /trace FILE|off /theme [NAME] /stats /reopen /quit")
+    ch.add_argument("store", metavar="STORE", nargs="?", default=DEFAULT_MODEL,
+                    help=f"store directory or built-in name (default {DEFAULT_MODEL}, converted on first use)")
+    sampling_options(ch)
+    engine_options(ch)
+    sparsity_options(ch)
+    ch.set_defaults(func=cmd_chat, logs_to_app=True)

@@ -1,0 +1,168 @@
+"""`flashlm bench` (paper, io, engine, scale) and `flashlm trace report`: the measuring
+commands, built on `flashlm.bench`. Each bench writes a full JSON report and prints a one-line
+JSON summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from flashlm.builtin import DEFAULT_MODEL
+from flashlm.cli.common import run_async
+from flashlm.errors import FlashLMError
+
+
+async def _bench_io(a: argparse.Namespace) -> int:
+    from flashlm.bench.io import run_io_bench
+
+    result = await run_io_bench(Path(a.out), quick=a.quick, workdir=Path(a.workdir) if a.workdir else None)
+    print(json.dumps({k: result[k] for k in ("ours_vs_fio_32k_qd32", "bundle_vs_fio_32k", "fio") if k in result}))
+    return 0
+
+
+async def _bench_engine(a: argparse.Namespace) -> int:
+    from flashlm.bench.engine import run_engine_bench
+
+    r = await run_engine_bench(Path(a.out), quick=a.quick, model=a.model, selection=a.selection,
+                               density=a.density, window=a.window)
+    summary = {k: {f: r[k][f] for f in ("ms_per_token", "bytes_per_token")} for k in ("dense_ram", "hybrid", "ours")}
+    print(json.dumps({**summary, "hidden_io_fraction": r["hidden_io_fraction"], "cache_hit_rate": r["cache_hit_rate"],
+                      **r["ratios"], **r["checks"]}))
+    return 0
+
+
+async def _bench_paper(a: argparse.Namespace) -> int:
+    from flashlm.bench.paper import run_paper_bench
+
+    out = Path(a.out)
+    r = await run_paper_bench(out, quick=a.quick, model=a.model, selection=a.selection, density=a.density,
+                              window=a.window, tokens=a.tokens, rounds=a.rounds,
+                              report_dir=out.with_name(out.stem + "-report") if not a.no_report else None)
+    summary = {k: {f: round(r[k][f], 3) for f in ("ms_per_token", "io_ms", "mem_ms", "compute_ms", "bytes_per_token")}
+               for k in ("naive", "hybrid", "dense_ram", "ours")}
+    print(json.dumps({**summary, "ablation_io_ms": {x["technique"]: round(x["io_ms"], 2) for x in r["ablation"]},
+                      **r["ratios"], **r["checks"], "trace_overhead": r["trace_overhead"]["overhead_fraction"],
+                      "markdown": str(out.with_suffix(".md"))}))
+    return 0
+
+
+async def _bench_scale(a: argparse.Namespace) -> int:
+    from flashlm.bench.scale import run_scale_bench
+
+    r = await run_scale_bench(Path(a.out), quick=a.quick, store_dir=Path(a.dir) if a.dir else None,
+                              tokens=a.tokens, from_trace=a.from_trace, keep=a.keep)
+    print(json.dumps({k: r.get(k) for k in ("simulated", "skipped", "io_ms_per_token", "mem_ms_per_token",
+                                             "gb_s", "fio_gb_s", "vs_fio", "bytes_per_token", "paper")}))
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    """`flashlm bench` with no WHAT (or WHAT=paper) runs the paper ablation."""
+    if a.out is None:
+        print("flashlm bench: error: --out FILE is required", file=sys.stderr)
+        return 2
+    return run_async(_bench_paper(a))
+
+
+def cmd_trace_report(a: argparse.Namespace) -> int:
+    from flashlm.bench.trace_report import report
+
+    try:
+        r = report(a.trace, a.out, n_tokens=a.tokens)
+    except ValueError as e:
+        raise FlashLMError(str(e)) from None
+    if a.json:
+        print(json.dumps({"summary": r["summary"], "files": r["files"]}))
+    else:
+        print(r["text"])
+        if r["files"]:
+            print("wrote " + ", ".join(r["files"]))
+    return 0
+
+
+def add_bench(sub: Any) -> None:
+    """The `bench` command and its WHATs."""
+    b = sub.add_parser("bench", help="benchmarks (write JSON, print a JSON summary)",
+                       description="Benchmarks. Each writes a full JSON report to --out and prints a one-line JSON "
+                       "summary on stdout. Without WHAT (or with WHAT=paper): the paper's Table 2 ablation and "
+                       "Table 3 breakdown (naive, hybrid, dense in RAM, ours) side by side, plus a markdown table "
+                       "next to --out.",
+                       epilog="examples:\n  flashlm bench --quick --out benchmarks/results/paper-quick.json\n"
+                       "  flashlm bench io --quick --out benchmarks/results/io-quick.json\n"
+                       "  flashlm bench scale --out benchmarks/results/scale.json   (simulated OPT-6.7B shapes)")
+    _paper_options(b)
+    b.set_defaults(func=cmd_bench)
+    bsub = b.add_subparsers(dest="bench", required=False, metavar="WHAT")
+    bp = bsub.add_parser("paper", help="the paper's Tables 2-3 side by side (the default)",
+                         description="naive, hybrid, dense in RAM and ours, and the ablation (hybrid -> +predictor -> "
+                         "+window -> +bundling -> +speculation), one process, page cache defeated.")
+    _paper_options(bp)
+    bp.set_defaults(func=cmd_bench)
+    bsc = bsub.add_parser("scale", help="SIMULATED 7B-scale replay: I/O and cache ms/token on OPT-6.7B FFN shapes",
+                          description="Writes a random-weight store with OPT-6.7B's FFN shapes (32 layers, d 4096, "
+                          "FFN 16384, fp16: ~8.6 GB; skipped with a message if the disk has < 20 GB free) and replays "
+                          "neuron-selection sequences on it with the bundle reader and the neuron cache (no model "
+                          "compute). Every figure is labelled simulated. docs/scale.md says how the replay is made.")
+    bsc.add_argument("--quick", action="store_true", help="tiny shapes (a few MB), for tests")
+    bsc.add_argument("--out", required=True, metavar="FILE", help="JSON file to write")
+    bsc.add_argument("--dir", default=None, help="where the simulated store goes (default: a directory under /tmp)")
+    bsc.add_argument("--tokens", type=int, default=None, help="tokens replayed (default 48; quick 12)")
+    bsc.add_argument("--from-trace", default=None, metavar="TRACE",
+                     help="take the selection statistics from a real trace instead of the defaults")
+    bsc.add_argument("--keep", action="store_true", help="keep the simulated store afterwards (default: delete it)")
+    bsc.set_defaults(func=lambda a: run_async(_bench_scale(a)))
+    bio = bsub.add_parser("io", help="flash read throughput vs fio (the paper's Figure 2b)",
+                          description="Random-read throughput of the bundle reader against fio over chunk sizes and "
+                          "queue depths, page cache defeated (O_DIRECT); a PNG plot goes next to --out.")
+    bio.add_argument("--quick", action="store_true", help="a small grid, under 2 minutes")
+    bio.add_argument("--out", required=True, metavar="FILE", help="JSON file to write (a PNG plot goes next to it)")
+    bio.add_argument("--workdir", default=None, help="directory for the ~700 MB test files (default: a temporary directory, removed after)")
+    bio.set_defaults(func=lambda a: run_async(_bench_io(a)))
+    ben = bsub.add_parser("engine", help="decode ms/token: sparse flash engine vs dense in RAM vs hybrid",
+                          description="Side by side in one process, page cache defeated (O_DIRECT): the dense "
+                          "model in RAM, the hybrid baseline (whole FFN read every token) and the sparse engine.")
+    ben.add_argument("--quick", action="store_true", help="fewer tokens and runs")
+    ben.add_argument("--out", required=True, metavar="FILE", help="JSON file to write")
+    _sparse_bench_options(ben)
+    ben.set_defaults(func=lambda a: run_async(_bench_engine(a)))
+
+
+def add_trace(sub: Any) -> None:
+    """The `trace` command (`trace report`)."""
+    t = sub.add_parser("trace", help="explain a trace written with --trace",
+                       description="Work with trace files (JSON lines, schema in docs/trace.md).")
+    tsub = t.add_subparsers(dest="trace_cmd", required=True, metavar="WHAT")
+    tr = tsub.add_parser("report", help="per-token breakdown (I/O, memory management, compute) and PNG charts",
+                         description="Print the per-token breakdown the paper uses (I/O latency, memory management, "
+                         "compute; flash-read time hidden vs exposed) and write timeline.png (one lane per layer: "
+                         "predict / read / cache update / compute) and breakdown.png into --out.",
+                         epilog="example:\n  flashlm run --trace t.jsonl -n 32 \"Hello\"\n"
+                         "  flashlm trace report t.jsonl --out report/")
+    tr.add_argument("trace", metavar="TRACE", help="trace file")
+    tr.add_argument("--out", default=None, metavar="DIR", help="directory for timeline.png, breakdown.png, breakdown.json")
+    tr.add_argument("--tokens", type=int, default=3, metavar="N", help="token steps drawn in the timeline (default 3)")
+    tr.add_argument("--json", action="store_true", help="print the summary as JSON instead of the table")
+    tr.set_defaults(func=cmd_trace_report)
+
+
+def _sparse_bench_options(p: argparse.ArgumentParser) -> None:
+    """The model and the sparse engine's settings a benchmark runs with."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"store or built-in name (default {DEFAULT_MODEL})")
+    p.add_argument("--selection", default="shadow", choices=["gate", "shadow", "predictor"],
+                   help="neuron selection of the sparse runs (default shadow)")
+    p.add_argument("--density", type=float, default=0.4, help="fraction of neurons computed (default 0.4)")
+    p.add_argument("--window", type=int, default=8, help="tokens a neuron stays cached (default 8)")
+
+
+def _paper_options(p: argparse.ArgumentParser) -> None:
+    """Options of the paper ablation (`flashlm bench` / `flashlm bench paper`)."""
+    p.add_argument("--quick", action="store_true", help="fewer tokens (a minute or two)")
+    p.add_argument("--out", default=None, metavar="FILE", help="JSON file to write (a .md table goes next to it)")
+    _sparse_bench_options(p)
+    p.add_argument("--tokens", type=int, default=None, help="tokens measured per run (default 32; quick 8)")
+    p.add_argument("--rounds", type=int, default=None, metavar="N",
+                   help="measured requests per run, taken round-robin across the runs (default 3; quick 1)")
+    p.add_argument("--no-report", action="store_true", help="skip the trace report PNGs of ours' run")

@@ -1,0 +1,67 @@
+"""`flashlm calibrate` and `flashlm eval`: build neuron selectors into a store, measure how well
+each selection does (perplexity against bytes read)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    from flashlm.calibration import calibrate
+
+    predictors = calibrate(a.store, tokens=a.tokens, text=a.text, progress=not a.quiet)
+    default = predictors.get("default", {})
+    if a.json:
+        print(json.dumps({"store": a.store, "selectors": sorted(predictors.get("selectors", {})), "default": default}))
+    else:
+        print(f"calibrated {a.store}: selectors {', '.join(sorted(predictors.get('selectors', {})))}; "
+              f"default {default}")
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from flashlm.bench.accuracy import evaluate
+
+    plot = a.plot or (str(Path(a.json).with_suffix(".png")) if a.json else None)
+    report = evaluate(a.store, quick=a.quick, tokens=a.tokens, json_path=a.json, plot_path=plot, progress=not a.quiet)
+    d = report["dense"]
+    print(f"dense: ppl wiki {d['ppl_wiki']:.2f}, news {d['ppl_news']:.2f}")
+    for r in report["runs"]:
+        rule = f"mass {r['mass']:.2f}" if r.get("mass") else f"density {r['density']:.2f}"
+        cap = f", cache {100 * r['cache_capacity']:.0f}%" if r.get("cache_capacity") else ""
+        print(f"{r['mode']:>9} {rule} k={r['window']}{cap}: ppl wiki {r['ppl_wiki']:.2f} "
+              f"news {r['ppl_news']:.2f}, reads {100 * r['ffn_read_fraction']:.2f}% of FFN/token, "
+              f"DRAM {100 * r.get('dram_fraction', 0):.0f}% of FFN"
+              + (f", recall {r['recall']:.3f}" if r.get("recall") is not None else ""))
+    return 0
+
+
+def add_calibrate(sub: Any) -> None:
+    """The `calibrate` command."""
+    cal = sub.add_parser("calibrate", help="record the model on text, build neuron selectors into the store",
+                         description="Run the dense model over calibration text (the Wikipedia sample in gensim's "
+                         "test data, or --text FILE), build shadow copies and low-rank predictors, order neurons by "
+                         "co-activation, and write it all into STORE atomically. Needs the calibrate extra.")
+    cal.add_argument("store", metavar="STORE", help="store directory (changed in place, atomically)")
+    cal.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")
+    cal.add_argument("--text", default=None, help="a UTF-8 text file to calibrate on instead")
+    cal.add_argument("--quiet", action="store_true", help="no progress bars")
+    cal.add_argument("--json", action="store_true", help="print a JSON summary")
+    cal.set_defaults(func=cmd_calibrate)
+
+
+def add_eval(sub: Any) -> None:
+    """The `eval` command."""
+    ev = sub.add_parser("eval", help="perplexity vs bytes read per token for each selection mode",
+                        description="Perplexity on held-out Wikipedia and news text for dense, oracle, shadow, gate "
+                        "and predictor selections at several densities and windows; JSON + a PNG plot.")
+    ev.add_argument("store", metavar="STORE", help="store directory (calibrated, for the predictor modes)")
+    ev.add_argument("--quick", action="store_true", help="a few thousand tokens per text")
+    ev.add_argument("--tokens", type=int, default=None, help="tokens per text (overrides --quick)")
+    ev.add_argument("--json", default=None, metavar="FILE", help="JSON file to write")
+    ev.add_argument("--plot", default=None, metavar="FILE", help="PNG to write (default: next to --json)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    ev.set_defaults(func=cmd_eval)

@@ -1,0 +1,69 @@
+"""`flashlm convert` and `flashlm verify`: make a flash store from a checkpoint, check one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from flashlm.builtin import DEFAULT_MODEL
+from flashlm.errors import FlashLMError
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    from flashlm.convert import convert
+
+    m = convert(a.src, a.out, dtype=a.dtype, block_size=a.block_size, force=a.force, progress=not a.quiet)
+    summary = {
+        "store": str(a.out), "model_type": m.model_type, "dtype": m.dtype, "layers": len(m.ffn.layers),
+        "bundle_bytes": m.ffn.bundle_bytes, "stride": m.ffn.stride, "ffn_bytes": m.ffn.file.size,
+        "resident_bytes": m.resident.size,
+    }
+    if a.json:
+        print(json.dumps(summary))
+    else:
+        print(f"wrote {a.out}: {m.model_type}, {len(m.ffn.layers)} layers, {m.dtype}, "
+              f"FFN {m.ffn.file.size / 2**20:.1f} MiB on flash ({m.ffn.stride} B per neuron bundle), "
+              f"resident {m.resident.size / 2**20:.1f} MiB")
+    return 0
+
+
+def cmd_verify(a: argparse.Namespace) -> int:
+    from flashlm.io.store import FlashStore
+
+    store = FlashStore.open(a.store)
+    problems = store.verify()
+    if a.json:
+        print(json.dumps({"store": a.store, "sound": not problems, "layers": len(store.manifest.ffn.layers),
+                          "problems": problems}))
+    if problems:
+        raise FlashLMError(f"{a.store}: {len(problems)} problem(s): " + "; ".join(problems))
+    if not a.json:
+        print(f"{a.store}: sound ({len(store.manifest.ffn.layers)} layers, every checksum matches)")
+    return 0
+
+
+def add_convert(sub: Any) -> None:
+    """The `convert` command."""
+    c = sub.add_parser("convert", help="turn a checkpoint (dir, .gguf or built-in name) into a flash store",
+                       description="Convert a transformers checkpoint directory, a GGUF file or a built-in model "
+                       "name into a flash store directory. Written atomically: an interrupted convert leaves nothing.")
+    c.add_argument("src", metavar="SRC", help=f"checkpoint directory, .gguf file, or built-in name (e.g. {DEFAULT_MODEL})")
+    c.add_argument("out", metavar="OUT", help="store directory to create")
+    c.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="weights dtype on disk")
+    c.add_argument("--block-size", type=int, default=512, choices=[512, 1024, 2048, 4096],
+                   help="bundle padding unit in bytes (the disk's logical block size)")
+    c.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--json", action="store_true", help="print a JSON summary")
+    c.set_defaults(func=cmd_convert)
+
+
+def add_verify(sub: Any) -> None:
+    """The `verify` command."""
+    v = sub.add_parser("verify", help="check every checksum of a store",
+                       description="Check a store's manifest, file sizes and every checksum. Exit 0 when sound, "
+                       "1 (with the problems on stderr) when not.")
+    v.add_argument("store", metavar="STORE", help="store directory")
+    v.add_argument("--json", action="store_true", help='print {"store", "sound", "layers", "problems"} as JSON')
+    v.set_defaults(func=cmd_verify)
