@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from flashlm.errors import *  # noqa: F403 - the named errors are public API
 from flashlm.errors import FlashLMError
-
-__version__ = "0.1.0"
+from flashlm.version import __version__
 
 # The engine pulls in torch and transformers; resolve it on first use so `import flashlm`
 # (and `flashlm --help`, and `flashlm.io`) stay light.

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flashlm import __version__
 import flashlm.calibration.data as data
 from flashlm.calibration.coactivation import coactivation_order, entering_sets, read_stats
 from flashlm.calibration.record import load_dense, record
@@ -28,6 +27,7 @@ from flashlm.io.writer import atomic_directory, write_store
 from flashlm.log import get_logger
 from flashlm.models.base import PERMUTATION_KEY
 from flashlm.models.selectors import SELECTOR_KEY, ShadowSelector, magnitudes, state_keys, top_mask
+from flashlm.version import __version__
 
 log = get_logger(__name__)
 SELECTOR_PREFIX = SELECTOR_KEY.split("{")[0]  # "flashlm.selector."

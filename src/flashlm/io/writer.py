@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from flashlm import __version__
 from flashlm.errors import ConfigError, StoreExistsError
 from flashlm.io.format import (
     ALLOWED_BLOCK_SIZES,
@@ -44,6 +43,7 @@ from flashlm.io.format import (
     pack_ffn_header,
     round_up,
 )
+from flashlm.version import __version__
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
