@@ -1,3 +1,5 @@
+"""`python -m flashlm`: the `flashlm` command."""
+
 import sys
 
 from flashlm.cli import main
