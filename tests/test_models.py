@@ -251,6 +251,7 @@ LLAMA_CFG = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidd
     ("llama", {"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "dynamic"),
     ("llama", {"mlp_bias": True}, "mlp_bias"),
     ("llama", {"hidden_act": "relu2"}, "relu2"),
+    ("llama", {"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
     ("opt", {"activation_function": "quick_gelu"}, "quick_gelu"),
 ])
 def test_unsupported_variants_raise(family, extra, match):

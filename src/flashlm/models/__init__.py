@@ -12,11 +12,13 @@ from flashlm.models.base import (
     ffn_gated,
     ffn_ungated,
     layer_norm,
+    linear,
     rms_norm,
 )
 from flashlm.models.registry import ARCHITECTURES, get_architecture
 
 __all__ = [
     "ACTIVATIONS", "ARCHITECTURES", "PERMUTATION_KEY", "Architecture", "Block", "CausalLM", "KVCache", "Rope",
-    "attend", "ffn_gated", "ffn_ungated", "get_architecture", "layer_norm", "rms_norm",
+    "attend", "ffn_gated", "ffn_ungated", "get_architecture", "layer_norm", "linear",
+    "rms_norm",
 ]
