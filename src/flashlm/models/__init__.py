@@ -11,6 +11,7 @@ from flashlm.models.base import (
     attend,
     ffn_gated,
     ffn_ungated,
+    gemma_rms_norm,
     layer_norm,
     linear,
     rms_norm,
@@ -19,6 +20,6 @@ from flashlm.models.registry import ARCHITECTURES, get_architecture
 
 __all__ = [
     "ACTIVATIONS", "ARCHITECTURES", "PERMUTATION_KEY", "Architecture", "Block", "CausalLM", "KVCache", "Rope",
-    "attend", "ffn_gated", "ffn_ungated", "get_architecture", "layer_norm", "linear",
+    "attend", "ffn_gated", "ffn_ungated", "gemma_rms_norm", "get_architecture", "layer_norm", "linear",
     "rms_norm",
 ]
