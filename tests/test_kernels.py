@@ -427,6 +427,36 @@ def test_backends_agree_on_a_larger_layer():
         assert (outs[0] - outs[1]).abs().max() <= 1e-4 * outs[1].abs().max()
 
 
+@pytest.mark.skipif(not C_BACKENDS, reason="extension not built")
+@pytest.mark.parametrize("streams,pf_ahead", [(0, 0), (8, 1), (16, 3)])
+def test_other_blocking_orders(streams, pf_ahead):
+    """The C drivers' row orders (adjacent rows; 8 or 16 side-by-side streams, which leave some
+    blocks empty for small n) and prefetch distances give the same answers within the bounds."""
+    old = ops._ext._tune(streams, pf_ahead)
+    try:
+        for be in C_BACKENDS:
+            with K.use_backend(be):
+                for T, n, d in [(1, 1, 32), (3, 13, 288), (2, 37, 96)]:
+                    for fmt in K.FORMATS:
+                        rows = K.quantize(fmt, make_w("random", n, d, n))
+                        x = make_x("random", T, d, d)
+                        act = K.quantize_activations(x)
+                        for idx in (None, make_idx(n, n + 2, T)):
+                            y_hat, slack, _, _ = gemv_truth(fmt, rows, act, x, idx)
+                            assert ((K.gemv(fmt, rows, act, idx).double() - y_hat).abs() <= slack).all()
+                            k = n if idx is None else idx.numel()
+                            h = torch.randn(T, k)
+                            got = K.axpy(fmt, rows, h, torch.zeros(T, d), idx).double()
+                            want = h.double() @ K.dequantize_rows_ref(fmt, rows, idx).double()
+                            assert ((got - want).abs() <= (k + 8) * EPS * (h.double().abs() @ abs_parts(fmt, rows, idx))).all()
+                        lay, b, parts = make_bundles(fmt, K.GATED_PARTS, n + 2, d, 1)
+                        slots = make_idx(n + 2, n, 0)
+                        got = K.ffn_gated(fmt, b, lay, "silu", act, slots, torch.zeros(T, d))
+                        check_ffn_against_fp64(fmt, parts, "silu", act, slots, torch.zeros(T, d), got)
+    finally:
+        ops._ext._tune(*old)
+
+
 # ---- validation and backends -------------------------------------------------------------------
 
 

@@ -35,6 +35,18 @@ TGT static inline __m256 load8h(const uint8_t *p) { return _mm256_cvtph_ps(_mm_l
 
 TGT static inline __m256i loadu256(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
 
+#define PF(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+/* the lines [off, off + n) of the four prefetch rows' data (n a multiple of 64), and the line
+   holding their scales (and mins) for groups g.. */
+#define PF_BLOCK(b, off, n, g)                                                     \
+    do {                                                                           \
+        for (int r_ = 0; r_ < 4; r_++) {                                           \
+            for (int o_ = 0; o_ < (n); o_ += 64) PF((b)->pf_data[r_] + (off) + o_);  \
+            PF((b)->pf_scale[r_] + 2 * (g));                                       \
+            if ((b)->pf_min[r_]) PF((b)->pf_min[r_] + 2 * (g));                    \
+        }                                                                          \
+    } while (0)
+
 TGT static void quant_row(const float *x, int64_t d, int8_t *q, float *xs, float *xsum) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256i lim = _mm256_set1_epi32(127), nlim = _mm256_set1_epi32(-127);
@@ -89,6 +101,7 @@ TGT static void dot4_q8(const fl_block *b, const fl_actrow *a, int64_t G, float 
         acc##R = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), (C), acc##R);                            \
     }
     for (; g + 8 <= G; g += 8) {
+        PF_BLOCK(b, 32 * g, 256, g);
         const __m256 xs8 = _mm256_loadu_ps(a->xs + g);
         _mm256_store_ps(cb[0], _mm256_mul_ps(load8h(b->scale[0] + 2 * g), xs8));
         _mm256_store_ps(cb[1], _mm256_mul_ps(load8h(b->scale[1] + 2 * g), xs8));
@@ -148,6 +161,7 @@ TGT static void dot4_q4(const fl_block *b, const fl_actrow *a, int64_t G, float 
         Q4ROW(0, K, IMM) Q4ROW(1, K, IMM) Q4ROW(2, K, IMM) Q4ROW(3, K, IMM)   \
     }
     for (; g + 8 <= G; g += 8) {
+        PF_BLOCK(b, 16 * g, 128, g);
         const __m256 xsp8 = _mm256_loadu_ps(a->xsp + g), xsum8 = _mm256_loadu_ps(a->xsum + g);
         const __m256 c0 = SCALES8(0), c1 = SCALES8(1), c2 = SCALES8(2), c3 = SCALES8(3);
         /* the min terms go into the same accumulators: only the lane total matters */
@@ -211,6 +225,7 @@ TGT static void axpy4_q8(const fl_block *b, const float c[4], float *out, int64_
         _mm256_storeu_ps(op + 24, o3);                                                       \
     }
     for (; g + 8 <= G; g += 8) {
+        PF_BLOCK(b, 32 * g, 256, g);
         _mm256_store_ps(cb[0], _mm256_mul_ps(load8h(b->scale[0] + 2 * g), h0));
         _mm256_store_ps(cb[1], _mm256_mul_ps(load8h(b->scale[1] + 2 * g), h1));
         _mm256_store_ps(cb[2], _mm256_mul_ps(load8h(b->scale[2] + 2 * g), h2));
@@ -265,6 +280,7 @@ TGT static void axpy4_q4(const fl_block *b, const float c[4], float *out, int64_
         _mm256_storeu_ps(op + 24, _mm256_add_ps(o3, mm));                                \
     }
     for (; g + 8 <= G; g += 8) {
+        PF_BLOCK(b, 16 * g, 128, g);
         _mm256_store_ps(cb[0], _mm256_mul_ps(load8h(b->scale[0] + 2 * g), h0));
         _mm256_store_ps(cb[1], _mm256_mul_ps(load8h(b->scale[1] + 2 * g), h1));
         _mm256_store_ps(cb[2], _mm256_mul_ps(load8h(b->scale[2] + 2 * g), h2));

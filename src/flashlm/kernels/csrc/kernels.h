@@ -23,11 +23,15 @@
 
 enum { FL_Q8 = 0, FL_Q4 = 1 };
 
-/* Four rows handled together. Unused slots repeat a valid row (results dropped or scaled by 0). */
+/* Four rows handled together. Unused slots repeat a valid row (results dropped or scaled by 0).
+   pf_*: the rows of a block a little ahead, which the AVX2 kernels prefetch at the offsets they
+   are reading in their own rows, so that the misses are spread through the compute (a burst
+   of prefetches at block start stalls on the few miss buffers). The scalar kernels ignore them. */
 typedef struct {
     const uint8_t *data[4];
     const uint8_t *scale[4]; /* fp16, 2-byte aligned at least */
     const uint8_t *min[4];   /* fp16, q4 only */
+    const uint8_t *pf_data[4], *pf_scale[4], *pf_min[4];
 } fl_block;
 
 /* One quantised activation row (see quantize_act in module.c for the layouts). */
