@@ -1,0 +1,38 @@
+"""Build of the optional C extension flashlm.kernels._ext; everything else is in pyproject.toml.
+
+Plain C, no torch headers. The AVX2 path uses per-function target attributes (no
+-march=native), so one build runs on any x86-64 and picks its path at run time. The extension
+is optional: without a compiler flashlm still installs and flashlm.kernels uses its torch
+reference (`flashlm.kernels.backend()` says which path is in use).
+"""
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+CSRC = "src/flashlm/kernels/csrc"
+
+
+class BuildExt(build_ext):
+    def build_extensions(self):
+        if self.compiler.compiler_type == "msvc":
+            flags = ["/O2", "/fp:precise"]
+        else:
+            # -ffp-contract=off: dequantisation must round exactly like torch's separate mul and add
+            flags = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+        for ext in self.extensions:
+            ext.extra_compile_args = flags
+        super().build_extensions()
+
+
+setup(
+    ext_modules=[
+        Extension(
+            "flashlm.kernels._ext",
+            sources=[f"{CSRC}/module.c", f"{CSRC}/scalar.c", f"{CSRC}/avx2.c"],
+            depends=[f"{CSRC}/kernels.h"],
+            include_dirs=[CSRC],
+            optional=True,
+        )
+    ],
+    cmdclass={"build_ext": BuildExt},
+)

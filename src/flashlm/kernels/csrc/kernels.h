@@ -1,0 +1,84 @@
+/* flashlm.kernels._ext: quantised-row kernels, shared declarations.
+ *
+ * Formats (see flashlm/kernels/formats.py, the authority): rows of d values, groups of 32.
+ *   q8: data int8[d] (-127..127), scales fp16[d/32];            w = s * q
+ *   q4: data uint8[d/2], byte 16g+j = q[32g+j] | q[32g+16+j] << 4,
+ *       scales fp16[d/32], mins fp16[d/32];                      w = s * q + m
+ * The kernels trust their inputs: the Python wrapper validates them.
+ */
+#ifndef FLASHLM_KERNELS_H
+#define FLASHLM_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#define FL_GROUP 32
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define FL_HAVE_AVX2 1
+#else
+#define FL_HAVE_AVX2 0
+#endif
+
+enum { FL_Q8 = 0, FL_Q4 = 1 };
+
+/* Four rows handled together. Unused slots repeat a valid row (results dropped or scaled by 0).
+   pf_*: the rows of a block a little ahead, which the AVX2 kernels prefetch at the offsets they
+   are reading in their own rows, so that the misses are spread through the compute (a burst
+   of prefetches at block start stalls on the few miss buffers). The scalar kernels ignore them. */
+typedef struct {
+    const uint8_t *data[4];
+    const uint8_t *scale[4]; /* fp16, 2-byte aligned at least */
+    const uint8_t *min[4];   /* fp16, q4 only */
+    const uint8_t *pf_data[4], *pf_scale[4], *pf_min[4];
+} fl_block;
+
+/* One quantised activation row (see quantize_act in module.c for the layouts). */
+typedef struct {
+    const int8_t *q;    /* (d,) natural order */
+    const int8_t *qp;   /* (d,) q4 pair order: per pair of groups 2p, 2p+1 the 64 bytes
+                           x[2p][0:16] x[2p+1][0:16] x[2p][16:32] x[2p+1][16:32]; odd last group natural */
+    const float *xs;    /* (G,) scale of each group */
+    const float *xsp;   /* (G,) xs permuted within each full block of 8 groups as 0 2 4 6 1 3 5 7 */
+    const float *xsum;  /* (G,) xs * sum(q) over the group */
+} fl_actrow;
+
+typedef struct {
+    const char *name;
+    /* x (d,) fp32 -> q (d,) int8, xs (G,), xsum (G,) */
+    void (*quant_row)(const float *x, int64_t d, int8_t *q, float *xs, float *xsum);
+    /* out[r] = dot(row r, x_hat) */
+    void (*dot4_q8)(const fl_block *b, const fl_actrow *a, int64_t G, float out[4]);
+    void (*dot4_q4)(const fl_block *b, const fl_actrow *a, int64_t G, float out[4]);
+    /* out (d,) += sum_r c[r] * row r */
+    void (*axpy4_q8)(const fl_block *b, const float c[4], float *out, int64_t G);
+    void (*axpy4_q4)(const fl_block *b, const float c[4], float *out, int64_t G);
+    /* one row -> out (d,) fp32, exactly s*q (q8) and s*q + m (q4) rounded as torch does */
+    void (*dequant_q8)(const uint8_t *data, const uint8_t *scale, int64_t G, float *out);
+    void (*dequant_q4)(const uint8_t *data, const uint8_t *scale, const uint8_t *min, int64_t G, float *out);
+    /* out (d,) += sum_r c[r] * w[r * wstride : r * wstride + d] */
+    void (*axpy4_f32)(const float *w, int64_t wstride, const float c[4], float *out, int64_t d);
+} fl_kernels;
+
+extern const fl_kernels fl_scalar_kernels;
+#if FL_HAVE_AVX2
+extern const fl_kernels fl_avx2_kernels;
+#endif
+
+/* IEEE half -> float without F16C (exact, subnormals included). */
+static inline float fl_h2f(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+    if (exp == 0) {
+        float v = (float)man * 5.9604644775390625e-08f; /* man * 2^-24, exact */
+        return sign ? -v : v;
+    }
+    bits = exp == 31 ? (sign | 0x7f800000u | (man << 13)) : (sign | ((exp + 112u) << 23) | (man << 13));
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+#endif

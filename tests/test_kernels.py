@@ -1,0 +1,553 @@
+"""flashlm.kernels: exact bytes of the formats, quantiser bounds, and every op on every backend
+(AVX2, portable C, torch) against its torch reference and against fp64 with derived bounds.
+
+Tolerances. The kernels multiply the dequantised weights W_hat with the quantised activation
+x_hat = xs * round(x / xs); integer group dots are exact, so against fp64 (W_hat . x_hat) the only
+error is fp32 rounding: at most (k + 8) * eps * sum_k |s q_k| + |m|) |x_hat_k| for a sum of k
+terms (the standard forward bound; k = d covers both the kernels' per-group sums and the torch
+reference's matmul). Against fp64 (W_hat . x) the activation rounding adds, per element,
+|x - x_hat| <= xs_g / 2 (+ eps |x| for the rounding of x / xs), so
+|dy| <= sum_k |W_hat_k| (xs_g(k) / 2 + eps |x_k|) + the fp32 slack. These are asserted, not allclose.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flashlm import kernels as K
+from flashlm.kernels import ops
+from flashlm.kernels.reference import ACT_FNS
+
+EPS = torch.finfo(torch.float32).eps
+C_BACKENDS = [b for b in ("avx2", "scalar") if b in K.available_backends()]
+BACKENDS = C_BACKENDS + ["torch"]
+LIPSCHITZ = {"silu": 1.1, "gelu_tanh": 1.13, "gelu": 1.13, "relu": 1.0}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    with K.use_backend(request.param):
+        yield request.param
+
+
+def test_the_c_paths_exist_here():
+    """This machine builds the extension; on x86 with AVX2 both C paths must be testable."""
+    assert ops._ext is not None, "flashlm.kernels._ext is not built: python setup.py build_ext --inplace"
+    assert "scalar" in K.available_backends()
+
+
+# ---- exact bytes (expectations computed by hand) -------------------------------------------
+
+
+def test_q8_row_exact_bytes():
+    # max |w| = 127 -> scale 1.0 (fp16 0x3C00); q = round half to even
+    w = torch.zeros(1, 32)
+    w[0, :9] = torch.tensor([127, -127, 0, 1, -1, 2.4, -2.6, 3.5, 4.5])
+    r = K.quantize("q8", w)
+    want = bytes([0x7F, 0x81, 0x00, 0x01, 0xFF, 0x02, 0xFD, 0x04, 0x04] + [0] * 23)
+    assert bytes(r.data.view(torch.uint8).flatten().tolist()) == want
+    assert bytes(r.scales.view(torch.uint8).flatten().tolist()) == b"\x00\x3c"
+
+
+def test_q8_scale_rounds_up_to_the_next_fp16():
+    # 12.7 / 127 = 0.1; the nearest fp16 is 0x2E66 = 0.0999755859375 < 0.1, so 0x2E67 is stored
+    w = torch.zeros(1, 32)
+    w[0, 0], w[0, 1] = 12.7, 0.05
+    r = K.quantize("q8", w)
+    assert r.scales.view(torch.int16).item() == 0x2E67
+    assert r.data[0, :2].tolist() == [127, 0]  # 12.7 / 0.10003662 = 126.95; 0.05 / 0.1 = 0.4998
+
+
+def test_q4_row_exact_bytes():
+    # w[j] = j - 1 (q = j), w[16 + j] = 14 - j (q = 15 - j): min -1, max 14 -> s = 1, m = -1
+    w = torch.cat([torch.arange(16.0) - 1, 14 - torch.arange(16.0)])[None]
+    r = K.quantize("q4", w)
+    want = bytes(j | ((15 - j) << 4) for j in range(16))  # 0xF0, 0xE1, ..., 0x0F
+    assert bytes(r.data.flatten().tolist()) == want
+    assert bytes(r.scales.view(torch.uint8).flatten().tolist()) == b"\x00\x3c"
+    assert bytes(r.mins.view(torch.uint8).flatten().tolist()) == b"\x00\xbc"
+
+
+def test_q8_bundle_exact_bytes():
+    gate = torch.zeros(1, 32); gate[0, 0] = 127     # q 127 at 0, s 1.0
+    up = torch.zeros(1, 32); up[0, 31] = -254       # q -127 at 31, s 2.0 (0x4000)
+    down = torch.zeros(1, 32)                       # s 0
+    lay = K.BundleLayout("q8", 32)
+    b = K.pack_bundle(lay, [K.quantize("q8", w) for w in (gate, up, down)], stride=128)
+    want = bytes([0x7F] + [0] * 31) + bytes([0] * 31 + [0x81]) + bytes(32) + b"\x00\x3c\x00\x40\x00\x00"
+    want += bytes(128 - len(want))
+    assert lay.nbytes == 102 and bytes(b.flatten().tolist()) == want
+    g2, u2, d2 = K.unpack_bundle(lay, b)
+    assert g2.data.data_ptr() == b.data_ptr()  # a view, not a copy
+    assert torch.equal(u2.data, K.quantize("q8", up).data) and torch.equal(u2.scales, K.quantize("q8", up).scales)
+
+
+def test_q4_bundle_exact_bytes():
+    fc1 = torch.cat([torch.arange(16.0) - 1, 14 - torch.arange(16.0)])[None]
+    fc2 = torch.zeros(1, 32)
+    lay = K.BundleLayout("q4", 32, K.UNGATED_PARTS)
+    b = K.pack_bundle(lay, [K.quantize("q4", w) for w in (fc1, fc2)])
+    want = bytes(j | ((15 - j) << 4) for j in range(16)) + bytes(16) + b"\x00\x3c\x00\x00" + b"\x00\xbc\x00\x00"
+    assert lay.nbytes == 40 and bytes(b.flatten().tolist()) == want
+    assert (lay.data_offset(1), lay.scale_offset(1), lay.min_offset(0), lay.min_offset(1)) == (16, 34, 36, 38)
+    f1, f2 = K.unpack_bundle(lay, b)
+    ref = K.quantize("q4", fc1)
+    assert torch.equal(f1.data, ref.data) and torch.equal(f1.scales, ref.scales) and torch.equal(f1.mins, ref.mins)
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+
+def make_w(kind: str, n: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, d, generator=g)
+    if kind == "adversarial":
+        wg = w.view(n, d // 32, 32)
+        wg[:, 0::5] = 0                                        # all-zero groups
+        wg[:, 1::5] *= 1e-3
+        wg[:, 1::5, 7] = 40                                    # one outlier per group
+        wg[:, 2::5] = -wg[:, 2::5].abs() - 3                   # all negative: negative mins
+        wg[:, 3::5] = 0.7                                      # constant groups
+        wg[:, 4::5] *= 1e-6                                    # tiny: subnormal fp16 scales
+    return w
+
+
+def make_x(kind: str, T: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + 1000)
+    x = torch.randn(T, d, generator=g)
+    if kind == "adversarial":
+        xg = x.view(T, d // 32, 32)
+        xg[:, 0::3] = 0                                        # all-zero groups
+        xg[:, 1::3] *= 1e-2
+        xg[:, 1::3, 3] = -9                                    # one (negative) outlier
+        xg[:, 2::3, :8] = torch.tensor([127, 2.5, 3.5, -2.5, -0.5, 0.5, 1.5, 126.5])  # exact ties
+    return x
+
+
+def make_idx(n: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + 7)
+    return torch.randint(0, n, (k,), generator=g, dtype=torch.int32)  # repeats and any order
+
+
+CASES = [  # (T, n, d): odd n (not a multiple of 4), d with and without a tail of < 8 groups
+    (1, 7, 288), (3, 13, 96), (17, 5, 544), (1, 1, 32), (2, 9, 256), (3, 11, 1056),
+]
+
+
+# ---- quantiser and activations ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", K.FORMATS)
+@pytest.mark.parametrize("kind", ["random", "adversarial"])
+def test_quantize_round_trip_within_half_a_step(fmt, kind):
+    w = make_w(kind, 9, 320, 1) * 3
+    r = K.quantize(fmt, w)
+    deq = K.dequantize_rows_ref(fmt, r).double()
+    s = r.scales.double().repeat_interleave(32, 1)
+    bound = s / 2 + 2 * EPS * (w.double().abs() + (0 if r.mins is None else r.mins.double().abs().repeat_interleave(32, 1)))
+    assert ((deq - w.double()).abs() <= bound).all()
+    if fmt == "q8":
+        assert r.data.min() >= -127
+    assert torch.isfinite(deq).all()
+
+
+def test_quantize_rejects_bad_input():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        K.quantize("q8", torch.zeros(2, 48))
+    with pytest.raises(ValueError, match="unknown format"):
+        K.quantize("q5", torch.zeros(2, 32))
+    with pytest.raises(ValueError, match="non-finite"):
+        K.quantize("q4", torch.full((1, 32), float("nan")))
+    with pytest.raises(ValueError, match="overflows float16"):
+        K.quantize("q8", torch.full((1, 32), 1e7))
+
+
+@pytest.mark.parametrize("kind", ["random", "adversarial"])
+def test_activations_match_the_reference_exactly(backend, kind):
+    for T, _, d in CASES:
+        x = make_x(kind, T, d, T + d)
+        a, r = K.quantize_activations(x), K.quantize_activations_ref(x)
+        for f in ("q", "qp", "xs", "xsp", "xsum"):
+            assert torch.equal(getattr(a, f), getattr(r, f)), (f, T, d)
+        buf = K.QAct.empty(T, d)
+        assert K.quantize_activations(x, out=buf) is buf and torch.equal(buf.q, r.q)
+
+
+def test_activation_ties_round_half_to_even():
+    x = torch.zeros(1, 32)
+    x[0, :8] = torch.tensor([127, 2.5, 3.5, -2.5, -0.5, 0.5, 1.5, 126.5])  # scale 127 / 127 = 1
+    for b in BACKENDS:
+        with K.use_backend(b):
+            a = K.quantize_activations(x)
+            assert a.q[0, :8].tolist() == [127, 2, 4, -2, 0, 0, 2, 126], b
+            assert a.xs.item() == 1.0 and a.xsum.item() == 127 + 2 + 4 - 2 + 2 + 126
+
+
+def test_activation_layouts_by_hand():
+    """qp pairs groups (0, 1) as x0[:16] x1[:16] x0[16:] x1[16:]; an odd last group stays; xsp
+    orders each block of 8 scales 0 2 4 6 1 3 5 7."""
+    G = 9
+    x = (torch.arange(G * 32) % 32 + 1).float().view(1, -1) * torch.arange(1, G + 1).repeat_interleave(32)
+    for b in BACKENDS:
+        with K.use_backend(b):
+            a = K.quantize_activations(x)
+            q = a.q[0].view(G, 32)
+            assert torch.equal(a.qp[0, :64], torch.cat([q[0, :16], q[1, :16], q[0, 16:], q[1, 16:]])), b
+            assert torch.equal(a.qp[0, 256:], q[8]), b
+            xs = a.xs[0]
+            assert torch.equal(a.xsp[0], xs[[0, 2, 4, 6, 1, 3, 5, 7, 8]]), b
+
+
+# ---- bounds -------------------------------------------------------------------------------------
+
+
+def abs_parts(fmt: str, rows: K.QRows, idx) -> torch.Tensor:
+    """(n, d) fp64 |s q| + |m| per element (the magnitudes the fp32 sums add up)."""
+    w = K.dequantize_rows_ref(fmt, rows, idx).double()
+    if fmt == "q8":
+        return w.abs()
+    i = slice(None) if idx is None else idx.long()
+    m = rows.mins[i].double().repeat_interleave(32, 1)
+    return (w - m).abs() + m.abs()
+
+
+def gemv_truth(fmt, rows, act, x, idx):
+    """fp64 y against x_hat, its fp32 slack, fp64 y against x, and the activation bound."""
+    W = K.dequantize_rows_ref(fmt, rows, idx).double()
+    xh = act.dequantize().double()
+    d = rows.d
+    slack = (d + 8) * EPS * (xh.abs() @ abs_parts(fmt, rows, idx).T)
+    xerr = act.xs.double().repeat_interleave(32, 1) / 2 + EPS * x.double().abs()
+    return xh @ W.T, slack, x.double() @ W.T, xerr @ W.abs().T
+
+
+@pytest.mark.parametrize("fmt", K.FORMATS)
+@pytest.mark.parametrize("kind", ["random", "adversarial"])
+def test_gemv_within_bounds(backend, fmt, kind):
+    for T, n, d in CASES:
+        w, x = make_w(kind, n, d, n * d), make_x(kind, T, d, T * d)
+        rows = K.quantize(fmt, w)
+        act = K.quantize_activations(x)
+        for idx in (None, make_idx(n, n + 4, T)):
+            y = K.gemv(fmt, rows, act, idx)
+            y_hat, slack, y_x, xbound = gemv_truth(fmt, rows, act, x, idx)
+            case = (T, n, d, idx is not None)
+            assert y.shape == y_hat.shape and y.dtype == torch.float32
+            assert ((y.double() - y_hat).abs() <= slack).all(), case
+            assert ((y.double() - y_x).abs() <= xbound + slack).all(), case
+            y_ref = K.gemv_ref(fmt, rows, act, idx).double()
+            assert ((y_ref - y_hat).abs() <= slack).all(), case
+            out = torch.full((T, y.shape[1]), float("nan"))
+            assert K.gemv(fmt, rows, act, idx, out=out) is out and torch.equal(out, y)
+
+
+def test_gemv_out_with_row_stride():
+    rows = K.quantize("q4", make_w("random", 7, 64, 0))
+    act = K.quantize_activations(make_x("random", 3, 64, 0))
+    big = torch.zeros(3, 20)
+    K.gemv("q4", rows, act, out=big[:, 4:11])
+    assert torch.equal(big[:, 4:11], K.gemv("q4", rows, act)) and (big[:, :4] == 0).all()
+
+
+@pytest.mark.parametrize("fmt", K.FORMATS)
+@pytest.mark.parametrize("kind", ["random", "adversarial"])
+def test_axpy_within_bounds(backend, fmt, kind):
+    for T, n, d in CASES:
+        rows = K.quantize(fmt, make_w(kind, n, d, n + d))
+        for idx in (None, make_idx(n, n + 2, d)):
+            k = n if idx is None else idx.numel()
+            g = torch.Generator().manual_seed(T * k)
+            h = torch.randn(T, k, generator=g)
+            if kind == "adversarial":
+                h[:, ::3] = 0
+                h[:, 1::3] *= 1e4
+            out0 = torch.randn(T, d, generator=g)
+            out = out0.clone()
+            assert K.axpy(fmt, rows, h, out, idx) is out
+            W = K.dequantize_rows_ref(fmt, rows, idx).double()
+            truth = out0.double() + h.double() @ W
+            slack = (k + 8) * EPS * (h.double().abs() @ abs_parts(fmt, rows, idx) + out0.double().abs())
+            assert ((out.double() - truth).abs() <= slack).all(), (T, n, d, idx is not None)
+            ref = K.axpy_ref(fmt, rows, h, out0.clone(), idx).double()
+            assert ((ref - truth).abs() <= slack).all()
+
+
+@pytest.mark.parametrize("fmt", K.FORMATS)
+def test_dequantize_rows_exact(backend, fmt):
+    for _, n, d in CASES:
+        rows = K.quantize(fmt, make_w("adversarial", n, d, n))
+        for idx in (None, make_idx(n, 2 * n, d)):
+            got = K.dequantize_rows(fmt, rows, idx)
+            assert torch.equal(got, K.dequantize_rows_ref(fmt, rows, idx))
+            i = slice(None) if idx is None else idx.long()
+            q8 = rows.data[i].double() * rows.scales[i].double().repeat_interleave(32, 1) if fmt == "q8" else None
+            if q8 is not None:
+                assert torch.equal(got.double(), q8)  # s * q is exact in fp32 (11 x 7 significant bits)
+
+
+# ---- fused FFN ---------------------------------------------------------------------------------
+
+
+def make_bundles(fmt, names, n, d, seed, kind="random", stride=None):
+    ws = [make_w(kind, n, d, seed + p) * 0.3 for p in range(len(names))]
+    lay = K.BundleLayout(fmt, d, names)
+    parts = [K.quantize(fmt, w) for w in ws]
+    return lay, K.pack_bundle(lay, parts, stride), parts
+
+
+def composed_gated(fmt, parts, act_fn, act, slots, out):
+    """gemv + act + axpy with the public ops (whatever backend is on)."""
+    gate, up, down = parts
+    g, u = K.gemv(fmt, gate, act, slots), K.gemv(fmt, up, act, slots)
+    h = ACT_FNS[act_fn](g) * u
+    return K.axpy(fmt, down, h, out, slots), h, g, u
+
+
+@pytest.mark.parametrize("fmt", K.FORMATS)
+@pytest.mark.parametrize("act_fn", ["silu", "gelu_tanh", "gelu", "relu"])
+def test_ffn_gated_equals_the_composed_ops(backend, fmt, act_fn):
+    """Only the activation function's libm/torch rounding and the down rows' summation order
+    differ. act(g) = g * phi(g) with phi in [0, 1] evaluated to a few eps absolute (1 + tanh and
+    1 + erf cancel for negative g, so the error is not relative to h): |dh| <= 16 eps (|h| + |g u|),
+    then |dout| <= |dh| @ |W| + (n + 8) eps (|h| @ |W| + |out0|)."""
+    for T, n, d in [(1, 7, 288), (3, 13, 96), (17, 5, 64)]:
+        lay, b, parts = make_bundles(fmt, K.GATED_PARTS, n + 3, d, n * d, stride=lay_stride(fmt, d))
+        slots = make_idx(n + 3, n, T)
+        act = K.quantize_activations(make_x("random", T, d, d))
+        out0 = torch.randn(T, d)
+        got = K.ffn_gated(fmt, b, lay, act_fn, act, slots, out0.clone())
+        want, h, g, u = (t.double() for t in composed_gated(fmt, parts, act_fn, act, slots, out0.clone()))
+        A = abs_parts(fmt, parts[2], slots)
+        dh = 16 * EPS * (h.abs() + (g * u).abs())
+        bound = dh @ A + (n + 8) * EPS * ((h.abs() + dh) @ A + out0.double().abs())
+        assert ((got.double() - want).abs() <= bound).all(), (T, n, d)
+        check_ffn_against_fp64(fmt, parts, act_fn, act, slots, out0, got)
+
+
+def lay_stride(fmt, d):
+    return -(-K.BundleLayout(fmt, d).nbytes // 64) * 64 + 64  # padded rows, as in a cache
+
+
+def check_ffn_against_fp64(fmt, parts, act_fn, act, slots, out0, got):
+    """fp64 truth from x_hat; |dh| <= L |dg| |u| + |act(g)| |du| + L |dg| |du| + 16 eps (|h| + |g u|)
+    (L the activation's Lipschitz constant, |dg|, |du| the gemv slack, the last term the fp32
+    activation as above), then |dout| <= |dh| @ |W_down| + the axpy slack."""
+    gate, up, down = parts
+    xh = act.dequantize().double()
+    g64 = xh @ K.dequantize_rows_ref(fmt, gate, slots).double().T
+    u64 = xh @ K.dequantize_rows_ref(fmt, up, slots).double().T
+    fn = ACT_FNS[act_fn]
+    h64 = fn(g64) * u64
+    d = gate.d
+    sg = (d + 8) * EPS * (xh.abs() @ abs_parts(fmt, gate, slots).T)
+    su = (d + 8) * EPS * (xh.abs() @ abs_parts(fmt, up, slots).T)
+    L = LIPSCHITZ[act_fn]
+    dh = L * sg * u64.abs() + fn(g64).abs() * su + L * sg * su + 16 * EPS * (h64.abs() + (g64 * u64).abs())
+    A = abs_parts(fmt, down, slots)
+    truth = out0.double() + h64 @ K.dequantize_rows_ref(fmt, down, slots).double()
+    n = slots.numel()
+    bound = dh @ A + (n + 8) * EPS * ((h64.abs() + dh) @ A + out0.double().abs())
+    assert ((got.double() - truth).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("fmt", K.FORMATS)
+def test_ffn_gated_never_reads_unlisted_slots(backend, fmt):
+    """Unlisted slots are all 0xFF (NaN scales): the output must be finite and equal to the same
+    call on a compact copy holding only the listed bundles."""
+    S, d = 23, 96
+    lay, b, _ = make_bundles(fmt, K.GATED_PARTS, S, d, 5, stride=lay_stride(fmt, d))
+    slots = torch.tensor([3, 17, 4, 9, 21, 0, 11], dtype=torch.int32)
+    poisoned = torch.full_like(b, 0xFF)
+    poisoned[slots.long()] = b[slots.long()]
+    compact = b[slots.long()].clone()
+    for T in (1, 3):
+        act = K.quantize_activations(make_x("random", T, d, T))
+        got = K.ffn_gated(fmt, poisoned, lay, "silu", act, slots, torch.zeros(T, d))
+        want = K.ffn_gated(fmt, compact, lay, "silu", act, torch.arange(7, dtype=torch.int32), torch.zeros(T, d))
+        assert torch.isfinite(got).all() and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("fmt", K.FORMATS)
+def test_ffn_ungated_with_bias_skips_zero_neurons(backend, fmt):
+    """OPT style: relu(fc1 . x + bias[id]) * fc2. Neurons driven to h = 0 by a very negative bias
+    have NaN fc2 rows: the output stays finite because their fc2 row is never accumulated."""
+    n, d = 11, 288
+    for T in (1, 3, 17):
+        lay, b, (fc1, fc2) = make_bundles(fmt, K.UNGATED_PARTS, n, d, T, stride=lay_stride(fmt, d))
+        slots = torch.arange(n, dtype=torch.int32).flip(0).contiguous()
+        nid = (slots * 2 + 1).contiguous()  # neuron ids differ from slots
+        bias = torch.randn(2 * n + 1) + 6  # most neurons live
+        dead = nid[[1, 4, 5, 8]].long()
+        bias[dead] = -1e4
+        act = K.quantize_activations(make_x("random", T, d, d))
+        want_h = F.relu(K.gemv(fmt, fc1, act, slots) + bias[nid.long()])
+        assert (want_h[:, [1, 4, 5, 8]] == 0).all() and (want_h != 0).any(0).sum() > 3
+        want = K.axpy(fmt, fc2, want_h, torch.zeros(T, d), slots)
+        bad = b.clone()
+        fc2_data = lay.data_offset(1)
+        bad[slots[[1, 4, 5, 8]].long(), fc2_data:fc2_data + K.data_bytes(fmt, d)] = 0x7F
+        bad[slots[[1, 4, 5, 8]].long(), lay.scale_offset(1):lay.scale_offset(1) + 2 * d // 32] = 0xFF  # NaN
+        got = K.ffn_ungated(fmt, bad, lay, "relu", act, slots, torch.zeros(T, d), bias=bias, neuron_ids=nid)
+        A = abs_parts(fmt, fc2, slots)
+        bound = (n + 8) * EPS * (want_h.double().abs() @ A) * 2
+        assert torch.isfinite(got).all()
+        assert ((got.double() - want.double()).abs() <= bound).all(), T
+
+
+def test_ffn_gated_all_zero_h_leaves_out_untouched():
+    lay, b, _ = make_bundles("q4", K.GATED_PARTS, 6, 64, 0)
+    act = K.quantize_activations(torch.zeros(2, 64))
+    for be in BACKENDS:
+        with K.use_backend(be):
+            out = torch.randn(2, 64)
+            want = out.clone()
+            K.ffn_gated("q4", b, lay, "relu", act, torch.arange(6, dtype=torch.int32), out)
+            assert torch.equal(out, want), be
+
+
+def test_backends_agree_on_a_larger_layer():
+    """AVX2 and portable C on a model-sized shape, T = 1 and 5 (the blocking paths)."""
+    if len(C_BACKENDS) < 2:
+        pytest.skip("AVX2 path not available on this CPU")
+    lay, b, parts = make_bundles("q4", K.GATED_PARTS, 300, 1536, 3)
+    slots = make_idx(300, 150, 1)
+    for T in (1, 5):
+        x = make_x("random", T, 1536, 2)
+        outs = []
+        for be in C_BACKENDS:
+            with K.use_backend(be):
+                outs.append(K.ffn_gated("q4", b, lay, "silu", K.quantize_activations(x), slots, torch.zeros(T, 1536)))
+        assert (outs[0] - outs[1]).abs().max() <= 1e-4 * outs[1].abs().max()
+
+
+@pytest.mark.skipif(not C_BACKENDS, reason="extension not built")
+@pytest.mark.parametrize("streams,pf_ahead", [(0, 0), (8, 1), (16, 3)])
+def test_other_blocking_orders(streams, pf_ahead):
+    """The C drivers' row orders (adjacent rows; 8 or 16 side-by-side streams, which leave some
+    blocks empty for small n) and prefetch distances give the same answers within the bounds."""
+    old = ops._ext._tune(streams, pf_ahead)
+    try:
+        for be in C_BACKENDS:
+            with K.use_backend(be):
+                for T, n, d in [(1, 1, 32), (3, 13, 288), (2, 37, 96)]:
+                    for fmt in K.FORMATS:
+                        rows = K.quantize(fmt, make_w("random", n, d, n))
+                        x = make_x("random", T, d, d)
+                        act = K.quantize_activations(x)
+                        for idx in (None, make_idx(n, n + 2, T)):
+                            y_hat, slack, _, _ = gemv_truth(fmt, rows, act, x, idx)
+                            assert ((K.gemv(fmt, rows, act, idx).double() - y_hat).abs() <= slack).all()
+                            k = n if idx is None else idx.numel()
+                            h = torch.randn(T, k)
+                            got = K.axpy(fmt, rows, h, torch.zeros(T, d), idx).double()
+                            want = h.double() @ K.dequantize_rows_ref(fmt, rows, idx).double()
+                            assert ((got - want).abs() <= (k + 8) * EPS * (h.double().abs() @ abs_parts(fmt, rows, idx))).all()
+                        lay, b, parts = make_bundles(fmt, K.GATED_PARTS, n + 2, d, 1)
+                        slots = make_idx(n + 2, n, 0)
+                        got = K.ffn_gated(fmt, b, lay, "silu", act, slots, torch.zeros(T, d))
+                        check_ffn_against_fp64(fmt, parts, "silu", act, slots, torch.zeros(T, d), got)
+    finally:
+        ops._ext._tune(*old)
+
+
+# ---- validation and backends -------------------------------------------------------------------
+
+
+def test_argument_validation():
+    rows = K.quantize("q4", torch.randn(5, 64))
+    act = K.quantize_activations(torch.randn(2, 64))
+    with pytest.raises(ValueError, match="rows are q4"):
+        K.gemv("q8", rows, act)
+    with pytest.raises(ValueError, match="unknown format"):
+        K.gemv("q3", rows, act)
+    with pytest.raises(ValueError, match="int32"):
+        K.gemv("q4", rows, act, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        K.gemv("q4", rows, act, torch.tensor([0, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        K.axpy("q4", rows, torch.zeros(2, 1), torch.zeros(2, 64), torch.tensor([-1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="contiguous"):
+        K.gemv("q4", rows, act, torch.arange(6, dtype=torch.int32)[::2])
+    with pytest.raises(ValueError, match="d=96"):
+        K.gemv("q4", rows, K.quantize_activations(torch.randn(1, 96)))
+    with pytest.raises(ValueError, match="float32 of shape"):
+        K.gemv("q4", rows, act, out=torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="float32 of shape"):
+        K.axpy("q4", rows, torch.zeros(2, 5, dtype=torch.float64), torch.zeros(2, 64))
+    with pytest.raises(ValueError, match="float32 of shape"):
+        K.axpy("q4", rows, torch.zeros(2, 5), torch.zeros(2, 32))
+    with pytest.raises(ValueError, match="contiguous"):
+        K.axpy("q4", rows, torch.zeros(2, 5), torch.zeros(64, 2).T)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        K.quantize_activations(torch.randn(1, 40))
+    with pytest.raises(ValueError, match="float32"):
+        K.quantize_activations(torch.randn(1, 64, dtype=torch.float64))
+    with pytest.raises(ValueError, match="QAct"):
+        K.gemv("q4", rows, torch.randn(1, 64))
+    with pytest.raises(ValueError, match="stride"):
+        K.QRows("q8", torch.zeros(64, 4, dtype=torch.int8).T, torch.zeros(4, 2, dtype=torch.float16))
+    with pytest.raises(ValueError, match="need mins"):
+        K.QRows("q4", torch.zeros(4, 32, dtype=torch.uint8), torch.zeros(4, 2, dtype=torch.float16))
+    with pytest.raises(ValueError, match="int8"):
+        K.QRows("q8", torch.zeros(4, 64, dtype=torch.uint8), torch.zeros(4, 2, dtype=torch.float16))
+    with pytest.raises(ValueError, match="shape"):
+        K.QRows("q8", torch.zeros(4, 64, dtype=torch.int8), torch.zeros(4, 3, dtype=torch.float16))
+
+
+def test_ffn_argument_validation():
+    lay, b, _ = make_bundles("q8", K.GATED_PARTS, 4, 64, 0)
+    act = K.quantize_activations(torch.randn(1, 64))
+    s = torch.arange(4, dtype=torch.int32)
+    out = torch.zeros(1, 64)
+    with pytest.raises(ValueError, match="layout is q8"):
+        K.ffn_gated("q4", b, lay, "silu", act, s, out)
+    with pytest.raises(ValueError, match="unknown activation"):
+        K.ffn_gated("q8", b, lay, "tanh", act, s, out)
+    with pytest.raises(ValueError, match="bytes; the layout needs"):
+        K.ffn_gated("q8", b[:, :100], lay, "silu", act, s, out)
+    with pytest.raises(ValueError, match=r"\[0, 4\)"):
+        K.ffn_gated("q8", b, lay, "silu", act, torch.tensor([4], dtype=torch.int32), out)
+    with pytest.raises(ValueError, match="slots must be given"):
+        K.ffn_gated("q8", b, lay, "silu", act, None, out)
+    with pytest.raises(ValueError, match="no part 'fc1'"):
+        K.ffn_ungated("q8", b, lay, "relu", act, s, out)
+    ul, ub, _ = make_bundles("q8", K.UNGATED_PARTS, 4, 64, 0)
+    with pytest.raises(ValueError, match="go together"):
+        K.ffn_ungated("q8", ub, ul, "relu", act, s, out, bias=torch.zeros(4))
+    with pytest.raises(ValueError, match="entries"):
+        K.ffn_ungated("q8", ub, ul, "relu", act, s, out, bias=torch.zeros(4), neuron_ids=s[:2].contiguous())
+    with pytest.raises(ValueError, match="is below"):
+        K.pack_bundle(lay, [K.quantize("q8", torch.zeros(1, 64))] * 3, stride=10)
+    K.ffn_gated("q8", b, lay, "gelu_pytorch_tanh", act, s, out)  # transformers' name is accepted
+
+
+def test_backend_selection():
+    assert K.backend() in K.available_backends()
+    if "avx2" in K.available_backends():
+        assert K.backend() == "avx2"  # the default is the fastest path
+    with K.use_backend("scalar"):
+        assert K.backend() == "scalar"
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        K.set_backend("sse9")
+    env = {**os.environ, "FLASHLM_KERNELS": "scalar"}
+    code = "from flashlm import kernels as K; print(K.backend())"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "scalar"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_tensors_use_the_torch_path():
+    rows = K.quantize("q4", torch.randn(7, 96)).to("cuda")
+    x = torch.randn(3, 96)
+    act = K.quantize_activations(x.cuda())
+    y = K.gemv("q4", rows, act)
+    assert y.device.type == "cuda"
+    cpu = K.gemv("q4", rows.to("cpu"), K.quantize_activations(x))
+    assert (y.cpu() - cpu).abs().max() <= 1e-5 * cpu.abs().max()
