@@ -20,6 +20,7 @@ from typing import Any
 from flashlm import __version__
 from flashlm.builtin import DEFAULT_MODEL
 from flashlm.errors import FlashLMError
+from flashlm.serve import cli as serve_cli
 
 
 def _configure_logging(verbose: int) -> None:
@@ -394,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_options(ch)
     _sparsity_options(ch)
     ch.set_defaults(func=cmd_chat, logs_to_app=True)
+
+    serve_cli.add_parser(sub, engine_options=(_engine_options, _sparsity_options), engine_config=_engine_config)
 
     v = sub.add_parser("verify", help="check every checksum of a store",
                        description="Check a store's manifest, file sizes and every checksum. Exit 0 when sound, "
