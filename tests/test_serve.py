@@ -118,6 +118,7 @@ def nostop_store(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def servers(llama_store, nostop_store, tmp_path_factory):
+    """Both servers, launched at once; each fixture below waits for its own."""
     logs = tmp_path_factory.mktemp("serve-logs")
     started = []
     try:
@@ -125,8 +126,6 @@ def servers(llama_store, nostop_store, tmp_path_factory):
                               "--max-queue", "16"))
         started.append(Served(nostop_store, logs / "small.log", "--max-concurrent", "1", "--max-queue", "1",
                               "--eviction", "window"))
-        for s in started:
-            s.wait_ready()
         yield started
     finally:
         for s in started:
@@ -134,12 +133,14 @@ def servers(llama_store, nostop_store, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(servers) -> Served:
+def server(servers, ref) -> Served:
+    servers[0].wait_ready()  # `ref` was computed in this process while it started
     return servers[0]
 
 
 @pytest.fixture(scope="module")
 def small(servers) -> Served:
+    servers[1].wait_ready()
     return servers[1]
 
 
