@@ -217,6 +217,9 @@ async def _generate(request: Request, parse: Callable[[Any], ParsedRequest], sha
                            headers={"Retry-After": "1"}) from None
         except AdmissionClosedError:
             raise shutting_down() from None
+        if s.draining:  # the shutdown began while this request was being admitted
+            slot.release()
+            raise shutting_down()
     except APIError as e:
         return s.reject(request, e)
     except ClientGoneError:
