@@ -384,6 +384,8 @@ def test_bad_input_is_a_4xx_in_openai_shape_and_the_server_carries_on(server, re
             assert set(err) == {"message", "type", "param", "code"}, case
             assert (err["param"], err["code"]) == (param, code), (case, err)
             assert err["type"] == "invalid_request_error" and err["message"], case
+        big = c.post(TEXT, content=b" " * (16 * 2**20 + 1), headers={"Content-Type": "application/json"})
+        assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
         # fields that do not change the answer are accepted: OpenAI clients send them
         ok = c.post(CHAT, json={"model": "store", "max_tokens": 24, "temperature": 0, "user": "u1",
                                 "metadata": {"k": "v"}, "n": 1, "logprobs": False, "presence_penalty": 0,
@@ -394,8 +396,8 @@ def test_bad_input_is_a_4xx_in_openai_shape_and_the_server_carries_on(server, re
         assert ok.json()["choices"][0]["message"]["content"] == ref["chat"].text
     after = server.health()
     assert after["status"] == "ok" and after["active"] == 0
-    assert after["rejected"] - before["rejected"] == len(BAD)
-    assert server.log().count("request rejected") - lines_before == len(BAD)  # one log line each
+    assert after["rejected"] - before["rejected"] == len(BAD) + 1
+    assert server.log().count("request rejected") - lines_before == len(BAD) + 1  # one log line each
     # the openai client raises the matching errors, naming the field
     client = sync_client(server)
     with pytest.raises(openai.BadRequestError) as e:

@@ -182,7 +182,16 @@ def _state(request: Request) -> ServerState:
 
 
 async def _json_body(request: Request) -> Any:
-    raw = await request.body()
+    too_large = APIError(413, f"the request body is over {MAX_BODY_BYTES} bytes", code="request_too_large")
+    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
+        raise too_large
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        parts.append(part)
+    raw = b"".join(parts)
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as e:
@@ -280,10 +289,9 @@ async def health(request: Request) -> Response:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+    codes = {404: "not_found", 405: "method_not_allowed"}
     message = {404: f"no route {request.method} {request.url.path}; see the flashlm serve section of the README",
-               405: f"{request.method} is not allowed on {request.url.path}",
-               413: f"the request body is over {MAX_BODY_BYTES} bytes"}.get(exc.status_code, exc.detail)
+               405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, exc.detail)
     e = APIError(exc.status_code, message, code=codes.get(exc.status_code), headers=dict(exc.headers or {}))
     return _state(request).reject(request, e)
 
@@ -312,7 +320,6 @@ def build_app(state: ServerState, on_shutdown: Callable[[], Awaitable[None]] | N
         ],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
         lifespan=lifespan,
-        max_body_size=MAX_BODY_BYTES,
     )
     app.state.flashlm = state
     return app
