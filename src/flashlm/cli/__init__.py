@@ -16,12 +16,13 @@ from collections.abc import Sequence
 
 from flashlm import __version__
 from flashlm.builtin import DEFAULT_MODEL
-from flashlm.cli.common import Parser
+from flashlm.cli.common import Parser, engine_config, engine_options, sparsity_options
 from flashlm.cli.generate import add_chat, add_run
 from flashlm.cli.measure import add_bench, add_trace
 from flashlm.cli.selection import add_calibrate, add_eval
 from flashlm.cli.store import add_convert, add_verify
 from flashlm.errors import FlashLMError
+from flashlm.serve import cli as serve_cli
 
 
 def _configure_logging(verbose: int) -> None:
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert(sub)
     add_run(sub)
     add_chat(sub)
+    serve_cli.add_parser(sub, engine_options=(engine_options, sparsity_options), engine_config=engine_config)
     add_verify(sub)
     add_calibrate(sub)
     add_eval(sub)
