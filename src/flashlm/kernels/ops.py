@@ -8,6 +8,7 @@ overrides it at import, `set_backend` at run time.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,12 +16,12 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from flashlm.kernels import reference as ref
+import flashlm.kernels.reference as ref
 from flashlm.kernels.formats import GROUP, BundleLayout, QRows, check_d, check_fmt
 from flashlm.kernels.reference import QAct
 
-try:
-    from flashlm.kernels import _ext
+try:  # the compiled module (setup.py); by name, since it has no .py source to import statically
+    _ext = importlib.import_module("flashlm.kernels._ext")
 except ImportError:  # built without a compiler: the torch references serve every call
     _ext = None
 
