@@ -114,9 +114,6 @@ class FFNLayout:
         """Bytes from one bundle to the next: bundle_bytes rounded up to block_size."""
         return round_up(self.bundle_bytes, self.block_size)
 
-    def region_bytes(self, layer: int) -> int:
-        return self.layers[layer].n_neurons * self.stride
-
     def bundle_offset(self, layer: int, neuron: int) -> int:
         return self.layers[layer].offset + neuron * self.stride
 

@@ -266,11 +266,6 @@ class KVCache:
         assert self.length + n <= self.max_len, (self.length, n, self.max_len)
         self.length += n
 
-    def reset(self, length: int = 0) -> None:
-        """Forget the tokens at positions >= length (0: all of them)."""
-        assert 0 <= length <= self.length, (length, self.length)
-        self.length = length
-
 
 def attend(q: Tensor, k: Tensor, v: Tensor, pos: int, scale: float, window: int | None = None) -> Tensor:
     """Causal attention of T queries at positions pos..pos+T over keys [0, pos+T).

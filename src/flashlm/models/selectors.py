@@ -2,7 +2,7 @@
 
 Pure torch, no files. Every selector maps the FFN input x (T, d) (after the post-attention
 norm) to scores (T, d_ff), larger = more needed, in the store's *physical* neuron order,
-and the engine keeps the top ones (`top_ids`) or those over a threshold (`threshold_mask`).
+and the engine keeps the top ones (`top_ids`; `flashlm eval` also tries `mass_mask`).
 The target is the neuron's output magnitude |act(gate x) * (up x)| (gated MLPs) or
 |act(fc1 x + b)| (OPT): on a gated model nothing is exactly zero, so "the neurons that carry
 most of the magnitude" is what a selection can hope for.
@@ -61,10 +61,6 @@ def top_mask(scores: Tensor, density: float) -> Tensor:
     """(T, n) -> (T, n) bool: the top ceil(density n) of each row."""
     mask = torch.zeros_like(scores, dtype=torch.bool)
     return mask.scatter_(-1, top_ids(scores, density), True)
-
-
-def threshold_mask(scores: Tensor, threshold: float) -> Tensor:
-    return scores > threshold
 
 
 def mass_mask(scores: Tensor, mass: float) -> Tensor:
