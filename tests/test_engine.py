@@ -179,6 +179,40 @@ async def test_closed_engine_and_bad_config(llama_store):
         EngineConfig(eviction="fifo")
 
 
+@pytest.mark.parametrize("field,value,match", [
+    ("reuse", "no", "reuse must be True or False"), ("reuse", 0, "reuse must be True or False"),
+    ("page_cache", 1, "page_cache must be True or False"), ("page_cache", None, "page_cache must be True or False"),
+    ("window", True, "window must be an int"), ("lookahead", True, "lookahead must be 0"),
+    ("density", True, "density must be a number"), ("max_context", True, "max_context must be an int"),
+    ("num_threads", True, "num_threads must be a positive int"), ("in_flight", True, "in_flight must be an int"),
+    ("trace_max_bytes", True, "trace_max_bytes must be an int"), ("io_backend", 3, "io_backend must be"),
+    ("memory_budget", "lots", "memory_budget 'lots' is not understood"),
+    ("memory_budget", 1.5, "fractional memory_budget"),
+])
+def test_every_engine_config_field_is_validated(field, value, match):
+    with pytest.raises(ConfigError, match=match):
+        EngineConfig(**{field: value})
+
+
+async def test_open_settings_are_checked_and_merged_with_a_config(llama_store):
+    _, store = llama_store
+    with pytest.raises(ConfigError, match=r"unknown EngineConfig field\(s\) 'windwo'; the fields are"):
+        await Engine.open(store, windwo=4)
+    with pytest.raises(ConfigError, match="unknown EngineConfig field"):
+        await Engine.open(store, EngineConfig(), windwo=4)
+    # settings beside a config replace its fields (they used to be ignored silently)
+    async with await Engine.open(store, EngineConfig(window=3, selection="gate"), window=5) as engine:
+        assert (engine.config.window, engine.config.selection) == (5, "gate")
+
+
+async def test_max_context_above_the_models_limit_is_refused(llama_store):
+    _, store = llama_store  # max_position_embeddings=256
+    with pytest.raises(ConfigError, match="max_context 257 is above .* model limit of 256"):
+        await Engine.open(store, max_context=257)
+    async with await Engine.open(store, max_context=256) as engine:
+        assert engine.max_context == 256
+
+
 async def test_float16_store_runs_close_to_float32(tmp_path):
     model = random_llama(8)
     src = save_checkpoint(model, tmp_path / "c")

@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
 
 from flashlm.errors import ConfigError
+from flashlm.io.backend import Backend
+from flashlm.pipeline.budget import parse_budget
 from flashlm.io.writer import TORCH_DTYPES
 
 
 SELECTIONS = ("dense", "gate", "shadow", "predictor")
 DEFAULT_DENSITY = 0.4
+
+
+def _int(value: Any) -> bool:
+    """An int that is not a bool (True is an int to Python, not a window of 1 token)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -58,35 +66,58 @@ class EngineConfig:
             raise ConfigError(f"device {self.device!r}: MPS is not available here; use cpu")
         if dev.type not in ("cpu", "cuda", "mps"):
             raise ConfigError(f"device {self.device!r}: only cpu, cuda and mps are supported")
-        if self.max_context is not None and (not isinstance(self.max_context, int) or self.max_context < 2):
+        if self.max_context is not None and (not _int(self.max_context) or self.max_context < 2):
             raise ConfigError(f"max_context must be an int >= 2, got {self.max_context!r}")
-        if self.num_threads is not None and (not isinstance(self.num_threads, int) or self.num_threads < 1):
+        if self.num_threads is not None and (not _int(self.num_threads) or self.num_threads < 1):
             raise ConfigError(f"num_threads must be a positive int, got {self.num_threads!r}")
 
         if self.ffn not in ("flash", "ram"):
             raise ConfigError(f"ffn {self.ffn!r} must be 'flash' or 'ram'")
         if self.selection not in SELECTIONS:
             raise ConfigError(f"selection {self.selection!r} must be one of {SELECTIONS}")
-        if self.density is not None and not (isinstance(self.density, int | float) and 0 < self.density <= 1):
-            raise ConfigError(f"density must be in (0, 1], got {self.density!r}")
+        if self.density is not None and (isinstance(self.density, bool) or not isinstance(self.density, int | float)
+                                         or not 0 < self.density <= 1):
+            raise ConfigError(f"density must be a number in (0, 1], got {self.density!r}")
         if self.selection == "dense" and self.density not in (None, 1, 1.0):
             raise ConfigError("selection 'dense' computes every neuron; choose gate/shadow/predictor for density < 1")
         if self.compute not in ("thread", "loop"):
             raise ConfigError(f"compute {self.compute!r} must be 'thread' or 'loop'")
-        if not isinstance(self.window, int) or self.window < 1:
+        if not _int(self.window) or self.window < 1:
             raise ConfigError(f"window must be an int >= 1 (tokens), got {self.window!r}")
         if self.eviction not in ("lazy", "window"):
             raise ConfigError(f"eviction {self.eviction!r} must be 'lazy' or 'window'")
-        if self.lookahead not in (0, 1):
+        if not _int(self.lookahead) or self.lookahead not in (0, 1):
             raise ConfigError(f"lookahead must be 0 (serial) or 1 (prefetch one layer ahead), got {self.lookahead!r}")
+        for name in ("reuse", "page_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.io_backend, str) and self.io_backend not in ("threads", "uring"):
             raise ConfigError(f"io_backend {self.io_backend!r} must be 'threads' or 'uring'")
-        if not isinstance(self.trace_max_bytes, int) or self.trace_max_bytes < 4096:
+        if not isinstance(self.io_backend, str | Backend):
+            raise ConfigError(f"io_backend must be 'threads', 'uring' or a flashlm.io.backend.Backend, "
+                              f"got {self.io_backend!r}")
+        parse_budget(self.memory_budget, 1)  # its form; a fraction becomes bytes at open, of the model's size
+        if not _int(self.trace_max_bytes) or self.trace_max_bytes < 4096:
             raise ConfigError(f"trace_max_bytes must be an int >= 4096, got {self.trace_max_bytes!r}")
         if self.trace is not None and not isinstance(self.trace, str | os.PathLike):
             raise ConfigError(f"trace must be a file path or None, got {self.trace!r}")
-        if not isinstance(self.in_flight, int) or not 1 <= self.in_flight <= 256:
+        if not _int(self.in_flight) or not 1 <= self.in_flight <= 256:
             raise ConfigError(f"in_flight must be an int in [1, 256], got {self.in_flight!r}")
+
+    @classmethod
+    def merged(cls, config: EngineConfig | None, settings: Mapping[str, Any]) -> EngineConfig:
+        """`config` with `settings` (EngineConfig fields) replacing its fields: `Engine.open`'s
+        `config` and `**settings` together. An unknown name is a ConfigError naming the fields."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(settings) - names)
+        if unknown:
+            raise ConfigError(f"unknown EngineConfig field(s) {', '.join(map(repr, unknown))}; "
+                              f"the fields are {', '.join(sorted(names))}")
+        if config is None:
+            return cls(**settings)
+        if not isinstance(config, EngineConfig):
+            raise ConfigError(f"config must be an EngineConfig, got {type(config).__name__}")
+        return replace(config, **settings) if settings else config
 
     @property
     def effective_density(self) -> float:

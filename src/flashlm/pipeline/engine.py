@@ -25,7 +25,7 @@ import torch
 
 from flashlm.builtin import DEFAULT_MODEL
 from flashlm.convert import resolve_store
-from flashlm.errors import EngineClosedError, EngineDeadError, NonFiniteLogitsError
+from flashlm.errors import ConfigError, EngineClosedError, EngineDeadError, NonFiniteLogitsError
 from flashlm.io.reader import BundleReader
 from flashlm.io.store import FlashStore
 from flashlm.io.writer import TORCH_DTYPES
@@ -231,8 +231,12 @@ class Engine:
         self.config = config
         self.device = torch.device(config.device)
         mcfg = store.manifest.config
-        limit = mcfg.get("max_position_embeddings") or DEFAULT_CONTEXT_CAP
-        self.max_context = config.max_context or min(limit, DEFAULT_CONTEXT_CAP)
+        stated = mcfg.get("max_position_embeddings")
+        limit = stated if isinstance(stated, int) and not isinstance(stated, bool) and stated > 0 else None
+        if config.max_context is not None and limit is not None and config.max_context > limit:
+            raise ConfigError(f"max_context {config.max_context} is above {store.path}'s model limit of {limit} "
+                              f"positions (max_position_embeddings); use max_context <= {limit}")
+        self.max_context = config.max_context or min(limit or DEFAULT_CONTEXT_CAP, DEFAULT_CONTEXT_CAP)
         self.vocab_size = int(mcfg["vocab_size"])
         eos = mcfg.get("eos_token_id")
         ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
@@ -262,8 +266,9 @@ class Engine:
         **settings: Any,
     ) -> Engine:
         """Open a store directory, or a built-in model name (converted and cached on first use).
-        `settings` are EngineConfig fields, as an alternative to passing `config`."""
-        config = config or EngineConfig(**settings)
+        `settings` are EngineConfig fields: alone they make the config; with a `config` they
+        replace those of its fields (`dataclasses.replace`). An unknown one is a ConfigError."""
+        config = EngineConfig.merged(config, settings)
         path = await asyncio.to_thread(resolve_store, model, config.store_dtype, progress)
         store = await asyncio.to_thread(FlashStore.open, path)
         tokenizer = await asyncio.to_thread(_load_tokenizer, store.tokenizer_dir)
