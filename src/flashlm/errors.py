@@ -87,6 +87,11 @@ class MemoryBudgetError(FlashLMError):
         self.minimum = minimum
 
 
+class MissingDependencyError(FlashLMError):
+    """An optional package or program a feature needs is not installed. flashlm never installs
+    one itself: the message names what to install (or the option that does without it)."""
+
+
 class TokenizerMissingError(FlashLMError):
     """The store has no tokenizer, so text prompts cannot be encoded."""
 

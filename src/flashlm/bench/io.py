@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from flashlm.bench import io_workloads as wl
+from flashlm.errors import MissingDependencyError
 from flashlm.io.reader import DEFAULT_BACKEND, DEFAULT_MAX_GAP_BYTES, DEFAULT_MIN_READ_BYTES
 from flashlm.log import get_logger
 
@@ -41,9 +42,11 @@ BACKENDS = ("threads", "uring")
 HEADLINE_WORKLOAD = "skewed_window"
 
 
-async def run_io_bench(out: Path, quick: bool, workdir: Path | None) -> dict:
-    """Run the benchmark, write JSON to `out` and a plot to `out` with suffix .png; return the JSON."""
+async def run_io_bench(out: Path, quick: bool, workdir: Path | None, fio: bool = True) -> dict:
+    """Run the benchmark, write JSON to `out` and a plot to `out` with suffix .png; return the JSON.
+    `fio=False`: the reader alone, no fio figures (the ratios are None)."""
     cfg = QUICK if quick else FULL
+    fio_path, fio_note = find_fio(required=fio)  # before any file is written
     t_start = time.perf_counter()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -54,7 +57,7 @@ async def run_io_bench(out: Path, quick: bool, workdir: Path | None) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
     try:
-        result = await _run(cfg, quick, workdir)
+        result = await _run(cfg, quick, workdir, fio_path, fio_note)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -67,9 +70,8 @@ async def run_io_bench(out: Path, quick: bool, workdir: Path | None) -> dict:
     return result
 
 
-async def _run(cfg: dict, quick: bool, workdir: Path) -> dict:
+async def _run(cfg: dict, quick: bool, workdir: Path, fio: str | None, fio_note: str) -> dict:
     rng = np.random.default_rng(0)
-    fio, fio_note = await asyncio.to_thread(_ensure_fio)
     plain, plain_lay = await asyncio.to_thread(wl.plain_file, workdir, cfg["plain_bytes"], rng)
     model, model_lay = await asyncio.to_thread(wl.model_file, workdir, rng)
     backends = [b for b in BACKENDS if _backend_ok(b)]
@@ -232,18 +234,18 @@ def _backend_ok(name: str) -> bool:
     return True
 
 
-def _ensure_fio() -> tuple[str | None, str]:
+def find_fio(required: bool) -> tuple[str | None, str]:
+    """fio's path and a note for the report. Never installs it: a missing fio is a
+    MissingDependencyError saying how to get it, unless the caller said to do without."""
     fio = shutil.which("fio")
     if fio:
         return fio, f"fio found at {fio}"
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return None, "fio not installed and not root (or no apt-get): fio comparisons skipped"
-    log.info("bench_io_installing_fio")
-    done = subprocess.run(["apt-get", "install", "-y", "-q", "fio"], capture_output=True, text=True, timeout=300)
-    fio = shutil.which("fio")
-    if fio:
-        return fio, "fio was missing; installed with apt-get install -y fio"
-    return None, f"apt-get install -y fio failed (rc {done.returncode}): {done.stderr.strip()[-300:]}"
+    if required:
+        raise MissingDependencyError(
+            "flashlm bench io measures the disk's ceiling with fio, which is not installed (not on PATH): "
+            "install it (Debian/Ubuntu: apt-get install fio; macOS: brew install fio) or pass --no-fio "
+            "to measure the reader alone")
+    return None, "--no-fio: fio comparisons skipped"
 
 
 async def _fio(fio: str, path: Path, bs: int, depth: int, seconds: float, blockalign: int | None = None) -> dict:

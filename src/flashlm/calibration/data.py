@@ -5,9 +5,10 @@
   into calibration and held-out parts (a fixed rule, so every run splits the same way).
 - News: `lee_background.cor`, for evaluation only.
 
-The files come from an installed gensim (the `calibrate` extra), else from the wheel, fetched
-once with `pip download --no-deps gensim==4.4.0` into `$FLASHLM_HOME/data` (or
-`~/.cache/flashlm/data`).
+The files come from an installed gensim (the `calibrate` extra: `pip install 'flashlm[calibrate]'`),
+or from copies of them in `$FLASHLM_HOME/data` (or `~/.cache/flashlm/data`). Nothing is downloaded
+or installed here: without either, `MissingDependencyError` says what to install (or to pass
+`--text FILE` to calibrate).
 """
 
 from __future__ import annotations
@@ -15,15 +16,12 @@ from __future__ import annotations
 import bz2
 import importlib.util
 import re
-import subprocess
-import sys
-import zipfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from flashlm.builtin import home
-from flashlm.errors import FlashLMError
+from flashlm.errors import FlashLMError, MissingDependencyError
 
 GENSIM = "gensim==4.4.0"
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -48,30 +46,18 @@ def _installed_test_data() -> Path | None:
 
 
 def data_file(name: str) -> Path:
-    """Path of one of the two test-data files, fetched and cached on first use."""
+    """Path of one of the two test-data files: a copy in `data_dir()`, else gensim's own."""
     cached = data_dir() / name
     if cached.is_file():
         return cached
     installed = _installed_test_data()
     if installed is not None:
         return installed / name
-    dest = data_dir()
-    dest.mkdir(parents=True, exist_ok=True)
-    wheels = sorted(dest.glob("gensim-4.4.0-*.whl"))
-    if not wheels:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest), GENSIM]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = sorted(dest.glob("gensim-4.4.0-*.whl"))
-        if r.returncode or not wheels:
-            raise CalibrationDataError(f"could not download {GENSIM} for its test data ({r.stderr.strip()[-300:]}); "
-                                       f"install the calibrate extra (`pip install {GENSIM}`) or pass --text FILE")
-    with zipfile.ZipFile(wheels[-1]) as z:
-        for n in (WIKI_FILE, NEWS_FILE):
-            member = f"gensim/test/test_data/{n}"
-            tmp = dest / f".{n}.partial"
-            tmp.write_bytes(z.read(member))
-            tmp.replace(dest / n)
-    return cached
+    why = ("the installed gensim has no test data" if importlib.util.find_spec("gensim") is not None
+           else "gensim is not installed")
+    raise MissingDependencyError(
+        f"the calibration and evaluation text ({name}) is gensim's test data and {why}: pip install '{GENSIM}' "
+        f"(or 'flashlm[calibrate]'), or put the file in {data_dir()}, or calibrate on your own text with --text FILE")
 
 
 _MARKUP = [(re.compile(r"'{2,}"), ""), (re.compile(r"^=+\s*(.*?)\s*=+\s*$", re.M), r"\1"),
@@ -90,8 +76,8 @@ def wiki_articles() -> tuple[tuple[str, str], ...]:
     try:
         from gensim.corpora.wikicorpus import extract_pages, filter_wiki
     except ImportError:
-        raise CalibrationDataError(f"stripping Wikipedia markup needs gensim: `pip install {GENSIM}` "
-                                   f"(the calibrate extra), or pass --text FILE") from None
+        raise MissingDependencyError(f"stripping Wikipedia markup needs gensim, which is not installed: "
+                                     f"pip install '{GENSIM}' (or 'flashlm[calibrate]'), or pass --text FILE") from None
     out = []
     with bz2.BZ2File(data_file(WIKI_FILE)) as f:
         for title, text, _pid in extract_pages(f, filter_namespaces=("0",)):
