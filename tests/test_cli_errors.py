@@ -56,3 +56,42 @@ def test_calibrate_without_its_text_says_what_to_install_and_downloads_nothing(l
     finally:
         data.wiki_articles.cache_clear()
     assert not (tmp_path / "home" / "data").exists()
+
+
+# -- traces --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trace_file(llama_store, tmp_path_factory):
+    _, store = llama_store
+    path = tmp_path_factory.mktemp("trace") / "t.jsonl"
+    assert main(["run", "--model", str(store), "--raw", "-n", "3", "-q", "--json", "--trace", str(path),
+                 "--selection", "gate", "--density", "0.5", "The quick"]) == 0
+    return path
+
+
+@pytest.mark.parametrize("line,needle", [
+    ("[1, 2, 3]", "a trace line is a JSON object, this is list"),
+    ('"read"', "a trace line is a JSON object, this is str"),
+    ('{"ev": "wait", "token": "seven", "rid": null, "layer": 0, "start": 0.0, "end": 1.0}',
+     "token 'seven' is not an integer"),
+    ('{"ev": "wait", "token": 1, "rid": null, "layer": 0, "start": "0.5", "end": 1.0}',
+     "wait field start is '0.5', not a number"),
+    ('{"ev": "read", "token": 1, "rid": null}', "lacks"),
+])
+def test_a_malformed_trace_line_is_one_line(trace_file, tmp_path, capsys, line, needle):
+    bad = tmp_path / "bad.jsonl"
+    text = trace_file.read_text().splitlines()
+    bad.write_text("\n".join([*text[:3], line, *text[3:]]) + "\n")
+    one_line_error(["trace", "report", str(bad)], capsys, f"{bad}:4", needle)
+    assert main(["trace", "report", str(trace_file)]) == 0  # the good one reads
+
+
+def test_trace_report_without_matplotlib_says_what_to_install(trace_file, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    one_line_error(["trace", "report", str(trace_file), "--out", str(tmp_path / "r")], capsys,
+                   "needs matplotlib", "pip install 'flashlm[bench]'")
+    assert not (tmp_path / "r").exists()
+    assert main(["trace", "report", str(trace_file)]) == 0  # the table needs no matplotlib

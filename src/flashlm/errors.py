@@ -92,6 +92,10 @@ class MissingDependencyError(FlashLMError):
     one itself: the message names what to install (or the option that does without it)."""
 
 
+class TraceFormatError(FlashLMError, ValueError):
+    """A trace file (`--trace`) is not a flashlm trace, or a line of it does not follow the schema."""
+
+
 class TokenizerMissingError(FlashLMError):
     """The store has no tokenizer, so text prompts cannot be encoded."""
 

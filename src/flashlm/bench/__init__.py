@@ -7,3 +7,22 @@ Built on the engine's public pieces; nothing in the engine (`flashlm.io`, `flash
 `flashlm.pipeline`) imports it. The `flashlm bench`, `flashlm eval` and `flashlm trace
 report` commands run it.
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+from flashlm.errors import MissingDependencyError
+
+
+def pyplot(what: str) -> Any:
+    """matplotlib.pyplot on the Agg backend, or MissingDependencyError saying `what` needs it."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingDependencyError(f"{what} needs matplotlib, which is not installed: pip install "
+                                     f"'flashlm[bench]' (or matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -27,6 +27,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import flashlm.calibration.data as data
+from flashlm.bench import pyplot
 from flashlm.calibration.coactivation import entering
 from flashlm.calibration.record import DenseModel, chunks, forward_with, load_dense
 from flashlm.io.store import FlashStore
@@ -190,6 +191,8 @@ def evaluate(store_path: str | Path, quick: bool = False, *, tokens: int | None 
              texts: dict[str, list[int]] | None = None) -> dict[str, Any]:
     """Evaluate dense and every run; returns (and writes to json_path) the report. `texts`:
     {"wiki": ids, "news": ids} to use instead of the built-in held-out texts (tests)."""
+    if plot_path is not None:
+        pyplot("the eval plot (--plot, or the PNG next to --json)")  # before the minutes of evaluation
     store = FlashStore.open(store_path)
     resident = store.load_resident()
     dense = load_dense(store, resident)
@@ -317,11 +320,7 @@ def _label(r: dict[str, Any]) -> str:
 
 def plot(report: dict[str, Any], path: str | Path) -> None:
     """Perplexity vs FFN bytes read per token (left) and vs DRAM held (right), per text."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("the eval plot (--plot)")
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     by: dict[str, list[dict]] = {}
     for r in report["runs"]:

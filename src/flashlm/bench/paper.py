@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from flashlm import Engine, EngineConfig
+from flashlm.bench import pyplot
 from flashlm.bench.engine import PROMPT, token_agreement
 from flashlm.bench.io import machine_info
 from flashlm.bench.trace_report import breakdown, summarize
@@ -249,6 +250,8 @@ async def run_paper_bench(out: Path, *, quick: bool, model: str = "smollm2-135m"
     rounds = (1 if quick else 3) if rounds is None else rounds
     if tokens < 2 or rounds < 1:
         raise ConfigError(f"bench needs tokens >= 2 and rounds >= 1, got tokens {tokens}, rounds {rounds}")
+    if report_dir is not None:
+        pyplot("the bench's trace report PNGs (--no-report skips them)")  # before the minutes of runs
     warmup = 4 if quick else 12
     ctx = 256 if quick else 1024  # the memory plan counts one request's KV cache at max_context
     t_start = time.perf_counter()

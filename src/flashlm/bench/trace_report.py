@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from flashlm.bench import pyplot
+from flashlm.errors import TraceFormatError
 from flashlm.pipeline.trace import load
 
 Span = tuple[float, float]
@@ -169,17 +171,14 @@ def _pick_tokens(rows: list[TokenBreakdown], n: int) -> list[int]:
 
 
 def plot_timeline(events: list[dict[str, Any]], rows: list[TokenBreakdown], path: Path, n_tokens: int = 3) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the trace timeline (timeline.png)")
     from matplotlib.patches import Patch
 
     toks = set(_pick_tokens(rows, n_tokens))
     evs = [e for e in events if e["token"] in toks and "layer" in e and e["ev"] != "spec"]
     tok_ev = {e["token"]: e for e in events if e["ev"] == "token" and e["token"] in toks}
     if not tok_ev:
-        raise ValueError("the trace has no completed token steps to draw")
+        raise TraceFormatError("the trace has no completed token steps to draw")
     t0 = min(e["start"] for e in tok_ev.values())
     layers = sorted({e["layer"] for e in evs}) or [0]
     n_layers = max(layers) + 1
@@ -234,11 +233,7 @@ def plot_timeline(events: list[dict[str, Any]], rows: list[TokenBreakdown], path
 
 
 def plot_breakdown(rows: list[TokenBreakdown], summary: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("the trace breakdown chart (breakdown.png)")
     use = [r for r in rows if r.tokens_in == 1] or rows
     xs = list(range(len(use)))
     fig, (a, b) = plt.subplots(1, 2, figsize=(15, 5.5), gridspec_kw={"width_ratios": [3, 2]})
@@ -274,10 +269,12 @@ def plot_breakdown(rows: list[TokenBreakdown], summary: dict[str, Any], path: Pa
 
 def report(trace: str | os.PathLike[str], out: str | os.PathLike[str] | None, n_tokens: int = 3) -> dict[str, Any]:
     """Breakdown rows, their summary and the text table; PNGs (and breakdown.json) into `out`."""
+    if out is not None:
+        pyplot("`flashlm trace report --out` (timeline.png, breakdown.png)")  # before the work, not after
     events = load(trace)
     rows = breakdown(events)
     if not rows:
-        raise ValueError(f"{trace}: no completed token steps in the trace")
+        raise TraceFormatError(f"{trace}: no completed token steps in the trace")
     summary = summarize(rows)
     result: dict[str, Any] = {"trace": str(trace), "summary": summary, "tokens": [asdict(r) for r in rows],
                               "text": format_table(rows, summary), "files": []}

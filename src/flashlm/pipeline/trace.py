@@ -26,6 +26,8 @@ from typing import Any
 
 import orjson
 
+from flashlm.errors import TraceFormatError
+
 SCHEMA = "flashlm-trace"
 SCHEMA_VERSION = 1
 
@@ -46,6 +48,10 @@ FIELDS: dict[str, tuple[str, ...]] = {
     "spec": ("layer", "predicted", "needed", "hits"),
 }
 LAYER_KINDS = ("attn", "predict", "cache", "read", "wait", "compute", "spec")
+# The fields that are not numbers (every other field of FIELDS is an int or a float); a cache
+# "commit" is of no one speculative kind (None).
+_OTHER_FIELDS: dict[str, tuple[type, ...]] = {"schema": (str,), "clock": (str,), "model": (str,), "phase": (str,),
+                                              "config": (dict,), "speculative": (bool, type(None))}
 
 
 class TraceSink:
@@ -136,24 +142,45 @@ def _plain(o: Any) -> Any:
     return repr(o)
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
 def load(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every event of a trace file; raises ValueError naming the line if one is not JSON or lacks
-    its kind's fields."""
+    """Every event of a trace file; raises TraceFormatError naming the line if one is not a JSON
+    object of a known kind with its kind's fields, each of its type."""
     events = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ev = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not a JSON line ({e})") from None
-            missing = [k for k in ("ev", "token", "rid", *FIELDS.get(ev.get("ev"), ())) if k not in ev]
-            if ev.get("ev") not in FIELDS or missing:
-                raise ValueError(f"{path}:{n}: event {ev.get('ev')!r} is not in the schema or lacks {missing}")
-            events.append(ev)
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    events.append(_event(line, f"{path}:{n}"))
+    except UnicodeDecodeError as e:
+        raise TraceFormatError(f"{path}: not a flashlm trace (not UTF-8 text: {e})") from None
     if not events or events[0]["ev"] != "header" or events[0]["schema"] != SCHEMA:
-        raise ValueError(f"{path}: not a flashlm trace (no {SCHEMA} header on the first line)")
+        raise TraceFormatError(f"{path}: not a flashlm trace (no {SCHEMA} header on the first line)")
     if events[0]["version"] != SCHEMA_VERSION:
-        raise ValueError(f"{path}: trace schema version {events[0]['version']}, this flashlm reads {SCHEMA_VERSION}")
+        raise TraceFormatError(f"{path}: trace schema version {events[0]['version']}, this flashlm reads "
+                               f"{SCHEMA_VERSION}")
     return events
+
+
+def _event(line: str, where: str) -> dict[str, Any]:
+    try:
+        ev = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise TraceFormatError(f"{where}: not a JSON line ({e})") from None
+    if not isinstance(ev, dict):
+        raise TraceFormatError(f"{where}: a trace line is a JSON object, this is {type(ev).__name__} {line.strip()[:60]}")
+    kind = ev.get("ev")
+    missing = [k for k in ("ev", "token", "rid", *FIELDS.get(kind, ())) if k not in ev]  # type: ignore[arg-type]
+    if kind not in FIELDS or missing:
+        raise TraceFormatError(f"{where}: event {kind!r} is not in the schema or lacks {missing}")
+    if not isinstance(ev["token"], int) or isinstance(ev["token"], bool):
+        raise TraceFormatError(f"{where}: token {ev['token']!r} is not an integer")
+    for k in FIELDS[kind]:
+        want = _OTHER_FIELDS.get(k)
+        if not (isinstance(ev[k], want) if want is not None else _number(ev[k])):
+            kinds = "a number" if want is None else " or ".join(t.__name__ for t in want)
+            raise TraceFormatError(f"{where}: {kind} field {k} is {ev[k]!r}, not {kinds}")
+    return ev
