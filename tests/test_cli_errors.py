@@ -3,8 +3,10 @@ the fix, exit 1, no traceback; and nothing is installed or downloaded behind the
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -95,3 +97,42 @@ def test_trace_report_without_matplotlib_says_what_to_install(trace_file, tmp_pa
                    "needs matplotlib", "pip install 'flashlm[bench]'")
     assert not (tmp_path / "r").exists()
     assert main(["trace", "report", str(trace_file)]) == 0  # the table needs no matplotlib
+
+
+# -- damaged stores ------------------------------------------------------------------------------
+
+
+def rewrite_manifest(store: Path, edit) -> None:
+    """Edit the manifest and re-seal its checksum, as a buggy or hostile writer would."""
+    from flashlm.io.format import MANIFEST_NAME, _body_checksum
+
+    body = json.loads((store / MANIFEST_NAME).read_text())
+    body.pop("manifest_sha256")
+    edit(body)
+    body["manifest_sha256"] = _body_checksum(body)
+    (store / MANIFEST_NAME).write_text(json.dumps(body))
+
+
+@pytest.fixture
+def store_copy(llama_store, tmp_path):
+    _, store = llama_store
+    return Path(shutil.copytree(store, tmp_path / "store"))
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda b: b["ffn"]["layers"][0].update(n_neurons="160"), "field ffn.layers[0].n_neurons is '160', not an int"),
+    (lambda b: b["ffn"].update(hidden_size=64.0), "field ffn.hidden_size is 64.0, not an int"),
+    (lambda b: b["ffn"].update(block_size=True), "field ffn.block_size is True, not an int"),
+    (lambda b: b["ffn"].update(parts="gate"), "field ffn.parts is 'gate', not a list"),
+    (lambda b: b.update(resident="resident.safetensors"), "field resident is str, not an object"),
+    (lambda b: b["resident"].update(size="12"), "field resident.size is '12', not an int"),
+    (lambda b: b.update(config=[1]), "field config is [1], not an object"),
+    (lambda b: b.update(tokenizer={}), "field tokenizer is {}, not a list"),
+    (lambda b: b["ffn"].update(crc32=7), "field ffn.crc32 is int, not an object"),
+    (lambda b: b["ffn"].update(hidden_size=0), "hidden_size 0"),
+    (lambda b: b["ffn"].update(extra_field=1), "field ffn has unexpected fields ['extra_field']"),
+])
+def test_a_wrongly_typed_manifest_field_is_one_line(store_copy, capsys, edit, needle):
+    rewrite_manifest(store_copy, edit)
+    one_line_error(["verify", str(store_copy)], capsys, needle, "re-run `flashlm convert`")
+    one_line_error(["run", "--model", str(store_copy), "-q", "hi"], capsys, needle)

@@ -19,10 +19,13 @@ This module knows bytes, not transformers: it is shared by the writer, the reade
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import struct
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -160,32 +163,18 @@ class Manifest:
         stated = body.pop("manifest_sha256", None)
         if stated != _body_checksum(body):
             raise CheckpointFormatError(f"{where}: manifest checksum mismatch (edited or damaged); {fix}")
-        try:
-            ffn = body["ffn"]
-            tok = body["tokenizer"]
-            return cls(
-                **{
-                    **body,
-                    "resident": FileEntry(**body["resident"]),
-                    "tokenizer": None if tok is None else tuple(FileEntry(**t) for t in tok),
-                    "ffn": FFNLayout(
-                        **{
-                            **ffn,
-                            "file": FileEntry(**ffn["file"]),
-                            "crc32": None if ffn.get("crc32") is None else FileEntry(**ffn["crc32"]),
-                            "parts": tuple(ffn["parts"]),
-                            "layers": tuple(LayerLayout(**layer) for layer in ffn["layers"]),
-                        }
-                    ),
-                }
-            )
-        except (KeyError, TypeError) as e:
-            raise CheckpointFormatError(f"{where}: manifest is missing or has unexpected fields ({e}); {fix}") from None
+        return _typed(cls, body, "", where)
 
     def validate(self, where: str) -> None:
         """Check the internal consistency of the layout (not the files: see store.py)."""
         fix = "re-run `flashlm convert`"
         f = self.ffn
+        if f.hidden_size < 1 or not f.parts or not f.layers:
+            raise CheckpointFormatError(f"{where}: ffn layout has hidden_size {f.hidden_size}, parts {list(f.parts)}, "
+                                        f"{len(f.layers)} layers; {fix}")
+        for entry in (self.resident, f.file, *([f.crc32] if f.crc32 else []), *(self.tokenizer or ())):
+            if entry.size < 0:
+                raise CheckpointFormatError(f"{where}: {entry.path} has size {entry.size}; {fix}")
         if f.block_size not in ALLOWED_BLOCK_SIZES:
             raise CheckpointFormatError(f"{where}: block_size {f.block_size} not in {ALLOWED_BLOCK_SIZES}; {fix}")
         if f.dtype not in DTYPE_SIZES or f.dtype != self.dtype:
@@ -202,6 +191,46 @@ class Manifest:
         n_bundles = sum(layer.n_neurons for layer in f.layers)
         if f.crc32 is not None and f.crc32.size != 4 * n_bundles:
             raise CheckpointFormatError(f"{where}: {f.crc32.path} holds {f.crc32.size} bytes, not 4 per bundle; {fix}")
+
+
+def _typed(tp: Any, value: Any, name: str, where: str) -> Any:
+    """`value` (parsed JSON) as type `tp` (a record of this module, or a field type of one),
+    checked all the way down: a field of the wrong type is a CheckpointFormatError naming it, not
+    a TypeError when it is first used."""
+    def bad(what: str) -> CheckpointFormatError:
+        field = f"field {name}" if name else "body"
+        return CheckpointFormatError(f"{where}: manifest {field} {what}; re-run `flashlm convert` to rebuild the store")
+
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad(f"is {type(value).__name__}, not an object")
+        hints = typing.get_type_hints(tp)
+        known = {f.name: f for f in dataclasses.fields(tp) if f.init}
+        unknown = sorted(set(value) - set(known))
+        missing = [n for n, f in known.items() if n not in value and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if unknown or missing:
+            raise bad(f"has unexpected fields {unknown}" if unknown else f"lacks {missing}")
+        return tp(**{k: _typed(hints[k], v, f"{name}.{k}" if name else k, where) for k, v in value.items()})
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _typed(inner, value, name, where)
+    if origin is tuple:  # tuple[X, ...]: a JSON list
+        if not isinstance(value, list):
+            raise bad(f"is {value!r}, not a list")
+        return tuple(_typed(args[0], v, f"{name}[{i}]", where) for i, v in enumerate(value))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise bad(f"is {value!r}, not an object")
+        return value
+    if tp is Any:
+        return value
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise bad(f"is {value!r}, not {'an' if tp is int else 'a'} {tp.__name__}")
+    return value
 
 
 def _body_checksum(body: dict[str, Any]) -> str:
