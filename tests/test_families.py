@@ -22,6 +22,7 @@ from flashlm.convert import convert
 from flashlm.errors import UnsupportedArchitectureError
 from flashlm.io.store import FlashStore
 from flashlm.models import get_architecture
+from flashlm.models.registry import ARCHITECTURES
 
 torch.set_num_threads(1)
 
@@ -289,3 +290,34 @@ def test_convert_refuses_longrope_before_loading_weights(tmp_path):
     with pytest.raises(UnsupportedArchitectureError, match="longrope"):
         convert(src, tmp_path / "store", dtype="float32", progress=False)
     assert not (tmp_path / "store").exists()
+
+
+OPT_SMALL = dict(vocab_size=320, hidden_size=64, ffn_dim=120, num_hidden_layers=2, num_attention_heads=4)
+REQUIRED = {"opt": ("vocab_size", "hidden_size", "ffn_dim", "num_hidden_layers", "num_attention_heads")}
+
+
+def small_config(model_type: str) -> dict:
+    return {"opt": OPT_SMALL, "gemma3_text": GEMMA}.get(model_type, SMALL)
+
+
+def test_every_family_reads_its_small_config():
+    for model_type, arch in ARCHITECTURES.items():
+        assert arch.Args.from_hf_config(small_config(model_type)).n_layers == 2, model_type
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_every_family_names_a_missing_key_or_a_zero_size(model_type):
+    """A config without a size it needs, or with a zero / negative / non-int one, is an
+    UnsupportedArchitectureError naming the key (it was a KeyError or ZeroDivisionError)."""
+    args = get_architecture(model_type).Args
+    cfg = small_config(model_type)
+    keys = REQUIRED.get(model_type, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                     "num_attention_heads"))
+    for key in keys:
+        with pytest.raises(UnsupportedArchitectureError, match=f"{model_type}: the model config has no '{key}'"):
+            args.from_hf_config({k: v for k, v in cfg.items() if k != key})
+        for bad in (0, -4, "64", True, 2.5):
+            with pytest.raises(UnsupportedArchitectureError, match=f"{model_type}: config {key}={bad!r} must be"):
+                args.from_hf_config(cfg | {key: bad})
+    with pytest.raises(UnsupportedArchitectureError, match="not a mapping"):
+        args.from_hf_config([("vocab_size", 320)])

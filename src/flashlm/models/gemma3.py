@@ -30,8 +30,11 @@ from flashlm.models.base import (
     attend,
     ffn_gated,
     gemma_rms_norm,
+    hf_config,
+    hf_size,
     linear,
     permutation,
+    positive,
 )
 from flashlm.models.llama import is_gated_ffn_key, pack_gated_ffn
 
@@ -71,6 +74,13 @@ class Gemma3Args:
 
     def __post_init__(self) -> None:
         mt = self.MODEL_TYPE
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            positive(getattr(self, name), name, mt)
+        if isinstance(self.query_pre_attn_scalar, bool) or not isinstance(self.query_pre_attn_scalar, int | float) \
+                or not self.query_pre_attn_scalar > 0:
+            raise UnsupportedArchitectureError(
+                f"{mt}: config query_pre_attn_scalar={self.query_pre_attn_scalar!r} must be a positive number")
         if self.num_attention_heads % self.num_key_value_heads:
             raise UnsupportedArchitectureError(
                 f"{mt}: num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -99,6 +109,7 @@ class Gemma3Args:
             object.__setattr__(self, name, value)
 
     @classmethod
+    @hf_config
     def from_hf_config(cls, cfg: dict) -> Gemma3Args:
         mt = cls.MODEL_TYPE
         if cfg.get("use_bidirectional_attention"):
@@ -107,23 +118,23 @@ class Gemma3Args:
             raise UnsupportedArchitectureError(
                 f"{mt}: attn_logit_softcapping={cfg['attn_logit_softcapping']} is not implemented (transformers' "
                 "Gemma3 ignores it, so its meaning here is unclear)")
-        n = cfg["num_hidden_layers"]
+        n = hf_size(cfg, "num_hidden_layers", mt)
         types = cfg.get("layer_types")
         if types is None:  # transformers' default: every `sliding_window_pattern`-th layer is full
             pattern = cfg.get("sliding_window_pattern", 6)
             types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
         full, local = _rope_params(cfg)
-        heads = cfg["num_attention_heads"]
+        heads = hf_size(cfg, "num_attention_heads", mt)
         return cls(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
+            vocab_size=hf_size(cfg, "vocab_size", mt),
+            hidden_size=hf_size(cfg, "hidden_size", mt),
+            intermediate_size=hf_size(cfg, "intermediate_size", mt),
             num_hidden_layers=n,
             num_attention_heads=heads,
-            num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or 256,  # Gemma3TextConfig's default
+            num_key_value_heads=hf_size(cfg, "num_key_value_heads", mt, heads),
+            head_dim=hf_size(cfg, "head_dim", mt, 256),  # Gemma3TextConfig's default
             layer_types=tuple(types),
-            max_position_embeddings=cfg.get("max_position_embeddings", 131_072),
+            max_position_embeddings=hf_size(cfg, "max_position_embeddings", mt, 131_072),
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             hidden_activation=cfg.get("hidden_activation") or "gelu_pytorch_tanh",
             query_pre_attn_scalar=cfg.get("query_pre_attn_scalar", 256),

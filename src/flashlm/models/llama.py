@@ -24,9 +24,12 @@ from flashlm.models.base import (
     apply_rope,
     attend,
     ffn_gated,
+    hf_config,
+    hf_size,
     linear,
     no_split,
     permutation,
+    positive,
     rms_norm,
 )
 
@@ -65,6 +68,9 @@ class LlamaArgs:
 
     def __post_init__(self) -> None:
         mt = self.MODEL_TYPE
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            positive(getattr(self, name), name, mt)
         if self.num_attention_heads % self.num_key_value_heads:
             raise UnsupportedArchitectureError(
                 f"{mt}: num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -98,6 +104,7 @@ class LlamaArgs:
             object.__setattr__(self, name, value)
 
     @classmethod
+    @hf_config
     def from_hf_config(cls, cfg: dict) -> LlamaArgs:
         if cfg.get("mlp_bias"):
             raise UnsupportedArchitectureError("llama: mlp_bias=True (biased gate/up/down) is not implemented")
@@ -107,20 +114,21 @@ class LlamaArgs:
 def llama_fields(cfg: dict, model_type: str, *, partial_rotary: bool = False) -> dict[str, Any]:
     """The `LlamaArgs` fields every family of this block reads the same way. Families whose
     transformers code rotates whole heads refuse a `partial_rotary_factor` (partial_rotary=False)."""
-    heads = cfg["num_attention_heads"]
+    heads = hf_size(cfg, "num_attention_heads", model_type)
+    hidden = hf_size(cfg, "hidden_size", model_type)
     rope = Rope.from_hf_config(cfg, model_type)
     if rope.partial_rotary_factor != 1.0 and not partial_rotary:
         raise UnsupportedArchitectureError(
             f"{model_type}: partial_rotary_factor={rope.partial_rotary_factor} is not implemented")
     return dict(
-        vocab_size=cfg["vocab_size"],
-        hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["num_hidden_layers"],
+        vocab_size=hf_size(cfg, "vocab_size", model_type),
+        hidden_size=hidden,
+        intermediate_size=hf_size(cfg, "intermediate_size", model_type),
+        num_hidden_layers=hf_size(cfg, "num_hidden_layers", model_type),
         num_attention_heads=heads,
-        num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+        num_key_value_heads=hf_size(cfg, "num_key_value_heads", model_type, heads),
+        head_dim=hf_size(cfg, "head_dim", model_type, hidden // heads),
+        max_position_embeddings=hf_size(cfg, "max_position_embeddings", model_type, 2048),
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         hidden_act=cfg.get("hidden_act", "silu"),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from flashlm.models.base import hf_config
 from flashlm.models.llama import LlamaArchitecture, LlamaArgs, llama_fields
 
 
@@ -14,6 +15,7 @@ class MistralArgs(LlamaArgs):
     MODEL_TYPE: ClassVar[str] = "mistral"
 
     @classmethod
+    @hf_config
     def from_hf_config(cls, cfg: dict) -> MistralArgs:
         return cls(**llama_fields(cfg, cls.MODEL_TYPE), sliding_window=cfg.get("sliding_window", 4096))
 

@@ -5,13 +5,26 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from flashlm.errors import PromptTooLongError, UnsupportedArchitectureError
-from flashlm.models.base import CausalLM, KVCache, activation, attend, ffn_ungated, layer_norm, linear, permutation
+from flashlm.models.base import (
+    CausalLM,
+    KVCache,
+    activation,
+    attend,
+    ffn_ungated,
+    hf_config,
+    hf_size,
+    layer_norm,
+    linear,
+    permutation,
+    positive,
+)
 
 _FFN_KEY = re.compile(r"^model\.decoder\.layers\.(\d+)\.fc[12]\.weight$")
 POSITION_OFFSET = 2  # OPT's learned position table starts at row 2
@@ -19,6 +32,8 @@ POSITION_OFFSET = 2  # OPT's learned position table starts at row 2
 
 @dataclass(frozen=True)
 class OPTArgs:
+    MODEL_TYPE: ClassVar[str] = "opt"
+
     vocab_size: int
     hidden_size: int
     ffn_dim: int
@@ -42,6 +57,11 @@ class OPTArgs:
     final_layer_norm: bool = field(init=False)  # the decoder has a LayerNorm before project_out
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "ffn_dim", "num_hidden_layers", "num_attention_heads",
+                     "max_position_embeddings"):
+            positive(getattr(self, name), name, "opt")
+        if self.word_embed_proj_dim is not None:
+            positive(self.word_embed_proj_dim, "word_embed_proj_dim", "opt")
         if self.hidden_size % self.num_attention_heads:
             raise UnsupportedArchitectureError(
                 f"opt: hidden_size={self.hidden_size} is not a multiple of num_attention_heads="
@@ -58,14 +78,16 @@ class OPTArgs:
             object.__setattr__(self, name, value)
 
     @classmethod
+    @hf_config
     def from_hf_config(cls, cfg: dict) -> OPTArgs:
+        mt = cls.MODEL_TYPE
         return cls(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            ffn_dim=cfg["ffn_dim"],
-            num_hidden_layers=cfg["num_hidden_layers"],
-            num_attention_heads=cfg["num_attention_heads"],
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            vocab_size=hf_size(cfg, "vocab_size", mt),
+            hidden_size=hf_size(cfg, "hidden_size", mt),
+            ffn_dim=hf_size(cfg, "ffn_dim", mt),
+            num_hidden_layers=hf_size(cfg, "num_hidden_layers", mt),
+            num_attention_heads=hf_size(cfg, "num_attention_heads", mt),
+            max_position_embeddings=hf_size(cfg, "max_position_embeddings", mt, 2048),
             word_embed_proj_dim=cfg.get("word_embed_proj_dim"),
             do_layer_norm_before=bool(cfg.get("do_layer_norm_before", True)),
             remove_final_layer_norm=bool(cfg.get("_remove_final_layer_norm", False)),

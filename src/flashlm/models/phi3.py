@@ -16,6 +16,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from flashlm.errors import SourceCheckpointError
+from flashlm.models.base import hf_config
 from flashlm.models.llama import LlamaArchitecture, LlamaArgs, llama_fields
 
 _QKV = re.compile(r"^(model\.layers\.\d+\.self_attn\.)qkv_proj\.(weight|bias)$")
@@ -27,6 +28,7 @@ class Phi3Args(LlamaArgs):
     MODEL_TYPE: ClassVar[str] = "phi3"
 
     @classmethod
+    @hf_config
     def from_hf_config(cls, cfg: dict) -> Phi3Args:
         return cls(**llama_fields(cfg, cls.MODEL_TYPE, partial_rotary=True), sliding_window=cfg.get("sliding_window"))
 
