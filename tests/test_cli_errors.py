@@ -136,3 +136,82 @@ def test_a_wrongly_typed_manifest_field_is_one_line(store_copy, capsys, edit, ne
     rewrite_manifest(store_copy, edit)
     one_line_error(["verify", str(store_copy)], capsys, needle, "re-run `flashlm convert`")
     one_line_error(["run", "--model", str(store_copy), "-q", "hi"], capsys, needle)
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda c: c.pop("num_attention_heads"), "llama: the model config has no 'num_attention_heads'"),
+    (lambda c: c.pop("vocab_size"), "llama: the model config has no 'vocab_size'"),
+    (lambda c: c.update(num_attention_heads=0), "llama: config num_attention_heads=0 must be a positive int"),
+    (lambda c: c.update(num_key_value_heads=-2), "llama: config num_key_value_heads=-2 must be a positive int"),
+    (lambda c: c.update(hidden_size="64"), "llama: config hidden_size='64' must be a positive int"),
+    (lambda c: c.update(rope_parameters=[1]), "llama: the model config has a value of the wrong type"),
+    (lambda c: c.update(intermediate_size=161), "its FFN layout (2 layers of 160 neurons"),
+    (lambda c: c.update(num_hidden_layers=3), "is not its model's (3 layers of 160 neurons"),
+])
+def test_a_config_the_model_cannot_be_built_from_is_one_line(store_copy, capsys, edit, needle):
+    rewrite_manifest(store_copy, lambda b: edit(b["config"]))
+    one_line_error(["run", "--model", str(store_copy), "-q", "hi"], capsys, needle)
+
+
+def reseal_resident(store: Path, edit) -> None:
+    """Rewrite resident.safetensors through `edit` and record its new size and checksum."""
+    import torch  # noqa: F401
+    from safetensors.torch import load_file, save_file
+
+    from flashlm.io.format import file_sha256
+
+    path = store / "resident.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+    rewrite_manifest(store, lambda b: b["resident"].update(size=path.stat().st_size, sha256=file_sha256(path)))
+
+
+@pytest.mark.parametrize("key", ["model.layers.1.input_layernorm.weight", "model.norm.weight",
+                                 "model.embed_tokens.weight", "model.layers.0.self_attn.k_proj.weight"])
+@pytest.mark.parametrize("ffn", ["flash", "ram"])
+def test_a_missing_resident_tensor_is_named_in_one_line(store_copy, capsys, key, ffn):
+    reseal_resident(store_copy, lambda t: t.pop(key))
+    one_line_error(["run", "--model", str(store_copy), "-q", *(["--ram"] if ffn == "ram" else []), "hi"], capsys,
+                   f"resident.safetensors has no tensor '{key}'", "re-run `flashlm convert`")
+
+
+def test_a_damaged_tokenizer_of_the_right_size_is_one_line(store_copy, capsys):
+    path = store_copy / "tokenizer" / "tokenizer.json"
+    data = bytearray(path.read_bytes())
+    at = data.index(b'"<eos>"') + 2
+    data[at] ^= 0x01  # same size, different bytes
+    path.write_bytes(bytes(data))
+    one_line_error(["run", "--model", str(store_copy), "-q", "hi"], capsys,
+                   "tokenizer/tokenizer.json fails its checksum (damaged)", "re-run `flashlm convert`")
+    one_line_error(["verify", str(store_copy)], capsys, "tokenizer/tokenizer.json fails its checksum")
+
+
+@pytest.mark.parametrize("extra", [[], ["--ram"], ["--memory-budget", "1GiB"]])
+def test_a_manifest_claiming_more_memory_than_the_machine_has_is_refused_before_allocating(store_copy, capsys,
+                                                                                         extra):
+    """A sparse ffn.bin satisfies every size check; the model's own shapes and the memory it
+    implies are what bound it: ~2x this machine's memory per layer, refused in one line."""
+    import os
+
+    from flashlm.io.format import FFN_HEADER_BYTES, round_up
+    from flashlm.io.store import FlashStore
+    from flashlm.pipeline.budget import machine_memory
+
+    lay = FlashStore.open(store_copy).manifest.ffn
+    d_ff = 2 * machine_memory() // lay.stride
+    region = round_up(d_ff * lay.stride, 4096)
+    size = FFN_HEADER_BYTES + 2 * region
+    os.truncate(store_copy / "ffn.bin", size)  # sparse: no blocks are written
+    os.truncate(store_copy / "ffn.crc32", 4 * 2 * d_ff)
+
+    def edit(b):
+        b["config"]["intermediate_size"] = d_ff
+        b["ffn"]["file"]["size"] = size
+        b["ffn"]["crc32"]["size"] = 4 * 2 * d_ff
+        for i, layer in enumerate(b["ffn"]["layers"]):
+            layer.update(n_neurons=d_ff, offset=FFN_HEADER_BYTES + i * region)
+
+    rewrite_manifest(store_copy, edit)
+    one_line_error(["run", "--model", str(store_copy), "-q", *extra, "hi"], capsys, "more than this machine's",
+                   "set memory_budget (--memory-budget)")

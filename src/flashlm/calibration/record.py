@@ -15,8 +15,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flashlm.io.store import FlashStore
-from flashlm.models import get_architecture
 from flashlm.models.base import CausalLM
+from flashlm.pipeline.store_model import build, model_args
 
 FFN = Callable[[Any, Tensor], Tensor]  # (block, ffn_in (T, d)) -> ffn_out (T, d)
 
@@ -33,12 +33,11 @@ class DenseModel:
 def load_dense(store: FlashStore, resident: dict[str, Tensor] | None = None) -> DenseModel:
     """The store's model in float32 with its FFN rows resident (what calibration runs)."""
     m = store.manifest
-    arch = get_architecture(m.model_type)
-    args = arch.Args.from_hf_config(m.config)
+    arch, args = model_args(store)
     resident = resident if resident is not None else store.load_resident()
     res = {k: v.float() if v.is_floating_point() else v for k, v in resident.items()}
     rows = [store.layer_rows(store.read_layer(i)).float() for i in range(len(m.ffn.layers))]
-    model = arch.build(args, res, rows)
+    model = build(store, arch, args, res, rows)
     block0 = model.layers[0]
     return DenseModel(model, rows, block0.act, [getattr(b, "fc1_bias", None) for b in model.layers],
                       rows[0].shape[1] == 3)

@@ -1,9 +1,10 @@
 """Open a flash store: check that manifest and files agree before anything is trusted, then
 hand out the resident tensors and the FFN bundles.
 
-Opening checks what is cheap (manifest checksum and version, file sizes, the ffn header);
-whole-file checksums are checked by `verify()` (`flashlm verify`) and, per layer, whenever a
-layer is read whole (`read_layer`), since the bytes pass through memory anyway.
+Opening checks what is cheap (manifest checksum and version, file sizes, the ffn header, the
+tokenizer files' checksums: they are small and read whole next); the other whole-file checksums
+are checked by `verify()` (`flashlm verify`), the resident file's when it is loaded, and, per
+layer, whenever a layer is read whole (`read_layer`), since the bytes pass through memory anyway.
 """
 
 from __future__ import annotations
@@ -62,13 +63,18 @@ class FlashStore:
             store._check_size(entry)
         with open(store._resolve(manifest.ffn.file.path), "rb") as f:
             check_ffn_header(f.read(FFN_HEADER_BYTES), manifest, str(root))
+        for entry in manifest.tokenizer or ():  # small, and read whole by the tokenizer: check them all
+            store._check_sha256(entry)
         return store
 
     # -- paths -------------------------------------------------------------------------
 
     def _resolve(self, rel: str) -> Path:
         """A manifest path, refused if it would leave the store directory."""
-        p = (self.path / rel).resolve()
+        try:
+            p = (self.path / rel).resolve()
+        except (ValueError, OSError) as e:  # a NUL byte, a loop of links
+            raise CheckpointFormatError(f"{self.path}: manifest names a path it cannot use ({rel!r}: {e}); {FIX}") from None
         if not p.is_relative_to(self.path.resolve()):
             raise CheckpointFormatError(f"{self.path}: manifest names a file outside the store ({rel!r}); {FIX}")
         return p
@@ -97,6 +103,14 @@ class FlashStore:
                 f"replaced); {FIX}"
             )
 
+    def _check_sha256(self, entry: FileEntry) -> None:
+        try:
+            damaged = file_sha256(self._resolve(entry.path)) != entry.sha256
+        except OSError as e:
+            raise CheckpointFormatError(f"{self.path}: {entry.path} unreadable ({e}); {FIX}") from None
+        if damaged:
+            raise CheckpointFormatError(f"{self.path}: {entry.path} fails its checksum (damaged); {FIX}")
+
     @property
     def ffn_path(self) -> Path:
         return self._resolve(self.manifest.ffn.file.path)
@@ -112,12 +126,7 @@ class FlashStore:
         in them (embeddings, attention, lm_head) would otherwise give silently wrong answers."""
         entry = self.manifest.resident
         path = self._resolve(entry.path)
-        try:
-            damaged = file_sha256(path) != entry.sha256
-        except OSError as e:
-            raise CheckpointFormatError(f"{self.path}: {entry.path} unreadable ({e}); {FIX}") from None
-        if damaged:
-            raise CheckpointFormatError(f"{self.path}: {entry.path} fails its checksum (damaged); {FIX}")
+        self._check_sha256(entry)
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:

@@ -4,6 +4,7 @@ capacity from what is left. Everything is counted in bytes."""
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 
@@ -69,3 +70,29 @@ def plan_memory(*, budget: int | None, resident_bytes: int, selector_bytes: int,
             minimum=minimum,
         )
     return MemoryPlan(budget, resident_bytes, selector_bytes, kv_bytes, slot_bytes, capacity, n_layers)
+
+
+def machine_memory() -> int | None:
+    """This machine's physical memory in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(need: int, what: str, budget: int | None, *, store: str) -> None:
+    """Refuse, before it is allocated, memory that cannot be had: more than the budget, or with
+    no budget more than the machine has. `need` is a lower bound of what the engine is about to
+    hold (the exact plan, with selectors, is checked by `plan_memory` once they are built)."""
+    if budget is not None:
+        if need > budget:
+            raise MemoryBudgetError(
+                f"{store}: memory budget {budget} B is below the {need} B ({need / 2**20:.1f} MiB) the engine needs "
+                f"at least ({what}); raise the budget, or lower density / max_context", minimum=need)
+        return
+    have = machine_memory()
+    if have is not None and need > have:
+        raise MemoryBudgetError(
+            f"{store}: the engine would hold at least {need} B ({need / 2**30:.1f} GiB: {what}) with no memory budget, "
+            f"more than this machine's {have / 2**30:.1f} GiB; set memory_budget (--memory-budget) to cap the neuron "
+            f"caches, or check the store (`flashlm verify`)", minimum=None)

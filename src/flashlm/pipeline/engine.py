@@ -30,10 +30,9 @@ from flashlm.io.reader import BundleReader
 from flashlm.io.store import FlashStore
 from flashlm.io.writer import TORCH_DTYPES
 from flashlm.log import get_logger
-from flashlm.models import get_architecture
 from flashlm.models.selectors import n_keep
 from flashlm.pipeline.actors import LayerActor
-from flashlm.pipeline.budget import MemoryPlan, parse_budget, plan_memory
+from flashlm.pipeline.budget import MemoryPlan, check_fits, parse_budget, plan_memory
 from flashlm.pipeline.config import EngineConfig
 from flashlm.pipeline.neuron_cache import NeuronCache
 from flashlm.pipeline.selection import make_selectors
@@ -42,6 +41,7 @@ from flashlm.pipeline.sparse import SparseRunner, TokenReport
 from flashlm.pipeline.detokenizer import Detokenizer
 from flashlm.pipeline.request import Request, make_request
 from flashlm.pipeline.sampler import Sampler
+from flashlm.pipeline.store_model import build, model_args, resident_bytes
 from flashlm.pipeline.stream import StreamChunk, TokenTimings
 from flashlm.pipeline.trace import TraceSink
 
@@ -58,22 +58,19 @@ def _load_tokenizer(path: Path | None) -> Any | None:
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def _build_model(store: FlashStore, config: EngineConfig) -> tuple[Any, dict[str, torch.Tensor]]:
+def _build_model(store: FlashStore, config: EngineConfig, arch: Any, args: Any) -> tuple[Any, dict[str, torch.Tensor]]:
     """The model with its resident tensors; with ffn="ram" also every FFN row (read whole,
     checksum-checked), with ffn="flash" none (the layer actors' caches supply them)."""
-    m = store.manifest
-    arch = get_architecture(m.model_type)
-    args = arch.Args.from_hf_config(m.config)
     dev, dt = torch.device(config.device), config.torch_dtype
     resident = {
         k: (v.to(dev, dt) if v.is_floating_point() else v.to(dev)) for k, v in store.load_resident().items()
     }
-    n = len(m.ffn.layers)
+    n = len(store.manifest.ffn.layers)
     if config.ffn == "ram":
         rows: list[torch.Tensor | None] = [store.layer_rows(store.read_layer(i)).to(dev, dt) for i in range(n)]
     else:
         rows = [None] * n
-    return arch.build(args, resident, rows), resident
+    return build(store, arch, args, resident, rows), resident
 
 
 def release_freed_memory() -> None:
@@ -224,20 +221,20 @@ class Stream:
 class Engine:
     """`engine = await Engine.open(store_or_name)`; `async with engine:` closes it."""
 
-    def __init__(self, store: FlashStore, tokenizer: Any | None, config: EngineConfig) -> None:
+    def __init__(self, store: FlashStore, tokenizer: Any | None, config: EngineConfig, arch: Any, args: Any) -> None:
         self.store = store
         self.model: Any = None
         self.tokenizer = tokenizer
         self.config = config
         self.device = torch.device(config.device)
-        mcfg = store.manifest.config
-        stated = mcfg.get("max_position_embeddings")
-        limit = stated if isinstance(stated, int) and not isinstance(stated, bool) and stated > 0 else None
-        if config.max_context is not None and limit is not None and config.max_context > limit:
+        self._arch, self._args = arch, args
+        limit = args.max_position_embeddings
+        if config.max_context is not None and config.max_context > limit:
             raise ConfigError(f"max_context {config.max_context} is above {store.path}'s model limit of {limit} "
                               f"positions (max_position_embeddings); use max_context <= {limit}")
-        self.max_context = config.max_context or min(limit or DEFAULT_CONTEXT_CAP, DEFAULT_CONTEXT_CAP)
-        self.vocab_size = int(mcfg["vocab_size"])
+        self.max_context = config.max_context or min(limit, DEFAULT_CONTEXT_CAP)
+        self.vocab_size = args.vocab_size
+        mcfg = store.manifest.config
         eos = mcfg.get("eos_token_id")
         ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -271,8 +268,9 @@ class Engine:
         config = EngineConfig.merged(config, settings)
         path = await asyncio.to_thread(resolve_store, model, config.store_dtype, progress)
         store = await asyncio.to_thread(FlashStore.open, path)
+        arch, args = model_args(store)  # the config and the FFN layout agree, before anything is allocated
         tokenizer = await asyncio.to_thread(_load_tokenizer, store.tokenizer_dir)
-        engine = cls(store, tokenizer, config)
+        engine = cls(store, tokenizer, config, arch, args)
         try:
             await engine._start()
         except BaseException:
@@ -289,30 +287,47 @@ class Engine:
             conf = {k: (v if isinstance(v, int | float | str | bool | type(None)) else repr(v))
                     for k, v in cfg.__dict__.items()}
             self._trace = TraceSink(cfg.trace, config=conf, model=str(store.path), max_bytes=cfg.trace_max_bytes)
-        self.model, resident = await loop.run_in_executor(self._pool, _build_model, store, cfg)
+        # What the manifest makes us allocate, bounded before any of it is: resident tensors (their
+        # size from the safetensors header), one KV cache, and the FFN rows (ram: exact, so judged by
+        # the budget here), or the least the selectors and caches take (flash: judged by the
+        # machine's memory here; the exact plan meets the budget before the caches are allocated).
+        ffn = store.manifest.ffn
+        args = self._args
+        d_ff = max(layer.n_neurons for layer in ffn.layers)
+        itemsize = torch.empty((), dtype=cfg.torch_dtype).element_size()
+        same = cfg.torch_dtype == TORCH_DTYPES[ffn.dtype] and self.device.type == "cpu"
+        res_bytes = await asyncio.to_thread(resident_bytes, store, cfg.torch_dtype)
+        ffn_bytes = sum(layer.n_neurons for layer in ffn.layers) * len(ffn.parts) * ffn.hidden_size * itemsize
+        kv_bytes = 2 * args.n_layers * self.max_context * args.n_kv_heads * args.head_dim * itemsize
+        budget = parse_budget(cfg.memory_budget, res_bytes + ffn_bytes)
+        slot_bytes = ffn.stride + (0 if same else len(ffn.parts) * ffn.hidden_size * itemsize)
+        # one step pins its exact set and, with lookahead, the speculative one
+        min_capacity = min(d_ff, n_keep(d_ff, cfg.effective_density) * (1 + cfg.lookahead))
+        if cfg.ffn == "ram":
+            check_fits(res_bytes + ffn_bytes + kv_bytes, "resident tensors, every FFN row, one KV cache at "
+                       f"max_context {self.max_context}", budget, store=str(store.path))
+        else:
+            cached = d_ff if budget is None else min_capacity
+            # gate: a compute-dtype copy of each gate row; shadow: at least an int8 one
+            per_row = {"gate": itemsize, "shadow": 1}.get(cfg.selection, 0) * ffn.hidden_size
+            check_fits(res_bytes + kv_bytes + (cached * slot_bytes + d_ff * per_row) * len(ffn.layers),
+                       f"resident tensors, one KV cache at max_context {self.max_context}, the selectors, {cached} "
+                       f"cached neurons per layer", None, store=str(store.path))
+        self.model, resident = await loop.run_in_executor(self._pool, _build_model, store, cfg, self._arch, args)
         if cfg.ffn == "ram":
             self._runner = _RamRunner(self.model, self._pool)
             release_freed_memory()
             return
         selectors, selector_bytes = await loop.run_in_executor(
             self._pool, make_selectors, cfg, store, self.model, resident)
-        ffn = store.manifest.ffn
-        d_ff = max(layer.n_neurons for layer in ffn.layers)
-        itemsize = torch.empty((), dtype=cfg.torch_dtype).element_size()
-        same = cfg.torch_dtype == TORCH_DTYPES[ffn.dtype] and self.device.type == "cpu"
-        args = self.model.args
-        resident_bytes = sum(t.numel() * t.element_size() for t in resident.values())
-        ffn_elems = sum(layer.n_neurons for layer in ffn.layers) * len(ffn.parts) * ffn.hidden_size
         self.memory = plan_memory(
-            budget=parse_budget(cfg.memory_budget, resident_bytes + ffn_elems * itemsize),
-            resident_bytes=resident_bytes,
-            selector_bytes=selector_bytes,
-            kv_bytes=2 * args.n_layers * self.max_context * args.n_kv_heads * args.head_dim * itemsize,
-            slot_bytes=ffn.stride + (0 if same else len(ffn.parts) * ffn.hidden_size * itemsize),
-            # one step pins its exact set and, with lookahead, the speculative one
-            n_layers=len(ffn.layers), d_ff=d_ff,
-            min_capacity=min(d_ff, n_keep(d_ff, cfg.effective_density) * (1 + cfg.lookahead)),
+            budget=budget, resident_bytes=sum(t.numel() * t.element_size() for t in resident.values()),
+            selector_bytes=selector_bytes, kv_bytes=kv_bytes, slot_bytes=slot_bytes, n_layers=len(ffn.layers),
+            d_ff=d_ff, min_capacity=min_capacity,
         )
+        if budget is None:  # the whole plan, selectors too, before the caches are allocated
+            check_fits(self.memory.total, "the memory plan: resident, selectors, KV cache, every neuron cached",
+                       None, store=str(store.path))
         caches = [
             NeuronCache(capacity=min(self.memory.capacity, layer.n_neurons), n_neurons=layer.n_neurons, layout=ffn,
                         window=cfg.window, eviction=cfg.eviction, dtype=cfg.torch_dtype, device=self.device,

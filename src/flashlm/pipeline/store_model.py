@@ -1,0 +1,88 @@
+"""The model a store describes, checked before anything of its size is allocated: its
+architecture's args from the manifest's config, the FFN layout against those args (layers,
+neurons, parts, width), the resident tensors' in-memory size read from the safetensors header,
+and the build, where a resident tensor the architecture needs and the store lacks is named.
+
+A manifest is checksummed, but its checksum proves only that it was not damaged, not that a
+writer told the truth: what it says is bounded here by the model's own shapes, and the memory
+it implies by the budget (`flashlm.pipeline.budget.check_fits`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from flashlm.errors import CheckpointFormatError
+from flashlm.io.store import FIX, FlashStore
+from flashlm.models import get_architecture
+
+
+def model_args(store: FlashStore) -> tuple[Any, Any]:
+    """(architecture, args) of the store's model. A config the architecture cannot read is an
+    UnsupportedArchitectureError (from the models); an FFN layout that is not that model's is a
+    CheckpointFormatError."""
+    m = store.manifest
+    arch = get_architecture(m.model_type)
+    args = arch.Args.from_hf_config(m.config)
+    f = m.ffn
+    want = (args.n_layers, args.d_ff, tuple(arch.ffn_parts(args)), args.d_model)
+    layout = {layer.n_neurons for layer in f.layers}
+    got = (len(f.layers), layout.pop() if len(layout) == 1 else sorted(layout), f.parts, f.hidden_size)
+    if got != want:
+        raise CheckpointFormatError(
+            f"{store.path}: its FFN layout ({got[0]} layers of {got[1]} neurons, parts {list(got[2])} of {got[3]}) "
+            f"is not its model's ({want[0]} layers of {want[1]} neurons, parts {list(want[2])} of {want[3]}, from "
+            f"the config in its manifest); {FIX}")
+    return arch, args
+
+
+def resident_bytes(store: FlashStore, dtype: torch.dtype) -> int:
+    """Bytes the resident tensors take in memory with floating-point ones in `dtype`, from the
+    safetensors header alone (nothing is loaded)."""
+    path = store._resolve(store.manifest.resident.path)
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                t = f.get_slice(key)
+                numel = 1
+                for n in t.get_shape():
+                    numel *= n
+                kind = getattr(torch, _TORCH_NAMES.get(t.get_dtype(), "uint8"))
+                floating = torch.empty((), dtype=kind).is_floating_point()
+                total += numel * (size if floating else torch.empty((), dtype=kind).element_size())
+    except (SafetensorError, OSError, ValueError, AttributeError) as e:
+        raise CheckpointFormatError(f"{store.path}: resident tensors unreadable ({e}); {FIX}") from None
+    return total
+
+
+_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def build(store: FlashStore, arch: Any, args: Any, resident: dict[str, torch.Tensor],
+          rows: list[torch.Tensor | None]) -> Any:
+    """arch.build, with a resident tensor the model needs and the store lacks named."""
+    try:
+        return arch.build(args, resident, rows)
+    except KeyError as e:
+        name = _full_name(str(e.args[0]), resident, args.n_layers)
+        raise CheckpointFormatError(
+            f"{store.path}: resident.safetensors has no tensor {name}, which a {store.manifest.model_type} model of "
+            f"this config needs; {FIX}") from None
+
+
+def _full_name(key: str, resident: dict[str, torch.Tensor], n_layers: int) -> str:
+    """The blocks look their tensors up without the layer prefix: find the layer(s) lacking it."""
+    layered = re.compile(rf"^(.*\.)(\d+)\.{re.escape(key)}$")
+    prefixes: dict[str, set[int]] = {}
+    for k in resident:
+        if m := layered.match(k):
+            prefixes.setdefault(m[1], set()).add(int(m[2]))
+    missing = [f"{p}{i}.{key}" for p, have in prefixes.items() for i in range(n_layers) if i not in have]
+    return ", ".join(repr(k) for k in missing[:3]) if missing else repr(key)
