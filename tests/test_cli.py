@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -83,14 +85,75 @@ def test_bad_request_and_usage(ckpt, tmp_path):
     assert "PROMPT" in flashlm("run", "--help").stdout
 
 
-def test_help_explains_every_command():
+def commands() -> list[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+    """Every command and sub-command of the real parser: (path, parser), the top level first."""
+    from flashlm.cli import build_parser
+
+    out = []
+
+    def walk(p: argparse.ArgumentParser, path: tuple[str, ...]) -> None:
+        out.append((path, p))
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    walk(sub, (*path, name))
+
+    walk(build_parser(), ())
+    return out
+
+
+def options(p: argparse.ArgumentParser) -> list[str]:
+    """The long form of every option a command takes (but --help)."""
+    return [max(a.option_strings, key=len) for a in p._actions
+            if a.option_strings and a.help != argparse.SUPPRESS and "--help" not in a.option_strings]
+
+
+def test_help_explains_every_command(capsys):
+    """Each command's --help (as the console script prints it) names every option it takes and
+    has an example running that very command."""
+    from flashlm.cli import main
+
     top = flashlm("--help")
     assert top.returncode == 0 and "exit codes" in top.stdout
-    for cmd in (["convert"], ["run"], ["chat"], ["verify"], ["calibrate"], ["eval"], ["bench"], ["bench", "io"],
-                ["bench", "engine"]):
-        r = flashlm(*cmd, "--help")
-        assert r.returncode == 0 and len(r.stdout.splitlines()) > 5, cmd
+    found = commands()
+    assert {" ".join(path) for path, _ in found} >= {"convert", "run", "chat", "serve", "verify", "calibrate", "eval",
+                                                     "bench", "bench io", "bench engine", "bench scale", "trace report"}
+    for path, parser in found:
+        with pytest.raises(SystemExit) as exit_:
+            main([*path, "--help"])
+        assert exit_.value.code == 0
+        text = capsys.readouterr().out
+        missing = [o for o in options(parser) if o not in text]
+        assert not missing, (path, missing)
+        examples = text[text.find("example"):] if "example" in text else ""
+        assert re.search(rf"^  flashlm {re.escape(' '.join(path))}\b", examples, re.M), (path, "no example")
     assert "Esc" in flashlm("chat", "--help").stdout
+
+
+def test_readme_cli_summary_lists_every_option():
+    """README's CLI block names every option of every command (a line saying "as for run"
+    takes run's). The block must not drift from the parser again."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## CLI\n\n```\n", 1)[1].split("```", 1)[0]
+    entries: dict[str, str] = {}  # "bench io" -> its lines
+    for line in block.splitlines():
+        if line.startswith("flashlm "):
+            words = [w for w in line.split()[1:4] if re.fullmatch(r"[a-z]+", w)]
+            key = " ".join(w for w in words if w not in ("paper",))
+            entries[key] = line
+        elif entries:
+            entries[key] += "\n" + line
+    run = dict(commands())[("run",)]
+    for path, parser in commands():
+        key = " ".join(path)
+        if key in ("trace", "bench paper"):  # a group; the default WHAT (its line is "bench [paper]")
+            continue
+        text = entries.get(key)
+        assert text is not None, f"README's CLI block has no line for `flashlm {key}`"
+        if "as for run" in text:
+            text += " ".join(options(run))
+        missing = [o for o in options(parser) if o not in text]
+        assert not missing, (key, missing)
 
 
 def test_chat_with_a_bad_store_is_one_line_before_the_screen(tmp_path):

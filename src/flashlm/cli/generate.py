@@ -101,7 +101,9 @@ def add_chat(sub: Any) -> None:
                         "panel of live figures (ms/token, MB read from flash, cache hit rate, density, memory "
                         "used vs budget). Keyboard only; works in 80x24. Needs the tui extra "
                         "(pip install 'flashlm[tui]').",
-                        epilog="keys:\n  Enter sends · Esc or ctrl+c stops the answer · ctrl+l resets\n"
+                        epilog="examples:\n  flashlm chat                                  the default model\n"
+                        "  flashlm chat stores/llama1b --memory-budget 2GiB --temperature 0.7\n"
+                        "keys:\n  Enter sends · Esc or ctrl+c stops the answer · ctrl+l resets\n"
                         "  F1 help · F2 hides the panel · ctrl+q quits\n"
                         "commands (type /help in the app):\n  /reset /temp T /top_p P /max N /seed N|off "
                         "/system TEXT|off\n  /trace FILE|off /theme [NAME] /stats /reopen /quit")

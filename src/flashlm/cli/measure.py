@@ -95,14 +95,18 @@ def add_bench(sub: Any) -> None:
     bsub = b.add_subparsers(dest="bench", required=False, metavar="WHAT")
     bp = bsub.add_parser("paper", help="the paper's Tables 2-3 side by side (the default)",
                          description="naive, hybrid, dense in RAM and ours, and the ablation (hybrid -> +predictor -> "
-                         "+window -> +bundling -> +speculation), one process, page cache defeated.")
+                         "+window -> +bundling -> +speculation), one process, page cache defeated.",
+                         epilog="examples:\n  flashlm bench paper --quick --out benchmarks/results/paper-quick.json\n"
+                         "  flashlm bench paper --out paper.json --model stores/llama1b --tokens 64 --rounds 5")
     _paper_options(bp)
     bp.set_defaults(func=cmd_bench)
     bsc = bsub.add_parser("scale", help="SIMULATED 7B-scale replay: I/O and cache ms/token on OPT-6.7B FFN shapes",
                           description="Writes a random-weight store with OPT-6.7B's FFN shapes (32 layers, d 4096, "
                           "FFN 16384, fp16: ~8.6 GB; skipped with a message if the disk has < 20 GB free) and replays "
                           "neuron-selection sequences on it with the bundle reader and the neuron cache (no model "
-                          "compute). Every figure is labelled simulated. docs/scale.md says how the replay is made.")
+                          "compute). Every figure is labelled simulated. docs/scale.md says how the replay is made.",
+                          epilog="examples:\n  flashlm bench scale --out benchmarks/results/scale.json\n"
+                          "  flashlm bench scale --quick --out scale-quick.json --from-trace t.jsonl")
     bsc.add_argument("--quick", action="store_true", help="tiny shapes (a few MB), for tests")
     bsc.add_argument("--out", required=True, metavar="FILE", help="JSON file to write")
     bsc.add_argument("--dir", default=None, help="where the simulated store goes (default: a directory under /tmp)")
@@ -114,7 +118,9 @@ def add_bench(sub: Any) -> None:
     bio = bsub.add_parser("io", help="flash read throughput vs fio (the paper's Figure 2b)",
                           description="Random-read throughput of the bundle reader against fio over chunk sizes and "
                           "queue depths, page cache defeated (O_DIRECT); a PNG plot goes next to --out. Needs fio on "
-                          "PATH (flashlm never installs it: apt-get install fio), or --no-fio.")
+                          "PATH (flashlm never installs it: apt-get install fio), or --no-fio.",
+                          epilog="examples:\n  flashlm bench io --quick --out benchmarks/results/io-quick.json\n"
+                          "  flashlm bench io --out io.json --workdir /mnt/nvme/tmp --no-fio")
     bio.add_argument("--quick", action="store_true", help="a small grid, under 2 minutes")
     bio.add_argument("--out", required=True, metavar="FILE", help="JSON file to write (a PNG plot goes next to it)")
     bio.add_argument("--workdir", default=None, help="directory for the ~700 MB test files (default: a temporary directory, removed after)")
@@ -124,7 +130,9 @@ def add_bench(sub: Any) -> None:
     bio.set_defaults(func=lambda a: run_async(_bench_io(a)))
     ben = bsub.add_parser("engine", help="decode ms/token: sparse flash engine vs dense in RAM vs hybrid",
                           description="Side by side in one process, page cache defeated (O_DIRECT): the dense "
-                          "model in RAM, the hybrid baseline (whole FFN read every token) and the sparse engine.")
+                          "model in RAM, the hybrid baseline (whole FFN read every token) and the sparse engine.",
+                          epilog="examples:\n  flashlm bench engine --out benchmarks/results/engine.json\n"
+                          "  flashlm bench engine --quick --out e.json --selection gate --density 0.3 --window 4")
     ben.add_argument("--quick", action="store_true", help="fewer tokens and runs")
     ben.add_argument("--out", required=True, metavar="FILE", help="JSON file to write")
     _sparse_bench_options(ben)
@@ -134,7 +142,8 @@ def add_bench(sub: Any) -> None:
 def add_trace(sub: Any) -> None:
     """The `trace` command (`trace report`)."""
     t = sub.add_parser("trace", help="explain a trace written with --trace",
-                       description="Work with trace files (JSON lines, schema in docs/trace.md).")
+                       description="Work with trace files (JSON lines, schema in docs/trace.md).",
+                       epilog="example:\n  flashlm trace report t.jsonl --out report/")
     tsub = t.add_subparsers(dest="trace_cmd", required=True, metavar="WHAT")
     tr = tsub.add_parser("report", help="per-token breakdown (I/O, memory management, compute) and PNG charts",
                          description="Print the per-token breakdown the paper uses (I/O latency, memory management, "

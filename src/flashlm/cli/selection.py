@@ -44,7 +44,10 @@ def add_calibrate(sub: Any) -> None:
     cal = sub.add_parser("calibrate", help="record the model on text, build neuron selectors into the store",
                          description="Run the dense model over calibration text (the Wikipedia sample in gensim's "
                          "test data, or --text FILE), build shadow copies and low-rank predictors, order neurons by "
-                         "co-activation, and write it all into STORE atomically. Needs the calibrate extra.")
+                         "co-activation, and write it all into STORE atomically. Needs the calibrate extra "
+                         "(pip install 'flashlm[calibrate]'), or --text FILE.",
+                         epilog="examples:\n  flashlm calibrate stores/smollm2\n"
+                         "  flashlm calibrate stores/llama1b --text my-corpus.txt --tokens 32768 --json")
     cal.add_argument("store", metavar="STORE", help="store directory (changed in place, atomically)")
     cal.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")
     cal.add_argument("--text", default=None, help="a UTF-8 text file to calibrate on instead")
@@ -57,7 +60,10 @@ def add_eval(sub: Any) -> None:
     """The `eval` command."""
     ev = sub.add_parser("eval", help="perplexity vs bytes read per token for each selection mode",
                         description="Perplexity on held-out Wikipedia and news text for dense, oracle, shadow, gate "
-                        "and predictor selections at several densities and windows; JSON + a PNG plot.")
+                        "and predictor selections at several densities and windows; JSON + a PNG plot (needs "
+                        "matplotlib).",
+                        epilog="examples:\n  flashlm eval stores/smollm2 --quick --json benchmarks/results/eval-quick.json\n"
+                        "  flashlm eval stores/smollm2 --tokens 8192 --json eval.json --plot eval.png")
     ev.add_argument("store", metavar="STORE", help="store directory (calibrated, for the predictor modes)")
     ev.add_argument("--quick", action="store_true", help="a few thousand tokens per text")
     ev.add_argument("--tokens", type=int, default=None, help="tokens per text (overrides --quick)")

@@ -47,7 +47,11 @@ def add_convert(sub: Any) -> None:
     """The `convert` command."""
     c = sub.add_parser("convert", help="turn a checkpoint (dir, .gguf or built-in name) into a flash store",
                        description="Convert a transformers checkpoint directory, a GGUF file or a built-in model "
-                       "name into a flash store directory. Written atomically: an interrupted convert leaves nothing.")
+                       "name into a flash store directory. Written atomically: an interrupted convert leaves nothing.",
+                       epilog="examples:\n"
+                       f"  flashlm convert {DEFAULT_MODEL} stores/smollm2 --dtype float32   a built-in model\n"
+                       "  flashlm convert ~/ckpt/Llama-3.2-1B stores/llama1b              a transformers checkpoint directory\n"
+                       "  flashlm convert model.Q8_0.gguf stores/m --block-size 4096 --json  a GGUF file, for a 4 KiB-sector disk")
     c.add_argument("src", metavar="SRC", help=f"checkpoint directory, .gguf file, or built-in name (e.g. {DEFAULT_MODEL})")
     c.add_argument("out", metavar="OUT", help="store directory to create")
     c.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="weights dtype on disk")
@@ -63,7 +67,9 @@ def add_verify(sub: Any) -> None:
     """The `verify` command."""
     v = sub.add_parser("verify", help="check every checksum of a store",
                        description="Check a store's manifest, file sizes and every checksum. Exit 0 when sound, "
-                       "1 (with the problems on stderr) when not.")
+                       "1 (with the problems on stderr) when not.",
+                       epilog="examples:\n  flashlm verify stores/smollm2\n"
+                       "  flashlm verify stores/smollm2 --json   {\"store\", \"sound\", \"layers\", \"problems\"}")
     v.add_argument("store", metavar="STORE", help="store directory")
     v.add_argument("--json", action="store_true", help='print {"store", "sound", "layers", "problems"} as JSON')
     v.set_defaults(func=cmd_verify)
