@@ -15,6 +15,7 @@ from flashlm.errors import (
     ConfigError,
     EngineClosedError,
     InvalidRequestError,
+    MemoryBudgetError,
     PromptTooLongError,
     TokenizerMissingError,
 )
@@ -73,13 +74,37 @@ async def test_text_stream_deltas_join_to_decoded_tokens(llama_store):
 
 
 async def test_chat_messages_use_the_template(llama_store):
+    """The expected prompt is written out by hand from the template in conftest.tiny_tokenizer,
+    not made by the apply_chat_template call the engine makes."""
     _, store = llama_store
     async with await Engine.open(store) as engine:
-        msgs = [{"role": "user", "content": "Hello fox"}]
-        want = engine.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)["input_ids"]
+        tok = engine.tokenizer
+        msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello fox"}]
+        text = "<bos>system: Be brief.\n<bos>user: Hello fox\n<bos>assistant: "
         stream = engine.stream(msgs, max_tokens=4)
-        assert list(stream.request.prompt_ids) == list(want)
+        assert list(stream.request.prompt_ids) == tok.encode(text, add_special_tokens=False)
+        assert list(stream.request.prompt_ids).count(tok.bos_token_id) == 3  # <bos> became its token, thrice
         await collect(stream)
+
+
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+async def test_smollm2_chat_messages_follow_its_chatml_format(smollm2_store):
+    """SmolLM2's chat format (ChatML, with its default system message when none is given), as a
+    string written out here: <|im_start|> is token 1 and <|im_end|> token 2 in its vocabulary."""
+    async with await Engine.open(smollm2_store, ffn="ram") as engine:
+        tok = engine.tokenizer
+        for msgs, text in [
+            ([{"role": "user", "content": "Hello fox"}],
+             f"<|im_start|>system\n{SMOLLM2_SYSTEM}<|im_end|>\n<|im_start|>user\nHello fox<|im_end|>\n"
+             "<|im_start|>assistant\n"),
+            ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+        ]:
+            ids = list(engine.stream(msgs, max_tokens=1).request.prompt_ids)
+            assert ids == tok.encode(text, add_special_tokens=False), tok.decode(ids)
+            assert ids[0] == 1 and ids.count(1) == 3 and ids.count(2) == 2 and ids[-1] != 2
 
 
 async def test_stop_strings_cut_the_text(llama_store):
@@ -149,12 +174,21 @@ async def test_bad_requests_raise_named_errors_before_any_token(llama_store, pro
         assert await engine.generate(PROMPT, max_tokens=2)  # still usable
 
 
-async def test_answer_stops_at_the_context_end(llama_store):
-    _, store = llama_store
-    async with await Engine.open(store, max_context=12) as engine:
-        chunks = await collect(engine.stream(PROMPT, max_tokens=100))
-    assert len(chunks) <= 12 - len(PROMPT)
-    assert chunks[-1].finish_reason in ("length", "stop")
+@pytest.mark.parametrize("ffn", ["ram", "flash"])
+async def test_answer_stops_at_the_context_end(tmp_path, ffn):
+    """No EOS (the model has none, the store no tokenizer), so only the context can end the
+    answer: 12 positions, a 7-token prompt, exactly 5 tokens, the last one at position 11, and
+    each equal to transformers' (the last position was really computed)."""
+    model = random_llama(9, eos_token_id=None)
+    convert(save_checkpoint(model, tmp_path / "c"), tmp_path / "s", dtype="float32", progress=False)
+    async with await Engine.open(tmp_path / "s", ffn=ffn, selection="dense", max_context=12) as engine:
+        assert not engine.eos_ids
+        stream = engine.stream(PROMPT, max_tokens=100)
+        assert stream.request.max_tokens == 12 - len(PROMPT)  # clipped to the context, not 100
+        chunks = await collect(stream)
+    assert len(chunks) == 12 - len(PROMPT) and chunks[-1].finish_reason == "length"
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    assert [c.token_id for c in chunks] == hf_greedy(model, PROMPT, 5)
 
 
 async def test_tokenizer_less_store_takes_ids_only(tmp_path):
@@ -211,6 +245,15 @@ async def test_max_context_above_the_models_limit_is_refused(llama_store):
         await Engine.open(store, max_context=257)
     async with await Engine.open(store, max_context=256) as engine:
         assert engine.max_context == 256
+
+
+async def test_a_memory_budget_also_binds_the_whole_ffn_in_ram(llama_store):
+    """ffn="ram" holds every FFN row: a budget below that is refused (it used to be ignored)."""
+    _, store = llama_store
+    with pytest.raises(MemoryBudgetError, match="every FFN row") as e:
+        await Engine.open(store, ffn="ram", memory_budget=100_000)
+    async with await Engine.open(store, ffn="ram", memory_budget=e.value.minimum) as engine:
+        assert await engine.generate(PROMPT, max_tokens=2)
 
 
 async def test_float16_store_runs_close_to_float32(tmp_path):
