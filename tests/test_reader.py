@@ -424,10 +424,9 @@ async def test_cancel_with_32_in_flight(tmp_path):
         await asyncio.sleep(0)
     assert not task.done(), "cancel returned while reads were still writing into dest"
     backend.gate.set()
-    t0 = time.perf_counter()
     with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(task, 5)
-    assert time.perf_counter() - t0 < 2.0
+        await asyncio.wait_for(task, 30)  # (a bound against a hang, not a speed claim)
+    # Prompt: the cancel waited only for the 32 reads in the kernel; the other 68 were never issued.
     assert backend.calls == 32, "ranges not yet started were read anyway"
     # The reader stays usable, then closes cleanly.
     await reader.read(1, [5, 6], dest, [0, 1])
@@ -480,14 +479,23 @@ async def test_cancel_real_reads_then_read_again(tmp_path, backend):
     fds = fd_count()
     dests = [aligned_empty(300, layout.stride) for _ in range(4)]
     async with BundleReader(path, layout, backend=backend, max_gap_bytes=0) as reader:
+        cancelled = in_flight = 0
         for _ in range(5):
             tasks = [asyncio.create_task(reader.read(ly, np.arange(0, 300, 2), dests[ly], np.arange(150)))
                      for ly in range(4)]
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # each read has submitted its ranges to the backend
+            in_flight += sum(not c.future.done() for c in reader._calls)  # (calls the backend still works on)
             for t in tasks:
                 t.cancel()
             done = await asyncio.gather(*tasks, return_exceptions=True)
-            assert all(isinstance(d, (asyncio.CancelledError, ReadStats)) for d in done)
+            # either outcome per read, but each is one of the two, and a read that finished is right
+            for ly, d in enumerate(done):
+                assert isinstance(d, (asyncio.CancelledError, ReadStats)), d
+                if isinstance(d, ReadStats):
+                    assert [bytes(r) for r in dests[ly][:150]] == expect(path, layout, ly, range(0, 300, 2))
+            cancelled += sum(isinstance(d, asyncio.CancelledError) for d in done)
+        # The cancels were real: reads were cancelled while the backend was still reading for them.
+        assert cancelled > 0 and in_flight > 0, (cancelled, in_flight)
         await reader.read(3, np.arange(300), dests[3], np.arange(300))
         assert [bytes(r) for r in dests[3]] == expect(path, layout, 3, range(300))
     assert fd_count() == fds and not reader_threads()
