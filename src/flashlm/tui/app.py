@@ -333,10 +333,6 @@ class ChatApp(App[None]):
         self._refresh_panel()
 
     def _trace(self, path: str | None) -> None:
-        if "trace" not in {f.name for f in dataclasses.fields(EngineConfig)}:
-            self.say("info", "/trace is not available yet: this engine has no trace option "
-                     "(EngineConfig has no `trace` field).")
-            return
         self.action_stop()
         self.settings.config = dataclasses.replace(self.settings.config or EngineConfig(), trace=path)
         self.say("info", f"reopening the model with trace {'to ' + path if path else 'off'}")
