@@ -22,6 +22,17 @@ CORPUS = [
 ] * 20
 
 
+# RSS a process holds beyond the engine's memory plan while it generates (tests/test_memory.py,
+# tests/test_soak.py). Measured on SmolLM2 float32 at 1.05x the minimum budget, 7 fresh-process
+# runs on the 2-vCPU VM, idle and beside 3 busy loops: 82-87 MiB, ~60 MiB of it anonymous (the
+# tokenizer, torch's and the threads' working memory) and ~22 MiB of library code paged in. Until
+# the engine handed the prompt step's freed transients back (engine.py, _emit), it was 128-162
+# MiB, anywhere in that band run to run (glibc kept 40-75 MiB of them, depending on how the
+# threads' frees interleaved): why the allowance of 160 failed under load. 128 MiB leaves 40 of
+# margin; nothing in it grows with the budget, the tokens or the requests.
+RSS_ALLOWANCE = 128 * 2**20
+
+
 def tiny_tokenizer(vocab_size: int = 320):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -139,6 +139,12 @@ class _Generation:
 
     def _emit(self, logits: torch.Tensor) -> tuple[int, str, str | None]:
         """Sample and detokenize (compute thread: tokenizer work stays off the loop)."""
+        if self.produced == 0:
+            # The prompt's step frees tens of MB of transients (rows gathered and converted while
+            # the whole window is read) that glibc keeps: measured on SmolLM2 at the minimum
+            # budget, 40-75 MiB, a different amount each run (how the threads' frees interleave),
+            # so RSS landed anywhere in a 35 MiB band. Handed back here, once per request (~10 ms).
+            release_freed_memory()
         # NaN logits used to pass silently (argmax picks a NaN; sampling crashed unnamed). A
         # damaged weight (a flipped exponent bit) shows up here: fail the request by name.
         if not bool(torch.isfinite(logits).all()):
