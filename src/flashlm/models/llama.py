@@ -158,6 +158,10 @@ class LlamaArchitecture:
     def is_ffn_key(self, args: LlamaArgs, key: str) -> bool:
         return _FFN_KEY.match(key) is not None
 
+    def split_fused(self, args: LlamaArgs, key: str, tensor: Tensor) -> dict[str, Tensor]:
+        """No fused tensors in this family's checkpoints: every tensor is stored as it is."""
+        return {key: tensor}
+
     def pack_ffn(self, args: LlamaArgs, sd: dict[str, Tensor], layer: int) -> Tensor:
         """(d_ff, 3, d): row i = [gate_proj[i, :], up_proj[i, :], down_proj[:, i]]."""
         p = f"model.layers.{layer}.mlp."

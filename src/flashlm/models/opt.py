@@ -178,6 +178,10 @@ class OPTArchitecture:
     def is_ffn_key(self, args: OPTArgs, key: str) -> bool:
         return _FFN_KEY.match(key) is not None
 
+    def split_fused(self, args: OPTArgs, key: str, tensor: Tensor) -> dict[str, Tensor]:
+        """No fused tensors in this family's checkpoints: every tensor is stored as it is."""
+        return {key: tensor}
+
     def pack_ffn(self, args: OPTArgs, sd: dict[str, Tensor], layer: int) -> Tensor:
         """(d_ff, 2, d): row i = [fc1[i, :], fc2[:, i]]."""
         p = f"model.decoder.layers.{layer}."
