@@ -19,7 +19,7 @@ import torch
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from flashlm.builtin import BUILTINS, builtin_file, cached_store_path, is_builtin
+from flashlm.builtin import BUILTINS, cached_store_path, is_builtin, model_file
 from flashlm.errors import (
     CheckpointFormatError,
     SourceCheckpointError,
@@ -48,10 +48,11 @@ class Source:
         return {"kind": self.kind, "path": str(self.directory / (self.gguf_file or "")), "name": self.name}
 
 
-def resolve_source(src: str | os.PathLike[str]) -> Source:
+def resolve_source(src: str | os.PathLike[str], progress: bool = False) -> Source:
+    """What SRC names. A built-in model's GGUF is assembled from its installed parts if need be."""
     text = str(src)
     if is_builtin(text):
-        path = builtin_file(text)
+        path = model_file(text, progress=progress)
         return Source("builtin", path.parent, path.name, text)
     path = Path(text).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -119,7 +120,7 @@ def convert(
 ) -> Manifest:
     torch_dtype = check_dtype(dtype)
     check_block_size(block_size)
-    source = resolve_source(src)
+    source = resolve_source(src, progress=progress)
     out = Path(out)
     if out.exists() and not force:
         raise StoreExistsError(f"{out} already exists; pass --force to replace it")
@@ -215,5 +216,6 @@ def resolve_store(model: str | os.PathLike[str], dtype: str = "float16", progres
     if path.suffix == ".gguf" or (path.parent / "config.json").is_file():
         raise CheckpointFormatError(f"{path} is a checkpoint, not a store; convert it first: flashlm convert {path} OUT")
     raise UnknownModelError(
-        f"{text!r} is neither a store directory nor a built-in model name (built-ins: {', '.join(sorted(BUILTINS))})"
+        f"{text!r} is neither a store directory nor a built-in model name (built-ins: {', '.join(BUILTINS)}; "
+        f"`flashlm pull --list` describes them)"
     )
