@@ -15,6 +15,7 @@ from flashlm import builtin
 from flashlm.builtin import BUILTINS, BuiltinModel, Package, Part, assembled_path, model_file, part_problem
 from flashlm.convert import resolve_store
 from flashlm.errors import ModelPartError, UnknownModelError
+from flashlm.io.store import FlashStore
 
 
 def test_records_add_up():
@@ -103,3 +104,23 @@ def test_missing_parts_say_which_command_gets_them(fake, tmp_path):
     os.rename(tmp_path / f"{model.parts[0].package.module}.gone", site / f"{model.parts[0].package.module}-1.0.dist-info")
     with pytest.raises(UnknownModelError, match="2 of 3 part package"):  # a partial install says so too
         model_file(model.name, progress=False)
+
+
+def test_run_model_name_assembles_then_converts_on_first_use(tmp_path, monkeypatch, smollm2_store):
+    """A model in parts, installed but not assembled: the first `Engine.open(NAME)` (resolve_store)
+    assembles it, then converts it; the store is the one SmolLM2's own file gives."""
+    from conftest import smollm2_gguf
+
+    data = smollm2_gguf().read_bytes()
+    cut = [0, len(data) // 3, 2 * len(data) // 3 + 7, len(data)]
+    model = fake_site(tmp_path / "site", "smolparts", [data[a:b] for a, b in zip(cut, cut[1:])])
+    monkeypatch.setenv("FLASHLM_HOME", str(tmp_path / "home"))
+    monkeypatch.setitem(BUILTINS, model.name, model)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    store = resolve_store(model.name, "float32", progress=False)
+    assert assembled_path(model.name).read_bytes() == data
+    assert store == builtin.cached_store_path(model.name, "float32")
+    ours, ref = FlashStore.open(store), FlashStore.open(smollm2_store)
+    assert ours.manifest.source["name"] == model.name
+    assert ours.manifest.ffn.layers == ref.manifest.ffn.layers and ours.manifest.resident == ref.manifest.resident
+    assert resolve_store(model.name, "float32", progress=False) == store  # cached from now on
