@@ -79,6 +79,20 @@ def test_smollm2_store_holds_transformers_tensors(smollm2_store, smollm2_hf):
         assert torch.equal(rows[:, 2], sd[p + "down_proj.weight"].T)
 
 
+def test_small_chunks_give_the_same_tensors(smollm2_hf, monkeypatch):
+    """Read in chunks of a few rows (a q/k chunk still whole heads), the tensors are the same."""
+    from flashlm import sources
+
+    monkeypatch.setattr(sources, "CHUNK_ELEMENTS", 576 * 20)  # 20 rows; q/k: rounded up to 64 (a head)
+    sd = smollm2_hf[0].state_dict()
+    gguf = smollm2_gguf()
+    with open_checkpoint(gguf.parent, gguf.name) as ckpt:
+        for key in ("model.layers.3.self_attn.q_proj.weight", "model.layers.3.self_attn.k_proj.weight",
+                    "model.layers.3.mlp.down_proj.weight", "model.layers.3.input_layernorm.weight",
+                    "model.embed_tokens.weight"):
+            assert torch.equal(ckpt.read(key, torch.float32), sd[key]), key
+
+
 def _reader_matches_transformers(gguf: Path) -> None:
     from transformers import AutoModelForCausalLM
 
