@@ -81,7 +81,7 @@ def test_smollm2_store_holds_transformers_tensors(smollm2_store, smollm2_hf):
 
 def test_small_chunks_give_the_same_tensors(smollm2_hf, monkeypatch):
     """Read in chunks of a few rows (a q/k chunk still whole heads), the tensors are the same."""
-    from flashlm import sources
+    from flashlm.sources import base as sources
 
     monkeypatch.setattr(sources, "CHUNK_ELEMENTS", 576 * 20)  # 20 rows; q/k: rounded up to 64 (a head)
     sd = smollm2_hf[0].state_dict()
@@ -249,7 +249,7 @@ def test_gguf_table_equals_gguf_readers(tmp_path):
     import gguf
     import numpy as np
 
-    from flashlm.sources import _gguf_table
+    from flashlm.sources.gguf_file import _gguf_table
 
     def write(path: Path, pad: int) -> None:
         w = gguf.GGUFWriter(str(path), "llama")

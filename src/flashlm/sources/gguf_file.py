@@ -1,30 +1,12 @@
-"""Conversion sources, read one tensor at a time: a GGUF file or a safetensors checkpoint directory.
-
-Each tensor comes out under the name, in the shape and with the values `from_pretrained` would
-give it in the model's state dict, while no more than one tensor (in the load dtype) and one
-chunk of its source bytes are in memory:
-
-- GGUF: the tensor table walked out of the header (`_gguf_table`, no tensor data touched);
-  each tensor's bytes `os.preadv`-ed a chunk of rows at a time into one buffer (a memory map's
-  pages would count in RSS once read) and dequantised by `gguf.quants.dequantize`, the function
-  transformers' GGUF loader uses. Names are transformers' own map (`get_gguf_hf_weights_map`
-  over the model built on the meta device); the per-tensor fixes transformers' loader applies
-  (`TENSOR_PROCESSORS`: llama's q/k row order, gemma's norm offset) are mirrored in
-  `_GGUF_FIXES`, chunk by chunk.
-- safetensors: `safe_open` checks each file and lists its tensors; their bytes are
-  `os.preadv`-ed a chunk of rows at a time too.
-
-Config and tokenizer still come from transformers (`AutoConfig` / `AutoTokenizer`).
-"""
+"""A GGUF file read tensor by tensor (see flashlm.sources)."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import functools
-import io
-import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -39,90 +21,8 @@ import torch
 from torch import Tensor
 
 from flashlm.errors import SourceCheckpointError, UnsupportedArchitectureError
-from flashlm.log import get_logger
-
-log = get_logger(__name__)
-
-CHUNK_ELEMENTS = 1 << 21  # values dequantised or cast per step: 8 MiB in float32
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-# Keys transformers adds to a config that describe the source file, not the model.
-DROP_CONFIG_KEYS = ("quantization_config", "_name_or_path", "transformers_version", "torch_dtype", "dtype")
-
-
-def _quiet() -> contextlib.AbstractContextManager[Any]:
-    """transformers prints progress and advice to stdout; keep the CLI's output ours."""
-    return contextlib.redirect_stdout(io.StringIO())
-
-
-class Checkpoint:
-    """A source's config, its tensors' names and shapes, and each tensor on demand."""
-
-    where: str
-
-    def __init__(self) -> None:
-        self.config: dict[str, Any] = {}  # the transformers config, as a dict
-
-    @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        """transformers key -> shape, in the source's order (a tied lm_head left out)."""
-        raise NotImplementedError
-
-    def read(self, key: str, dtype: torch.dtype) -> Tensor:
-        """The tensor under `key`; floating tensors in `dtype`."""
-        raise NotImplementedError
-
-    def save_tokenizer(self, directory: Path) -> None:
-        """Write the source's tokenizer into `directory`; nothing when it has none (a warning says so)."""
-        raise NotImplementedError
-
-    def close(self) -> None:
-        pass
-
-    def __enter__(self) -> Checkpoint:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -- shared --------------------------------------------------------------------------
-
-    def _expected_keys(self, hf_config: Any) -> tuple[set[str], Any]:
-        """The state-dict keys of the model this config builds (on the meta device: no memory)."""
-        from transformers import AutoModelForCausalLM
-
-        try:
-            with _quiet(), torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(hf_config)
-        except Exception as e:  # noqa: BLE001 - transformers refuses a config in many ways
-            raise SourceCheckpointError(f"{self.where}: transformers cannot build this model ({e})") from None
-        keys = set(model.state_dict())
-        if self.config.get("tie_word_embeddings", False):
-            keys.discard("lm_head.weight")  # the same tensor as the embedding; not stored twice
-        return keys, model
-
-    def _check_complete(self, found: set[str], expected: set[str]) -> None:
-        missing = sorted(expected - found)
-        if missing:
-            raise SourceCheckpointError(
-                f"{self.where}: cannot load the weights ({len(missing)} tensors the model needs are not in the "
-                f"source, e.g. {missing[:3]})"
-            )
-
-    def _tokenizer(self, directory: Path, **kw: Any) -> None:
-        from transformers import AutoTokenizer
-
-        try:
-            with _quiet():
-                tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_dir, **kw)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("tokenizer unreadable; the store will take token ids only", source=self.where, error=str(e))
-            return
-        tokenizer.save_pretrained(str(directory))
-
-    _tokenizer_dir: Path
-
-
-# -- GGUF ---------------------------------------------------------------------------------------
+from flashlm.sources import base
+from flashlm.sources.base import DROP_CONFIG_KEYS, Checkpoint, pread_into, quiet
 
 
 def _reader_class() -> type:
@@ -227,9 +127,7 @@ class _TableEntry:
 
 def _gguf_table(path: Path) -> tuple[str, list[_TableEntry]]:
     """(architecture, tensor table) of a GGUF file, its metadata values walked over, not parsed:
-    0.3 s for the 1.5B, where gguf's reader takes 11-27 s building every vocabulary string."""
-    import mmap
-
+    0.07 s for the 1.5B, where gguf's reader takes 11-27 s building every vocabulary string."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
@@ -312,7 +210,7 @@ class GGUFCheckpoint(Checkpoint):
             raise SourceCheckpointError(f"{self.where}: the file is {size:,} bytes but its tensors end at byte "
                                         f"{ends:,}: truncated (download or assemble it again)")
         try:
-            with _quiet(), self._meta.patched():
+            with quiet(), self._meta.patched():
                 self._hf_config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         except Exception as e:  # noqa: BLE001 - an untrusted file can fail transformers in any way
             raise SourceCheckpointError(f"{self.where}: cannot read the model config ({e})") from None
@@ -375,7 +273,7 @@ class GGUFCheckpoint(Checkpoint):
         rows = t.shape[0] if len(t.shape) > 1 else 1
         row_shape = _byte_shape(t.shape, qtype)[1:] if len(t.shape) > 1 else _byte_shape(t.shape, qtype)
         per_row = math.prod(t.shape) // rows
-        step = max(1, CHUNK_ELEMENTS // per_row)
+        step = max(1, base.CHUNK_ELEMENTS // per_row)
         if t.fix is not None:
             step = -(-step // t.fix[1]) * t.fix[1]
         out = torch.empty(t.shape, dtype=dtype)
@@ -384,21 +282,12 @@ class GGUFCheckpoint(Checkpoint):
         for r0 in range(0, rows, step):
             n = min(step, rows - r0)
             raw = buf[: n * t.row_bytes]
-            self._pread(raw, t.offset + r0 * t.row_bytes, t.name)
+            pread_into(self._fd, raw, t.offset + r0 * t.row_bytes, f"{self.where}: {t.name}")
             values = dequantize(raw.reshape((n, *row_shape) if len(t.shape) > 1 else row_shape), qtype)  # float32
             if t.fix is not None:
                 values = t.fix[0](values)
             flat[r0 : r0 + n] = torch.from_numpy(np.ascontiguousarray(values)).reshape(n, per_row)
         return out
-
-    def _pread(self, buf: np.ndarray, offset: int, name: str) -> None:
-        assert self._fd is not None
-        view, got = memoryview(buf).cast("B"), 0
-        while got < len(view):
-            n = os.preadv(self._fd, [view[got:]], offset + got)
-            if n == 0:
-                raise SourceCheckpointError(f"{self.where}: {name} is cut short (the file was truncated)")
-            got += n
 
     def save_tokenizer(self, directory: Path) -> None:
         with self._meta.patched():
@@ -414,160 +303,3 @@ def _byte_shape(shape: tuple[int, ...], qtype: Any) -> tuple[int, ...]:
     import gguf
 
     return tuple(gguf.quant_shape_to_byte_shape(shape, qtype))
-
-
-# -- safetensors --------------------------------------------------------------------------------
-
-
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-
-
-@dataclass(frozen=True)
-class _STTensor:
-    file: Path
-    name: str  # the key in the file
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int  # absolute byte offset in the file
-
-
-class SafetensorsCheckpoint(Checkpoint):
-    """`safe_open` checks each file and lists its tensors; the bytes are `os.preadv`-ed from the
-    offsets in the file's header, a chunk of rows at a time. (safe_open's own tensors are views
-    of its memory map: each page read stays in RSS until the file is closed, so reading a whole
-    checkpoint through one handle grows RSS by the checkpoint's size; measured.)"""
-
-    def __init__(self, directory: Path) -> None:
-        super().__init__()
-        from transformers import AutoConfig
-
-        self.directory = directory
-        self.where = str(directory)
-        self._tokenizer_dir = directory
-        self._fds: dict[Path, int] = {}
-        try:
-            with _quiet():
-                self._hf_config = AutoConfig.from_pretrained(directory)
-        except Exception as e:  # noqa: BLE001 - an untrusted file can fail transformers in any way
-            raise SourceCheckpointError(f"{self.where}: cannot read the model config ({e})") from None
-        self.config = {k: v for k, v in self._hf_config.to_dict().items() if k not in DROP_CONFIG_KEYS}
-
-    @cached_property
-    def _tensors(self) -> dict[str, _STTensor]:
-        import re
-
-        files = self._weight_files()
-        expected, model = self._expected_keys(self._hf_config)
-        prefix = getattr(model, "base_model_prefix", "")
-        ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
-        del model
-        tensors: dict[str, _STTensor] = {}
-        unexpected = []
-        for path in files:
-            for k, t in self._index(path).items():
-                key = k if k in expected or not prefix else f"{prefix}.{k}"
-                if key in expected:
-                    tensors[key] = t
-                elif k == "lm_head.weight" and self.config.get("tie_word_embeddings", False):
-                    continue  # tied: the embedding is stored, not this copy
-                elif not any(p.search(k) for p in ignored):
-                    unexpected.append(k)
-        if unexpected:
-            raise SourceCheckpointError(
-                f"{self.where}: cannot load the weights ({len(unexpected)} tensors the model has no place for, "
-                f"e.g. {unexpected[:3]})"
-            )
-        self._check_complete(set(tensors), expected)
-        return tensors
-
-    def _index(self, path: Path) -> dict[str, _STTensor]:
-        from safetensors import SafetensorError, safe_open
-
-        fail = f"{self.where}: cannot load the weights ({path.name}"
-        try:
-            with safe_open(str(path), framework="pt") as f:  # checks the header: offsets, sizes, dtypes
-                listed = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
-            with open(path, "rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-        except (SafetensorError, OSError, ValueError, struct.error) as e:
-            raise SourceCheckpointError(f"{fail}: {e})") from None
-        out = {}
-        for k, (dtype, shape) in listed.items():
-            if dtype not in _ST_DTYPES:
-                raise SourceCheckpointError(f"{fail}: {k} has dtype {dtype}, which flashlm cannot convert)")
-            out[k] = _STTensor(path, k, _ST_DTYPES[dtype], shape, 8 + n + header[k]["data_offsets"][0])
-        return out
-
-    def _weight_files(self) -> list[Path]:
-        index = self.directory / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise SourceCheckpointError(f"{self.where}: cannot load the weights ({index.name}: {e})") from None
-            return [self.directory / f for f in dict.fromkeys(weight_map.values())]
-        files = sorted(self.directory.glob("*.safetensors"))
-        if not files:
-            other = sorted(p.name for p in self.directory.glob("*.bin"))
-            hint = (f"; it has {other[0]}: save it as safetensors (transformers' save_pretrained does by default)"
-                    if other else "")
-            raise SourceCheckpointError(f"{self.where}: cannot load the weights (no *.safetensors files{hint})")
-        return files
-
-    @property
-    def shapes(self) -> dict[str, tuple[int, ...]]:
-        return {k: t.shape for k, t in self._tensors.items()}
-
-    def read(self, key: str, dtype: torch.dtype) -> Tensor:
-        t = self._tensors[key]
-        if not t.dtype.is_floating_point:
-            dtype = t.dtype  # integer tensors are kept as they are, as from_pretrained keeps them
-        rows = t.shape[0] if len(t.shape) > 1 else 1
-        per_row = math.prod(t.shape) // rows
-        row_bytes = per_row * t.dtype.itemsize
-        step = max(1, CHUNK_ELEMENTS // max(per_row, 1))
-        out = torch.empty(t.shape, dtype=dtype)
-        flat = out.view(rows, per_row)
-        buf = torch.empty(min(step, rows) * per_row, dtype=t.dtype)
-        for r0 in range(0, rows, step):
-            n = min(step, rows - r0)
-            chunk = buf[: n * per_row]
-            self._pread(t.file, chunk.view(torch.uint8).numpy(), t.offset + r0 * row_bytes, key)
-            flat[r0 : r0 + n] = chunk.view(n, per_row)
-        return out
-
-    def _pread(self, path: Path, buf: np.ndarray, offset: int, key: str) -> None:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
-        view, got = memoryview(buf).cast("B"), 0
-        while got < len(view):
-            n = os.preadv(fd, [view[got:]], offset + got)
-            if n == 0:
-                raise SourceCheckpointError(f"{self.where}: {key} is cut short ({path.name} was truncated)")
-            got += n
-
-    def save_tokenizer(self, directory: Path) -> None:
-        if any((self.directory / f).is_file() for f in TOKENIZER_FILES):
-            self._tokenizer(directory)
-        else:
-            log.warning("no tokenizer in the source; the store will take token ids only", source=self.where)
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-
-def open_checkpoint(directory: Path, gguf_file: str | None) -> Checkpoint:
-    """The config now; the tensor table when `shapes` is first asked for (after the caller has
-    checked the architecture is one it can convert)."""
-    if gguf_file is not None:
-        return GGUFCheckpoint(directory / gguf_file)
-    return SafetensorsCheckpoint(directory)
