@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from flashlm.errors import SourceCheckpointError, UnsupportedArchitectureError
-from flashlm.sources import base
+import flashlm.sources.base as base  # CHUNK_ELEMENTS read at call time (tests set it)
 from flashlm.sources.base import DROP_CONFIG_KEYS, Checkpoint, pread_into, quiet
 
 
