@@ -239,7 +239,7 @@ def test_opt_refuses_positions_past_its_table():
 def test_unknown_architecture_names_the_supported_ones():
     with pytest.raises(UnsupportedArchitectureError, match=r"'gpt2'.*llama.*opt"):
         get_architecture("gpt2")
-    assert set(ARCHITECTURES) == {"llama", "opt"}
+    assert set(ARCHITECTURES) == {"llama", "opt", "qwen2", "qwen3", "mistral", "gemma3_text", "phi3"}
 
 
 LLAMA_CFG = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
@@ -251,6 +251,7 @@ LLAMA_CFG = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidd
     ("llama", {"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "dynamic"),
     ("llama", {"mlp_bias": True}, "mlp_bias"),
     ("llama", {"hidden_act": "relu2"}, "relu2"),
+    ("llama", {"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
     ("opt", {"activation_function": "quick_gelu"}, "quick_gelu"),
 ])
 def test_unsupported_variants_raise(family, extra, match):

@@ -84,7 +84,7 @@ def _load(source: Source, dtype: torch.dtype) -> tuple[dict[str, Any], dict[str,
         raise SourceCheckpointError(f"{source.describe()['path']}: cannot read the model config ({e})") from None
     cfg = {k: v for k, v in config.to_dict().items() if k not in _DROP_CONFIG_KEYS}
     arch = get_architecture(cfg.get("model_type", "?"))
-    arch.Args.from_hf_config(cfg)  # unsupported variants fail here, before the weights load
+    args = arch.Args.from_hf_config(cfg)  # unsupported variants fail here, before the weights load
     try:
         with quiet:
             model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype, **kw)
@@ -102,7 +102,8 @@ def _load(source: Source, dtype: torch.dtype) -> tuple[dict[str, Any], dict[str,
                         error=str(e))
     else:
         log.warning("no tokenizer in the source; the store will take token ids only", source=str(source.directory))
-    sd = dict(model.state_dict())
+    # per tensor, as a streaming converter would: fused tensors (Phi-3) split (Architecture.split_fused)
+    sd = {k: v for key, t in model.state_dict().items() for k, v in arch.split_fused(args, key, t).items()}
     if cfg.get("tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)  # the same tensor as the embedding; not stored twice
     return cfg, sd, tokenizer

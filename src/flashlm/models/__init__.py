@@ -11,12 +11,15 @@ from flashlm.models.base import (
     attend,
     ffn_gated,
     ffn_ungated,
+    gemma_rms_norm,
     layer_norm,
+    linear,
     rms_norm,
 )
 from flashlm.models.registry import ARCHITECTURES, get_architecture
 
 __all__ = [
     "ACTIVATIONS", "ARCHITECTURES", "PERMUTATION_KEY", "Architecture", "Block", "CausalLM", "KVCache", "Rope",
-    "attend", "ffn_gated", "ffn_ungated", "get_architecture", "layer_norm", "rms_norm",
+    "attend", "ffn_gated", "ffn_ungated", "gemma_rms_norm", "get_architecture", "layer_norm", "linear",
+    "rms_norm",
 ]

@@ -38,15 +38,37 @@ class Block(Protocol):
 
 
 class Architecture(Protocol):
-    """A model family, found by transformers' `model_type` in `flashlm.models.registry`."""
+    """A model family, found by transformers' `model_type` in `flashlm.models.registry`.
+
+    `split_fused(args, key, tensor)` is applied by the converter to every entry of the source
+    state dict, one at a time, before `is_ffn_key` / `pack_ffn` see it: it returns the entries
+    that replace it, under transformers-style names (most families: `{key: tensor}`; Phi-3 splits
+    its fused `qkv_proj` and `gate_up_proj` into `q/k/v_proj` and `gate/up_proj`). It is pure,
+    per tensor and needs no other entry, so a streaming converter can call it as tensors arrive.
+    """
 
     model_type: str
     Args: type  # frozen dataclass with `from_hf_config(cfg: dict) -> Args`
 
+    def split_fused(self, args: Any, key: str, tensor: Tensor) -> dict[str, Tensor]: ...
     def ffn_parts(self, args: Any) -> tuple[str, ...]: ...
     def is_ffn_key(self, args: Any, key: str) -> bool: ...
     def pack_ffn(self, args: Any, sd: dict[str, Tensor], layer: int) -> Tensor: ...
     def build(self, args: Any, resident: dict[str, Tensor], ffn_rows: list[Tensor | None]) -> CausalLM: ...
+
+
+# --- matrix products ------------------------------------------------------------------------
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """x (T, in) @ w (out, in)^T + b: every weight product of attention and head goes through here
+    (one place to dispatch to other kernels, e.g. quantised weights)."""
+    return F.linear(x, w, b)
+
+
+def no_split(args: Any, key: str, tensor: Tensor) -> dict[str, Tensor]:
+    """`Architecture.split_fused` of a family without fused tensors."""
+    return {key: tensor}
 
 
 # --- activations -----------------------------------------------------------------------------
@@ -84,6 +106,13 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * h.to(x.dtype)
 
 
+def gemma_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """Gemma's RMSNorm as transformers computes it: all in float32, scaled by (1 + weight), then cast."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * (1.0 + weight.float())).type_as(x)
+
+
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
@@ -103,33 +132,44 @@ class Rope:
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
     original_max_position_embeddings: int = 8192  # llama3
+    partial_rotary_factor: float = 1.0  # the first int(head_dim * factor) dims rotate; the family decides if allowed
 
     @classmethod
     def from_hf_config(cls, cfg: dict, model_type: str) -> Rope:
+        """One rope for every layer (families whose config has per-layer-type parameters call `from_params`)."""
         params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
         if params and all(isinstance(v, dict) for v in params.values()):
             raise UnsupportedArchitectureError(f"{model_type}: per-layer-type rope_parameters are not implemented")
+        return cls.from_params(params, cfg, model_type)
+
+    @classmethod
+    def from_params(cls, params: dict, cfg: dict, model_type: str) -> Rope:
+        """A rope from one parameter dict (`rope_type`/`type`, `rope_theta`, scaling keys); cfg's
+        top-level keys fill what it lacks, as transformers' `standardize_rope_params` does."""
         rope_type = params.get("rope_type", params.get("type", "default"))
         if rope_type not in cls.TYPES:
             raise UnsupportedArchitectureError(
                 f"{model_type}: rope type {rope_type!r} is not implemented; supported: {list(cls.TYPES)}"
             )
-        partial = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor")) or 1.0
-        if partial != 1.0:
-            raise UnsupportedArchitectureError(f"{model_type}: partial_rotary_factor={partial} is not implemented")
-        theta = params.get("rope_theta", cfg.get("rope_theta")) or 10_000.0
+        partial = float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor")) or 1.0)
+        theta = float(params.get("rope_theta", cfg.get("rope_theta")) or 10_000.0)
         max_pos = cfg.get("max_position_embeddings", 2048)
         if rope_type == "default":
-            return cls("default", float(theta))
+            return cls("default", theta, partial_rotary_factor=partial)
         if rope_type == "linear":
-            return cls("linear", float(theta), float(params["factor"]))
+            return cls("linear", theta, float(params["factor"]), partial_rotary_factor=partial)
         original = cfg.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
-        return cls("llama3", float(theta), float(params["factor"]), float(params["low_freq_factor"]),
-                   float(params["high_freq_factor"]), int(original or max_pos))
+        return cls("llama3", theta, float(params["factor"]), float(params["low_freq_factor"]),
+                   float(params["high_freq_factor"]), int(original or max_pos), partial)
+
+    def rotary_dim(self, head_dim: int) -> int:
+        """How many of a head's dims rotate (transformers: int(head_dim * partial_rotary_factor))."""
+        return int(head_dim * self.partial_rotary_factor)
 
     def inv_freq(self, head_dim: int) -> Tensor:
-        """(head_dim/2,) float32, computed with transformers' `modeling_rope_utils` formulas."""
-        inv = 1.0 / (self.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        """(rotary_dim/2,) float32, computed with transformers' `modeling_rope_utils` formulas."""
+        dim = self.rotary_dim(head_dim)
+        inv = 1.0 / (self.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         if self.rope_type == "linear":
             inv = inv / self.factor
         elif self.rope_type == "llama3":
@@ -176,8 +216,13 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (heads, T, head_dim); cos, sin (T, head_dim)."""
-    return x * cos + _rotate_half(x) * sin
+    """x (heads, T, head_dim); cos, sin (T, rotary_dim): the first rotary_dim dims rotate, the rest
+    pass through (partial rotary, as transformers' Phi-3 does)."""
+    rd = cos.shape[-1]
+    if rd == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rot, rest = x[..., :rd], x[..., rd:]
+    return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
 
 
 # --- KV cache and attention ------------------------------------------------------------------
@@ -227,19 +272,27 @@ class KVCache:
         self.length = length
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, pos: int, scale: float) -> Tensor:
+def attend(q: Tensor, k: Tensor, v: Tensor, pos: int, scale: float, window: int | None = None) -> Tensor:
     """Causal attention of T queries at positions pos..pos+T over keys [0, pos+T).
 
     q (n_heads, T, hd); k, v (n_kv_heads, pos+T, hd) with n_heads a multiple of n_kv_heads.
+    window: the query at position p sees only keys (p - window, p] (sliding-window attention,
+    transformers' `sliding_window`); the cache may hold older keys, they are not looked at.
     Returns (T, n_heads * hd).
     """
     n_heads, T, hd = q.shape
+    start = 0 if window is None else max(0, pos + 1 - window)  # the oldest key the first query sees
+    if start:
+        k, v = k[:, start:], v[:, start:]  # (n_kv_heads, pos+T-start, hd) views
     mask, causal = None, False
-    if T > 1 and pos == 0:
+    if T > 1 and pos == 0 and (window is None or T <= window):
         causal = True
-    elif T > 1:  # a prefill chunk after cached tokens: query i sees keys [0, pos+i]
-        keys = torch.arange(pos + T, device=q.device)
-        mask = keys[None, :] <= torch.arange(pos, pos + T, device=q.device)[:, None]  # (T, pos+T)
+    elif T > 1:  # query i (position pos+i) sees keys [max(0, pos+i-window+1), pos+i]
+        keys = torch.arange(start, pos + T, device=q.device)[None, :]  # (1, L) absolute positions
+        queries = torch.arange(pos, pos + T, device=q.device)[:, None]  # (T, 1)
+        mask = keys <= queries
+        if window is not None:
+            mask &= keys > queries - window  # (T, L)
     out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=causal,
                                          scale=scale, enable_gqa=k.shape[0] != n_heads)
     return out[0].transpose(0, 1).reshape(T, n_heads * hd)

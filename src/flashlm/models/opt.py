@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flashlm.errors import PromptTooLongError, UnsupportedArchitectureError
-from flashlm.models.base import CausalLM, KVCache, activation, attend, ffn_ungated, layer_norm, permutation
+from flashlm.models.base import CausalLM, KVCache, activation, attend, ffn_ungated, layer_norm, linear, permutation
 
 _FFN_KEY = re.compile(r"^model\.decoder\.layers\.(\d+)\.fc[12]\.weight$")
 POSITION_OFFSET = 2  # OPT's learned position table starts at row 2
@@ -102,12 +102,12 @@ class OPTBlock:
         a, T = self.args, x.shape[0]
         h = layer_norm(x, *self.self_attn_layer_norm) if self.pre_ln else x
         # transformers scales q after the projection and calls attention with scale 1.0: same order here
-        q = (F.linear(h, self.q_proj, self.q_bias) * self.scaling).view(T, a.n_heads, a.head_dim).transpose(0, 1)
-        k = F.linear(h, self.k_proj, self.k_bias).view(T, a.n_heads, a.head_dim).transpose(0, 1)  # (H, T, hd)
-        v = F.linear(h, self.v_proj, self.v_bias).view(T, a.n_heads, a.head_dim).transpose(0, 1)
+        q = (linear(h, self.q_proj, self.q_bias) * self.scaling).view(T, a.n_heads, a.head_dim).transpose(0, 1)
+        k = linear(h, self.k_proj, self.k_bias).view(T, a.n_heads, a.head_dim).transpose(0, 1)  # (H, T, hd)
+        v = linear(h, self.v_proj, self.v_bias).view(T, a.n_heads, a.head_dim).transpose(0, 1)
         cache.write(self.layer, pos, k, v)
         keys, values = cache.read(self.layer, pos + T)
-        residual = x + F.linear(attend(q, keys, values, pos, 1.0), self.out_proj, self.out_bias)
+        residual = x + linear(attend(q, keys, values, pos, 1.0), self.out_proj, self.out_bias)
         if self.pre_ln:
             return residual, layer_norm(residual, *self.final_layer_norm)
         residual = layer_norm(residual, *self.self_attn_layer_norm)
@@ -154,7 +154,7 @@ class OPTModel(CausalLM):
             )
         x = F.embedding(ids, self.embed_tokens)
         if self.project_in is not None:
-            x = F.linear(x, self.project_in)
+            x = linear(x, self.project_in)
         positions = torch.arange(pos + POSITION_OFFSET, pos + T + POSITION_OFFSET, device=ids.device)
         return x + F.embedding(positions, self.embed_positions)
 
@@ -162,8 +162,8 @@ class OPTModel(CausalLM):
         if self.args.final_layer_norm:
             x = layer_norm(x, *self.final_layer_norm)
         if self.project_out is not None:
-            x = F.linear(x, self.project_out)
-        return F.linear(x, self.lm_head)
+            x = linear(x, self.project_out)
+        return linear(x, self.lm_head)
 
 
 class OPTArchitecture:
@@ -171,6 +171,9 @@ class OPTArchitecture:
 
     model_type = "opt"
     Args = OPTArgs
+
+    def split_fused(self, args: OPTArgs, key: str, tensor: Tensor) -> dict[str, Tensor]:
+        return {key: tensor}  # nothing fused
 
     def ffn_parts(self, args: OPTArgs) -> tuple[str, ...]:
         return ("fc1", "fc2")
