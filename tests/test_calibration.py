@@ -12,6 +12,7 @@ import torch
 from flashlm import Engine
 from flashlm.bench.accuracy import Run, evaluate
 from flashlm.calibration import calibrate
+from flashlm.calibration.neuron_stats import load_stats
 from flashlm.calibration.coactivation import coactivation_order, entering, read_stats
 from flashlm.calibration.train import PredictorSettings
 from flashlm.io.store import FlashStore
@@ -56,6 +57,11 @@ async def test_calibration_keeps_outputs_and_stores_selectors(store):
         assert SELECTOR_KEY.format(mode="predictor", layer=layer, name="A") in resident
     assert not torch.equal(resident[PERMUTATION_KEY.format(0)].long(), torch.arange(perm.numel()))
     assert await greedy(store) == before  # the permutation leaves outputs token-exact
+    stats = load_stats(resident)  # the capped caches' statistics, in the physical (permuted) order
+    assert stats is not None and preds["neuron_stats"]["tokens"] == 384 and int(stats.tokens[0]) == 384
+    for layer in range(len(m.ffn.layers)):
+        rows = s.layer_rows(s.read_layer(layer)).float()
+        assert torch.allclose(stats.down_norm[layer], rows[:, 2].norm(dim=1), rtol=1e-4)
 
 
 async def test_calibrating_twice_composes_permutations(store):

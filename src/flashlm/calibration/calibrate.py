@@ -19,7 +19,9 @@ from tqdm.auto import tqdm
 
 import flashlm.calibration.data as data
 from flashlm.calibration.coactivation import coactivation_order, entering_sets, read_stats
-from flashlm.calibration.record import load_dense, record
+from flashlm.calibration.neuron_stats import DENSITIES, GRID, STATS_KEY, layer_stats, record_with_residual, stats_keys
+from flashlm.calibration.neuron_stats import NeuronStats
+from flashlm.calibration.record import load_dense
 from flashlm.calibration.train import PredictorSettings, selection_report, train_predictor
 from flashlm.io.format import MANIFEST_NAME, Manifest
 from flashlm.io.store import FlashStore
@@ -56,6 +58,7 @@ def calibrate(
     predictor: PredictorSettings | None = PredictorSettings(),
     train_tokens: int = 8192,
     permute: bool = True,
+    neuron_stats: bool = True,
     progress: bool = True,
     _before_commit: Callable[[Path], None] | None = None,
 ) -> dict[str, Any]:
@@ -67,6 +70,8 @@ def calibrate(
     co-activation order is fitted to. shadow: (bits, group) copies to build (group None: one
     per row). predictor: low-rank predictor settings (None: none). train_tokens: the recorded
     tokens the predictor trains on (the rest measure its recall). permute: reorder neurons.
+    neuron_stats: store per-neuron and per-layer statistics for capped caches (gated models;
+    `flashlm.calibration.neuron_stats`), in the physical (permuted) order.
     """
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -80,7 +85,7 @@ def calibrate(
     dense = load_dense(store, resident)
     n_layers = len(dense.rows)
     with torch.inference_mode():
-        X = record(dense, ids, seq_len=seq_len, progress=progress)  # per layer (N, d) fp16
+        X, resid_sq = record_with_residual(dense, ids, seq_len=seq_len, progress=progress)  # per layer (N, d) fp16
     N = X[0].shape[0]
     n_train = min(train_tokens, int(N * 0.9))
 
@@ -91,6 +96,7 @@ def calibrate(
     layer_reports: dict[str, list[dict]] = {}
     bar = tqdm(total=n_layers, desc="calibrate: layers", unit="layer", disable=not progress)
     before, after = [], []
+    per_layer_stats: list[dict[str, Tensor]] = []
     for layer in range(n_layers):
         x = X[layer].float()
         with torch.inference_mode():
@@ -105,6 +111,9 @@ def calibrate(
             new_resident[PERMUTATION_KEY.format(layer)] = composed.to(torch.int32)
             rows[layer] = rows[layer][order].contiguous()
             exact = exact[:, order]
+        if neuron_stats and dense.gated:
+            with torch.inference_mode():
+                per_layer_stats.append(layer_stats(x, rows[layer], dense.act))
         bias = dense.fc1_bias[layer]
         if bias is not None and permute:
             bias = bias[order]
@@ -138,11 +147,22 @@ def calibrate(
         perm_info = {"applied": True, "objective": f"co-entry into a window of {window} at density {density}",
                      "calibration_reads": {k: {s: sum(r[s] for r in v) / len(v) for s in v[0]}
                                            for k, v in (("before", before), ("after", after))}}
+    stats_entry = None
+    if per_layer_stats:
+        stack = lambda k: torch.stack([p[k] for p in per_layer_stats])  # noqa: E731
+        st = NeuronStats(mean_abs=stack("mean_abs"), mean_sq=stack("mean_sq"), down_norm=stack("down_norm"),
+                         freq=stack("freq"), densities=torch.tensor(DENSITIES), resid_sq=resid_sq.float(),
+                         out_sq=stack("out_sq").float(), grid=torch.tensor(GRID), topc_err=stack("topc_err"),
+                         static_err=stack("static_err"), tokens=torch.tensor([N]))
+        new_resident = {k: v for k, v in new_resident.items() if not k.startswith(STATS_KEY.split("{")[0])}
+        new_resident.update(stats_keys(st))
+        stats_entry = {"keys": STATS_KEY, "tokens": N, "densities": list(DENSITIES), "order": "physical"}
     predictors = {
         "selectors": selectors,
         "default": dict(DEFAULT_SELECTION),
         "target": {"density": density, "measure": "|act(gate x) * (up x)|" if dense.gated else "|act(fc1 x + b)|"},
         "permutation": perm_info,
+        "neuron_stats": stats_entry,
         "calibration": {"text": source_text, "tokens": N, "seq_len": seq_len, "train_tokens": n_train,
                         "window": window, "flashlm": __version__, "seconds": round(time.perf_counter() - t0, 1)},
     }

@@ -4,6 +4,8 @@
   stripped by `gensim.corpora.wikicorpus`, redirects and stubs dropped, split *by article*
   into calibration and held-out parts (a fixed rule, so every run splits the same way).
 - News: `lee_background.cor`, for evaluation only.
+- Code: the wheel's own Python sources, `gensim/models/*.py` (gensim 4.4.0), for evaluation
+  only (no calibration reads them).
 
 The files come from an installed gensim (the `calibrate` extra: `pip install 'flashlm[calibrate]'`),
 or from copies of them in `$FLASHLM_HOME/data` (or `~/.cache/flashlm/data`). Nothing is downloaded
@@ -99,6 +101,45 @@ def news_texts() -> list[str]:
     """The news text, one story per line (evaluation only)."""
     lines = data_file(NEWS_FILE).read_text(encoding="utf-8", errors="replace").splitlines()
     return [ln.strip() for ln in lines if ln.strip()]
+
+
+CODE_GLOB = "gensim/models/*.py"
+
+
+def code_texts() -> list[tuple[str, str]]:
+    """(path, source) of gensim 4.4.0's `gensim/models/*.py`, sorted by path: from the
+    installed gensim if it is 4.4.0, else from the wheel (fetched as `data_file` does)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("gensim") == GENSIM.split("==")[1]
+    except PackageNotFoundError:
+        installed = False
+    spec = importlib.util.find_spec("gensim") if installed else None
+    if spec is not None and spec.origin is not None:
+        root = Path(spec.origin).parent.parent
+        return [(str(f.relative_to(root)), f.read_text(encoding="utf-8")) for f in sorted(root.glob(CODE_GLOB))]
+    data_file(WIKI_FILE)  # makes sure the wheel is in data_dir()
+    wheel = sorted(data_dir().glob("gensim-4.4.0-*.whl"))[-1]
+    with zipfile.ZipFile(wheel) as z:
+        names = sorted(n for n in z.namelist() if re.fullmatch(r"gensim/models/[^/]+\.py", n))
+        return [(n, z.read(n).decode("utf-8")) for n in names]
+
+
+def file_chunks(tokenizer, texts: list[str], seq_len: int, n: int, skip: int = 1) -> list[list[int]]:
+    """Up to n sequences of seq_len tokens, one per text that is long enough: tokens
+    [skip * seq_len, (skip + 1) * seq_len) of each (skip=1 passes over the licence header and
+    imports to the code itself)."""
+    out = []
+    for t in texts:
+        ids = tokenizer(t, add_special_tokens=False)["input_ids"]
+        if len(ids) >= (skip + 1) * seq_len:
+            out.append(ids[skip * seq_len: (skip + 1) * seq_len])
+        if len(out) == n:
+            break
+    if len(out) < n:
+        raise CalibrationDataError(f"only {len(out)} texts have {(skip + 1) * seq_len} tokens, {n} were asked for")
+    return out
 
 
 def token_stream(tokenizer, texts: list[str], n: int, sep: int | None = None) -> list[int]:

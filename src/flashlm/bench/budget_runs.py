@@ -1,0 +1,125 @@
+"""`python -m flashlm.bench.budget_runs STORE --stats FILE --plan NAME --json OUT`: the runs of
+the memory-budget study (docs/budget.md), one named plan at a time.
+
+Texts (`--texts eval`): held-out Wikipedia and news (consecutive 512-token sequences of the
+streams `flashlm eval` uses) and code (gensim 4.4.0's `gensim/models/*.py`, tokens 512-1023 of
+each file long enough, in path order). `--texts calibration`: the Wikipedia calibration split
+from token 8192 on (past the tokens the statistics were computed from), for tuning.
+Results are appended to the JSON after every run, so a partial plan keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import flashlm.calibration.data as data
+from flashlm.bench.budget_eval import BudgetRun, Harness
+from flashlm.bench.budget_plan import plan as budget_plan, selector_bytes, shapes_of
+from flashlm.bench.policies import ENGINE, PER_TOKEN_TOP, STATIC, CachePolicy
+from flashlm.calibration.neuron_stats import read_stats
+from flashlm.calibration.record import load_dense
+from flashlm.io.store import FlashStore
+
+SEQ = 512
+
+
+def eval_texts(tok, tokens: int, kind: str = "eval") -> dict[str, list[list[int]]]:
+    n = tokens // SEQ
+    if kind == "calibration":
+        ids = data.token_stream(tok, data.wiki_split("calibration"), 8192 + n * SEQ, tok.eos_token_id)[8192:]
+        return {"wiki_cal": [ids[i * SEQ: (i + 1) * SEQ] for i in range(n)]}
+    out = {}
+    for name, texts in (("wiki", data.wiki_split("heldout")), ("news", data.news_texts())):
+        ids = data.token_stream(tok, texts, n * SEQ, tok.eos_token_id)
+        out[name] = [ids[i * SEQ: (i + 1) * SEQ] for i in range(n)]
+    out["code"] = data.file_chunks(tok, [t for _, t in data.code_texts()], SEQ, n)
+    return out
+
+
+def cache_fractions(store: str, context: int = 2048, fmt: str = "q4") -> dict[float, float]:
+    s = shapes_of(store)
+    return {b: budget_plan(s, fmt, b, context)["cache_fraction"] for b in (1.0, 0.75, 0.5, 0.35)}
+
+
+def engine_select(c: float) -> float:
+    """The per-token density the earlier capped runs used (30% at caches of 35-50%, 40% at 70%),
+    as a fraction of the capacity."""
+    d = 0.1 if c < 0.2 else 0.3 if c < 0.6 else 0.4
+    return min(1.0, d / c)
+
+
+def plans(store: str, context: int, budget: float = 0.5) -> dict[str, list[BudgetRun]]:
+    cf = cache_fractions(store, context)
+    c = cf[budget]
+    es = engine_select(c)
+    eng = CachePolicy(select=es)
+    allc = CachePolicy(select=es, compute="cache")
+    screen = [
+        BudgetRun(eng, c, label="engine"),
+        BudgetRun(CachePolicy(select=min(1.0, 0.65)), c, label="engine select 0.65"),
+        BudgetRun(PER_TOKEN_TOP, c, label="per-token top (ceiling)"),
+        BudgetRun(STATIC, c, prior="energy", label="static energy"),
+        BudgetRun(STATIC, c, prior="freq@0.35", label="static freq@0.35"),
+        # lever 1: per-layer capacities
+        BudgetRun(eng, c, allocation="topc-equal", label="engine, alloc topc-equal"),
+        BudgetRun(eng, c, allocation="static-equal", label="engine, alloc static-equal"),
+        BudgetRun(eng, c, allocation="topc-relative", label="engine, alloc topc-relative"),
+        # lever 2: retention
+        BudgetRun(CachePolicy(select=es, retention="lfu"), c, label="lfu h16"),
+        BudgetRun(CachePolicy(select=es, retention="lfu", half_life=64), c, label="lfu h64"),
+        BudgetRun(CachePolicy(select=es, pinned=0.5), c, label="pinned 50% + lru"),
+        # lever 3: selection
+        BudgetRun(allc, c, label="compute all cached"),
+        BudgetRun(CachePolicy(select=1.0, compute="cache", bonus=1.2), c, label="select 1, bonus 1.2, all"),
+        BudgetRun(CachePolicy(select=1.0, compute="cache", bonus=1.5), c, label="select 1, bonus 1.5, all"),
+        BudgetRun(CachePolicy(select=1.0, compute="cache", pinned=0.5), c, label="select 1, pinned 50%, all"),
+        BudgetRun(CachePolicy(select=es, retention="value", compute="cache"), c, label="value retention, all"),
+        BudgetRun(eng, c, weighted=True, label="engine, weighted by |down|"),
+    ]
+    return {"screen": screen}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m flashlm.bench.budget_runs")
+    p.add_argument("store")
+    p.add_argument("--stats", required=True, help="from `python -m flashlm.calibration.neuron_stats`")
+    p.add_argument("--plan", required=True)
+    p.add_argument("--json", required=True)
+    p.add_argument("--tokens", type=int, default=2048, help="tokens per text")
+    p.add_argument("--texts", default="eval", choices=["eval", "calibration"])
+    p.add_argument("--context", type=int, default=2048, help="max_context the KV cache is sized for")
+    p.add_argument("--only", default=None, help="comma-separated run indices of the plan")
+    p.add_argument("--budget", type=float, default=0.5, help="the budget fraction the plan's cache follows")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    runs = plans(a.store, a.context, a.budget)[a.plan]
+    if a.only:
+        runs = [runs[int(i)] for i in a.only.split(",")]
+    store = FlashStore.open(a.store)
+    stats, records = read_stats(a.stats)
+    h = Harness(load_dense(store), stats, eval_texts(data.tokenizer(store), a.tokens, a.texts), records)
+    out_path = Path(a.json)
+    report: dict[str, Any] = json.loads(out_path.read_text()) if out_path.exists() else {}
+    report.update({"store": a.store, "texts": a.texts, "tokens_per_text": a.tokens, "context": a.context,
+                   "cache_fractions": cache_fractions(a.store, a.context), "stats_tokens": int(stats.tokens[0])})
+    report.setdefault("runs", [])
+    report["dense"] = h.dense_report()
+    out_path.write_text(json.dumps(report, indent=1) + "\n")
+    s = shapes_of(a.store)
+    ffn = budget_plan(s, "q4", 1.0, a.context)["ffn_flash_bytes"]
+    for run in runs:
+        r = h.evaluate(run)
+        r["selector_fraction_q4"] = selector_bytes(s, run.selector) / ffn
+        report["runs"].append(r)
+        out_path.write_text(json.dumps(report, indent=1) + "\n")
+        texts = " ".join(f"{k} {r[k]['rel']:+.2%}" for k in h.names)
+        print(f"{run.label or run.policy}: {texts} reads {r['reads_per_token']:.2%} ({r['seconds']:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

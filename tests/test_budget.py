@@ -1,0 +1,134 @@
+"""The memory-budget study's machinery: budget arithmetic, calibration statistics and
+allocations, and the batched harness (unlimited caches equal dense; capped ones do not)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from flashlm.bench.budget_eval import BudgetRun, Harness, capacities, forward_nll, relative
+from flashlm.bench.budget_plan import Shapes, plan, selector_bytes, stride
+from flashlm.bench.policies import ENGINE, PER_TOKEN_TOP, STATIC, CachePolicy
+from flashlm.calibration.neuron_stats import (
+    GRID, allocate, allocate_equal, layer_stats, load_stats, neuron_stats, read_stats, record_with_residual,
+    save_stats, stats_keys,
+)
+from flashlm.calibration.record import forward_with, load_dense
+from flashlm.io.store import FlashStore
+
+QWEN15 = Shapes(vocab=151936, d=1536, n_layers=28, d_ff=8960, n_heads=12, n_kv=2, head_dim=128, tied=False,
+                qkv_bias=True)
+
+
+def test_budget_arithmetic_of_the_15b_in_q4():
+    assert stride(QWEN15, 5.0) == 3072  # 3 x 1536 x 5 / 8 = 2880 B, padded to 512
+    p = plan(QWEN15, "q4", 0.5, 2048)
+    assert p["ffn_flash_bytes"] == 28 * 8960 * 3072
+    assert p["head_bytes"] == p["embeddings_flash_bytes"] == 151936 * 1536 * 5 / 8
+    assert p["kv_bytes"] == 28 * 2 * 2 * 128 * 2 * 2048
+    attn = 28 * (1536 * (12 + 4) * 128 + 12 * 128 * 1536) * 5 / 8 + 28 * 16 * 128 * 2
+    assert p["attention_bytes"] == attn
+    store = 2 * 151936 * 1536 * 5 / 8 + attn + 57 * 1536 * 2 + 28 * 8960 * 3072
+    assert p["store_bytes"] == store
+    assert p["cache_fraction"] == pytest.approx((0.5 * store - p["head_bytes"] - attn - 57 * 1536 * 2 - p["kv_bytes"])
+                                                / p["ffn_flash_bytes"])
+    assert 0.35 < p["cache_fraction"] < 0.37 and plan(QWEN15, "q4", 1.0, 2048)["cache_fraction"] == 1.0
+    tied = Shapes(**{**QWEN15.__dict__, "tied": True})
+    assert plan(tied, "q4", 0.5, 2048)["embeddings_flash_bytes"] == 0
+    assert plan(QWEN15, "q4", 0.35, 1 << 20)["cache_fraction"] == 0.0  # a KV cache larger than the budget
+    assert selector_bytes(QWEN15, "shadow_int4") == 28 * 2 * 8960 * 1536 * 4.5 / 8
+    assert selector_bytes(QWEN15, "lowrank_64") == 28 * ((1536 + 8960) * 64 + 8960) * 2
+    assert selector_bytes(QWEN15, "static") == 0
+
+
+def test_layer_stats_curves_and_frequencies():
+    g = torch.Generator().manual_seed(0)
+    n, d = 48, 16
+    rows = torch.randn(n, 3, d, generator=g)
+    x = torch.randn(300, d, generator=g)
+    st = layer_stats(x, rows, torch.nn.functional.silu, densities=(0.25, 0.5), curve_tokens=300, chunk=64)
+    assert st["topc_err"][0] == pytest.approx(1.0) and st["topc_err"][-1] == pytest.approx(0.0, abs=1e-9)
+    assert st["static_err"][0] == pytest.approx(1.0) and st["static_err"][-1] == pytest.approx(0.0, abs=1e-9)
+    # each token picks exactly round(density n) neurons, so the frequencies sum to that
+    assert st["freq"].sum(1).tolist() == pytest.approx([12.0, 24.0])
+    a = torch.nn.functional.silu(x @ rows[:, 0].T) * (x @ rows[:, 1].T)
+    assert torch.allclose(st["mean_abs"], a.abs().mean(0), rtol=1e-4)
+    assert torch.allclose(st["down_norm"], rows[:, 2].norm(dim=1))
+    # the per-token top set beats the static one on average over the grid
+    assert float(st["topc_err"].mean()) < float(st["static_err"].mean())
+
+
+def test_allocations_keep_the_mean_and_favour_the_layers_that_need_it():
+    grid = torch.tensor(GRID)
+    steep, flat = torch.exp(-grid / 0.05), torch.exp(-grid / 0.4)
+    curves = torch.stack([steep, flat, flat])
+    for alloc in (allocate(curves, grid, 0.4), allocate_equal(curves, grid, 0.4)):
+        assert sum(alloc) / 3 == pytest.approx(0.4, abs=1e-6)
+        assert alloc[0] < 0.4 < alloc[1] and alloc[1] == pytest.approx(alloc[2], abs=0.05)  # one grid step
+    eq = allocate_equal(curves, grid, 0.4)
+    import numpy as np
+
+    errs = [float(np.interp(eq[i], grid.numpy(), curves[i].numpy())) for i in range(3)]
+    assert max(errs) - min(errs) < 0.03 < errs[0]  # equal errors, as far as the steps allow
+    with pytest.raises(ValueError):
+        allocate_equal(curves, grid, 1.5)
+
+
+@pytest.fixture(scope="module")
+def harness(llama_store, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("budget") / "store"
+    shutil.copytree(llama_store[1], dst)
+    dense = load_dense(FlashStore.open(dst))
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 320, (256,), generator=g).tolist()
+    X, rsq = record_with_residual(dense, ids, seq_len=64, progress=False)
+    stats = neuron_stats(X, dense.rows, dense.act, rsq, progress=False, curve_tokens=128)
+    texts = {"a": [torch.randint(3, 320, (40,), generator=g).tolist() for _ in range(2)],
+             "b": [torch.randint(3, 320, (40,), generator=g).tolist()]}
+    return Harness(dense, stats, texts, X), dst
+
+
+def test_stats_round_trip_through_a_file_and_resident_keys(harness, tmp_path):
+    h, _ = harness
+    save_stats(h.stats, tmp_path / "s.safetensors", h.calib_x)
+    back, rec = read_stats(tmp_path / "s.safetensors")
+    assert torch.equal(back.freq, h.stats.freq) and len(rec) == len(h.calib_x)
+    assert torch.equal(load_stats(stats_keys(h.stats)).topc_err, h.stats.topc_err)
+    assert load_stats({}) is None
+
+
+def test_batched_forward_is_the_per_sequence_forward(harness):
+    h, _ = harness
+    nll = h.dense_nll()
+    for b, s in enumerate(h.seqs):
+        logits = forward_with(h.dense.model, s)
+        ref = torch.nn.functional.cross_entropy(logits[:-1], s[1:], reduction="none")
+        assert torch.allclose(nll[b], ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", [ENGINE, PER_TOKEN_TOP, CachePolicy(select=1.0, compute="cache", pinned=0.5),
+                                    CachePolicy(select=1.0, retention="value", compute="cache", bonus=2.0)])
+def test_unlimited_cache_is_dense_and_a_capped_one_is_not(harness, policy):
+    h, _ = harness
+    base = h.dense_nll()
+    p = CachePolicy(**{**policy.to_dict(), "select": 1.0})
+    nll, tally = h.run_nll(BudgetRun(p, 1.0))
+    assert torch.allclose(nll, base, atol=1e-4)
+    assert max(tally.reads) == 0.0 or policy.pinned == 0.0  # reads only fill the cache, never re-read
+    capped, t2 = h.run_nll(BudgetRun(CachePolicy(**{**policy.to_dict(), "select": 0.8}), 0.3))
+    rel = relative(capped, base)
+    assert rel["rel"] > 0.0 and rel["rel_lo"] <= rel["rel"] <= rel["rel_hi"]
+    assert all(0.0 <= r <= 1.0 for r in t2.reads) and max(t2.held) <= 0.3 + 1 / h.d_ff
+
+
+def test_static_reads_nothing_and_allocation_keeps_the_total(harness):
+    h, _ = harness
+    r = h.evaluate(BudgetRun(STATIC, 0.5))
+    assert r["reads_per_token"] == 0.0 and set(r) >= {"a", "b", "capacity_per_layer", "computed_per_token"}
+    caps = capacities(BudgetRun(ENGINE, 0.4, allocation="topc-equal"), h.stats, h.n_layers, h.d_ff)
+    assert sum(caps) == pytest.approx(0.4 * h.d_ff * h.n_layers, abs=h.n_layers)
+    even = h.run_nll(BudgetRun(ENGINE, 0.4))[0]
+    assert torch.equal(forward_nll(h.dense.model, h.seqs, lambda b, x: b.ffn(x, b.ffn_rows)), h.dense_nll())
+    assert not torch.equal(even, h.dense_nll())
