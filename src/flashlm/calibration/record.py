@@ -37,7 +37,7 @@ def load_dense(store: FlashStore, resident: dict[str, Tensor] | None = None) -> 
     args = arch.Args.from_hf_config(m.config)
     resident = resident if resident is not None else store.load_resident()
     res = {k: v.float() if v.is_floating_point() else v for k, v in resident.items()}
-    rows = [store.layer_rows(store.read_layer(i)).float() for i in range(len(m.ffn.layers))]
+    rows = [store.layer_float_rows(store.read_layer(i)) for i in range(len(m.ffn.layers))]
     model = arch.build(args, res, rows)
     block0 = model.layers[0]
     return DenseModel(model, rows, block0.act, [getattr(b, "fc1_bias", None) for b in model.layers],

@@ -102,6 +102,12 @@ class QRows:
         return self.data.device
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the ops on these rows compute in and return (float32): what a model built
+        on quantised weights computes its activations in."""
+        return torch.float32
+
+    @property
     def nbytes(self) -> int:
         """Bytes of weights these rows hold (data, scales, mins), whatever their strides."""
         return self.n * row_bytes(self.fmt, self.d)
@@ -262,3 +268,34 @@ def unpack_bundle(layout: BundleLayout, bundles: Tensor) -> tuple[QRows, ...]:
             mins = bundles[:, o:o + G2].view(torch.float16)
         out.append(QRows(layout.fmt, data, scales, mins))
     return tuple(out)
+
+
+@dataclass(frozen=True, eq=False)
+class QBundles:
+    """n FFN bundles as the kernels take them: `bundles` (n, stride) uint8 (e.g. a neuron cache's
+    slots, or a whole layer read from flash) and the `layout` of the parts inside each row.
+    Indexing (a slice or an index tensor) selects bundles, like the rows of a float tensor."""
+
+    bundles: Tensor
+    layout: BundleLayout
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.bundles.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.bundles.device
+
+    def __len__(self) -> int:
+        return self.bundles.shape[0]
+
+    def __getitem__(self, index) -> QBundles:
+        return QBundles(self.bundles[index], self.layout)
+
+    def part(self, name: str) -> QRows:
+        """One part's rows, a strided view (no copy)."""
+        return unpack_bundle(self.layout, self.bundles)[self.layout.index(name)]
+
+    def to(self, device: torch.device | str) -> QBundles:
+        return QBundles(self.bundles.to(device), self.layout)

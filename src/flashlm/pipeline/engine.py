@@ -29,6 +29,7 @@ from flashlm.errors import EngineClosedError, EngineDeadError, NonFiniteLogitsEr
 from flashlm.io.reader import BundleReader
 from flashlm.io.store import FlashStore
 from flashlm.io.writer import TORCH_DTYPES
+from flashlm.kernels import QBundles, QRows
 from flashlm.log import get_logger
 from flashlm.models import get_architecture
 from flashlm.models.selectors import n_keep
@@ -65,15 +66,24 @@ def _build_model(store: FlashStore, config: EngineConfig) -> tuple[Any, dict[str
     arch = get_architecture(m.model_type)
     args = arch.Args.from_hf_config(m.config)
     dev, dt = torch.device(config.device), config.torch_dtype
+    # quantised weights (QRows) stay in their format; float tensors take the compute dtype
     resident = {
-        k: (v.to(dev, dt) if v.is_floating_point() else v.to(dev)) for k, v in store.load_resident().items()
+        k: (v.to(dev, dt) if isinstance(v, torch.Tensor) and v.is_floating_point() else v.to(dev))
+        for k, v in store.load_resident().items()
     }
     n = len(m.ffn.layers)
     if config.ffn == "ram":
-        rows: list[torch.Tensor | None] = [store.layer_rows(store.read_layer(i)).to(dev, dt) for i in range(n)]
+        rows: list[Any] = []
+        for i in range(n):
+            r = store.layer_rows(store.read_layer(i))
+            rows.append(r.to(dev) if isinstance(r, QBundles) else r.to(dev, dt))
     else:
         rows = [None] * n
     return arch.build(args, resident, rows), resident
+
+
+def _held_bytes(t: torch.Tensor | QRows) -> int:
+    return t.nbytes if isinstance(t, QRows) else t.numel() * t.element_size()
 
 
 def release_freed_memory() -> None:
@@ -234,6 +244,10 @@ class Engine:
         limit = mcfg.get("max_position_embeddings") or DEFAULT_CONTEXT_CAP
         self.max_context = config.max_context or min(limit, DEFAULT_CONTEXT_CAP)
         self.vocab_size = int(mcfg["vocab_size"])
+        m = store.manifest
+        # the model's own bytes: what holding all of its store in DRAM takes (resident file + FFN
+        # bundles), the unit of a fractional memory budget whatever the compute dtype
+        self.model_bytes = m.resident.size + m.ffn.file.size
         eos = mcfg.get("eos_token_id")
         ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -293,17 +307,15 @@ class Engine:
             self._pool, make_selectors, cfg, store, self.model, resident)
         ffn = store.manifest.ffn
         d_ff = max(layer.n_neurons for layer in ffn.layers)
-        itemsize = torch.empty((), dtype=cfg.torch_dtype).element_size()
-        same = cfg.torch_dtype == TORCH_DTYPES[ffn.dtype] and self.device.type == "cpu"
+        itemsize = torch.empty((), dtype=self.model.dtype).element_size()  # activations and KV cache
         args = self.model.args
-        resident_bytes = sum(t.numel() * t.element_size() for t in resident.values())
-        ffn_elems = sum(layer.n_neurons for layer in ffn.layers) * len(ffn.parts) * ffn.hidden_size
+        resident_bytes = sum(_held_bytes(t) for t in resident.values())
         self.memory = plan_memory(
-            budget=parse_budget(cfg.memory_budget, resident_bytes + ffn_elems * itemsize),
+            budget=parse_budget(cfg.memory_budget, self.model_bytes),
             resident_bytes=resident_bytes,
             selector_bytes=selector_bytes,
             kv_bytes=2 * args.n_layers * self.max_context * args.n_kv_heads * args.head_dim * itemsize,
-            slot_bytes=ffn.stride + (0 if same else len(ffn.parts) * ffn.hidden_size * itemsize),
+            slot_bytes=NeuronCache.slot_bytes(ffn, self.model.dtype, self.device),
             # one step pins its exact set and, with lookahead, the speculative one
             n_layers=len(ffn.layers), d_ff=d_ff,
             min_capacity=min(d_ff, n_keep(d_ff, cfg.effective_density) * (1 + cfg.lookahead)),
