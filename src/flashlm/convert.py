@@ -1,25 +1,28 @@
 """`flashlm convert SRC OUT`: a transformers checkpoint directory, a GGUF file or a built-in
-name becomes a flash store. transformers' own loaders read the source (GGUF is dequantised
-by transformers + gguf); flashlm.io writes the bytes.
+name becomes a flash store, tensor by tensor: `flashlm.sources` reads each source tensor when
+it is needed (GGUF dequantised by gguf's dequantisers, safetensors through safe_open), the
+architecture's `split_fused` hook names its parts, and flashlm.io writes resident tensors as
+they come and the FFN a layer at a time. Peak memory is about one layer's FFN or the largest
+resident tensor (in the load dtype), whatever the model's size; config and tokenizer come from
+transformers.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
 import os
+from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flashlm.log import get_logger
 import torch
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from flashlm.builtin import BUILTINS, builtin_file, cached_store_path, is_builtin
+from flashlm.builtin import BUILTINS, cached_store_path, is_builtin, model_file
 from flashlm.errors import (
     CheckpointFormatError,
     SourceCheckpointError,
@@ -28,13 +31,12 @@ from flashlm.errors import (
 )
 from flashlm.io.format import MANIFEST_NAME, Manifest
 from flashlm.io.writer import check_block_size, check_dtype, write_store
+from flashlm.log import get_logger
 from flashlm.models import get_architecture
+from flashlm.models.base import Architecture
+from flashlm.sources import Checkpoint, open_checkpoint
 
 log = get_logger(__name__)
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-# Keys transformers adds to a config that describe the source file, not the model.
-_DROP_CONFIG_KEYS = ("quantization_config", "_name_or_path", "transformers_version", "torch_dtype", "dtype")
 
 
 @dataclass(frozen=True)
@@ -48,10 +50,11 @@ class Source:
         return {"kind": self.kind, "path": str(self.directory / (self.gguf_file or "")), "name": self.name}
 
 
-def resolve_source(src: str | os.PathLike[str]) -> Source:
+def resolve_source(src: str | os.PathLike[str], progress: bool = False) -> Source:
+    """What SRC names. A built-in model's GGUF is assembled from its installed parts if need be."""
     text = str(src)
     if is_builtin(text):
-        path = builtin_file(text)
+        path = model_file(text, progress=progress)
         return Source("builtin", path.parent, path.name, text)
     path = Path(text).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -70,43 +73,30 @@ def resolve_source(src: str | os.PathLike[str]) -> Source:
     )
 
 
-def _load(source: Source, dtype: torch.dtype) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]:
-    """(config dict, state dict, tokenizer or None) via transformers."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+@dataclass(frozen=True)
+class _Plan:
+    """Which source tensors give resident tensors, and which give each layer's FFN."""
 
-    kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    # transformers prints progress and advice to stdout/stderr; keep the CLI's output ours.
-    quiet = contextlib.redirect_stdout(io.StringIO())
-    try:
-        with quiet:
-            config = AutoConfig.from_pretrained(source.directory, **kw)
-    except Exception as e:  # noqa: BLE001 - an untrusted file can fail transformers in any way
-        raise SourceCheckpointError(f"{source.describe()['path']}: cannot read the model config ({e})") from None
-    cfg = {k: v for k, v in config.to_dict().items() if k not in _DROP_CONFIG_KEYS}
-    arch = get_architecture(cfg.get("model_type", "?"))
-    args = arch.Args.from_hf_config(cfg)  # unsupported variants fail here, before the weights load
-    try:
-        with quiet:
-            model = AutoModelForCausalLM.from_pretrained(source.directory, dtype=dtype, **kw)
-    except Exception as e:  # noqa: BLE001 - as above
-        raise SourceCheckpointError(f"{source.describe()['path']}: cannot load the weights ({e})") from None
-    tokenizer = None
-    # transformers may invent a default tokenizer for a directory that has none; only a
-    # tokenizer the source really carries is copied.
-    if source.gguf_file or any((source.directory / f).is_file() for f in _TOKENIZER_FILES):
-        try:
-            with quiet:
-                tokenizer = AutoTokenizer.from_pretrained(source.directory, **kw)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("tokenizer unreadable; the store will take token ids only", source=str(source.directory),
-                        error=str(e))
-    else:
-        log.warning("no tokenizer in the source; the store will take token ids only", source=str(source.directory))
-    # per tensor, as a streaming converter would: fused tensors (Phi-3) split (Architecture.split_fused)
-    sd = {k: v for key, t in model.state_dict().items() for k, v in arch.split_fused(args, key, t).items()}
-    if cfg.get("tie_word_embeddings", False):
-        sd.pop("lm_head.weight", None)  # the same tensor as the embedding; not stored twice
-    return cfg, sd, tokenizer
+    resident: tuple[str, ...]
+    ffn: dict[int, tuple[str, ...]]
+
+
+def _plan(arch: Architecture, args: Any, shapes: dict[str, tuple[int, ...]], n_layers: int, where: str) -> _Plan:
+    """Learn the keys each source tensor gives from `split_fused` on a meta tensor of its shape."""
+    resident: list[str] = []
+    ffn: dict[int, list[str]] = defaultdict(list)
+    for key, shape in shapes.items():
+        outs = arch.split_fused(args, key, torch.empty(shape, device="meta"))
+        if any(not arch.is_ffn_key(args, k) for k in outs):
+            resident.append(key)
+        for layer in sorted({_layer_of(k) for k in outs if arch.is_ffn_key(args, k)}, key=lambda x: x or 0):
+            if layer is None or not 0 <= layer < n_layers:
+                raise SourceCheckpointError(f"{where}: FFN tensor {key!r} belongs to no layer of {n_layers}")
+            ffn[layer].append(key)
+    missing = [layer for layer in range(n_layers) if layer not in ffn]
+    if missing:
+        raise SourceCheckpointError(f"{where}: cannot load the weights (no FFN tensors for layers {missing[:5]})")
+    return _Plan(tuple(resident), {layer: tuple(keys) for layer, keys in ffn.items()})
 
 
 def convert(
@@ -118,52 +108,70 @@ def convert(
     force: bool = False,
     progress: bool = True,
 ) -> Manifest:
-    torch_dtype = check_dtype(dtype)
+    check_dtype(dtype)
     check_block_size(block_size)
-    source = resolve_source(src)
     out = Path(out)
     if out.exists() and not force:
         raise StoreExistsError(f"{out} already exists; pass --force to replace it")
-    # Load in the target dtype (float32 for float32 stores) so no precision is lost twice.
-    load_dtype = torch.float32 if dtype == "float32" or source.gguf_file else torch_dtype
-    with _quiet_transformers():
-        cfg, sd, tokenizer = _load(source, load_dtype)
-    arch = get_architecture(cfg["model_type"])
-    args = arch.Args.from_hf_config(cfg)
-    n_layers = args.num_hidden_layers
-    resident = {k: v for k, v in sd.items() if not arch.is_ffn_key(args, k)}
-    parts = arch.ffn_parts(args)
-
-    bar = tqdm(total=n_layers, desc=f"convert -> {out.name}", unit="layer", disable=not progress)
-
-    def layers() -> Iterator[torch.Tensor]:
-        for layer in range(n_layers):
-            rows = arch.pack_ffn(args, sd, layer)
-            for key in [k for k in sd if arch.is_ffn_key(args, k) and _layer_of(k) == layer]:
-                del sd[key]  # free the source copy as soon as its bundles are written
-            yield rows
-
-    try:
-        manifest = write_store(
-            out,
-            model_type=cfg["model_type"],
-            config=cfg,
-            dtype=dtype,
-            source=source.describe(),
-            resident=resident,
-            ffn_layers=layers(),
-            n_layers=n_layers,
-            parts=parts,
-            hidden_size=args.hidden_size,
-            block_size=block_size,
-            tokenizer_saver=None if tokenizer is None else (lambda d: tokenizer.save_pretrained(str(d))),
-            force=force,
-            on_layer=lambda _i: bar.update(1),
-        )
-    finally:
-        bar.close()
+    source = resolve_source(src, progress=progress)
+    # Source tensors are made in the store dtype (float32 from GGUF blocks, then cast), so no
+    # precision is lost twice and no tensor is held wider than it is stored.
+    load_dtype = check_dtype(dtype)
+    with _quiet_transformers(), open_checkpoint(source.directory, source.gguf_file) as ckpt:
+        cfg = ckpt.config
+        arch = get_architecture(cfg.get("model_type", "?"))
+        args = arch.Args.from_hf_config(cfg)  # unsupported variants fail here, before the weights are read
+        n_layers = args.num_hidden_layers
+        plan = _plan(arch, args, ckpt.shapes, n_layers, str(source.directory / (source.gguf_file or "")))
+        bar = tqdm(total=len(plan.resident) + sum(map(len, plan.ffn.values())), desc=f"convert -> {out.name}",
+                   unit="tensor", disable=not progress)
+        try:
+            manifest = write_store(
+                out,
+                model_type=cfg["model_type"],
+                config=cfg,
+                dtype=dtype,
+                source=source.describe(),
+                resident=_resident(ckpt, arch, args, plan, load_dtype, bar),
+                ffn_layers=_ffn_layers(ckpt, arch, args, plan, load_dtype, bar),
+                n_layers=n_layers,
+                parts=arch.ffn_parts(args),
+                hidden_size=args.hidden_size,
+                block_size=block_size,
+                tokenizer_saver=ckpt.save_tokenizer,
+                force=force,
+            )
+        finally:
+            bar.close()
     log.info("converted", out=str(out), dtype=dtype, layers=n_layers)
     return manifest
+
+
+def _resident(ckpt: Checkpoint, arch: Architecture, args: Any, plan: _Plan, dtype: torch.dtype,
+              bar: tqdm) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each resident tensor, read when the writer asks for it."""
+    for key in plan.resident:
+        parts = arch.split_fused(args, key, ckpt.read(key, dtype))
+        bar.update(1)
+        for k in [k for k in parts if not arch.is_ffn_key(args, k)]:
+            yield k, parts.pop(k)
+        del parts
+
+
+def _ffn_layers(ckpt: Checkpoint, arch: Architecture, args: Any, plan: _Plan, dtype: torch.dtype,
+                bar: tqdm) -> Iterator[torch.Tensor]:
+    """Each layer's FFN rows, its source tensors read for it and dropped once the rows are packed."""
+    for layer in range(args.num_hidden_layers):
+        sd: dict[str, torch.Tensor] = {}
+        for key in plan.ffn[layer]:
+            parts = arch.split_fused(args, key, ckpt.read(key, dtype))
+            sd.update((k, parts.pop(k)) for k in list(parts) if arch.is_ffn_key(args, k) and _layer_of(k) == layer)
+            del parts
+            bar.update(1)
+        rows = arch.pack_ffn(args, sd, layer)
+        sd.clear()  # the source tensors go as soon as the rows are packed
+        yield rows
+        del rows  # nor are the rows held while the next layer is read
 
 
 def _layer_of(key: str) -> int | None:
@@ -216,5 +224,6 @@ def resolve_store(model: str | os.PathLike[str], dtype: str = "float16", progres
     if path.suffix == ".gguf" or (path.parent / "config.json").is_file():
         raise CheckpointFormatError(f"{path} is a checkpoint, not a store; convert it first: flashlm convert {path} OUT")
     raise UnknownModelError(
-        f"{text!r} is neither a store directory nor a built-in model name (built-ins: {', '.join(sorted(BUILTINS))})"
+        f"{text!r} is neither a store directory nor a built-in model name (built-ins: {', '.join(BUILTINS)}; "
+        f"`flashlm pull --list` describes them)"
     )

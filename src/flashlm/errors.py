@@ -27,6 +27,11 @@ class SourceCheckpointError(FlashLMError):
     """A conversion source (checkpoint dir, GGUF file) is missing or unreadable."""
 
 
+class ModelPartError(SourceCheckpointError):
+    """A built-in model's installed part is missing, of the wrong size or damaged; the message names
+    the package to reinstall."""
+
+
 class UnsupportedArchitectureError(FlashLMError):
     """The checkpoint's architecture (model_type or a config variant) is not implemented."""
 

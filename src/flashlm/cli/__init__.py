@@ -20,7 +20,7 @@ from flashlm.cli.common import Parser, engine_config, engine_options, sparsity_o
 from flashlm.cli.generate import add_chat, add_run
 from flashlm.cli.measure import add_bench, add_trace
 from flashlm.cli.selection import add_calibrate, add_eval
-from flashlm.cli.store import add_convert, add_verify
+from flashlm.cli.store import add_convert, add_pull, add_verify
 from flashlm.errors import FlashLMError
 from flashlm.serve import cli as serve_cli
 
@@ -35,6 +35,7 @@ EPILOG = f"""\
 examples:
   flashlm run "What is flash memory?"          answer with the default model ({DEFAULT_MODEL})
   flashlm chat                                 chat in the terminal (needs the tui extra)
+  flashlm pull qwen2.5-coder-1.5b              install a built-in model (flashlm pull --list)
   flashlm convert ckpt/ store/ --dtype float32 make a store from a transformers checkpoint
   flashlm verify store/ --json                 check every checksum, as JSON
 
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_convert(sub)
+    add_pull(sub)
     add_run(sub)
     add_chat(sub)
     serve_cli.add_parser(sub, engine_options=(engine_options, sparsity_options), engine_config=engine_config)

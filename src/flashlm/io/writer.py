@@ -2,25 +2,28 @@
 fsync'd, and is renamed into place only when complete, so an interrupted or failed write
 leaves nothing that looks like a store.
 
-Bytes in, bytes out: the caller (flashlm.convert) turns a checkpoint into tensors.
+Bytes in, bytes out: the caller (flashlm.convert) turns a checkpoint into tensors. Both
+streams are written as they come, so no more than one resident tensor and one layer's FFN are
+held at once: resident tensors through `SafetensorsWriter`, FFN layers one region at a time.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
+import struct
 import tempfile
 import uuid
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from flashlm.errors import ConfigError, StoreExistsError
 from flashlm.io.format import (
@@ -47,6 +50,11 @@ from flashlm.version import __version__
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
+# A resident tensor on its way to disk: (name, tensor) -> what is stored in its place. The
+# default casts floating tensors to the store dtype; a quantising encoder returns e.g. the
+# int8 weight and its scales under names of their own.
+Encoder = Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]
+
 
 def check_dtype(dtype: str) -> torch.dtype:
     if dtype not in TORCH_DTYPES:
@@ -66,6 +74,119 @@ def bundle_bytes_array(rows: torch.Tensor, dtype: str, stride: int) -> np.ndarra
     out = np.zeros((n, stride), dtype=np.uint8)
     out[:, : raw.shape[1]] = raw
     return out
+
+
+def cast_encoder(dtype: str) -> Encoder:
+    """The default `Encoder`: floating tensors in the store dtype, others (permutations) as they are."""
+    torch_dtype = check_dtype(dtype)
+
+    def encode(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        return [(name, tensor.to(torch_dtype) if tensor.is_floating_point() else tensor)]
+
+    return encode
+
+
+# safetensors' dtype names, in the order `safetensors.torch.save_file` lays tensors out: by
+# dtype, the widest first (its Rust `Dtype` enum, descending), then by name.
+_ST_DTYPES: dict[torch.dtype, str] = {
+    torch.uint64: "U64", torch.int64: "I64", torch.float64: "F64", torch.float32: "F32", torch.uint32: "U32",
+    torch.int32: "I32", torch.bfloat16: "BF16", torch.float16: "F16", torch.uint16: "U16", torch.int16: "I16",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_ST_RANK = {name: rank for rank, name in enumerate(_ST_DTYPES.values())}
+_COPY_CHUNK = 1 << 24
+
+
+class SafetensorsWriter:
+    """A safetensors file written one tensor at a time, never holding more than the tensor in hand.
+
+    Each tensor's bytes go to a spool file next to `path` as they come; `close()` writes the
+    header and copies the bytes from the spool in the order `safetensors.torch.save_file` would
+    put them (in-kernel `copy_file_range` where the OS has it), then deletes the spool. The file
+    is therefore byte for byte the one `save_file` writes for the same tensors, whatever order
+    they arrived in. Costs the resident bytes written twice on disk, none of them held in memory.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._spool_path = self.path.with_name(self.path.name + ".spool")
+        self._spool: BinaryIO = open(self._spool_path, "w+b")  # noqa: SIM115 - closed in close()/abort()
+        self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}  # name -> dtype, shape, at, nbytes
+        self._pos = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._entries:
+            raise ConfigError(f"resident tensor {name!r} was given twice")
+        if tensor.dtype not in _ST_DTYPES:
+            raise ConfigError(f"resident tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
+        t = tensor.detach().to("cpu").contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy()
+        self._spool.write(memoryview(raw))
+        self._entries[name] = (_ST_DTYPES[t.dtype], tuple(t.shape), self._pos, raw.nbytes)
+        self._pos += raw.nbytes
+
+    def close(self) -> None:
+        order = sorted(self._entries, key=lambda n: (_ST_RANK[self._entries[n][0]], n))
+        header: dict[str, Any] = {}
+        start = 0
+        for name in order:
+            dtype, shape, _at, nbytes = self._entries[name]
+            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [start, start + nbytes]}
+            start += nbytes
+        head = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)  # safetensors pads the header with spaces to 8 bytes
+        self._spool.flush()
+        with open(self.path, "wb") as out:
+            out.write(struct.pack("<Q", len(head)))
+            out.write(head)
+            out.flush()
+            for name in order:
+                _dtype, _shape, at, nbytes = self._entries[name]
+                _copy_range(self._spool.fileno(), out.fileno(), at, nbytes)
+        self.abort()  # the spool's job is done
+
+    def abort(self) -> None:
+        self._spool.close()
+        self._spool_path.unlink(missing_ok=True)
+
+
+def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
+    """Append `count` bytes of `src` from `offset` to `dst` (at its current position)."""
+    end = offset + count
+    try:
+        while offset < end:
+            n = os.copy_file_range(src, dst, end - offset, offset)
+            if n == 0:
+                raise OSError(f"spool file ended {end - offset} bytes early")
+            offset += n
+        return
+    except OSError as e:  # no in-kernel copy here (old kernel, another filesystem): copy through a buffer
+        if e.errno is None or offset == end:
+            raise
+    buf = bytearray(min(_COPY_CHUNK, end - offset))
+    while offset < end:
+        n = os.preadv(src, [memoryview(buf)[: min(len(buf), end - offset)]], offset)
+        if n == 0:
+            raise OSError(f"spool file ended {end - offset} bytes early")
+        os.write(dst, memoryview(buf)[:n])
+        offset += n
+
+
+def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]],
+                      encode: Encoder | None = None) -> None:
+    """Write (name, tensor) pairs as they come, each passed through `encode` first."""
+    writer = SafetensorsWriter(path)
+    try:
+        for name, tensor in tensors:
+            encoded = encode(name, tensor) if encode is not None else [(name, tensor)]
+            del tensor  # held only by `encoded` now, and each popped from it as it is written:
+            while encoded:  # nothing is left referring to it when the stream makes the next one
+                writer.add(*encoded.pop(0))
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 @contextmanager
@@ -99,7 +220,7 @@ def write_store(
     config: dict[str, Any],
     dtype: str,
     source: dict[str, Any],
-    resident: dict[str, torch.Tensor],
+    resident: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
     ffn_layers: Iterable[torch.Tensor],
     n_layers: int,
     parts: tuple[str, ...],
@@ -108,16 +229,24 @@ def write_store(
     tokenizer_saver: Callable[[Path], None] | None = None,
     force: bool = False,
     on_layer: Callable[[int], None] | None = None,
+    encode: Encoder | None = None,
 ) -> Manifest:
-    """Write a store. `ffn_layers` yields each layer's (n, P, d) rows lazily, so only one
-    layer's FFN is ever materialised in the target dtype at once."""
-    torch_dtype = check_dtype(dtype)
+    """Write a store.
+
+    `resident` is a mapping or a stream of (name, tensor) pairs, consumed first: each tensor
+    goes through `encode` (default: `cast_encoder(dtype)`) and is written as it comes, so a
+    stream that makes each tensor only when asked holds one at a time. `ffn_layers` then yields
+    each layer's (n, P, d) rows lazily, so only one layer's FFN is ever materialised in the
+    target dtype at once. `tokenizer_saver` writes the tokenizer's files into the directory it
+    is given; if it writes none, the store has no tokenizer.
+    """
+    check_dtype(dtype)
     check_block_size(block_size)
     store_id = uuid.uuid4().hex
+    items = resident.items() if isinstance(resident, Mapping) else resident
     with atomic_directory(out, force) as tmp:
         resident_path = tmp / RESIDENT_NAME
-        save_file({k: v.to(torch_dtype).contiguous() if v.is_floating_point() else v.contiguous()
-                   for k, v in resident.items()}, str(resident_path))
+        write_safetensors(resident_path, items, cast_encoder(dtype) if encode is None else encode)
 
         bundle = len(parts) * hidden_size * DTYPE_SIZES[dtype]
         stride = round_up(bundle, block_size)
@@ -142,9 +271,10 @@ def write_store(
                 crcs.extend(zlib.crc32(row) for row in data[:, :bundle])
                 f.write(memoryview(data))
                 file_hash.update(memoryview(data))
-                layers.append(LayerLayout(offset=pos, n_neurons=rows.shape[0],
+                layers.append(LayerLayout(offset=pos, n_neurons=data.shape[0],
                                           sha256=hashlib.sha256(memoryview(data)).hexdigest()))
                 pos += data.nbytes
+                del rows, data  # not held while the stream makes the next layer
                 if on_layer is not None:
                     on_layer(i)
             if len(layers) != n_layers:
@@ -157,7 +287,9 @@ def write_store(
             tok_dir = tmp / TOKENIZER_DIR
             tok_dir.mkdir()
             tokenizer_saver(tok_dir)
-            tokenizer_files = tuple(_file_entry(tmp, p) for p in sorted(tok_dir.rglob("*")) if p.is_file())
+            tokenizer_files = tuple(_file_entry(tmp, p) for p in sorted(tok_dir.rglob("*")) if p.is_file()) or None
+            if tokenizer_files is None:
+                shutil.rmtree(tok_dir)
 
         manifest = Manifest(
             format=FORMAT_NAME,

@@ -50,6 +50,8 @@ class Architecture(Protocol):
     that replace it, under transformers-style names (most families: `{key: tensor}`; Phi-3 splits
     its fused `qkv_proj` and `gate_up_proj` into `q/k/v_proj` and `gate/up_proj`). It is pure,
     per tensor and needs no other entry, so a streaming converter can call it as tensors arrive.
+    It is also called on meta tensors, to learn which keys a tensor gives before its data is
+    read: shape operations only (split, chunk, view), no data access.
     """
 
     model_type: str
