@@ -58,6 +58,15 @@ def quant_row_bytes(fmt: str, d: int) -> int:
     groups = d // QUANT_GROUP
     return (d + 2 * groups) if fmt == "q8" else (d // 2 + 4 * groups)
 
+
+def bundle_nbytes(parts: int, hidden: int, dtype: str) -> int:
+    """Bytes of real data in a bundle of `parts` parts of `hidden` values (without padding). Float:
+    the parts' rows one after another; quantised: every part's data, then every part's scales,
+    then (q4) mins (`flashlm.kernels.BundleLayout`)."""
+    if dtype in QUANT_FORMATS:
+        return parts * quant_row_bytes(QUANT_FORMATS[dtype], hidden)
+    return parts * hidden * DTYPE_SIZES[dtype]
+
 # Resident tensors that are not transformers keys are named by the models package:
 # flashlm.models.base.PERMUTATION_KEY ("flashlm.ffn_permutation.{layer}", int32: physical slot -> neuron)
 # and flashlm.models.selectors.SELECTOR_KEY (calibrated selectors).
@@ -127,12 +136,8 @@ class FFNLayout:
 
     @property
     def bundle_bytes(self) -> int:
-        """Bytes of real data in a bundle (without padding). Float: the parts' rows one after
-        another; quantised: every part's data, then every part's scales, then (q4) mins
-        (`flashlm.kernels.BundleLayout`)."""
-        if self.quant_format is not None:
-            return len(self.parts) * quant_row_bytes(self.quant_format, self.hidden_size)
-        return len(self.parts) * self.hidden_size * self.itemsize
+        """Bytes of real data in a bundle (without padding): `bundle_nbytes`."""
+        return bundle_nbytes(len(self.parts), self.hidden_size, self.dtype)
 
     @property
     def stride(self) -> int:

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from flashlm.errors import ConfigError, MemoryBudgetError, ReadRequestError
-from flashlm.io.format import DTYPE_SIZES, QUANT_FORMATS, STORE_DTYPES, FFNLayout, quant_row_bytes
+from flashlm.io.format import STORE_DTYPES, FFNLayout, bundle_nbytes
 from flashlm.pipeline.cache_rows import CacheRows
 
 Policy = Literal["compact", "paired"]
@@ -135,7 +135,7 @@ class NeuronCache:
                                     f"neurons); raise the memory budget or lower the density")
         if window < 1:
             raise ConfigError(f"window {window} must be >= 1 token")
-        if store_dtype not in STORE_DTYPES or parts < 1 or hidden < 1 or stride < _bundle_bytes(parts, hidden, store_dtype):
+        if store_dtype not in STORE_DTYPES or parts < 1 or hidden < 1 or stride < bundle_nbytes(parts, hidden, store_dtype):
             raise ConfigError(f"stride {stride} cannot hold {parts} x {hidden} {store_dtype!r} values")
         self.n_neurons, self.capacity, self.window, self.policy = n_neurons, capacity, window, policy
         self.lazy = eviction == "lazy"
@@ -434,9 +434,3 @@ class NeuronCache:
         if a.size and (a[0] < 0 or a[-1] >= self.n_neurons):
             raise ReadRequestError(f"neuron ids must be in 0..{self.n_neurons - 1}; got {a[0]}..{a[-1]}")
         return a
-
-
-def _bundle_bytes(parts: int, hidden: int, store_dtype: str) -> int:
-    if store_dtype in QUANT_FORMATS:
-        return parts * quant_row_bytes(QUANT_FORMATS[store_dtype], hidden)
-    return parts * hidden * DTYPE_SIZES[store_dtype]
