@@ -9,6 +9,7 @@ cache; steps of concurrent requests interleave on the compute thread, one token 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import contextlib
 import contextvars
 import ctypes
@@ -25,7 +26,7 @@ import torch
 
 from flashlm.builtin import DEFAULT_MODEL
 from flashlm.convert import resolve_store
-from flashlm.errors import EngineClosedError, EngineDeadError, NonFiniteLogitsError
+from flashlm.errors import EngineClosedError, EngineDeadError, MemoryBudgetError, NonFiniteLogitsError
 from flashlm.io.reader import BundleReader
 from flashlm.io.store import FlashStore
 from flashlm.io.writer import TORCH_DTYPES
@@ -35,7 +36,7 @@ from flashlm.models import get_architecture
 from flashlm.models.selectors import n_keep
 from flashlm.pipeline.actors import LayerActor
 from flashlm.pipeline.budget import MemoryPlan, parse_budget, plan_memory
-from flashlm.pipeline.config import EngineConfig
+from flashlm.pipeline.config import AUTO_SPARSE, EngineConfig
 from flashlm.pipeline.neuron_cache import NeuronCache
 from flashlm.pipeline.selection import make_selectors
 from flashlm.pipeline.request_window import RequestWindow
@@ -303,23 +304,23 @@ class Engine:
             self._runner = _RamRunner(self.model, self._pool)
             release_freed_memory()
             return
-        selectors, selector_bytes = await loop.run_in_executor(
-            self._pool, make_selectors, cfg, store, self.model, resident)
         ffn = store.manifest.ffn
         d_ff = max(layer.n_neurons for layer in ffn.layers)
-        itemsize = torch.empty((), dtype=self.model.dtype).element_size()  # activations and KV cache
-        args = self.model.args
         resident_bytes = sum(_held_bytes(t) for t in resident.values())
-        self.memory = plan_memory(
-            budget=parse_budget(cfg.memory_budget, self.model_bytes),
-            resident_bytes=resident_bytes,
-            selector_bytes=selector_bytes,
-            kv_bytes=2 * args.n_layers * self.max_context * args.n_kv_heads * args.head_dim * itemsize,
-            slot_bytes=NeuronCache.slot_bytes(ffn, self.model.dtype, self.device),
-            # one step pins its exact set and, with lookahead, the speculative one
-            n_layers=len(ffn.layers), d_ff=d_ff,
-            min_capacity=min(d_ff, n_keep(d_ff, cfg.effective_density) * (1 + cfg.lookahead)),
-        )
+        if cfg.selection == "auto":
+            # every neuron fits (no budget, or one that holds them all): computing every cached neuron
+            # costs no selector and no accuracy, and reads each neuron once; otherwise select
+            try:
+                self._plan(resident_bytes, 0, d_ff, cfg)
+                chosen = "dense" if cfg.density is None else AUTO_SPARSE
+            except MemoryBudgetError:
+                chosen = AUTO_SPARSE
+            cfg = self.config = dataclasses.replace(cfg, selection=chosen)
+        selectors, selector_bytes = await loop.run_in_executor(
+            self._pool, make_selectors, cfg, store, self.model, resident)
+        # one step pins its exact set and, with lookahead, the speculative one
+        self.memory = self._plan(resident_bytes, selector_bytes,
+                                 min(d_ff, n_keep(d_ff, cfg.effective_density) * (1 + cfg.lookahead)), cfg)
         caches = [
             NeuronCache(capacity=min(self.memory.capacity, layer.n_neurons), n_neurons=layer.n_neurons, layout=ffn,
                         window=cfg.window, eviction=cfg.eviction, dtype=cfg.torch_dtype, device=self.device,
@@ -340,6 +341,19 @@ class Engine:
         self._runner = self._sparse
         release_freed_memory()  # building the selectors freed large transients
         self._supervisor = asyncio.create_task(self._supervise(actors), name="flashlm-actors")
+
+    def _plan(self, resident_bytes: int, selector_bytes: int, min_capacity: int, cfg: EngineConfig) -> MemoryPlan:
+        """What the engine will hold, against the budget (MemoryBudgetError below the minimum)."""
+        ffn, args = self.store.manifest.ffn, self.model.args
+        itemsize = torch.empty((), dtype=self.model.dtype).element_size()  # activations and KV cache
+        return plan_memory(
+            budget=parse_budget(cfg.memory_budget, self.model_bytes),
+            resident_bytes=resident_bytes,
+            selector_bytes=selector_bytes,
+            kv_bytes=2 * args.n_layers * self.max_context * args.n_kv_heads * args.head_dim * itemsize,
+            slot_bytes=NeuronCache.slot_bytes(ffn, self.model.dtype, self.device),
+            n_layers=len(ffn.layers), d_ff=max(layer.n_neurons for layer in ffn.layers), min_capacity=min_capacity,
+        )
 
     async def _supervise(self, actors: list[LayerActor]) -> None:
         """The actors' TaskGroup. If one crashes the group cancels the rest and the engine is
