@@ -2,7 +2,8 @@
 llama.cpp on the same GGUF, at the same thread count, side by side in one run.
 
 Each measurement is its own process, so its peak RSS is its own (`os.wait4`'s ru_maxrss):
-- flashlm: `python -m flashlm run --model STORE --json --max-tokens N --raw PROMPT`, once with the
+- flashlm: `python -m flashlm run --model STORE --json --max-tokens N PROMPT` (the chat template
+  applied, as a user's run would), once with the
   whole model in RAM (`--ram`) and once as the sparse flash engine's default (the caches fill
   from flash with O_DIRECT during the prompt); ms/token is the mean decode latency after the
   first token, as `run --json` reports it;
@@ -60,6 +61,8 @@ def _timed(argv: list[str], env: dict[str, str]) -> tuple[str, int]:
 
 def _flashlm_row(out: str, rss: int) -> dict[str, Any]:
     r = json.loads(out.strip().splitlines()[-1])
+    if r["ms_per_token"] is None:
+        raise FlashLMError(f"the answer ended after {r['tokens']} token(s): no decode step to time")
     return {"ms_per_token": r["ms_per_token"], "first_token_ms": r["first_token_ms"], "tokens": r["tokens"],
             "peak_rss_bytes": rss, "store_dtype": r.get("store_dtype"), "selection": r.get("selection"),
             "model_bytes": r.get("model_bytes"), "text_head": r["text"][:80]}
@@ -102,7 +105,7 @@ def run_decode_bench(out: Path, *, model: str, gguf: Path | None, dtypes: tuple[
                 raise ConfigError(f"{model!r} is not a built-in name: pass a store per dtype (--store DTYPE=DIR)")
             stores[dt] = resolve_store(model, dt, progress)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    py = [sys.executable, "-m", "flashlm", "run", "--json", "--quiet", "--raw", "--threads", str(threads),
+    py = [sys.executable, "-m", "flashlm", "run", "--json", "--quiet", "--threads", str(threads),
           "--max-tokens", str(tokens), "--temperature", "0"]
     configs = []
     for dt in dtypes:
