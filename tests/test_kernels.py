@@ -12,7 +12,6 @@ reference's matmul). Against fp64 (W_hat . x) the activation rounding adds, per 
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys

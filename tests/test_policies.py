@@ -36,7 +36,7 @@ def test_lru_and_lfu_keep_what_a_hand_computation_keeps():
 
 
 def test_pinned_hot_set_bonus_and_static():
-    n, T = 6, 4
+    T = 4
     prior = torch.tensor([0.0, 5.0, 1.0, 4.0, 0.5, 0.2])  # hot order: 1, 3, 2, 4, 5, 0
     scores = torch.tensor([[9, 0, 0, 0, 8, 1], [1, 0, 0, 0, 2, 9], [9, 0, 0, 0, 2, 8], [1, 0, 5, 0, 2, 3]],
                           dtype=torch.float32)

@@ -122,10 +122,11 @@ def servers(llama_store, nostop_store, tmp_path_factory):
     logs = tmp_path_factory.mktemp("serve-logs")
     started = []
     try:
-        started.append(Served(llama_store[1], logs / "server.log", "--api-key", KEY, "--max-concurrent", "16",
-                              "--max-queue", "16"))
+        # (shadow selection: the fixture prompt's answer then ends with EOS, which one test needs)
+        started.append(Served(llama_store[1], logs / "server.log", "--selection", "shadow", "--api-key", KEY,
+                              "--max-concurrent", "16", "--max-queue", "16"))
         started.append(Served(nostop_store, logs / "small.log", "--max-concurrent", "1", "--max-queue", "1",
-                              "--eviction", "window"))
+                              "--selection", "shadow", "--eviction", "window"))
         yield started
     finally:
         for s in started:
@@ -188,7 +189,7 @@ def ref(llama_store) -> dict[str, Answer]:
                       len(stream.request.prompt_ids), chunks[-1].finish_reason)
 
     async def main() -> dict[str, Answer]:
-        async with await Engine.open(llama_store[1]) as engine:
+        async with await Engine.open(llama_store[1], selection="shadow") as engine:
             out = {name: await answer(engine, prompt, kw) for name, (_, prompt, kw) in REQUESTS.items()}
             text = out["text"].text
             assert len(text) >= 8, text

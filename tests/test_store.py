@@ -106,7 +106,7 @@ def test_failed_write_leaves_nothing(tmp_path):
                     ffn_layers=bad_layers(), n_layers=2, parts=("a", "b", "c"), hidden_size=D)
     assert os.listdir(tmp_path) == []
     with pytest.raises(ConfigError, match="dtype"):
-        write_tiny(tmp_path / "s", dtype="int8")
+        write_tiny(tmp_path / "s", dtype="int3")
     with pytest.raises(ConfigError, match="block size"):
         write_tiny(tmp_path / "s", block_size=1000)
     assert os.listdir(tmp_path) == []

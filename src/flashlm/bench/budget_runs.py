@@ -20,7 +20,7 @@ import torch
 import flashlm.calibration.data as data
 from flashlm.bench.budget_eval import BudgetRun, Harness
 from flashlm.bench.budget_plan import plan as budget_plan, selector_bytes, shapes_of
-from flashlm.bench.policies import ENGINE, PER_TOKEN_TOP, STATIC, CachePolicy
+from flashlm.bench.policies import PER_TOKEN_TOP, STATIC, CachePolicy
 from flashlm.calibration.neuron_stats import read_stats
 from flashlm.calibration.record import load_dense
 from flashlm.io.store import FlashStore

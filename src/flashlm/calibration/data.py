@@ -107,23 +107,21 @@ CODE_GLOB = "gensim/models/*.py"
 
 
 def code_texts() -> list[tuple[str, str]]:
-    """(path, source) of gensim 4.4.0's `gensim/models/*.py`, sorted by path: from the
-    installed gensim if it is 4.4.0, else from the wheel (fetched as `data_file` does)."""
+    """(path, source) of gensim 4.4.0's `gensim/models/*.py`, sorted by path, from the installed
+    gensim (it must be 4.4.0: another version is another text)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        installed = version("gensim") == GENSIM.split("==")[1]
+        got = version("gensim")
     except PackageNotFoundError:
-        installed = False
-    spec = importlib.util.find_spec("gensim") if installed else None
-    if spec is not None and spec.origin is not None:
-        root = Path(spec.origin).parent.parent
-        return [(str(f.relative_to(root)), f.read_text(encoding="utf-8")) for f in sorted(root.glob(CODE_GLOB))]
-    data_file(WIKI_FILE)  # makes sure the wheel is in data_dir()
-    wheel = sorted(data_dir().glob("gensim-4.4.0-*.whl"))[-1]
-    with zipfile.ZipFile(wheel) as z:
-        names = sorted(n for n in z.namelist() if re.fullmatch(r"gensim/models/[^/]+\.py", n))
-        return [(n, z.read(n).decode("utf-8")) for n in names]
+        got = None
+    spec = importlib.util.find_spec("gensim") if got is not None else None
+    if got != GENSIM.split("==")[1] or spec is None or spec.origin is None:
+        why = "gensim is not installed" if got is None else f"gensim {got} is installed"
+        raise MissingDependencyError(f"the code text is gensim 4.4.0's own sources and {why}: pip install '{GENSIM}' "
+                                     f"(or 'flashlm[calibrate]')")
+    root = Path(spec.origin).parent.parent
+    return [(str(f.relative_to(root)), f.read_text(encoding="utf-8")) for f in sorted(root.glob(CODE_GLOB))]
 
 
 def file_chunks(tokenizer, texts: list[str], seq_len: int, n: int, skip: int = 1) -> list[list[int]]:

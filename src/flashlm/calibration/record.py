@@ -36,7 +36,7 @@ def load_dense(store: FlashStore, resident: dict[str, Tensor] | None = None) -> 
     arch, args = model_args(store)
     resident = resident if resident is not None else store.load_resident()
     res = {k: v.float() if v.is_floating_point() else v for k, v in resident.items()}
-    rows = [store.layer_rows(store.read_layer(i)).float() for i in range(len(m.ffn.layers))]
+    rows = [store.layer_float_rows(store.read_layer(i)) for i in range(len(m.ffn.layers))]
     model = build(store, arch, args, res, rows)
     block0 = model.layers[0]
     return DenseModel(model, rows, block0.act, [getattr(b, "fc1_bias", None) for b in model.layers],

@@ -10,6 +10,8 @@ import textwrap
 from collections.abc import Coroutine
 from typing import Any
 
+from flashlm.io.format import STORE_DTYPES
+
 
 def run_async(coro: Coroutine[Any, Any, int]) -> int:
     try:
@@ -41,8 +43,9 @@ def engine_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--device", default="cpu", help="cpu (default), cuda or mps")
     g.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: 1 on <=2 CPUs)")
-    g.add_argument("--store-dtype", default="float16", choices=["float16", "bfloat16", "float32"],
-                   help="dtype when converting a built-in model on first use (default float16)")
+    g.add_argument("--store-dtype", default=None, choices=list(STORE_DTYPES),
+                   help="dtype when converting a built-in model on first use (default: the model's own, "
+                   "see flashlm pull --list)")
     g.add_argument("--trace", default=None, metavar="FILE",
                    help="write a JSON-lines trace of every token and layer (docs/trace.md); "
                    "`flashlm trace report FILE` explains it")
@@ -87,6 +90,13 @@ def engine_config(a: argparse.Namespace, **extra: Any) -> Any:
     return EngineConfig(device=a.device, num_threads=a.threads, store_dtype=a.store_dtype,
                         ffn="ram" if a.ram else "flash", memory_budget=memory_budget(a.memory_budget), trace=a.trace,
                         max_context=a.max_context, **sparse, **extra)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def memory_budget(text: str | None) -> int | float | str | None:

@@ -8,7 +8,9 @@ import sys
 from typing import Any
 
 from flashlm.builtin import DEFAULT_MODEL
-from flashlm.cli.common import engine_config, engine_options, run_async, sampling_options, sparsity_options
+from flashlm.cli.common import (
+    engine_config, engine_options, peak_rss_bytes, run_async, sampling_options, sparsity_options,
+)
 from flashlm.errors import FlashLMError
 
 
@@ -39,6 +41,11 @@ async def _run(a: argparse.Namespace) -> int:
             "flash_bytes_read": sum(c.bytes_read for c in chunks),
             "flash_bytes_per_token": round(sum(c.bytes_read for c in chunks[1:]) / len(decode)) if decode else None,
             "selection": engine.config.selection if engine.config.ffn == "flash" else "ram",
+            "store_dtype": engine.store.manifest.dtype,
+            "model_bytes": engine.model_bytes,  # the store's bytes: what a fractional --memory-budget is a part of
+            "memory_budget": engine.memory.budget if engine.memory is not None else None,
+            "memory_planned": engine.memory.total if engine.memory is not None else None,
+            "peak_rss_bytes": peak_rss_bytes(),
         }
         if a.json:
             print(json.dumps({"text": "".join(parts), "token_ids": [c.token_id for c in chunks], **stats}))
@@ -49,8 +56,13 @@ async def _run(a: argparse.Namespace) -> int:
                 flash = (f", flash {stats['flash_bytes_read'] / 2**20:.1f} MiB read"
                          + (f" ({per_tok / 2**10:.0f} KiB/token after the prompt)" if per_tok is not None else "")
                          if engine.config.ffn == "flash" else "")
+                budget = stats["memory_budget"]
+                mem = (f"budget {budget / 2**20:.0f} MiB of the model's {stats['model_bytes'] / 2**20:.0f} MiB"
+                       if budget is not None else f"model {stats['model_bytes'] / 2**20:.0f} MiB, no budget")
                 print(f"[{n} tokens, first token {stats['first_token_ms']} ms, {stats['ms_per_token']} ms/token{flash}, "
-                      f"selection {stats['selection']}, finish: {stats['finish_reason']}]", file=sys.stderr)
+                      f"selection {stats['selection']}, {stats['store_dtype']} store, {mem}, "
+                      f"peak RSS {stats['peak_rss_bytes'] / 2**20:.0f} MiB, finish: {stats['finish_reason']}]",
+                      file=sys.stderr)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""`flashlm bench` (paper, io, engine, scale) and `flashlm trace report`: the measuring
+"""`flashlm bench` (paper, io, engine, scale, decode) and `flashlm trace report`: the measuring
 commands, built on `flashlm.bench`. Each bench writes a full JSON report and prints a one-line
 JSON summary."""
 
@@ -12,6 +12,7 @@ from typing import Any
 
 from flashlm.builtin import DEFAULT_MODEL
 from flashlm.cli.common import run_async
+from flashlm.errors import FlashLMError
 
 
 async def _bench_io(a: argparse.Namespace) -> int:
@@ -56,6 +57,24 @@ async def _bench_scale(a: argparse.Namespace) -> int:
                               tokens=a.tokens, from_trace=a.from_trace, keep=a.keep)
     print(json.dumps({k: r.get(k) for k in ("simulated", "skipped", "io_ms_per_token", "mem_ms_per_token",
                                              "gb_s", "fio_gb_s", "vs_fio", "bytes_per_token", "paper")}))
+    return 0
+
+
+def _bench_decode(a: argparse.Namespace) -> int:
+    from flashlm.bench.decode import run_decode_bench
+
+    stores = {}
+    for spec in a.store or ():
+        dtype, sep, path = spec.partition("=")
+        if not sep:
+            raise FlashLMError(f"--store {spec!r}: expected DTYPE=DIR, e.g. q4=stores/qwen-q4")
+        stores[dtype] = Path(path)
+    dtypes = tuple(d for d in a.dtypes.split(",") if d)
+    r = run_decode_bench(Path(a.out), model=a.model, gguf=Path(a.gguf) if a.gguf else None, dtypes=dtypes,
+                         tokens=a.tokens, rounds=a.rounds, threads=a.threads, llama_bench=a.llama_bench,
+                         stores=stores, progress=not a.quiet)
+    print(json.dumps({name: {k: run.get(k) for k in ("ms_per_token", "peak_rss_bytes", "vs_llama_cpp")}
+                      for name, run in r["runs"].items()} | {"notes": r["notes"]}))
     return 0
 
 
@@ -137,6 +156,26 @@ def add_bench(sub: Any) -> None:
     ben.add_argument("--out", required=True, metavar="FILE", help="JSON file to write")
     _sparse_bench_options(ben)
     ben.set_defaults(func=lambda a: run_async(_bench_engine(a)))
+    bd = bsub.add_parser("decode", help="decode ms/token and peak RSS per store dtype, beside llama.cpp on the same GGUF",
+                         description="flashlm with the model in RAM and as the sparse flash engine's default, per "
+                         "store dtype, against llama.cpp's llama-bench on the same GGUF at the same thread count; "
+                         "each run its own process (its own peak RSS), rounds taken round-robin, medians reported. "
+                         "Build llama.cpp with tools/build_llama_cpp.sh; without it that row is skipped.",
+                         epilog="examples:\n  flashlm bench decode --model smollm2-135m --out benchmarks/results/decode-smollm2.json\n"
+                         "  flashlm bench decode --model qwen2.5-coder-1.5b --dtypes q4 --rounds 3 "
+                         "--out benchmarks/results/decode-qwen1.5b.json")
+    bd.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in name (default {DEFAULT_MODEL})")
+    bd.add_argument("--gguf", default=None, help="the GGUF llama.cpp reads (default: the built-in's file)")
+    bd.add_argument("--dtypes", default="float16,int8,q4", help="store dtypes to measure (default float16,int8,q4)")
+    bd.add_argument("--store", action="append", metavar="DTYPE=DIR", help="use this store for DTYPE (repeatable)")
+    bd.add_argument("--tokens", type=int, default=32, help="tokens generated per run (default 32)")
+    bd.add_argument("--rounds", type=int, default=3, help="rounds, round-robin over the runs (default 3)")
+    bd.add_argument("--threads", type=int, default=1, help="threads for both (default 1)")
+    bd.add_argument("--llama-bench", default=None, metavar="PATH",
+                    help="llama.cpp's llama-bench (default: $FLASHLM_HOME/llama.cpp/bin, then PATH)")
+    bd.add_argument("--quiet", action="store_true", help="no per-run lines on stderr")
+    bd.add_argument("--out", required=True, metavar="FILE", help="JSON file to write")
+    bd.set_defaults(func=_bench_decode)
 
 
 def add_trace(sub: Any) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 from flashlm.builtin import DEFAULT_MODEL
 from flashlm.errors import FlashLMError
+from flashlm.io.format import STORE_DTYPES
 
 
 def cmd_convert(a: argparse.Namespace) -> int:
@@ -57,7 +58,8 @@ def add_convert(sub: Any) -> None:
     c.add_argument("src", metavar="SRC", help=f"checkpoint directory, .gguf file, or built-in name (e.g. {DEFAULT_MODEL}; "
                    "flashlm pull --list)")
     c.add_argument("out", metavar="OUT", help="store directory to create")
-    c.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="weights dtype on disk")
+    c.add_argument("--dtype", default="float16", choices=list(STORE_DTYPES),
+                   help="weights on disk: float16, bfloat16, float32, or quantised int8 / q4 (groups of 32)")
     c.add_argument("--block-size", type=int, default=512, choices=[512, 1024, 2048, 4096],
                    help="bundle padding unit in bytes (the disk's logical block size)")
     c.add_argument("--force", action="store_true", help="replace OUT if it exists")

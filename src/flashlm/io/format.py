@@ -32,7 +32,8 @@ from typing import Any
 from flashlm.errors import CheckpointFormatError, StoreVersionError
 
 FORMAT_NAME = "flashlm-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: quantised stores (dtype int8 / q4, `Manifest.quantized`); 1: float stores only
+READABLE_VERSIONS = (1, 2)  # a version-1 store is a float store, read as it always was
 MANIFEST_NAME = "manifest.json"
 RESIDENT_NAME = "resident.safetensors"
 FFN_NAME = "ffn.bin"
@@ -47,6 +48,27 @@ ALLOWED_BLOCK_SIZES = (512, 1024, 2048, 4096)
 REGION_ALIGN = 4096
 
 DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
+# Quantised store dtypes and the kernel row format each is stored in (flashlm.kernels.formats):
+# groups of QUANT_GROUP along a row; "int8" = q8 (int8 values + one fp16 scale per group),
+# "q4" = q4 (two 4-bit values per byte + an fp16 scale and an fp16 min per group).
+QUANT_FORMATS = {"int8": "q8", "q4": "q4"}
+QUANT_GROUP = 32
+STORE_DTYPES = (*DTYPE_SIZES, *QUANT_FORMATS)
+
+
+def quant_row_bytes(fmt: str, d: int) -> int:
+    """Bytes of one quantised row of d values: data, then fp16 scales, then (q4) fp16 mins."""
+    groups = d // QUANT_GROUP
+    return (d + 2 * groups) if fmt == "q8" else (d // 2 + 4 * groups)
+
+
+def bundle_nbytes(parts: int, hidden: int, dtype: str) -> int:
+    """Bytes of real data in a bundle of `parts` parts of `hidden` values (without padding). Float:
+    the parts' rows one after another; quantised: every part's data, then every part's scales,
+    then (q4) mins (`flashlm.kernels.BundleLayout`)."""
+    if dtype in QUANT_FORMATS:
+        return parts * quant_row_bytes(QUANT_FORMATS[dtype], hidden)
+    return parts * hidden * DTYPE_SIZES[dtype]
 
 # Resident tensors that are not transformers keys are named by the models package:
 # flashlm.models.base.PERMUTATION_KEY ("flashlm.ffn_permutation.{layer}", int32: physical slot -> neuron)
@@ -104,13 +126,21 @@ class FFNLayout:
     crc32: FileEntry | None = None
 
     @property
+    def quant_format(self) -> str | None:
+        """The kernel row format of a quantised store ("q8", "q4"), None for a float store."""
+        return QUANT_FORMATS.get(self.dtype)
+
+    @property
     def itemsize(self) -> int:
+        """Bytes per element of a float store (a quantised one has no whole-byte element)."""
+        if self.dtype not in DTYPE_SIZES:
+            raise ValueError(f"a {self.dtype} store has no per-element size; use bundle_bytes")
         return DTYPE_SIZES[self.dtype]
 
     @property
     def bundle_bytes(self) -> int:
-        """Bytes of real data in a bundle (without padding)."""
-        return len(self.parts) * self.hidden_size * self.itemsize
+        """Bytes of real data in a bundle (without padding): `bundle_nbytes`."""
+        return bundle_nbytes(len(self.parts), self.hidden_size, self.dtype)
 
     @property
     def stride(self) -> int:
@@ -136,6 +166,9 @@ class Manifest:
     tokenizer: tuple[FileEntry, ...] | None  # files under tokenizer/, or None
     predictors: dict[str, Any] | None = None  # filled by `flashlm calibrate`
     extra: dict[str, Any] = field(default_factory=dict)
+    # Resident weights stored quantised, name -> kernel format ("q8" / "q4"): their tensors are
+    # NAME.qdata, NAME.qscales and (q4) NAME.qmins in resident.safetensors (format 2).
+    quantized: dict[str, str] = field(default_factory=dict)
 
     # -- serialisation -------------------------------------------------------------------
 
@@ -154,11 +187,11 @@ class Manifest:
         if not isinstance(body, dict) or body.get("format") != FORMAT_NAME:
             raise CheckpointFormatError(f"{where}: not a flashlm store manifest; {fix}")
         version = body.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             age = "an older" if isinstance(version, int) and version < FORMAT_VERSION else "a newer"
             raise StoreVersionError(
                 f"{where}: store format {version!r} was written by {age} flashlm; this flashlm reads "
-                f"format {FORMAT_VERSION}: {fix} (or use the flashlm that wrote it)"
+                f"formats {', '.join(map(str, READABLE_VERSIONS))}: {fix} (or use the flashlm that wrote it)"
             )
         stated = body.pop("manifest_sha256", None)
         if stated != _body_checksum(body):
@@ -177,8 +210,14 @@ class Manifest:
                 raise CheckpointFormatError(f"{where}: {entry.path} has size {entry.size}; {fix}")
         if f.block_size not in ALLOWED_BLOCK_SIZES:
             raise CheckpointFormatError(f"{where}: block_size {f.block_size} not in {ALLOWED_BLOCK_SIZES}; {fix}")
-        if f.dtype not in DTYPE_SIZES or f.dtype != self.dtype:
+        if f.dtype not in STORE_DTYPES or f.dtype != self.dtype:
             raise CheckpointFormatError(f"{where}: unknown or inconsistent dtype {f.dtype!r}; {fix}")
+        if f.quant_format is not None and (f.hidden_size % QUANT_GROUP or self.format_version < 2):
+            raise CheckpointFormatError(f"{where}: a {f.dtype} store needs format 2 and a hidden size that is a "
+                                        f"multiple of {QUANT_GROUP}; {fix}")
+        bad = {k: v for k, v in self.quantized.items() if v not in QUANT_FORMATS.values()}
+        if bad:
+            raise CheckpointFormatError(f"{where}: resident tensors in unknown formats {bad}; {fix}")
         end = FFN_HEADER_BYTES
         for i, layer in enumerate(f.layers):
             if layer.offset % REGION_ALIGN or layer.offset < end or layer.n_neurons <= 0:
@@ -250,7 +289,7 @@ def check_ffn_header(data: bytes, manifest: Manifest, where: str) -> None:
     magic, version, n_layers, block, sid = FFN_HEADER_STRUCT.unpack_from(data)
     if magic != FFN_MAGIC:
         raise CheckpointFormatError(f"{where}: ffn file has no flashlm header (bad magic); {fix}")
-    if version != FORMAT_VERSION:
-        raise StoreVersionError(f"{where}: ffn file format {version}, this flashlm reads {FORMAT_VERSION}; {fix}")
+    if version != manifest.format_version:
+        raise StoreVersionError(f"{where}: ffn file format {version}, its manifest says {manifest.format_version}; {fix}")
     if (n_layers, block, sid.hex()) != (len(manifest.ffn.layers), manifest.ffn.block_size, manifest.store_id):
         raise CheckpointFormatError(f"{where}: ffn file does not belong to this manifest; {fix}")

@@ -25,19 +25,26 @@ from flashlm.io.format import (
     FFN_HEADER_BYTES,
     MANIFEST_NAME,
     TOKENIZER_DIR,
+    QUANT_FORMATS,
     FileEntry,
     Manifest,
     check_ffn_header,
     file_sha256,
 )
 from flashlm.io.writer import TORCH_DTYPES
+from flashlm.kernels import GATED_PARTS, BundleLayout, QBundles, QRows, dequantize_bundles
 
 FIX = "re-run `flashlm convert` to rebuild the store"
 
 
-def rows_view(buf: np.ndarray | torch.Tensor, parts: int, hidden: int, dtype: str) -> torch.Tensor:
-    """View (n, stride) bundle bytes as (n, parts, hidden) tensors of `dtype`, without a copy."""
+def rows_view(buf: np.ndarray | torch.Tensor, parts: int, hidden: int, dtype: str,
+              names: tuple[str, ...] | None = None) -> torch.Tensor | QBundles:
+    """View (n, stride) bundle bytes without a copy: as (n, parts, hidden) tensors of a float
+    `dtype`, or, for a quantised store dtype, as the `QBundles` the kernels compute on
+    (`names`: the parts' names, e.g. ("gate", "up", "down"))."""
     t = torch.from_numpy(buf) if isinstance(buf, np.ndarray) else buf
+    if dtype in QUANT_FORMATS:
+        return QBundles(t, BundleLayout(QUANT_FORMATS[dtype], hidden, names or GATED_PARTS[:parts]))
     itemsize = torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
     used = t[:, : parts * hidden * itemsize]
     return used.view(TORCH_DTYPES[dtype]).view(t.shape[0], parts, hidden)
@@ -128,9 +135,23 @@ class FlashStore:
         path = self._resolve(entry.path)
         self._check_sha256(entry)
         try:
-            return load_file(str(path))
+            tensors = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointFormatError(f"{self.path}: resident tensors unreadable ({e}); {FIX}") from None
+        return self._assemble(tensors)
+
+    def _assemble(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | QRows]:
+        """Gather each quantised weight's NAME.qdata / .qscales / .qmins into one `QRows`."""
+        for name, fmt in self.manifest.quantized.items():
+            parts = [f"{name}.qdata", f"{name}.qscales"] + ([f"{name}.qmins"] if fmt == "q4" else [])
+            if any(p not in tensors for p in parts):
+                raise CheckpointFormatError(f"{self.path}: quantised tensor {name} is incomplete in "
+                                            f"{self.manifest.resident.path}; {FIX}")
+            try:
+                tensors[name] = QRows(fmt, *(tensors.pop(p) for p in parts))
+            except ValueError as e:
+                raise CheckpointFormatError(f"{self.path}: quantised tensor {name} is malformed ({e}); {FIX}") from None
+        return tensors
 
     def read_layer(self, layer: int) -> np.ndarray:
         """All bundles of one layer as an aligned (n, stride) uint8 array, checksum-checked."""
@@ -144,9 +165,16 @@ class FlashStore:
             raise CheckpointFormatError(f"{self.path}: layer {layer} bundles fail their checksum (damaged); {FIX}")
         return buf
 
-    def layer_rows(self, buf: np.ndarray) -> torch.Tensor:
+    def layer_rows(self, buf: np.ndarray) -> torch.Tensor | QBundles:
+        """A layer's bundles as the FFN computes on them: (n, P, d) float rows, or `QBundles`."""
         f = self.manifest.ffn
-        return rows_view(buf, len(f.parts), f.hidden_size, f.dtype)
+        return rows_view(buf, len(f.parts), f.hidden_size, f.dtype, f.parts)
+
+    def layer_float_rows(self, buf: np.ndarray) -> torch.Tensor:
+        """A layer's bundles as (n, P, d) float32 rows (dequantised from a quantised store): for
+        building selectors and calibration statistics, which need the values."""
+        rows = self.layer_rows(buf)
+        return dequantize_bundles(rows) if isinstance(rows, QBundles) else rows.float()
 
     def verify(self) -> list[str]:
         """Check every checksum. Returns the problems found (empty: the store is sound)."""

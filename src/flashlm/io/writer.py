@@ -29,14 +29,16 @@ from flashlm.errors import ConfigError, StoreExistsError
 from flashlm.io.format import (
     ALLOWED_BLOCK_SIZES,
     CRC_NAME,
-    DTYPE_SIZES,
     FFN_HEADER_BYTES,
     FFN_NAME,
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
+    QUANT_FORMATS,
+    QUANT_GROUP,
     REGION_ALIGN,
     RESIDENT_NAME,
+    STORE_DTYPES,
     TOKENIZER_DIR,
     FFNLayout,
     FileEntry,
@@ -44,8 +46,10 @@ from flashlm.io.format import (
     Manifest,
     file_sha256,
     pack_ffn_header,
+    bundle_nbytes,
     round_up,
 )
+from flashlm.io.quantize import QuantEncoder, quantized_bundles
 from flashlm.version import __version__
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -57,9 +61,11 @@ Encoder = Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]
 
 
 def check_dtype(dtype: str) -> torch.dtype:
-    if dtype not in TORCH_DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not supported; choose one of {sorted(TORCH_DTYPES)}")
-    return TORCH_DTYPES[dtype]
+    """The dtype tensors are made in for a store of `dtype`: itself for a float store; float16 for
+    a quantised one (its values are those an fp16 store holds, then quantised)."""
+    if dtype not in STORE_DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported; choose one of {list(STORE_DTYPES)}")
+    return TORCH_DTYPES.get(dtype, torch.float16)
 
 
 def check_block_size(block_size: int) -> None:
@@ -67,8 +73,11 @@ def check_block_size(block_size: int) -> None:
         raise ConfigError(f"block size {block_size} is not supported; choose one of {ALLOWED_BLOCK_SIZES}")
 
 
-def bundle_bytes_array(rows: torch.Tensor, dtype: str, stride: int) -> np.ndarray:
+def bundle_bytes_array(rows: torch.Tensor, dtype: str, stride: int,
+                       parts: tuple[str, ...] = ("gate", "up", "down")) -> np.ndarray:
     """(n, P, d) tensor -> (n, stride) uint8 array: the bundles as they lie on disk."""
+    if dtype in QUANT_FORMATS:
+        return quantized_bundles(rows, dtype, parts, stride)
     n = rows.shape[0]
     raw = rows.to(TORCH_DTYPES[dtype]).contiguous().view(torch.uint8).reshape(n, -1).numpy()
     out = np.zeros((n, stride), dtype=np.uint8)
@@ -242,13 +251,18 @@ def write_store(
     """
     check_dtype(dtype)
     check_block_size(block_size)
+    if dtype in QUANT_FORMATS and hidden_size % QUANT_GROUP:
+        raise ConfigError(f"a {dtype} store quantises rows in groups of {QUANT_GROUP}, but hidden_size is "
+                          f"{hidden_size}; convert to float16 (or bfloat16, float32) instead")
     store_id = uuid.uuid4().hex
     items = resident.items() if isinstance(resident, Mapping) else resident
+    if encode is None:
+        encode = QuantEncoder(dtype) if dtype in QUANT_FORMATS else cast_encoder(dtype)
     with atomic_directory(out, force) as tmp:
         resident_path = tmp / RESIDENT_NAME
-        write_safetensors(resident_path, items, cast_encoder(dtype) if encode is None else encode)
+        write_safetensors(resident_path, items, encode)
 
-        bundle = len(parts) * hidden_size * DTYPE_SIZES[dtype]
+        bundle = bundle_nbytes(len(parts), hidden_size, dtype)
         stride = round_up(bundle, block_size)
         layers: list[LayerLayout] = []
         crcs: list[int] = []
@@ -267,7 +281,7 @@ def write_store(
                     f.write(b"\x00" * pad)
                     file_hash.update(b"\x00" * pad)
                     pos += pad
-                data = bundle_bytes_array(rows, dtype, stride)
+                data = bundle_bytes_array(rows, dtype, stride, tuple(parts))
                 crcs.extend(zlib.crc32(row) for row in data[:, :bundle])
                 f.write(memoryview(data))
                 file_hash.update(memoryview(data))
@@ -311,6 +325,7 @@ def write_store(
                 crc32=_file_entry(tmp, crc_path),
             ),
             tokenizer=tokenizer_files,
+            quantized=dict(getattr(encode, "quantized", {})),
         )
         manifest.validate(str(out))
         # The manifest is written last: a directory without one is never taken for a store.

@@ -12,11 +12,12 @@ CUDA/MPS tensors and for installs without the compiled extension.
 """
 
 from flashlm.kernels.formats import (
-    FORMATS, GATED_PARTS, GROUP, UNGATED_PARTS, BundleLayout, QRows, data_bytes, pack_bundle, quantize, row_bytes,
+    FORMATS, GATED_PARTS, GROUP, UNGATED_PARTS, BundleLayout, QBundles, QRows, data_bytes, pack_bundle, quantize,
+    row_bytes,
     unpack_bundle,
 )
 from flashlm.kernels.ops import (
-    ACT_ALIASES, BACKENDS, available_backends, axpy, backend, dequantize_rows, ffn_gated, ffn_ungated, gemv,
+    ACT_ALIASES, BACKENDS, available_backends, axpy, backend, dequantize_bundles, dequantize_rows, ffn_gated, ffn_ungated, gemv,
     quantize_activations, set_backend, use_backend,
 )
 from flashlm.kernels.reference import (
@@ -25,7 +26,7 @@ from flashlm.kernels.reference import (
 
 __all__ = [
     "ACT_ALIASES", "BACKENDS", "FORMATS", "GATED_PARTS", "GROUP", "UNGATED_PARTS", "BundleLayout", "QAct", "QRows",
-    "available_backends", "axpy", "axpy_ref", "backend", "data_bytes", "dequantize_rows", "dequantize_rows_ref",
-    "ffn_gated", "ffn_gated_ref", "ffn_ungated", "ffn_ungated_ref", "gemv", "gemv_ref", "pack_bundle", "quantize",
+    "available_backends", "axpy", "axpy_ref", "backend", "dequantize_bundles", "data_bytes", "dequantize_rows", "dequantize_rows_ref",
+    "QBundles", "ffn_gated", "ffn_gated_ref", "ffn_ungated", "ffn_ungated_ref", "gemv", "gemv_ref", "pack_bundle", "quantize",
     "quantize_activations", "quantize_activations_ref", "row_bytes", "set_backend", "unpack_bundle", "use_backend",
 ]

@@ -102,6 +102,12 @@ class QRows:
         return self.data.device
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the ops on these rows compute in and return (float32): what a model built
+        on quantised weights computes its activations in."""
+        return torch.float32
+
+    @property
     def nbytes(self) -> int:
         """Bytes of weights these rows hold (data, scales, mins), whatever their strides."""
         return self.n * row_bytes(self.fmt, self.d)
@@ -143,27 +149,36 @@ def quantize(fmt: str, w: Tensor) -> QRows:
     check_d(d)
     G = d // GROUP
     wg = w.float().reshape(n, G, GROUP)
-    if not torch.isfinite(wg).all():
-        raise ValueError("w has non-finite values")
+    # (a non-finite value makes its group's max or min non-finite: checked there, not per element)
     if fmt == "q8":
-        s = _half_toward(wg.abs().amax(-1) / 127, up=True)  # (n, G)
-        sf = s.float()[..., None]
-        q = torch.where(sf > 0, torch.round(wg / torch.where(sf > 0, sf, 1)), 0).clamp_(-127, 127)
+        amax = wg.abs().amax(-1)
+        _check_finite(amax)
+        s = _half_toward(amax / 127, up=True)  # (n, G)
+        # an all-zero group has s = 0: divide by 1 there instead (0 / 1 = 0), exactly as before
+        q = torch.round(wg / s.float().masked_fill(s == 0, 1)[..., None]).clamp_(-127, 127)
         _check_finite_scales(s)
         return QRows("q8", q.to(torch.int8).reshape(n, d), s)
-    m = _half_toward(wg.amin(-1), up=False)  # (n, G)
+    gmin, gmax = wg.amin(-1), wg.amax(-1)
+    _check_finite(gmin, gmax)
+    m = _half_toward(gmin, up=False)  # (n, G)
     mf = m.float()
-    s = _half_toward((wg.amax(-1) - mf) / 15, up=True)
+    s = _half_toward((gmax - mf) / 15, up=True)
     for _ in range(4):  # m + 15 s must reach the group max, despite the fp32 rounding of the division
-        short = mf.double() + 15 * s.double() < wg.amax(-1).double()
+        short = mf.double() + 15 * s.double() < gmax.double()
         if not short.any():
             break
         s = torch.where(short, _half_toward(s.float() * (1 + 2**-10), up=True), s)
     _check_finite_scales(s, m)
-    sf, mf = s.float()[..., None], mf[..., None]
-    q = torch.where(sf > 0, torch.round((wg - mf) / torch.where(sf > 0, sf, 1)), 0).clamp_(0, 15).to(torch.uint8)
+    sf = s.float().masked_fill(s == 0, 1)[..., None]
+    q = torch.round((wg - mf[..., None]).div_(sf)).clamp_(0, 15).to(torch.uint8)
     packed = q[..., :16] | (q[..., 16:] << 4)  # (n, G, 16)
     return QRows("q4", packed.reshape(n, d // 2), s, m)
+
+
+def _check_finite(*ts: Tensor) -> None:
+    for t in ts:
+        if not torch.isfinite(t).all():
+            raise ValueError("w has non-finite values")
 
 
 def _check_finite_scales(*ts: Tensor) -> None:
@@ -262,3 +277,34 @@ def unpack_bundle(layout: BundleLayout, bundles: Tensor) -> tuple[QRows, ...]:
             mins = bundles[:, o:o + G2].view(torch.float16)
         out.append(QRows(layout.fmt, data, scales, mins))
     return tuple(out)
+
+
+@dataclass(frozen=True, eq=False)
+class QBundles:
+    """n FFN bundles as the kernels take them: `bundles` (n, stride) uint8 (e.g. a neuron cache's
+    slots, or a whole layer read from flash) and the `layout` of the parts inside each row.
+    Indexing (a slice or an index tensor) selects bundles, like the rows of a float tensor."""
+
+    bundles: Tensor
+    layout: BundleLayout
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.bundles.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.bundles.device
+
+    def __len__(self) -> int:
+        return self.bundles.shape[0]
+
+    def __getitem__(self, index) -> QBundles:
+        return QBundles(self.bundles[index], self.layout)
+
+    def part(self, name: str) -> QRows:
+        """One part's rows, a strided view (no copy)."""
+        return unpack_bundle(self.layout, self.bundles)[self.layout.index(name)]
+
+    def to(self, device: torch.device | str) -> QBundles:
+        return QBundles(self.bundles.to(device), self.layout)

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 import flashlm.kernels.reference as ref
-from flashlm.kernels.formats import GROUP, BundleLayout, QRows, check_d, check_fmt
+from flashlm.kernels.formats import BundleLayout, QBundles, QRows, check_d, check_fmt, unpack_bundle
 from flashlm.kernels.reference import QAct
 
 try:  # the compiled module (setup.py); by name, since it has no .py source to import statically
@@ -219,6 +219,13 @@ def dequantize_rows(fmt: str, rows: QRows, idx: Tensor | None = None) -> Tensor:
     return out
 
 
+def dequantize_bundles(bundles: QBundles) -> Tensor:
+    """(n, P, d) fp32: every part of every bundle dequantised (selectors and statistics need
+    the values; the FFN itself computes on the bundles)."""
+    parts = unpack_bundle(bundles.layout, bundles.bundles)
+    return torch.stack([dequantize_rows(bundles.layout.fmt, p) for p in parts], dim=1)
+
+
 def _check_bundles(fmt: str, bundles: Tensor, parts: BundleLayout, act: QAct, slots: Tensor, out: Tensor) -> int:
     check_fmt(fmt)
     if not isinstance(parts, BundleLayout):
@@ -296,6 +303,6 @@ def ffn_ungated(fmt: str, bundles: Tensor, parts: BundleLayout, act_fn: str, act
 
 
 __all__ = [
-    "BACKENDS", "available_backends", "axpy", "backend", "dequantize_rows", "ffn_gated", "ffn_ungated", "gemv",
+    "BACKENDS", "available_backends", "axpy", "backend", "dequantize_bundles", "dequantize_rows", "ffn_gated", "ffn_ungated", "gemv",
     "quantize_activations", "set_backend", "use_backend",
 ]

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from flashlm.errors import UnsupportedArchitectureError
@@ -30,6 +29,7 @@ from flashlm.models.base import (
     attend,
     ffn_gated,
     gemma_rms_norm,
+    embedding,
     hf_config,
     hf_size,
     linear,
@@ -201,11 +201,12 @@ class Gemma3Block:
         residual = x + gemma_rms_norm(linear(o, self.o_proj, self.o_bias), self.post_attention_layernorm, eps)
         return residual, gemma_rms_norm(residual, self.pre_feedforward_layernorm, eps)
 
-    def ffn(self, x: Tensor, rows: Tensor, neuron_ids: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def ffn(self, x: Tensor, rows: Tensor, neuron_ids: Tensor | None = None, mask: Tensor | None = None,
+            slots: Tensor | None = None) -> Tensor:
         """The GeGLU MLP over the neurons in rows (n, 3, d) (those with mask 1, if a mask is given);
         no per-neuron biases, so neuron_ids is unused. The post-FFN norm is applied by `combine`,
         to the sum over every neuron."""
-        return ffn_gated(x, rows, self.act, mask)
+        return ffn_gated(x, rows, self.act, mask, slots)
 
     def combine(self, residual: Tensor, ffn_out: Tensor) -> Tensor:
         return residual + gemma_rms_norm(ffn_out, self.post_feedforward_layernorm, self.args.rms_norm_eps)
@@ -232,7 +233,7 @@ class Gemma3Model(CausalLM):
         self.lm_head = resident.get("lm_head.weight", embed)  # (vocab, d); tied when absent
 
     def embed(self, ids: Tensor, pos: int) -> Tensor:
-        return F.embedding(ids, self.embed_tokens) * self.embed_scale
+        return embedding(ids, self.embed_tokens) * self.embed_scale
 
     def head(self, x: Tensor) -> Tensor:
         logits = linear(gemma_rms_norm(x, self.norm, self.args.rms_norm_eps), self.lm_head)

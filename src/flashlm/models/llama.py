@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from flashlm.errors import UnsupportedArchitectureError
@@ -24,6 +23,7 @@ from flashlm.models.base import (
     apply_rope,
     attend,
     ffn_gated,
+    embedding,
     hf_config,
     hf_size,
     linear,
@@ -173,10 +173,11 @@ class LlamaBlock:
         residual = x + linear(o, self.o_proj, self.o_bias)
         return residual, rms_norm(residual, self.post_attention_layernorm, a.rms_norm_eps)
 
-    def ffn(self, x: Tensor, rows: Tensor, neuron_ids: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def ffn(self, x: Tensor, rows: Tensor, neuron_ids: Tensor | None = None, mask: Tensor | None = None,
+            slots: Tensor | None = None) -> Tensor:
         """The MLP over the neurons in rows (n, 3, d) (those with mask 1, if a mask is given); no
         per-neuron biases, so neuron_ids is unused."""
-        return ffn_gated(x, rows, self.act, mask)
+        return ffn_gated(x, rows, self.act, mask, slots)
 
     def combine(self, residual: Tensor, ffn_out: Tensor) -> Tensor:
         return residual + ffn_out
@@ -199,7 +200,7 @@ class LlamaModel(CausalLM):
         self.lm_head = resident.get("lm_head.weight", embed)  # (vocab, d); tied when absent
 
     def embed(self, ids: Tensor, pos: int) -> Tensor:
-        return F.embedding(ids, self.embed_tokens)
+        return embedding(ids, self.embed_tokens)
 
     def head(self, x: Tensor) -> Tensor:
         return linear(rms_norm(x, self.norm, self.args.rms_norm_eps), self.lm_head)

@@ -8,15 +8,16 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from flashlm.errors import PromptTooLongError, UnsupportedArchitectureError
+from flashlm.kernels import QBundles
 from flashlm.models.base import (
     CausalLM,
     KVCache,
     activation,
     attend,
+    embedding,
     ffn_ungated,
     hf_config,
     hf_size,
@@ -135,13 +136,16 @@ class OPTBlock:
         residual = layer_norm(residual, *self.self_attn_layer_norm)
         return residual, residual
 
-    def ffn(self, x: Tensor, rows: Tensor, neuron_ids: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def ffn(self, x: Tensor, rows: Tensor, neuron_ids: Tensor | None = None, mask: Tensor | None = None,
+            slots: Tensor | None = None) -> Tensor:
         """fc2(act(fc1(x))) over the neurons in rows (n, 2, d) with physical ids neuron_ids (None: all),
-        those with mask 1 if a mask (n,) is given."""
+        those with mask 1 if a mask (n,) is given, only the rows `slots` if given."""
         b1 = self.fc1_bias
+        if isinstance(rows, QBundles):  # the kernel indexes the layer's bias by neuron id itself
+            return ffn_ungated(x, rows, self.act, b1, self.fc2_bias, mask, slots, neuron_ids)
         if b1 is not None and neuron_ids is not None:
             b1 = b1[neuron_ids]
-        return ffn_ungated(x, rows, self.act, b1, self.fc2_bias, mask)
+        return ffn_ungated(x, rows, self.act, b1, self.fc2_bias, mask, slots)
 
     def combine(self, residual: Tensor, ffn_out: Tensor) -> Tensor:
         y = residual + ffn_out
@@ -174,11 +178,11 @@ class OPTModel(CausalLM):
                 f"OPT has learned positions for {self.args.max_position_embeddings} tokens; "
                 f"position {pos + T - 1} was asked for: shorten the prompt or max_tokens"
             )
-        x = F.embedding(ids, self.embed_tokens)
+        x = embedding(ids, self.embed_tokens)
         if self.project_in is not None:
             x = linear(x, self.project_in)
         positions = torch.arange(pos + POSITION_OFFSET, pos + T + POSITION_OFFSET, device=ids.device)
-        return x + F.embedding(positions, self.embed_positions)
+        return x + embedding(positions, self.embed_positions)
 
     def head(self, x: Tensor) -> Tensor:
         if self.args.final_layer_norm:

@@ -1,10 +1,12 @@
 """One neuron cache's memory and the row copies on it (`CacheRows`, owned by a `NeuronCache`).
 
 `capacity` bundle slots are preallocated: `raw`, the aligned (capacity, stride) uint8 host
-buffer the bundle reader writes into, and `rows`, the (capacity, P, d) tensor the FFN computes
-on. With store dtype == compute dtype on CPU, `rows` *is* a view of `raw` (zero copy);
+buffer the bundle reader writes into, and `rows`, what the FFN computes on: (capacity, P, d)
+float rows, or for a quantised store (int8 / q4) the bundles themselves as `QBundles`, which
+the kernels compute on as they lie. With store dtype == compute dtype on CPU, or any quantised
+store on CPU, `rows` *is* a view of `raw` (zero copy: one copy of each neuron is held);
 otherwise `commit` converts the new slots into `rows` once their reads are done (on CUDA a
-non-blocking copy from pinned `raw`). Which neuron is in which slot is the `NeuronCache`'s
+non-blocking copy from pinned `raw`, of the bytes for a quantised store). Which neuron is in which slot is the `NeuronCache`'s
 bookkeeping; this class only copies, moves and zeroes rows as it says.
 """
 
@@ -14,13 +16,18 @@ import numpy as np
 import torch
 
 from flashlm.io.buffers import aligned_empty
+from flashlm.io.format import QUANT_FORMATS
 from flashlm.io.store import rows_view
+from flashlm.io.writer import TORCH_DTYPES
+from flashlm.kernels import QBundles
 
 
 class CacheRows:
     def __init__(self, capacity: int, *, parts: int, hidden: int, stride: int, store_dtype: str,
-                 dtype: torch.dtype | None, device: torch.device | str, pin_memory: bool) -> None:
+                 dtype: torch.dtype | None, device: torch.device | str, pin_memory: bool,
+                 names: tuple[str, ...] | None = None) -> None:
         self.device = torch.device(device)
+        self.quantized = store_dtype in QUANT_FORMATS
         raw_t = None
         if pin_memory and torch.cuda.is_available():  # pinned staging for non-blocking H2D copies
             raw_t = _pinned_aligned(capacity, stride)
@@ -28,19 +35,37 @@ class CacheRows:
         else:
             self.raw = aligned_empty(capacity, stride)  # (capacity, stride) uint8, what reads write
             self.raw[:] = 0
-        self._raw_rows = rows_view(raw_t if raw_t is not None else self.raw, parts, hidden, store_dtype)
-        self.compute_dtype = dtype or self._raw_rows.dtype
-        self.zero_copy = self.device.type == "cpu" and self.compute_dtype == self._raw_rows.dtype
-        if self.zero_copy:
-            self.rows = self._raw_rows  # (capacity, P, d): same memory
+        self._raw_rows = rows_view(raw_t if raw_t is not None else self.raw, parts, hidden, store_dtype, names)
+        if self.quantized:  # the kernels take the bundles' bytes as they are, in float32 activations
+            self.compute_dtype = torch.float32
+            self.zero_copy = self.device.type == "cpu"
+            self.rows = self._raw_rows if self.zero_copy else QBundles(
+                torch.zeros(capacity, stride, dtype=torch.uint8, device=self.device), self._raw_rows.layout)
         else:
-            self.rows = torch.zeros(capacity, parts, hidden, dtype=self.compute_dtype, device=self.device)
+            self.compute_dtype = dtype or self._raw_rows.dtype
+            self.zero_copy = self.device.type == "cpu" and self.compute_dtype == self._raw_rows.dtype
+            if self.zero_copy:
+                self.rows = self._raw_rows  # (capacity, P, d): same memory
+            else:
+                self.rows = torch.zeros(capacity, parts, hidden, dtype=self.compute_dtype, device=self.device)
+        # what commit, move and zero copy: bytes (quantised) or rows (float)
+        self._src = self._raw_rows.bundles if self.quantized else self._raw_rows
+        self._dst = self.rows.bundles if self.quantized else self.rows
         self._event = None  # CUDA event of the last commit's copies
+
+    @staticmethod
+    def slot_bytes(parts: int, hidden: int, stride: int, store_dtype: str, dtype: torch.dtype,
+                   device: torch.device) -> int:
+        """Bytes one slot holds: its raw bundle and, when not zero copy, its compute copy."""
+        if store_dtype in QUANT_FORMATS:
+            return stride * (1 if device.type == "cpu" else 2)
+        same = device.type == "cpu" and dtype == TORCH_DTYPES[store_dtype]
+        return stride + (0 if same else parts * hidden * torch.empty((), dtype=dtype).element_size())
 
     @property
     def nbytes(self) -> int:
         """Bytes of the raw slots and, when separate, the compute rows."""
-        rows = 0 if self.zero_copy else self.rows.numel() * self.rows.element_size()
+        rows = 0 if self.zero_copy else self._dst.numel() * self._dst.element_size()
         return self.raw.nbytes + rows
 
     def sync(self) -> None:
@@ -54,9 +79,10 @@ class CacheRows:
         (nothing to do when zero copy)."""
         if not s.size or self.zero_copy:
             return
+        dst, src = self._dst, self._src
         if self.device.type == "cuda":
             for a, b in _runs(s):  # slices of pinned memory stay pinned: truly non-blocking copies
-                self.rows[a:b].copy_(self._raw_rows[a:b], non_blocking=True)
+                dst[a:b].copy_(src[a:b], non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
         elif self.device.type == "cpu" and 8 * _n_runs(s) <= s.size:
@@ -64,24 +90,24 @@ class CacheRows:
             # converting copy per run reads the staging rows once, where the gather below
             # copies them three times (docs/sparsity.md, "Committing rows").
             for a, b in _runs(s):
-                self.rows[a:b].copy_(self._raw_rows[a:b])
+                dst[a:b].copy_(src[a:b])
         else:  # scattered (hole fills): a call per short run costs more than one gather
             s_t = torch.from_numpy(s.copy())  # plan arrays are read-only
-            self.rows[s_t.to(self.device)] = self._raw_rows[s_t].to(self.device, self.compute_dtype)
+            dst[s_t.to(self.device)] = src[s_t].to(self.device, dst.dtype)
 
     def move(self, dst: np.ndarray, src: np.ndarray) -> None:
         """Rows `src` move to slots `dst` (the compact policy closing holes)."""
         if self.zero_copy:
             self.raw[dst] = self.raw[src]
         else:  # after commit raw is only staging: move the compute rows alone
-            self.rows[torch.from_numpy(dst).to(self.device)] = self.rows[torch.from_numpy(src).to(self.device)]
+            self._dst[torch.from_numpy(dst).to(self.device)] = self._dst[torch.from_numpy(src).to(self.device)]
 
     def zero(self, holes: np.ndarray) -> None:
         """Rows `holes` become zero (the paired policy's empty slots)."""
         if self.zero_copy:
             self.raw[holes] = 0
         else:
-            self.rows[torch.from_numpy(holes).to(self.device)] = 0
+            self._dst[torch.from_numpy(holes).to(self.device)] = 0
 
 
 def _n_runs(sorted_slots: np.ndarray) -> int:

@@ -12,10 +12,14 @@ import torch
 from flashlm.errors import ConfigError
 from flashlm.io.backend import Backend
 from flashlm.pipeline.budget import parse_budget
+from flashlm.io.format import STORE_DTYPES
 from flashlm.io.writer import TORCH_DTYPES
 
 
-SELECTIONS = ("dense", "gate", "shadow", "predictor")
+SELECTIONS = ("auto", "dense", "gate", "shadow", "predictor")
+# "auto" resolves at open: "dense" when the caches can hold every neuron (no budget, or enough) and
+# no density was asked for; this selection otherwise
+AUTO_SPARSE = "shadow"
 DEFAULT_DENSITY = 0.4
 
 
@@ -30,13 +34,15 @@ class EngineConfig:
     dtype: str = "float32"  # compute dtype; float16/bfloat16 GEMV is slow on most CPUs
     max_context: int | None = None  # tokens per request (prompt + answer); None: the model's limit, capped at 8192
     num_threads: int | None = None  # torch intra-op threads; None: 1 on machines with <= 2 CPUs, else torch's default
-    store_dtype: str = "float16"  # dtype used when a built-in model is converted on first use
+    # store dtype a built-in model is converted to on first use; None: the model's own default
+    # (`flashlm.builtin.BuiltinModel.store_dtype`)
+    store_dtype: str | None = None
     # -- the FFN: where it lives and which neurons are computed -----------------------------
     ffn: str = "flash"  # "flash": neurons read from the store into per-layer caches; "ram": all resident
-    # The default is what `flashlm eval` chose on SmolLM2 (benchmarks/results/eval-quick.json): int8 shadow
-    # copies of gate+up at 40% density, window 8: +0.49% / +0.73% ppl (wiki / news), 0.18% of the FFN's
-    # bytes read per token (benchmarks/results/eval.json).
-    selection: str = "shadow"  # "dense" (every neuron) | "gate" | "shadow" | "predictor"
+    # "auto" (default): with room for every neuron the caches fill once from flash and the FFN is
+    # computed whole (exact, no selector DRAM); under a budget that cannot hold them all, AUTO_SPARSE
+    # at `density` (docs/sparsity.md, docs/budget.md).
+    selection: str = "auto"  # "auto" | "dense" (every neuron) | "gate" | "shadow" | "predictor"
     density: float | None = None  # fraction of each layer's neurons selected per token (None: mode default)
     window: int = 8  # tokens a selected neuron stays computed (the paper's sliding window k)
     # "lazy": a neuron that left the window stays cached until its slot is needed (the FFN masks it
@@ -53,9 +59,10 @@ class EngineConfig:
     trace_max_bytes: int = 256 * 2**20  # past this the trace rotates to TRACE.1: at most twice this on disk
 
     def __post_init__(self) -> None:
-        for name in ("dtype", "store_dtype"):
-            if getattr(self, name) not in TORCH_DTYPES:
-                raise ConfigError(f"{name} {getattr(self, name)!r} is not one of {sorted(TORCH_DTYPES)}")
+        if self.dtype not in TORCH_DTYPES:
+            raise ConfigError(f"dtype {self.dtype!r} is not one of {sorted(TORCH_DTYPES)}")
+        if self.store_dtype is not None and self.store_dtype not in STORE_DTYPES:
+            raise ConfigError(f"store_dtype {self.store_dtype!r} is not one of {list(STORE_DTYPES)}")
         try:
             dev = torch.device(self.device)
         except (RuntimeError, TypeError) as e:

@@ -9,6 +9,7 @@ cache; steps of concurrent requests interleave on the compute thread, one token 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import contextlib
 import contextvars
 import ctypes
@@ -25,15 +26,15 @@ import torch
 
 from flashlm.builtin import DEFAULT_MODEL
 from flashlm.convert import resolve_store
-from flashlm.errors import ConfigError, EngineClosedError, EngineDeadError, NonFiniteLogitsError
+from flashlm.errors import ConfigError, EngineClosedError, EngineDeadError, MemoryBudgetError, NonFiniteLogitsError
 from flashlm.io.reader import BundleReader
 from flashlm.io.store import FlashStore
-from flashlm.io.writer import TORCH_DTYPES
+from flashlm.kernels import QBundles, QRows
 from flashlm.log import get_logger
 from flashlm.models.selectors import n_keep
 from flashlm.pipeline.actors import LayerActor
 from flashlm.pipeline.budget import MemoryPlan, check_fits, parse_budget, plan_memory
-from flashlm.pipeline.config import EngineConfig
+from flashlm.pipeline.config import AUTO_SPARSE, EngineConfig
 from flashlm.pipeline.neuron_cache import NeuronCache
 from flashlm.pipeline.selection import make_selectors
 from flashlm.pipeline.request_window import RequestWindow
@@ -62,15 +63,24 @@ def _build_model(store: FlashStore, config: EngineConfig, arch: Any, args: Any) 
     """The model with its resident tensors; with ffn="ram" also every FFN row (read whole,
     checksum-checked), with ffn="flash" none (the layer actors' caches supply them)."""
     dev, dt = torch.device(config.device), config.torch_dtype
+    # quantised weights (QRows) stay in their format; float tensors take the compute dtype
     resident = {
-        k: (v.to(dev, dt) if v.is_floating_point() else v.to(dev)) for k, v in store.load_resident().items()
+        k: (v.to(dev, dt) if isinstance(v, torch.Tensor) and v.is_floating_point() else v.to(dev))
+        for k, v in store.load_resident().items()
     }
     n = len(store.manifest.ffn.layers)
     if config.ffn == "ram":
-        rows: list[torch.Tensor | None] = [store.layer_rows(store.read_layer(i)).to(dev, dt) for i in range(n)]
+        rows: list[Any] = []
+        for i in range(n):
+            r = store.layer_rows(store.read_layer(i))
+            rows.append(r.to(dev) if isinstance(r, QBundles) else r.to(dev, dt))
     else:
         rows = [None] * n
     return build(store, arch, args, resident, rows), resident
+
+
+def _held_bytes(t: torch.Tensor | QRows) -> int:
+    return t.nbytes if isinstance(t, QRows) else t.numel() * t.element_size()
 
 
 def release_freed_memory() -> None:
@@ -241,6 +251,10 @@ class Engine:
         self.max_context = config.max_context or min(limit, DEFAULT_CONTEXT_CAP)
         self.vocab_size = args.vocab_size
         mcfg = store.manifest.config
+        m = store.manifest
+        # the model's own bytes: what holding all of its store in DRAM takes (resident file + FFN
+        # bundles), the unit of a fractional memory budget whatever the compute dtype
+        self.model_bytes = m.resident.size + m.ffn.file.size
         eos = mcfg.get("eos_token_id")
         ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         if tokenizer is not None and tokenizer.eos_token_id is not None:
@@ -301,12 +315,13 @@ class Engine:
         args = self._args
         d_ff = max(layer.n_neurons for layer in ffn.layers)
         itemsize = torch.empty((), dtype=cfg.torch_dtype).element_size()
-        same = cfg.torch_dtype == TORCH_DTYPES[ffn.dtype] and self.device.type == "cpu"
         res_bytes = await asyncio.to_thread(resident_bytes, store, cfg.torch_dtype)
-        ffn_bytes = sum(layer.n_neurons for layer in ffn.layers) * len(ffn.parts) * ffn.hidden_size * itemsize
+        # ffn="ram" holds quantised bundles as stored, float ones in the compute dtype
+        row_bytes = ffn.stride if ffn.quant_format else len(ffn.parts) * ffn.hidden_size * itemsize
+        ffn_bytes = sum(layer.n_neurons for layer in ffn.layers) * row_bytes
         kv_bytes = 2 * args.n_layers * self.max_context * args.n_kv_heads * args.head_dim * itemsize
-        budget = parse_budget(cfg.memory_budget, res_bytes + ffn_bytes)
-        slot_bytes = ffn.stride + (0 if same else len(ffn.parts) * ffn.hidden_size * itemsize)
+        budget = parse_budget(cfg.memory_budget, self.model_bytes)
+        slot_bytes = NeuronCache.slot_bytes(ffn, cfg.torch_dtype, self.device)
         # one step pins its exact set and, with lookahead, the speculative one
         min_capacity = min(d_ff, n_keep(d_ff, cfg.effective_density) * (1 + cfg.lookahead))
         if cfg.ffn == "ram":
@@ -324,13 +339,21 @@ class Engine:
             self._runner = _RamRunner(self.model, self._pool)
             release_freed_memory()
             return
+        held = sum(_held_bytes(t) for t in resident.values())
+        if cfg.selection == "auto":
+            # every neuron fits (no budget, or one that holds them all): computing every cached neuron
+            # costs no selector and no accuracy, and reads each neuron once; otherwise select
+            try:
+                self._plan(held, 0, d_ff, cfg)
+                chosen = "dense" if cfg.density is None else AUTO_SPARSE
+            except MemoryBudgetError:
+                chosen = AUTO_SPARSE
+            cfg = self.config = dataclasses.replace(cfg, selection=chosen)
         selectors, selector_bytes = await loop.run_in_executor(
             self._pool, make_selectors, cfg, store, self.model, resident)
-        self.memory = plan_memory(
-            budget=budget, resident_bytes=sum(t.numel() * t.element_size() for t in resident.values()),
-            selector_bytes=selector_bytes, kv_bytes=kv_bytes, slot_bytes=slot_bytes, n_layers=len(ffn.layers),
-            d_ff=d_ff, min_capacity=min_capacity,
-        )
+        # one step pins its exact set and, with lookahead, the speculative one
+        self.memory = self._plan(held, selector_bytes,
+                                 min(d_ff, n_keep(d_ff, cfg.effective_density) * (1 + cfg.lookahead)), cfg)
         if budget is None:  # the whole plan, selectors too, before the caches are allocated
             check_fits(self.memory.total, "the memory plan: resident, selectors, KV cache, every neuron cached",
                        None, store=str(store.path))
@@ -354,6 +377,19 @@ class Engine:
         self._runner = self._sparse
         release_freed_memory()  # building the selectors freed large transients
         self._supervisor = asyncio.create_task(self._supervise(actors), name="flashlm-actors")
+
+    def _plan(self, resident_bytes: int, selector_bytes: int, min_capacity: int, cfg: EngineConfig) -> MemoryPlan:
+        """What the engine will hold, against the budget (MemoryBudgetError below the minimum)."""
+        ffn, args = self.store.manifest.ffn, self.model.args
+        itemsize = torch.empty((), dtype=self.model.dtype).element_size()  # activations and KV cache
+        return plan_memory(
+            budget=parse_budget(cfg.memory_budget, self.model_bytes),
+            resident_bytes=resident_bytes,
+            selector_bytes=selector_bytes,
+            kv_bytes=2 * args.n_layers * self.max_context * args.n_kv_heads * args.head_dim * itemsize,
+            slot_bytes=NeuronCache.slot_bytes(ffn, self.model.dtype, self.device),
+            n_layers=len(ffn.layers), d_ff=max(layer.n_neurons for layer in ffn.layers), min_capacity=min_capacity,
+        )
 
     async def _supervise(self, actors: list[LayerActor]) -> None:
         """The actors' TaskGroup. If one crashes the group cancels the rest and the engine is

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 
 from flashlm.errors import ConfigError, MemoryBudgetError, ReadRequestError
-from flashlm.io.format import DTYPE_SIZES, FFNLayout
+from flashlm.io.format import STORE_DTYPES, FFNLayout, bundle_nbytes
 from flashlm.pipeline.cache_rows import CacheRows
 
 Policy = Literal["compact", "paired"]
@@ -122,8 +122,10 @@ class NeuronCache:
                  pin_memory: bool = False, eviction: Eviction = DEFAULT_EVICTION) -> None:
         """Geometry from `layout` (the store's FFNLayout) or from parts/hidden/stride/store_dtype;
         `dtype` is the compute dtype (default: the store's)."""
+        names = None
         if layout is not None:
             parts, hidden, stride, store_dtype = len(layout.parts), layout.hidden_size, layout.stride, layout.dtype
+            names = layout.parts
         if policy not in ("compact", "paired"):
             raise ConfigError(f"cache policy {policy!r} is not known; choose 'compact' or 'paired'")
         if eviction not in ("window", "lazy"):
@@ -133,13 +135,13 @@ class NeuronCache:
                                     f"neurons); raise the memory budget or lower the density")
         if window < 1:
             raise ConfigError(f"window {window} must be >= 1 token")
-        if store_dtype not in DTYPE_SIZES or parts < 1 or hidden < 1 or stride < parts * hidden * DTYPE_SIZES[store_dtype]:
+        if store_dtype not in STORE_DTYPES or parts < 1 or hidden < 1 or stride < bundle_nbytes(parts, hidden, store_dtype):
             raise ConfigError(f"stride {stride} cannot hold {parts} x {hidden} {store_dtype!r} values")
         self.n_neurons, self.capacity, self.window, self.policy = n_neurons, capacity, window, policy
         self.lazy = eviction == "lazy"
         self.stride, self.store_dtype = stride, store_dtype
         self._mem = CacheRows(capacity, parts=parts, hidden=hidden, stride=stride, store_dtype=store_dtype,
-                              dtype=dtype, device=device, pin_memory=pin_memory)
+                              dtype=dtype, device=device, pin_memory=pin_memory, names=names)
         self.raw, self.rows = self._mem.raw, self._mem.rows  # (capacity, stride) uint8 the reads write; (capacity, P, d)
         self.device, self.compute_dtype, self.zero_copy = self._mem.device, self._mem.compute_dtype, self._mem.zero_copy
         self.slot_of = np.full(n_neurons, -1, dtype=np.int64)
@@ -159,6 +161,12 @@ class NeuronCache:
         self._tok_misses = 0
         self._tidy_due = False  # an update(evict=False) left expired neurons for tidy()
         self._rates = [0, 0.0, float("inf"), float("-inf"), float("nan")]  # n, sum, min, max, last
+
+    @staticmethod
+    def slot_bytes(layout: FFNLayout, dtype: torch.dtype, device: torch.device | str) -> int:
+        """Bytes one cached neuron holds (`CacheRows.slot_bytes`), for the memory plan."""
+        return CacheRows.slot_bytes(len(layout.parts), layout.hidden_size, layout.stride, layout.dtype, dtype,
+                                    torch.device(device))
 
     @property
     def nbytes(self) -> int:

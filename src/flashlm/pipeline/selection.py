@@ -53,7 +53,7 @@ def make_selectors(config: EngineConfig, store: FlashStore, model: Any, resident
     else:
         sels = []
         for layer in range(n_layers):  # one pass over the FFN; checksums are checked on the way
-            rows = store.layer_rows(store.read_layer(layer)).to(config.torch_dtype)
+            rows = store.layer_float_rows(store.read_layer(layer)).to(config.torch_dtype)
             bias = getattr(blocks[layer], "fc1_bias", None)
             sels.append(build_selector(config.selection, rows, blocks[layer].act, bias))
             del rows

