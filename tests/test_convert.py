@@ -87,3 +87,33 @@ def test_existing_out_needs_force(tmp_path):
     assert FlashStore.open(tmp_path / "s").manifest.store_id == first
     convert(src, tmp_path / "s", dtype="float16", force=True, progress=False)
     assert FlashStore.open(tmp_path / "s").manifest.dtype == "float16"
+
+
+def test_force_replaces_only_a_store_or_an_empty_directory(tmp_path):
+    """--force must never delete what is not a flashlm store: `convert X ~ --force` once would
+    have removed a home directory (the old rmtree of whatever OUT was)."""
+    import subprocess
+    import sys
+
+    src = save_checkpoint(random_llama(), tmp_path / "c")
+    home = tmp_path / "home"
+    (home / "notes").mkdir(parents=True)
+    (home / "notes" / "keep.txt").write_text("mine")
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("mine too")
+    for out in (home, a_file, src):  # a directory of someone's files, a file, the checkpoint itself
+        with pytest.raises(StoreExistsError, match="not a flashlm store|not a directory"):
+            convert(src, out, force=True, progress=False)
+    r = subprocess.run([sys.executable, "-m", "flashlm", "convert", str(src), str(home), "--force", "--quiet"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "not a flashlm store" in r.stderr
+    assert (home / "notes" / "keep.txt").read_text() == "mine" and a_file.read_text() == "mine too"
+    assert (src / "config.json").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    convert(src, empty, dtype="float32", force=True, progress=False)  # an empty directory may become the store
+    first = FlashStore.open(empty).manifest.store_id
+    convert(src, empty, dtype="float16", force=True, progress=False)  # and a store may be replaced
+    assert FlashStore.open(empty).manifest.store_id != first
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no partial or old directories left

@@ -26,11 +26,10 @@ from flashlm.builtin import BUILTINS, cached_store_path, default_store_dtype, is
 from flashlm.errors import (
     CheckpointFormatError,
     SourceCheckpointError,
-    StoreExistsError,
     UnknownModelError,
 )
 from flashlm.io.format import MANIFEST_NAME, Manifest
-from flashlm.io.writer import check_block_size, check_dtype, write_store
+from flashlm.io.writer import check_block_size, check_dtype, check_replaceable, write_store
 from flashlm.log import get_logger
 from flashlm.models import get_architecture
 from flashlm.models.base import Architecture
@@ -111,8 +110,7 @@ def convert(
     check_dtype(dtype)
     check_block_size(block_size)
     out = Path(out)
-    if out.exists() and not force:
-        raise StoreExistsError(f"{out} already exists; pass --force to replace it")
+    check_replaceable(out, force)  # before the source is read: refused at once, nothing written
     source = resolve_source(src, progress=progress)
     # Source tensors are made in the store dtype (float32 from GGUF blocks, then cast), so no
     # precision is lost twice and no tensor is held wider than it is stored.

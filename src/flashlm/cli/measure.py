@@ -99,6 +99,22 @@ def cmd_trace_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_ppl(a: argparse.Namespace) -> int:
+    from flashlm.bench.quant_ppl import run_ppl_bench
+
+    stores = {}
+    for spec in a.store:
+        label, sep, path = spec.partition("=")
+        if not sep or not label:
+            raise FlashLMError(f"--store {spec!r}: expected LABEL=DIR, e.g. float16=stores/qwen-f16")
+        if not Path(path).is_dir():
+            raise FlashLMError(f"--store {spec!r}: {path} is not a directory")
+        stores[label] = Path(path)
+    r = run_ppl_bench(Path(a.out), stores, tokens=a.tokens, progress=not a.quiet)
+    print(json.dumps({k: {t: round(v["rel"], 5) for t, v in s["texts"].items()} for k, s in r["stores"].items()}))
+    return 0
+
+
 def add_bench(sub: Any) -> None:
     """The `bench` command and its WHATs."""
     b = sub.add_parser("bench", help="benchmarks (write JSON, print a JSON summary)",
@@ -176,6 +192,18 @@ def add_bench(sub: Any) -> None:
     bd.add_argument("--quiet", action="store_true", help="no per-run lines on stderr")
     bd.add_argument("--out", required=True, metavar="FILE", help="JSON file to write")
     bd.set_defaults(func=_bench_decode)
+    bpp = bsub.add_parser("ppl", help="perplexity per store dtype through the engine's kernels (every neuron computed)",
+                          description="Held-out Wikipedia, news and code perplexity of each store, built as the engine "
+                          "builds it with the FFN in RAM (quantised stores on flashlm.kernels), every neuron computed; "
+                          "ratios to the first store. Needs gensim 4.4.0 (the texts).",
+                          epilog="examples:\n  flashlm bench ppl --store float16=stores/q15-f16 --store q4=stores/q15-q4 "
+                          "--out benchmarks/results/ppl-qwen1.5b.json")
+    bpp.add_argument("--store", action="append", required=True, metavar="LABEL=DIR",
+                     help="a store to measure (repeatable; the first is the reference)")
+    bpp.add_argument("--tokens", type=int, default=1024, help="tokens per text (default 1024, in 512-token sequences)")
+    bpp.add_argument("--quiet", action="store_true", help="no progress bars")
+    bpp.add_argument("--out", required=True, metavar="FILE", help="JSON file to write")
+    bpp.set_defaults(func=_bench_ppl)
 
 
 def add_trace(sub: Any) -> None:

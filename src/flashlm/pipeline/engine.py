@@ -59,7 +59,7 @@ def _load_tokenizer(path: Path | None) -> Any | None:
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def _build_model(store: FlashStore, config: EngineConfig, arch: Any, args: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+def build_model(store: FlashStore, config: EngineConfig, arch: Any, args: Any) -> tuple[Any, dict[str, torch.Tensor]]:
     """The model with its resident tensors; with ffn="ram" also every FFN row (read whole,
     checksum-checked), with ffn="flash" none (the layer actors' caches supply them)."""
     dev, dt = torch.device(config.device), config.torch_dtype
@@ -334,7 +334,7 @@ class Engine:
             check_fits(res_bytes + kv_bytes + (cached * slot_bytes + d_ff * per_row) * len(ffn.layers),
                        f"resident tensors, one KV cache at max_context {self.max_context}, the selectors, {cached} "
                        f"cached neurons per layer", None, store=str(store.path))
-        self.model, resident = await loop.run_in_executor(self._pool, _build_model, store, cfg, self._arch, args)
+        self.model, resident = await loop.run_in_executor(self._pool, build_model, store, cfg, self._arch, args)
         if cfg.ffn == "ram":
             self._runner = _RamRunner(self.model, self._pool)
             release_freed_memory()

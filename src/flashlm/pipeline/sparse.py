@@ -84,11 +84,10 @@ class SparseRunner:
         self.trace: Any = None  # a flashlm.pipeline.trace.TraceSink when the engine traces
         self._cur_token = -1  # the step in progress (steps are serialized by _lock)
         self.early_steps = 0  # layer steps that computed over cached rows while their own reads landed
-        # True (compute="thread"): a layer with reads to wait for computes over its cached rows
-        # at once, while the actor appends and reads the rest (no row moves until a Tidy after
-        # the FFN); False, compute="loop", or no room to append: it first waits for the actor to
-        # say which rows are pending (one round trip through the loop). Measured in docs/sparsity.md.
-        self.fetch_early = True
+        # compute="thread": a layer with reads to wait for computes over its cached rows at once,
+        # while the actor appends and reads the rest (no row moves until a Tidy after the FFN);
+        # compute="loop" or no room to append: it first waits for the actor to say which rows
+        # are pending (one round trip through the loop). Measured in docs/sparsity.md.
         self.fetch_steps = 0  # layer steps that took the first way
 
     def set_recording(self, on: bool) -> None:
@@ -313,7 +312,7 @@ class SparseRunner:
             else:
                 t_ask = time.perf_counter()
                 held_part = None
-                if (self.fetch_early and not self.inline and self.reuse and actor.idle()
+                if (not self.inline and self.reuse and actor.idle()
                         and cache.num_used + n_missing <= cache.capacity):
                     # Reads in flight or to start, room to append them: send the step without
                     # waiting for an answer (its update appends, moves no row) and compute over

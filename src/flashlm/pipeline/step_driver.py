@@ -200,7 +200,7 @@ class StepDriver:
     def _fetch_threadsafe(self, layer: int, token: int, ids: np.ndarray, loop: asyncio.AbstractEventLoop,
                           outbox: list[tuple[LayerActor, Prefetch | Touch | Tidy | Ensure]]) -> Future[LayerStep]:
         """Send Ensure(evict=False) and return at once: the future of its LayerStep (only the
-        compute thread's driver does this: see `fetch_early`)."""
+        compute thread's driver does this: see `SparseRunner.fetch_steps`)."""
         reply: Future[LayerStep] = Future()
         with self._replies_lock:
             self._replies.add(reply)
