@@ -19,7 +19,6 @@ from flashlm.models.base import ffn_gated, ffn_ungated
 from flashlm.pipeline.neuron_cache import CachePlan, NeuronCache
 
 N, P, D = 64, 3, 8
-POLICIES = ["compact", "paired"]
 
 
 class RefCache:
@@ -70,10 +69,9 @@ def read_and_commit(cache: NeuronCache, plan: CachePlan, store: np.ndarray) -> N
 def check_rows(cache: NeuronCache, ref_rows: torch.Tensor, expect_ids: set[int]) -> None:
     rows, ids = cache.compute_view()
     assert rows.dtype == torch.float32
-    valid = torch.from_numpy(cache.neuron_of[: cache.num_used] >= 0)
-    assert set(ids[valid].tolist()) == expect_ids == set(cache.cached_ids().tolist())
-    assert torch.equal(rows[valid], ref_rows[ids[valid]])
-    assert not rows[~valid].any(), "a hole's row is not zero"
+    assert ids.numel() == len(expect_ids), "a hole below num_used"
+    assert set(ids.tolist()) == expect_ids == set(cache.cached_ids().tolist())
+    assert torch.equal(rows, ref_rows[ids])
 
 
 def next_ids(rng: random.Random, prev: set[int], size: int) -> set[int]:
@@ -85,9 +83,8 @@ def next_ids(rng: random.Random, prev: set[int], size: int) -> set[int]:
 
 
 @pytest.mark.parametrize("eviction", ["window", "lazy"])
-@pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("store_dtype", ["float32", "float16"])
-def test_random_requests_match_reference(policy, store_dtype, eviction):
+def test_random_requests_match_reference(store_dtype, eviction):
     store, ref_rows, stride = make_store(store_dtype)
     fulls = []
     for seed in range(6):
@@ -95,7 +92,7 @@ def test_random_requests_match_reference(policy, store_dtype, eviction):
         cap, window = rng.randrange(12, N + 1), rng.randrange(1, 6)
         cap = N if seed == 0 else cap  # (room for every neuron: a lazy cache fills up)
         cache = NeuronCache(N, cap, parts=P, hidden=D, stride=stride, store_dtype=store_dtype,
-                            dtype=torch.float32, window=window, policy=policy, eviction=eviction)
+                            dtype=torch.float32, window=window, eviction=eviction)
         assert cache.zero_copy == (store_dtype == "float32")
         ref, ids, totals = RefCache(cap, window, lazy=eviction == "lazy"), set(), [0, 0, 0]
         full = 0
@@ -139,12 +136,11 @@ def test_random_requests_match_reference(policy, store_dtype, eviction):
     assert eviction == "window" or fulls[0]
 
 
-@pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("store_dtype", ["float32", "float16"])
-def test_ffn_over_cache_equals_dense_restricted(policy, store_dtype):
+def test_ffn_over_cache_equals_dense_restricted(store_dtype):
     store, ref_rows, stride = make_store(store_dtype, seed=1)
     cache = NeuronCache(N, 40, parts=P, hidden=D, stride=stride, store_dtype=store_dtype,
-                        dtype=torch.float32, window=2, policy=policy)
+                        dtype=torch.float32, window=2)
     rng = random.Random(1)
     ids: set[int] = set()
     x = torch.randn(3, D)
@@ -155,7 +151,7 @@ def test_ffn_over_cache_equals_dense_restricted(policy, store_dtype):
         held = torch.from_numpy(cache.cached_ids())
         rows, nid = cache.compute_view()
         assert torch.allclose(ffn_gated(x, rows, F.silu), ffn_gated(x, ref_rows[held], F.silu), atol=1e-5)
-        # an ungated FFN with per-neuron biases gathered by id: holes (paired) must still add nothing
+        # an ungated FFN with per-neuron biases gathered by id: each row gets its own neuron's bias
         r2, d2 = rows[:, :2], ref_rows[held][:, :2]
         assert torch.allclose(ffn_ungated(x, r2, F.relu, bias[nid]), ffn_ungated(x, d2, F.relu, bias[held]),
                               atol=1e-5)
@@ -171,11 +167,9 @@ def test_zero_copy_and_alignment():
     assert not conv.zero_copy and conv.rows.shape == (16, P, D) and conv.nbytes > conv.raw.nbytes
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-def test_two_phases_never_evict_or_move_the_current_tokens_neurons(policy):
+def test_two_phases_never_evict_or_move_the_current_tokens_neurons():
     store, ref_rows, stride = make_store("float16")
-    cache = NeuronCache(N, 10, parts=P, hidden=D, stride=stride, window=4, policy=policy,
-                        dtype=torch.float32)
+    cache = NeuronCache(N, 10, parts=P, hidden=D, stride=stride, window=4, dtype=torch.float32)
     read_and_commit(cache, cache.update(range(10), 0), store)  # full, all from token 0
     spec = cache.update([0, 1, 20, 21, 22], 1)  # three misses evict the LRU (2, 3, 4)
     assert spec.hits == 2 and spec.evicted == 3 and spec.moved == 0
@@ -209,49 +203,46 @@ def test_commit_of_long_runs_and_of_scattered_slots_converts_exactly(store_dtype
     store, _, stride = make_store(store_dtype, seed=2)
     ref_rows = rows_view(store, P, D, store_dtype).float()
     cache = NeuronCache(N, N, parts=P, hidden=D, stride=stride, store_dtype=store_dtype, window=1,
-                        policy="paired", dtype=torch.float32)
-    whole = cache.update(range(N), 0)
-    assert whole.slots.tolist() == list(range(N))  # one run: the slice path
+                        dtype=torch.float32)
+    first = range(48)
+    whole = cache.update(first, 0)
+    assert whole.slots.tolist() == list(first)  # one run: the slice path
     read_and_commit(cache, whole, store)
-    check_rows(cache, ref_rows, set(range(N)))
-    keep = list(range(0, N, 2))  # every other neuron stays: the odd slots become holes
-    read_and_commit(cache, cache.update(keep, 1), store)
-    before = cache.rows.clone()
-    refill = cache.update(keep + [1, 5, 9, 13, 17], 2)  # scattered hole fills: the gather path
+    check_rows(cache, ref_rows, set(first))
+    keep, new = list(range(0, 48, 2)), [48, 50, 52, 54, 56]  # the odd neurons expire: their slots are holes
+    refill = cache.update(keep + new, 1)  # scattered hole fills: the gather path
     assert refill.slots.tolist() == [1, 3, 5, 7, 9]  # the first holes, one slot apart
+    assert refill.moved > 0  # the holes left are closed before the reads land
+    before = cache.rows.clone()
     read_and_commit(cache, refill, store)
     slots, ids = refill.slots.tolist(), refill.missing_ids.tolist()
     assert torch.equal(cache.rows[slots], ref_rows[ids])
     others = sorted(set(range(N)) - set(slots))
     assert torch.equal(cache.rows[others], before[others])
     cache.invariants()
+    check_rows(cache, ref_rows, set(keep + new))
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-def test_window_expiry_and_compaction(policy):
+def test_window_expiry_and_compaction():
     store, ref_rows, stride = make_store("float32")
-    cache = NeuronCache(N, 32, parts=P, hidden=D, stride=stride, store_dtype="float32", window=2, policy=policy)
+    cache = NeuronCache(N, 32, parts=P, hidden=D, stride=stride, store_dtype="float32", window=2)
     read_and_commit(cache, cache.update(range(8), 0), store)
     read_and_commit(cache, cache.update([6, 7], 1), store)
     plan = cache.update([7], 2)  # 0..5 last used at token 0: out of the 2-token window
     assert plan.evicted == 6 and plan.missing_ids.size == 0
     cache.commit(plan)
-    if policy == "compact":  # 6 and 7 moved down into slots 0 and 1
-        assert plan.moved == 2 and cache.num_used == 2
-    else:  # paired: no moves, holes zeroed below 6, 7
-        assert plan.moved == 0 and cache.num_used == 8 and cache.stats().zeroed == 6
+    assert plan.moved == 2 and cache.num_used == 2  # 6 and 7 moved down into slots 0 and 1
     cache.invariants()
     check_rows(cache, ref_rows, {6, 7})
     read_and_commit(cache, cache.update([], 4), store)  # everything expires
     assert cache.num_used == 0 and cache.compute_view()[0].shape == (0, P, D)
 
 
-@pytest.mark.parametrize("policy", POLICIES)
-def test_append_only_update_moves_no_row_and_tidy_evicts_later(policy):
+def test_append_only_update_moves_no_row_and_tidy_evicts_later():
     """update(evict=False) places the misses past the end and leaves rows [0, num_used) as they
     were (the engine computes on them meanwhile); tidy(token) then does the eviction."""
     store, ref_rows, stride = make_store("float16")
-    cache = NeuronCache(N, 32, parts=P, hidden=D, stride=stride, window=2, policy=policy, dtype=torch.float32)
+    cache = NeuronCache(N, 32, parts=P, hidden=D, stride=stride, window=2, dtype=torch.float32)
     read_and_commit(cache, cache.update(range(8), 0), store)
     read_and_commit(cache, cache.update([6, 7], 1), store)
     U = cache.num_used
@@ -264,11 +255,11 @@ def test_append_only_update_moves_no_row_and_tidy_evicts_later(policy):
     cache.invariants()
     check_rows(cache, ref_rows, set(range(8)) | {10, 11})
     evicted, moved = cache.tidy(2)
-    assert evicted == 6 and (moved > 0) == (policy == "compact")
+    assert evicted == 6 and moved > 0
     cache.invariants()
     check_rows(cache, ref_rows, {6, 7, 10, 11})
     assert cache.tidy(1) == (0, 0)  # an older token's tidy: a later update already evicted
-    small = NeuronCache(N, 4, parts=P, hidden=D, stride=stride, window=8, policy=policy, dtype=torch.float32)
+    small = NeuronCache(N, 4, parts=P, hidden=D, stride=stride, window=8, dtype=torch.float32)
     read_and_commit(small, small.update([1, 2, 3], 0), store)
     before = (small.slot_of.copy(), small.neuron_of.copy(), small.num_used)
     with pytest.raises(RuntimeError, match="no room"):
@@ -281,8 +272,6 @@ def test_rejects_bad_input():
     kw = dict(parts=P, hidden=D, stride=64, store_dtype="float16")
     with pytest.raises(MemoryBudgetError, match="capacity 0"):
         NeuronCache(N, 0, **kw)
-    with pytest.raises(ValueError, match="policy"):
-        NeuronCache(N, 8, policy="lru", **kw)
     with pytest.raises(ValueError, match="eviction"):
         NeuronCache(N, 8, eviction="fifo", **kw)
     with pytest.raises(ValueError, match="stride"):
@@ -305,10 +294,10 @@ def test_geometry_from_layout_and_neurons_match_compute_view():
                        (LayerLayout(4096, N, ""),))
     store, ref_rows, _ = make_store("float16")
     store = np.pad(store, ((0, 0), (0, layout.stride - store.shape[1])))
-    cache = NeuronCache(N, 16, layout=layout, dtype=torch.float32, policy="paired", window=1)
+    cache = NeuronCache(N, 16, layout=layout, dtype=torch.float32, window=1)
     assert cache.raw.shape == (16, 512) and cache.rows.shape == (16, P, D)
     read_and_commit(cache, cache.update([3, 4, 5, 6], 0), store)
-    read_and_commit(cache, cache.update([6, 9], 1), store)  # 9 into 3's slot; 4, 5 become holes
+    read_and_commit(cache, cache.update([6, 9], 1), store)  # 9 into 3's slot; 6 moves down into 4's
     rows, ids = cache.compute_view()
-    assert ids.tolist() == cache.neurons().tolist() == [9, 0, 0, 6]
-    assert torch.equal(rows[[0, 3]], ref_rows[[9, 6]]) and not rows[1:3].any()
+    assert ids.tolist() == cache.neurons().tolist() == [9, 6]
+    assert torch.equal(rows, ref_rows[[9, 6]])

@@ -7,7 +7,7 @@ the kernels compute on as they lie. With store dtype == compute dtype on CPU, or
 store on CPU, `rows` *is* a view of `raw` (zero copy: one copy of each neuron is held);
 otherwise `commit` converts the new slots into `rows` once their reads are done (on CUDA a
 non-blocking copy from pinned `raw`, of the bytes for a quantised store). Which neuron is in which slot is the `NeuronCache`'s
-bookkeeping; this class only copies, moves and zeroes rows as it says.
+bookkeeping; this class only copies and moves rows as it says.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class CacheRows:
                 self.rows = self._raw_rows  # (capacity, P, d): same memory
             else:
                 self.rows = torch.zeros(capacity, parts, hidden, dtype=self.compute_dtype, device=self.device)
-        # what commit, move and zero copy: bytes (quantised) or rows (float)
+        # what commit and move copy: bytes (quantised) or rows (float)
         self._src = self._raw_rows.bundles if self.quantized else self._raw_rows
         self._dst = self.rows.bundles if self.quantized else self.rows
         self._event = None  # CUDA event of the last commit's copies
@@ -96,18 +96,11 @@ class CacheRows:
             dst[s_t.to(self.device)] = src[s_t].to(self.device, dst.dtype)
 
     def move(self, dst: np.ndarray, src: np.ndarray) -> None:
-        """Rows `src` move to slots `dst` (the compact policy closing holes)."""
+        """Rows `src` move to slots `dst` (the cache closing holes)."""
         if self.zero_copy:
             self.raw[dst] = self.raw[src]
         else:  # after commit raw is only staging: move the compute rows alone
             self._dst[torch.from_numpy(dst).to(self.device)] = self._dst[torch.from_numpy(src).to(self.device)]
-
-    def zero(self, holes: np.ndarray) -> None:
-        """Rows `holes` become zero (the paired policy's empty slots)."""
-        if self.zero_copy:
-            self.raw[holes] = 0
-        else:
-            self._dst[torch.from_numpy(holes).to(self.device)] = 0
 
 
 def _n_runs(sorted_slots: np.ndarray) -> int:

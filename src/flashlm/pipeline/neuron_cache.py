@@ -14,18 +14,15 @@ A token's step for one layer::
 
 `update` marks `ids` used at `token`, evicts the neurons not used in the last `window` tokens
 (last_used <= token - window) and, if the incoming neurons still do not fit, the least recently
-used others (ties: lower id first); then it places the missing neurons. Policies:
+used others (ties: lower id first); then it places the missing neurons.
 
-- "compact" (the paper's): used slots stay contiguous, [0, num_used). Incoming neurons take the
-  lowest holes first; holes still left below the new end are filled by moving the last rows
-  down; the rest of the incoming neurons are appended at the end. (The paper deletes first and
-  appends after; filling holes with incoming reads first moves fewer rows and is what keeps
-  in-flight slots in place, see below.) The FFN runs over rows[:num_used] with no gather.
-- "paired": each incoming neuron goes straight into an evicted neuron's slot; holes that stay
-  empty are zero-filled in `rows` (and given neuron id 0 in the compute view). A zero bundle
-  contributes exactly nothing to any FFN whose last part multiplies the output (down / fc2
-  column), so the FFN still runs over rows[:num_used] with no mask, paying for the holes in
-  compute instead of moves. num_used shrinks when the last slots are holes.
+The cache compacts (the paper's scheme): used slots stay contiguous, [0, num_used). Incoming
+neurons take the lowest holes first; holes still left below the new end are filled by moving
+the last rows down; the rest of the incoming neurons are appended at the end. (The paper
+deletes first and appends after; filling holes with incoming reads first moves fewer rows and
+is what keeps in-flight slots in place, see below.) The FFN runs over rows[:num_used] with no
+gather. The "paired" alternative (incoming neurons into evicted slots, leftover holes
+zero-filled), measured no faster, was removed.
 
 Pending slots and two phases (speculation). Between `update` and `commit` a plan's slots are
 *pending*: their bytes are undefined until the read lands, so `compute_view` refuses to run
@@ -36,7 +33,7 @@ call only adds what is still missing (pending neurons count as present). Nor is 
 ever moved: in the same token nothing expires again, and a capacity eviction then frees at most
 as many slots as it fills, so incoming reads take every hole and no row moves. `update` for a
 later token while reads are pending is refused; `drop_pending()` drops the pending neurons of a failed
-or cancelled read (their slots become holes, compacted as the policy says).
+or cancelled read (their slots become holes, compacted).
 
 Lazy eviction (`eviction="lazy"`, the engine's default; this class defaults to the paper's
 "window"): nothing expires. A neuron that left the window keeps its slot until an incoming
@@ -64,12 +61,6 @@ from flashlm.errors import ConfigError, MemoryBudgetError, ReadRequestError
 from flashlm.io.format import STORE_DTYPES, FFNLayout, bundle_nbytes
 from flashlm.pipeline.cache_rows import CacheRows
 
-Policy = Literal["compact", "paired"]
-# `python -m flashlm.bench.cache` (benchmarks/results/cache.json; 2-vCPU x86 VM, 1 thread), one layer
-# of SmolLM2 geometry (d_ff 1536, d 576, fp16 -> fp32, window 8, 40% density, ~32 misses/token),
-# update + commit per token, median: compact 0.120 ms, paired 0.123 ms (with a 50% capacity: 0.126
-# vs 0.130 ms). Compact also computes over fewer rows (886 vs paired's 921, its zeroed holes). Default:
-DEFAULT_POLICY: Policy = "compact"  # measured faster, see above
 Eviction = Literal["window", "lazy"]
 DEFAULT_EVICTION: Eviction = "window"
 
@@ -102,8 +93,7 @@ class CacheStats:
     evictions: int
     appends: int  # misses placed past the previous end
     hole_fills: int  # misses placed into an evicted neuron's slot
-    moves: int  # rows moved down to keep the used slots contiguous ("compact")
-    zeroed: int  # hole rows zero-filled ("paired")
+    moves: int  # rows moved down to keep the used slots contiguous
     dropped: int  # pending neurons dropped by `drop_pending` (failed or cancelled reads)
     bytes_appended: int  # misses * stride: bytes the reader wrote into the cache
     num_used: int
@@ -118,7 +108,7 @@ class CacheStats:
 class NeuronCache:
     def __init__(self, n_neurons: int, capacity: int, *, layout: FFNLayout | None = None, parts: int = 0,
                  hidden: int = 0, stride: int = 0, store_dtype: str = "float16", dtype: torch.dtype | None = None,
-                 device: torch.device | str = "cpu", window: int = 8, policy: Policy = DEFAULT_POLICY,
+                 device: torch.device | str = "cpu", window: int = 8,
                  pin_memory: bool = False, eviction: Eviction = DEFAULT_EVICTION) -> None:
         """Geometry from `layout` (the store's FFNLayout) or from parts/hidden/stride/store_dtype;
         `dtype` is the compute dtype (default: the store's)."""
@@ -126,8 +116,6 @@ class NeuronCache:
         if layout is not None:
             parts, hidden, stride, store_dtype = len(layout.parts), layout.hidden_size, layout.stride, layout.dtype
             names = layout.parts
-        if policy not in ("compact", "paired"):
-            raise ConfigError(f"cache policy {policy!r} is not known; choose 'compact' or 'paired'")
         if eviction not in ("window", "lazy"):
             raise ConfigError(f"cache eviction {eviction!r} is not known; choose 'window' or 'lazy'")
         if not 0 < capacity <= n_neurons:
@@ -137,7 +125,7 @@ class NeuronCache:
             raise ConfigError(f"window {window} must be >= 1 token")
         if store_dtype not in STORE_DTYPES or parts < 1 or hidden < 1 or stride < bundle_nbytes(parts, hidden, store_dtype):
             raise ConfigError(f"stride {stride} cannot hold {parts} x {hidden} {store_dtype!r} values")
-        self.n_neurons, self.capacity, self.window, self.policy = n_neurons, capacity, window, policy
+        self.n_neurons, self.capacity, self.window = n_neurons, capacity, window
         self.lazy = eviction == "lazy"
         self.stride, self.store_dtype = stride, store_dtype
         self._mem = CacheRows(capacity, parts=parts, hidden=hidden, stride=stride, store_dtype=store_dtype,
@@ -156,8 +144,7 @@ class NeuronCache:
         self._ids_cache: tuple[int, torch.Tensor] | None = None
         self._version = 0  # bumped whenever the cached neurons or their slots change
         self._holds_all = (-1, False)  # (version, holds_all())
-        self._c = dict(updates=0, hits=0, misses=0, evictions=0, appends=0, hole_fills=0, moves=0, zeroed=0,
-                       dropped=0)
+        self._c = dict(updates=0, hits=0, misses=0, evictions=0, appends=0, hole_fills=0, moves=0, dropped=0)
         self._tok_misses = 0
         self._tidy_due = False  # an update(evict=False) left expired neurons for tidy()
         self._rates = [0, 0.0, float("inf"), float("-inf"), float("nan")]  # n, sum, min, max, last
@@ -225,7 +212,7 @@ class NeuronCache:
         self._lu[ids] = token
         self.slot_of[self.neuron_of[ev_slots]] = -1
         self.neuron_of[ev_slots] = -1
-        holes = ev_slots if self.policy == "compact" else np.flatnonzero(~live | gone)  # sorted
+        holes = ev_slots  # sorted
         if not evict:
             holes = holes[:0]  # rows [0, U) must not change: append only
         k = min(m, holes.size)
@@ -235,11 +222,7 @@ class NeuronCache:
         self._pending[slots] = True
         self.n_pending += m
         self.num_used = U + m - k
-        left = holes[k:]
-        if self.policy == "compact":
-            moved = self._fill(left)
-        else:  # holes left empty that were just evicted (older holes are zero already)
-            moved = self._zero(ev_slots[self.neuron_of[ev_slots] < 0])
+        moved = self._fill(holes[k:])
         c = self._c
         c["updates"] += 1
         c["hits"] += ids.size - m
@@ -274,7 +257,7 @@ class NeuronCache:
 
     def tidy(self, token: int) -> tuple[int, int]:
         """The eviction an `update(..., evict=False)` at `token` left for later: drop the neurons
-        not used in the last `window` tokens and close the holes as the policy says. Returns
+        not used in the last `window` tokens and close the holes (compact). Returns
         (evicted, moved). Pending rows are never evicted or moved."""
         if token != self.token or self.n_pending or self.lazy:
             # lazy: nothing to do; or a later token's update already evicted; or reads are in
@@ -293,14 +276,14 @@ class NeuronCache:
         return int(gone.size), moved
 
     def _release(self, slots: np.ndarray) -> int:
-        """Free `slots` (none pending; their neurons leave the cache) and close the holes as the
-        policy says; returns the rows moved."""
+        """Free `slots` (none pending; their neurons leave the cache) and close the holes;
+        returns the rows moved."""
         self.slot_of[self.neuron_of[slots]] = -1
         self.neuron_of[slots] = -1
-        return self._fill(slots) if self.policy == "compact" else self._zero(slots)
+        return self._fill(slots)
 
     def _fill(self, holes: np.ndarray) -> int:
-        """compact: move the last rows into the holes below the new end; returns rows moved."""
+        """Move the last rows into the holes below the new end; returns rows moved."""
         self.num_used -= holes.size
         dst = holes[holes < self.num_used]
         if dst.size:
@@ -312,15 +295,6 @@ class NeuronCache:
             self.neuron_of[dst], self.neuron_of[src] = n, -1
             self.slot_of[n] = dst
         return int(dst.size)
-
-    def _zero(self, holes: np.ndarray) -> int:
-        """paired: zero the rows of holes left empty, then trim trailing holes off num_used."""
-        if holes.size:
-            self._mem.zero(holes)
-            self._c["zeroed"] += int(holes.size)
-        used = np.flatnonzero(self.neuron_of[: self.num_used] >= 0)
-        self.num_used = int(used[-1]) + 1 if used.size else 0
-        return 0
 
     def commit(self, plan: CachePlan) -> None:
         """The reads of `plan` landed in `raw[plan.slots]`: make those slots computable."""
@@ -398,9 +372,8 @@ class NeuronCache:
                           hit_rate_min=lo if n else nan, hit_rate_max=hi if n else nan, hit_rate_last=last)
 
     def neurons(self) -> np.ndarray:
-        """(num_used,) neuron id of each row of `compute_view()` (paired holes: 0, their rows are zero)."""
-        ids = self.neuron_of[: self.num_used]
-        return np.maximum(ids, 0) if self.policy == "paired" else ids
+        """(num_used,) neuron id of each row of `compute_view()`."""
+        return self.neuron_of[: self.num_used]
 
     def cached_ids(self) -> np.ndarray:
         """Sorted ids of the neurons held (pending ones included)."""
@@ -414,10 +387,7 @@ class NeuronCache:
         assert (nof[U:] == -1).all(), "a slot past num_used owns a neuron"
         held = nof[:U][nof[:U] >= 0]
         assert np.unique(held).size == held.size, "a neuron owns two slots"
-        if self.policy == "compact":
-            assert held.size == U, "compact cache has a hole below num_used"
-        else:
-            assert U == 0 or nof[U - 1] >= 0, "paired cache did not trim a trailing hole"
+        assert held.size == U, "compact cache has a hole below num_used"
         slots = np.flatnonzero(nof[:U] >= 0)
         assert (self.slot_of[held] == slots).all(), "slot_of and neuron_of disagree"
         assert np.count_nonzero(self.slot_of >= 0) == held.size, "slot_of names a slot no neuron owns"
