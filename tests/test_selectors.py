@@ -15,6 +15,7 @@ from flashlm.io.store import FlashStore
 from flashlm.models.quant import dequantize, pack_int4, quantize, unpack_int4
 from flashlm.models.selectors import (
     GateSelector,
+    KernelShadowSelector,
     OracleSelector,
     PredictorSelector,
     ShadowSelector,
@@ -96,6 +97,30 @@ def test_shadow_copies_recall_the_exact_top_set(dense, bits, group, floor):
                                  group=group, fast=fast)
             r = recall(top_mask(sel.scores(h), 0.3), top_mask(exact, 0.3)).mean()
             assert r >= floor, (layer, bits, fast, float(r))
+
+
+def test_kernel_shadow_equals_its_dequantised_product_and_recalls_as_int8(dense):
+    """The engine's shadow (q8 QRows on flashlm.kernels): its pre-activations equal the
+    dequantised copy times the dequantised token within the kernels' stated tolerance
+    (test_kernels: fp32 accumulation of exact int8 products, so 1e-4 relative), its recall of
+    the exact top set is at least the fbgemm int8 shadow's less 0.02, and it holds about half
+    the bytes (one q8 copy: 1.0625 B a weight, against int8 + fbgemm's packed copy)."""
+    from flashlm.kernels import dequantize_rows, quantize_activations
+
+    torch.manual_seed(1)
+    h = torch.randn(64, dense.rows[0].shape[2])
+    for layer in range(len(dense.rows)):
+        rows, bias = dense.rows[layer], dense.fc1_bias[layer]
+        ks = KernelShadowSelector.from_rows(rows, dense.act, bias)
+        ref_raw = quantize_activations(h).dequantize() @ dequantize_rows("q8", ks.w).T
+        torch.testing.assert_close(ks.raw(h), ref_raw, rtol=1e-4, atol=1e-4)
+        exact = magnitudes(h, rows, dense.act, bias)
+        old = build_selector("shadow", rows, dense.act, bias, bits=8, fast=True)
+        r_new = recall(top_mask(ks.scores(h), 0.3), top_mask(exact, 0.3)).mean()
+        r_old = recall(top_mask(old.scores(h), 0.3), top_mask(exact, 0.3)).mean()
+        assert r_new >= r_old - 0.02 and r_new >= 0.95, (layer, float(r_new), float(r_old))
+        weights = ks.w.n * ks.w.d
+        assert ks.nbytes == weights + weights // 32 * 2
 
 
 def test_shadow_state_round_trips_through_resident_keys(dense):

@@ -15,6 +15,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from flashlm.io.store import FlashStore
+from flashlm.kernels import QRows
 from flashlm.models.base import CausalLM
 from flashlm.pipeline.store_model import build, model_args
 
@@ -35,7 +36,8 @@ def load_dense(store: FlashStore, resident: dict[str, Tensor] | None = None) -> 
     m = store.manifest
     arch, args = model_args(store)
     resident = resident if resident is not None else store.load_resident()
-    res = {k: v.float() if v.is_floating_point() else v for k, v in resident.items()}
+    # quantised resident weights (QRows) stay as they are: attention and head run on the kernels
+    res = {k: v if isinstance(v, QRows) else v.float() if v.is_floating_point() else v for k, v in resident.items()}
     rows = [store.layer_float_rows(store.read_layer(i)) for i in range(len(m.ffn.layers))]
     model = build(store, arch, args, res, rows)
     block0 = model.layers[0]

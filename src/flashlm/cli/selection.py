@@ -23,9 +23,11 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
+    plot = a.plot or (str(Path(a.json).with_suffix(".png")) if a.json else None)
+    if a.budgets is not None:
+        return _eval_budgets(a, plot)
     from flashlm.bench.accuracy import evaluate
 
-    plot = a.plot or (str(Path(a.json).with_suffix(".png")) if a.json else None)
     report = evaluate(a.store, quick=a.quick, tokens=a.tokens, json_path=a.json, plot_path=plot, progress=not a.quiet)
     d = report["dense"]
     print(f"dense: ppl wiki {d['ppl_wiki']:.2f}, news {d['ppl_news']:.2f}")
@@ -36,6 +38,29 @@ def cmd_eval(a: argparse.Namespace) -> int:
               f"news {r['ppl_news']:.2f}, reads {100 * r['ffn_read_fraction']:.2f}% of FFN/token, "
               f"DRAM {100 * r.get('dram_fraction', 0):.0f}% of FFN"
               + (f", recall {r['recall']:.3f}" if r.get("recall") is not None else ""))
+    return 0
+
+
+def _eval_budgets(a: argparse.Namespace, plot: str | None) -> int:
+    from flashlm.bench import pyplot
+    from flashlm.bench.budget_curve import parse_budgets, plot_budget_curve, run_budget_curve
+
+    budgets = parse_budgets(a.budgets)
+    if plot is not None:
+        pyplot("the budget plot (--plot, or the PNG next to --json)")  # before the minutes of evaluation
+    tokens = a.tokens or (512 if a.quick else 1024)
+    report = run_budget_curve(a.store, budgets, tokens=tokens, max_context=a.max_context, json_path=a.json,
+                              progress=not a.quiet)
+    if plot is not None:
+        plot_budget_curve(report, plot)
+    d = report["dense"]["ppl"]
+    print("dense: ppl " + ", ".join(f"{k} {v:.3f}" for k, v in d.items()))
+    for r in report["budgets"]:
+        if r["below_minimum"]:
+            print(f"budget {r['fraction']}: below the engine's minimum of {r['minimum_bytes']} B")
+        else:
+            print(f"budget {r['fraction']}: cache {100 * r['cache_fraction']:.1f}% of the FFN, selection "
+                  f"{r['selection']}: " + ", ".join(f"{k} {100 * v:+.2f}%" for k, v in r["rel"].items()))
     return 0
 
 
@@ -63,11 +88,18 @@ def add_eval(sub: Any) -> None:
                         "and predictor selections at several densities and windows; JSON + a PNG plot (needs "
                         "matplotlib).",
                         epilog="examples:\n  flashlm eval stores/smollm2 --quick --json benchmarks/results/eval-quick.json\n"
-                        "  flashlm eval stores/smollm2 --tokens 8192 --json eval.json --plot eval.png")
+                        "  flashlm eval stores/smollm2 --tokens 8192 --json eval.json --plot eval.png\n"
+                        "  flashlm eval stores/qwen15-q4 --budgets 1,0.75,0.5,0.35 --json budgets.json")
     ev.add_argument("store", metavar="STORE", help="store directory (calibrated, for the predictor modes)")
     ev.add_argument("--quick", action="store_true", help="a few thousand tokens per text")
     ev.add_argument("--tokens", type=int, default=None, help="tokens per text (overrides --quick)")
     ev.add_argument("--json", default=None, metavar="FILE", help="JSON file to write")
     ev.add_argument("--plot", default=None, metavar="FILE", help="PNG to write (default: next to --json)")
+    ev.add_argument("--budgets", default=None, metavar="F,F,...",
+                    help="perplexity against the memory budget instead: fractions of the model's store bytes "
+                    "(e.g. 1,0.75,0.5,0.35), each run with the cache and selection the engine plans at it; wiki, "
+                    "news and code")
+    ev.add_argument("--max-context", type=int, default=2048,
+                    help="with --budgets: the KV cache the plan sizes for (default 2048)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=cmd_eval)

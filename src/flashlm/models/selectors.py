@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from flashlm.kernels import QRows, gemv as q_gemv, quantize as q_quantize, quantize_activations
 from flashlm.models.quant import Int8Linear, dequantize, int8_linear_available, pack_int4, quantize, unpack_int4
 
 SELECTOR_KEY = "flashlm.selector.{mode}.{layer}.{name}"
@@ -181,6 +182,49 @@ class GateSelector:
 
     def state(self) -> dict[str, Tensor]:
         return {"weight": self.weight} | ({} if self.bias is None else {"bias": self.bias})
+
+
+class KernelShadowSelector:
+    """The engine's shadow of gate and up (OPT: fc1) as one q8 `QRows` (groups of 32, fp16
+    scales: 1.06 B a weight), scored with flashlm.kernels' gemv (the token quantised per group
+    of 32). The same estimate as `ShadowSelector` at 8 bits, in half its DRAM: fbgemm's path
+    holds our int8 copy and its own packed one (2 B a weight), and this kernel reads at least
+    fbgemm's bytes per second (kernels/bench.py). Stored selectors (calibrate) stay
+    `ShadowSelector`s."""
+
+    mode = "shadow"
+
+    def __init__(self, w: QRows, act: Act, gated: bool, bias: Tensor | None = None) -> None:
+        self.w, self.act, self.gated, self.bias = w, act, gated, bias
+        self.d_ff = w.n // (2 if gated else 1)
+
+    @classmethod
+    def from_rows(cls, rows: Tensor, act: Act, fc1_bias: Tensor | None = None, fmt: str = "q8",
+                  block: int = 4096) -> KernelShadowSelector:
+        gated = rows.shape[1] == 3
+        w = torch.cat([rows[:, 0], rows[:, 1]]) if gated else rows[:, 0]  # (P*d_ff, d)
+        parts = [q_quantize(fmt, w[i:i + block].float()) for i in range(0, w.shape[0], block)]
+        cat = (lambda name: torch.cat([getattr(p, name) for p in parts]))
+        return cls(QRows(fmt, cat("data"), cat("scales"), cat("mins") if fmt == "q4" else None), act, gated, fc1_bias)
+
+    @property
+    def nbytes(self) -> int:
+        return self.w.nbytes
+
+    def raw(self, x: Tensor) -> Tensor:
+        """(T, d) -> (T, m) estimated pre-activations [gate | up] (or fc1)."""
+        return q_gemv(self.w.fmt, self.w, quantize_activations(x.float()))
+
+    def scores(self, x: Tensor) -> Tensor:
+        h = self.raw(x)
+        if self.gated:
+            n = self.d_ff
+            return self.act(h[:, :n]).mul_(h[:, n:]).abs_()
+        return self.act(h if self.bias is None else h + self.bias.float()).abs()
+
+    def state(self) -> dict[str, Tensor]:
+        st = {"data": self.w.data, "scales": self.w.scales}
+        return st | ({} if self.w.mins is None else {"mins": self.w.mins}) | ({} if self.bias is None else {"bias": self.bias})
 
 
 class ShadowSelector:

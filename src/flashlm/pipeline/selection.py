@@ -16,7 +16,8 @@ import torch
 
 from flashlm.errors import ConfigError
 from flashlm.io.store import FlashStore
-from flashlm.models.selectors import build_selector, load_selectors, n_keep
+from flashlm.kernels import GROUP
+from flashlm.models.selectors import KernelShadowSelector, build_selector, load_selectors, n_keep
 from flashlm.pipeline.config import EngineConfig
 
 LayerSelect = Callable[[torch.Tensor], torch.Tensor]
@@ -55,7 +56,10 @@ def make_selectors(config: EngineConfig, store: FlashStore, model: Any, resident
         for layer in range(n_layers):  # one pass over the FFN; checksums are checked on the way
             rows = store.layer_float_rows(store.read_layer(layer)).to(config.torch_dtype)
             bias = getattr(blocks[layer], "fc1_bias", None)
-            sels.append(build_selector(config.selection, rows, blocks[layer].act, bias))
+            if config.selection == "shadow" and rows.shape[-1] % GROUP == 0:
+                sels.append(KernelShadowSelector.from_rows(rows, blocks[layer].act, bias))
+            else:
+                sels.append(build_selector(config.selection, rows, blocks[layer].act, bias))
             del rows
     nbytes = sum(sum(t.numel() * t.element_size() for t in s.state().values()) for s in sels)
     # fbgemm keeps its own packed copy of an int8 shadow next to ours

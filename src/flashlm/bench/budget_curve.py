@@ -1,0 +1,137 @@
+"""`flashlm eval STORE --budgets 1,0.75,0.5,0.35`: perplexity against the memory budget.
+
+For each budget fraction (of the model's own bytes in its store) the engine itself says what it
+would hold: `Engine.open(STORE, memory_budget=f, max_context=C)` plans resident tensors,
+selectors, the KV cache and the neuron caches, and picks its selection ("auto": every neuron
+when the caches hold them all, else the shadow selector at its density). That plan's cache
+capacity per layer and selection are then run, token by token and causally, by the budget
+harness (`flashlm.bench.budget_eval`, policy `flashlm.bench.policies.ENGINE`-like: the
+window's selections among an LRU cache of that capacity), on held-out Wikipedia, news and
+code (`budget_runs.eval_texts`), against the same store's dense perplexity on the same tokens.
+A budget below the engine's minimum is reported with that minimum, not evaluated.
+
+The harness computes in float32 over the store's own (dequantised) FFN values; a quantised
+store's attention and head run on the kernels, as in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import flashlm.calibration.data as data
+from flashlm.bench.budget_eval import BudgetRun, Harness
+from flashlm.bench.budget_runs import eval_texts
+from flashlm.bench.policies import CachePolicy
+from flashlm.calibration.record import load_dense
+from flashlm.errors import ConfigError, MemoryBudgetError
+from flashlm.io.store import FlashStore
+from flashlm.models.selectors import n_keep
+
+BUDGETS = (1.0, 0.75, 0.5, 0.35)
+
+
+def parse_budgets(text: str) -> tuple[float, ...]:
+    try:
+        got = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"--budgets {text!r}: expected fractions such as 1,0.75,0.5,0.35") from None
+    if not got or any(not 0 < f <= 1 for f in got):
+        raise ConfigError(f"--budgets {text!r}: each fraction must be in (0, 1]")
+    return got
+
+
+async def engine_plan(store: Path, fraction: float, max_context: int) -> dict[str, Any]:
+    """What the engine holds at this budget: its plan, selection and density (or its minimum)."""
+    from flashlm import Engine
+
+    try:
+        engine = await Engine.open(store, memory_budget=fraction, max_context=max_context)
+    except MemoryBudgetError as e:
+        return {"fraction": fraction, "below_minimum": True, "minimum_bytes": e.minimum, "error": str(e)}
+    async with engine:
+        m, cfg = engine.memory, engine.config
+        return {"fraction": fraction, "below_minimum": False, "budget_bytes": m.budget, "model_bytes": engine.model_bytes,
+                "plan_bytes": m.total, "capacity": m.capacity, "selection": cfg.selection,
+                "density": cfg.effective_density, "window": cfg.window,
+                "parts": {"resident": m.resident_bytes, "selectors": m.selector_bytes, "kv": m.kv_bytes,
+                          "caches": m.cache_bytes}}
+
+
+def run_budget_curve(store: str | Path, budgets: tuple[float, ...] = BUDGETS, *, tokens: int = 1024,
+                     max_context: int = 2048, json_path: str | Path | None = None,
+                     progress: bool = True) -> dict[str, Any]:
+    store = Path(store)
+    plans = [asyncio.run(engine_plan(store, f, max_context)) for f in budgets]
+    fs = FlashStore.open(store)
+    dense = load_dense(fs)
+    d_ff = dense.rows[0].shape[0]
+    torch.set_num_threads(1)
+    h = Harness(dense, None, eval_texts(data.tokenizer(fs), tokens))
+    base = h.dense_report()
+    report: dict[str, Any] = {"store": str(store), "dtype": fs.manifest.dtype, "max_context": max_context,
+                              "tokens_per_text": {k: v["tokens"] for k, v in base.items()},
+                              "dense": {"ppl": {k: v["ppl"] for k, v in base.items()}}, "budgets": []}
+
+    def write() -> None:
+        if json_path is not None:
+            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_path).write_text(json.dumps(report, indent=1) + "\n")
+
+    for p in plans:
+        row = dict(p)
+        if p["below_minimum"]:
+            report["budgets"].append(row)
+            write()
+            continue
+        t0 = time.perf_counter()
+        cap = min(d_ff, p["capacity"])
+        if p["selection"] == "dense" or cap >= d_ff:  # every neuron computed: the dense model itself
+            row.update({"cache_fraction": 1.0, "ppl": dict(report["dense"]["ppl"]),
+                        "rel": {k: 0.0 for k in base}, "reads_per_token": 0.0, "computed_per_token": 1.0})
+        else:
+            k = n_keep(d_ff, p["density"])
+            policy = CachePolicy(select=min(1.0, k / cap), window=p["window"])
+            sel = {"shadow": "shadow_int8", "gate": "oracle"}.get(p["selection"], "oracle")
+            r = h.evaluate(BudgetRun(policy, cap / d_ff, selector=sel, label=f"engine at {p['fraction']}"))
+            row.update({"cache_fraction": cap / d_ff, "selector": sel,
+                        "ppl": {k2: r[k2]["ppl"] for k2 in h.names},
+                        "rel": {k2: r[k2]["rel"] for k2 in h.names},
+                        "rel_interval": {k2: [r[k2]["rel_lo"], r[k2]["rel_hi"]] for k2 in h.names},
+                        "reads_per_token": r["reads_per_token"], "computed_per_token": r["computed_per_token"]})
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        report["budgets"].append(row)
+        write()
+        if progress:
+            rel = " ".join(f"{k2} {v:+.2%}" for k2, v in row["rel"].items())
+            print(f"budget {p['fraction']}: cache {row['cache_fraction']:.1%} of the FFN, {rel}", flush=True)
+    write()
+    return report
+
+
+def plot_budget_curve(report: dict[str, Any], path: str | Path) -> None:
+    from flashlm.bench import pyplot
+
+    plt = pyplot("the budget plot")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = [r for r in report["budgets"] if not r["below_minimum"]]
+    for text in report["dense"]["ppl"]:
+        xs = [r["fraction"] for r in rows]
+        ax.plot(xs, [100 * r["rel"][text] for r in rows], marker="o", label=text)
+    for r in report["budgets"]:
+        if r["below_minimum"]:
+            ax.axvline(r["fraction"], color="grey", ls=":", lw=1)
+    ax.axhline(5, color="red", ls="--", lw=1, label="+5% goal")
+    ax.set_xlabel("memory budget (fraction of the model's store bytes)")
+    ax.set_ylabel("perplexity vs dense (%)")
+    ax.set_title(f"{Path(report['store']).name} ({report['dtype']})")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
