@@ -8,7 +8,11 @@ capacity per layer and selection are then run, token by token and causally, by t
 harness (`flashlm.bench.budget_eval`, policy `flashlm.bench.policies.ENGINE`-like: the
 window's selections among an LRU cache of that capacity), on held-out Wikipedia, news and
 code (`budget_runs.eval_texts`), against the same store's dense perplexity on the same tokens.
-A budget below the engine's minimum is reported with that minimum, not evaluated.
+A budget below the engine's minimum is reported with that minimum, and beside it the ceiling
+of what that budget could buy if selection cost no DRAM: the caches get everything the
+resident tensors and the KV cache leave (`free_selector`: capacity = (f x model bytes - resident
+- KV) / (slot bytes x layers)), computed with exact (oracle) selection - the upper bound a
+cheaper selector could approach, labelled as such in the JSON (`"kind": "ceiling"`).
 
 The harness computes in float32 over the store's own (dequantised) FFN values; a quantised
 store's attention and head run on the kernels, as in the engine.
@@ -26,7 +30,7 @@ import torch
 
 import flashlm.calibration.data as data
 from flashlm.bench.budget_eval import BudgetRun, Harness
-from flashlm.bench.budget_runs import eval_texts
+from flashlm.bench.budget_runs import engine_select, eval_texts
 from flashlm.bench.policies import CachePolicy
 from flashlm.calibration.record import load_dense
 from flashlm.errors import ConfigError, MemoryBudgetError
@@ -44,6 +48,17 @@ def parse_budgets(text: str) -> tuple[float, ...]:
     if not got or any(not 0 < f <= 1 for f in got):
         raise ConfigError(f"--budgets {text!r}: each fraction must be in (0, 1]")
     return got
+
+
+async def fixed_parts(store: Path, max_context: int) -> dict[str, int]:
+    """What the engine holds outside its caches and selectors, with no budget: resident
+    tensors, one KV cache at max_context, the bytes of one cached neuron, layers, model bytes."""
+    from flashlm import Engine
+
+    async with await Engine.open(store, max_context=max_context, selection="dense") as engine:
+        m = engine.memory
+        return {"resident": m.resident_bytes, "kv": m.kv_bytes, "slot": m.slot_bytes, "layers": m.n_layers,
+                "model_bytes": engine.model_bytes}
 
 
 async def engine_plan(store: Path, fraction: float, max_context: int) -> dict[str, Any]:
@@ -68,6 +83,7 @@ def run_budget_curve(store: str | Path, budgets: tuple[float, ...] = BUDGETS, *,
                      progress: bool = True) -> dict[str, Any]:
     store = Path(store)
     plans = [asyncio.run(engine_plan(store, f, max_context)) for f in budgets]
+    fixed = asyncio.run(fixed_parts(store, max_context))
     fs = FlashStore.open(store)
     dense = load_dense(fs)
     d_ff = dense.rows[0].shape[0]
@@ -76,6 +92,7 @@ def run_budget_curve(store: str | Path, budgets: tuple[float, ...] = BUDGETS, *,
     base = h.dense_report()
     report: dict[str, Any] = {"store": str(store), "dtype": fs.manifest.dtype, "max_context": max_context,
                               "tokens_per_text": {k: v["tokens"] for k, v in base.items()},
+                              "model_bytes": fixed["model_bytes"], "fixed_bytes": fixed,
                               "dense": {"ppl": {k: v["ppl"] for k, v in base.items()}}, "budgets": []}
 
     def write() -> None:
@@ -85,11 +102,27 @@ def run_budget_curve(store: str | Path, budgets: tuple[float, ...] = BUDGETS, *,
 
     for p in plans:
         row = dict(p)
+        t0 = time.perf_counter()
         if p["below_minimum"]:
+            left = p["fraction"] * fixed["model_bytes"] - fixed["resident"] - fixed["kv"]
+            cap = max(0, min(d_ff, int(left // (fixed["slot"] * fixed["layers"]))))
+            row["free_selector"] = {"kind": "ceiling", "capacity": cap, "cache_fraction": cap / d_ff}
+            if cap >= 1:
+                c = cap / d_ff
+                r = h.evaluate(BudgetRun(CachePolicy(select=engine_select(c)), c, selector="oracle",
+                                         label=f"free selector at {p['fraction']}"))
+                row["free_selector"].update({"ppl": {k2: r[k2]["ppl"] for k2 in h.names},
+                                             "rel": {k2: r[k2]["rel"] for k2 in h.names},
+                                             "reads_per_token": r["reads_per_token"]})
+            row["seconds"] = round(time.perf_counter() - t0, 1)
             report["budgets"].append(row)
             write()
+            if progress:
+                fr = row["free_selector"]
+                rel = " ".join(f"{k2} {v:+.2%}" for k2, v in fr.get("rel", {}).items())
+                print(f"budget {p['fraction']}: below the engine's minimum; free-selector ceiling: cache "
+                      f"{fr['cache_fraction']:.1%} {rel}", flush=True)
             continue
-        t0 = time.perf_counter()
         cap = min(d_ff, p["capacity"])
         if p["selection"] == "dense" or cap >= d_ff:  # every neuron computed: the dense model itself
             row.update({"cache_fraction": 1.0, "ppl": dict(report["dense"]["ppl"]),
@@ -120,12 +153,15 @@ def plot_budget_curve(report: dict[str, Any], path: str | Path) -> None:
     plt = pyplot("the budget plot")
     fig, ax = plt.subplots(figsize=(6, 4))
     rows = [r for r in report["budgets"] if not r["below_minimum"]]
-    for text in report["dense"]["ppl"]:
-        xs = [r["fraction"] for r in rows]
-        ax.plot(xs, [100 * r["rel"][text] for r in rows], marker="o", label=text)
-    for r in report["budgets"]:
-        if r["below_minimum"]:
-            ax.axvline(r["fraction"], color="grey", ls=":", lw=1)
+    ceil = [r for r in report["budgets"] if r["below_minimum"] and "rel" in r.get("free_selector", {})]
+    for i, text in enumerate(report["dense"]["ppl"]):
+        color = f"C{i}"
+        if rows:
+            ax.plot([r["fraction"] for r in rows], [100 * r["rel"][text] for r in rows], marker="o", color=color,
+                    label=f"{text}: the engine")
+        if ceil:
+            ax.plot([r["fraction"] for r in ceil], [100 * r["free_selector"]["rel"][text] for r in ceil], marker="x",
+                    ls="--", color=color, label=f"{text}: below its minimum, free-selector ceiling")
     ax.axhline(5, color="red", ls="--", lw=1, label="+5% goal")
     ax.set_xlabel("memory budget (fraction of the model's store bytes)")
     ax.set_ylabel("perplexity vs dense (%)")

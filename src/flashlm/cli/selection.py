@@ -57,7 +57,10 @@ def _eval_budgets(a: argparse.Namespace, plot: str | None) -> int:
     print("dense: ppl " + ", ".join(f"{k} {v:.3f}" for k, v in d.items()))
     for r in report["budgets"]:
         if r["below_minimum"]:
-            print(f"budget {r['fraction']}: below the engine's minimum of {r['minimum_bytes']} B")
+            fr = r["free_selector"]
+            print(f"budget {r['fraction']}: below the engine's minimum of {r['minimum_bytes']} B; with a free selector "
+                  f"the caches would hold {100 * fr['cache_fraction']:.1f}% of the FFN"
+                  + (": " + ", ".join(f"{k} {100 * v:+.2f}%" for k, v in fr["rel"].items()) if "rel" in fr else ""))
         else:
             print(f"budget {r['fraction']}: cache {100 * r['cache_fraction']:.1f}% of the FFN, selection "
                   f"{r['selection']}: " + ", ".join(f"{k} {100 * v:+.2f}%" for k, v in r["rel"].items()))
