@@ -131,7 +131,8 @@ def run_decode_bench(out: Path, *, model: str, gguf: Path | None, dtypes: tuple[
                 print(f"round {rnd + 1}/{rounds} {c.name}: {row['ms_per_token']:.1f} ms/token, "
                       f"peak RSS {rss / 2**20:.0f} MiB", file=sys.stderr)
     report: dict[str, Any] = {"model": model, "gguf": None if gguf is None else str(gguf), "tokens": tokens,
-                              "rounds": rounds, "threads": threads, "prompt": PROMPT, "machine": machine_info(),
+                              "rounds": rounds, "threads": threads, "prompt": PROMPT,
+                              "machine": machine_info(Path(stores[dtypes[0]]), None),
                               "notes": notes, "runs": {}}
     for c in configs:
         ms = [r["ms_per_token"] for r in c.results]
