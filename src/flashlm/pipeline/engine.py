@@ -369,7 +369,7 @@ class Engine:
         actors = [LayerActor(i, c, self._reader) for i, c in enumerate(caches)]
         self._sparse = SparseRunner(self.model, caches, actors, selectors, lookahead=cfg.lookahead,
                                     window=cfg.window, pool=self._pool, reuse=cfg.reuse,
-                                    inline=cfg.compute == "loop")
+                                    inline=cfg.compute == "loop", dense=cfg.selection == "dense")
         if self._trace is not None:
             self._sparse.trace = self._trace
             for a in actors:

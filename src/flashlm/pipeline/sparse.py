@@ -64,7 +64,8 @@ class TokenReport:
 
 class SparseRunner:
     def __init__(self, model: Any, caches: list[Any], actors: list[LayerActor], selectors: list[Selector], *,
-                 lookahead: int, window: int, pool: Any, reuse: bool = True, inline: bool = False) -> None:
+                 lookahead: int, window: int, pool: Any, reuse: bool = True, inline: bool = False,
+                 dense: bool = False) -> None:
         self.model = model
         self.caches = caches
         self.actors = actors
@@ -74,6 +75,13 @@ class SparseRunner:
         self.inline = inline
         self.window = window
         self._driver = StepDriver(actors, pool, inline=inline)
+        self._pool = pool
+        # selection "dense" (what "auto" picks when the caches hold every neuron): once every layer
+        # holds all its neurons, committed, a token needs no selection, no window and no actor;
+        # it runs as the dense model over the caches' rows (`_resident_forward`): one hop to the
+        # compute thread a token instead of the per-layer protocol (measured: docs/quantization.md)
+        self.dense = dense
+        self.resident_steps = 0
         self.d_ff = max(c.n_neurons for c in caches)
         self.capacity = min(c.capacity for c in caches)
         self._sel = np.zeros(self.d_ff, dtype=bool)  # scratch: a request's window as a mask
@@ -263,7 +271,15 @@ class SparseRunner:
         if self.trace is not None:  # the request id is bound in the step's context by the engine
             self.trace.begin_token(token, structlog.contextvars.get_contextvars().get("request_id"), ids.shape[0])
         t0 = time.perf_counter()
-        logits, steps, spec_hits, spec_needed = await self._driver.drive(self._layers(ids, kv, win, token), token)
+        if self._resident():
+            self.resident_steps += 1
+            if self.inline:
+                logits = self._resident_forward(ids, kv)
+            else:
+                logits = await asyncio.get_running_loop().run_in_executor(self._pool, self._resident_forward, ids, kv)
+            steps, spec_hits, spec_needed = [], 0, 0
+        else:
+            logits, steps, spec_hits, spec_needed = await self._driver.drive(self._layers(ids, kv, win, token), token)
         kv.advance(ids.shape[0])
         win.step += 1
         if not self.reuse:
@@ -283,6 +299,23 @@ class SparseRunner:
         if self.trace is not None:
             self.trace.emit("token", token, start=t0, end=time.perf_counter(), **report.__dict__)
         return logits, report
+
+    def _resident(self) -> bool:
+        """Selection dense, caches kept, and every layer's cache holds every neuron with nothing
+        in flight or uncommitted (then nothing can change it: dense selection never evicts)."""
+        return self.dense and self.reuse and all(c.holds_all() and a.quiescent()
+                                                 for c, a in zip(self.caches, self.actors))
+
+    def _resident_forward(self, ids: torch.Tensor, kv: Any) -> torch.Tensor:
+        """The dense model over the caches' rows (compute thread): logits of the last position."""
+        pos = kv.length
+        with torch.inference_mode():
+            x = self.model.embed(ids, pos)
+            for layer, block in enumerate(self.model.layers):
+                residual, h = block.attention(x, kv, pos)
+                rows, neuron_ids = self.caches[layer].compute_view()
+                x = block.combine(residual, block.ffn(h, rows, neuron_ids))
+            return self.model.head(x[-1:])[-1]
 
     def _layers(self, ids: torch.Tensor, kv: Any, win: RequestWindow, token: int) -> Any:
         """One token step through every layer (a generator: see `flashlm.pipeline.step_driver`). Returns
