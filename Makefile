@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PROMPT ?= What is the capital of France? Answer in one sentence.
+# the default model's int8 store (146 MiB) holds every neuron, its resident tensors and a
+# 2048-token KV cache in 244 MiB: the engine's plan must fit this, or it says what it needs
+BUDGET ?= 256MiB
+CONTEXT ?= 2048
 
 .PHONY: demo test test-slow setup clean
 
@@ -19,7 +23,7 @@ $(BIN)/.flashlm-installed: pyproject.toml setup.py $(wildcard src/flashlm/kernel
 setup: $(BIN)/.flashlm-installed
 
 demo: setup
-	$(BIN)/flashlm run "$(PROMPT)"
+	$(BIN)/flashlm run --memory-budget $(BUDGET) --max-context $(CONTEXT) "$(PROMPT)"
 
 test: setup
 	$(BIN)/pytest

@@ -467,19 +467,20 @@ async def test_stop_strings_straddling_tokens_cut_exactly(llama_store):
     _, path = llama_store
     # (shadow selection: the random model's text then has enough multi-character tokens for the cases)
     async with await Engine.open(path, selection="shadow") as engine:
-        chunks = [c.text async for c in engine.stream("The quick brown", max_tokens=60)]
+        # (120 tokens: enough multi-character token pairs for three cases)
+        chunks = [c.text async for c in engine.stream("The quick brown", max_tokens=120)]
         full = "".join(chunks)
         cases = 0
         for k in range(1, len(chunks) - 1):
             a, b = chunks[k], chunks[k + 1]
             if len(a) >= 2 and len(b) >= 2:
                 stop = a[-2:] + b[:2]  # spans the boundary between two tokens' text
-                text = await engine.generate("The quick brown", max_tokens=60, stop=stop)
+                text = await engine.generate("The quick brown", max_tokens=120, stop=stop)
                 assert text == full[: full.index(stop)], (stop, text)
                 cases += 1
         # a stop string spanning three tokens, and one that never appears
         stop3 = "".join(chunks[2:5])[1:-1]
         if stop3:
-            assert await engine.generate("The quick brown", max_tokens=60, stop=stop3) == full[: full.index(stop3)]
-        assert await engine.generate("The quick brown", max_tokens=60, stop="\x00never") == full
+            assert await engine.generate("The quick brown", max_tokens=120, stop=stop3) == full[: full.index(stop3)]
+        assert await engine.generate("The quick brown", max_tokens=120, stop="\x00never") == full
     assert cases >= 3, chunks

@@ -90,7 +90,8 @@ def find_llama_bench(explicit: str | None) -> Path | None:
 
 def run_decode_bench(out: Path, *, model: str, gguf: Path | None, dtypes: tuple[str, ...], tokens: int = 32,
                      rounds: int = 3, threads: int = 1, llama_bench: str | None = None,
-                     stores: dict[str, Path] | None = None, progress: bool = True) -> dict[str, Any]:
+                     stores: dict[str, Path] | None = None, progress: bool = True,
+                     max_context: int = 512) -> dict[str, Any]:
     """Measure and write the report (see the module doc). `stores` maps a store dtype to an
     existing store; others are the built-in's cached stores (converted on first use)."""
     from flashlm.builtin import model_file
@@ -106,7 +107,7 @@ def run_decode_bench(out: Path, *, model: str, gguf: Path | None, dtypes: tuple[
             stores[dt] = resolve_store(model, dt, progress)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     py = [sys.executable, "-m", "flashlm", "run", "--json", "--quiet", "--threads", str(threads),
-          "--max-tokens", str(tokens), "--temperature", "0"]
+          "--max-tokens", str(tokens), "--temperature", "0", "--max-context", str(max_context)]
     configs = []
     for dt in dtypes:
         configs.append(_Config(f"flashlm {dt} dense in RAM", py + ["--model", str(stores[dt]), "--ram", PROMPT],
@@ -132,6 +133,7 @@ def run_decode_bench(out: Path, *, model: str, gguf: Path | None, dtypes: tuple[
                       f"peak RSS {rss / 2**20:.0f} MiB", file=sys.stderr)
     report: dict[str, Any] = {"model": model, "gguf": None if gguf is None else str(gguf), "tokens": tokens,
                               "rounds": rounds, "threads": threads, "prompt": PROMPT,
+                              "max_context": max_context,
                               "machine": machine_info(Path(stores[dtypes[0]]), None),
                               "notes": notes, "runs": {}}
     for c in configs:

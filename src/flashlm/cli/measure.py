@@ -72,6 +72,7 @@ def _bench_decode(a: argparse.Namespace) -> int:
     dtypes = tuple(d for d in a.dtypes.split(",") if d)
     r = run_decode_bench(Path(a.out), model=a.model, gguf=Path(a.gguf) if a.gguf else None, dtypes=dtypes,
                          tokens=a.tokens, rounds=a.rounds, threads=a.threads, llama_bench=a.llama_bench,
+                         max_context=a.max_context,
                          stores=stores, progress=not a.quiet)
     print(json.dumps({name: {k: run.get(k) for k in ("ms_per_token", "peak_rss_bytes", "vs_llama_cpp")}
                       for name, run in r["runs"].items()} | {"notes": r["notes"]}))
@@ -187,6 +188,9 @@ def add_bench(sub: Any) -> None:
     bd.add_argument("--tokens", type=int, default=32, help="tokens generated per run (default 32)")
     bd.add_argument("--rounds", type=int, default=3, help="rounds, round-robin over the runs (default 3)")
     bd.add_argument("--threads", type=int, default=1, help="threads for both (default 1)")
+    bd.add_argument("--max-context", type=int, default=512,
+                    help="flashlm's KV cache size (default 512: llama-bench sizes its own for the prompt and the "
+                    "answer, so both hold about the same)")
     bd.add_argument("--llama-bench", default=None, metavar="PATH",
                     help="llama.cpp's llama-bench (default: $FLASHLM_HOME/llama.cpp/bin, then PATH)")
     bd.add_argument("--quiet", action="store_true", help="no per-run lines on stderr")
