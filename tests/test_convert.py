@@ -117,3 +117,22 @@ def test_force_replaces_only_a_store_or_an_empty_directory(tmp_path):
     convert(src, empty, dtype="float16", force=True, progress=False)  # and a store may be replaced
     assert FlashStore.open(empty).manifest.store_id != first
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no partial or old directories left
+
+
+def test_pickle_only_checkpoint_is_refused_by_name(tmp_path):
+    """A checkpoint whose weights are only pickle (`pytorch_model.bin`) is never unpickled:
+    loading a pickle runs whatever code it holds. The error names the file and the way out
+    (save it as safetensors), through the CLI in one line; nothing is written."""
+    import subprocess
+    import sys
+
+    src = save_checkpoint(random_llama(), tmp_path / "c")
+    for f in src.glob("*.safetensors"):
+        f.unlink()
+    (src / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(SourceCheckpointError, match="pytorch_model.bin: save it as safetensors"):
+        convert(src, tmp_path / "s", progress=False)
+    r = subprocess.run([sys.executable, "-m", "flashlm", "convert", str(src), str(tmp_path / "s"), "--quiet"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "safetensors" in r.stderr
+    assert not (tmp_path / "s").exists()
