@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from flashlm.errors import MemoryBudgetError, ReadRequestError
 from flashlm.io.format import DTYPE_SIZES, round_up
 from flashlm.io.store import rows_view
-from flashlm.models.base import ffn_gated, ffn_ungated
+from flashlm.models.ops import ffn_gated, ffn_ungated
 from flashlm.pipeline.neuron_cache import CachePlan, NeuronCache
 
 N, P, D = 64, 3, 8

@@ -9,13 +9,11 @@ from flashlm.models.base import (
     KVCache,
     Rope,
     attend,
-    ffn_gated,
-    ffn_ungated,
     gemma_rms_norm,
     layer_norm,
-    linear,
     rms_norm,
 )
+from flashlm.models.ops import ffn_gated, ffn_ungated, linear
 from flashlm.models.registry import ARCHITECTURES, get_architecture
 
 __all__ = [

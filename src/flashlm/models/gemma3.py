@@ -27,15 +27,13 @@ from flashlm.models.base import (
     activation,
     apply_rope,
     attend,
-    ffn_gated,
     gemma_rms_norm,
-    embedding,
     hf_config,
     hf_size,
-    linear,
     permutation,
     positive,
 )
+from flashlm.models.ops import embedding, ffn_gated, linear
 from flashlm.models.llama import is_gated_ffn_key, pack_gated_ffn
 
 LAYER_TYPES = ("full_attention", "sliding_attention")

@@ -22,16 +22,14 @@ from flashlm.models.base import (
     activation,
     apply_rope,
     attend,
-    ffn_gated,
-    embedding,
     hf_config,
     hf_size,
-    linear,
     no_split,
     permutation,
     positive,
     rms_norm,
 )
+from flashlm.models.ops import embedding, ffn_gated, linear
 
 _FFN_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$")
 LAYER_TYPES = ("full_attention", "sliding_attention")

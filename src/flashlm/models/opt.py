@@ -17,15 +17,13 @@ from flashlm.models.base import (
     KVCache,
     activation,
     attend,
-    embedding,
-    ffn_ungated,
     hf_config,
     hf_size,
     layer_norm,
-    linear,
     permutation,
     positive,
 )
+from flashlm.models.ops import embedding, ffn_ungated, linear
 
 _FFN_KEY = re.compile(r"^model\.decoder\.layers\.(\d+)\.fc[12]\.weight$")
 POSITION_OFFSET = 2  # OPT's learned position table starts at row 2

@@ -11,22 +11,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import contextlib
-import contextvars
-import ctypes
 import os
-import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TypeVar
 
-import structlog
 import torch
 
 from flashlm.builtin import DEFAULT_MODEL
 from flashlm.convert import resolve_store
-from flashlm.errors import ConfigError, EngineClosedError, EngineDeadError, MemoryBudgetError, NonFiniteLogitsError
+from flashlm.errors import ConfigError, EngineClosedError, EngineDeadError, MemoryBudgetError
 from flashlm.io.reader import BundleReader
 from flashlm.io.store import FlashStore
 from flashlm.kernels import QBundles, QRows
@@ -38,12 +34,10 @@ from flashlm.pipeline.config import AUTO_SPARSE, EngineConfig
 from flashlm.pipeline.neuron_cache import NeuronCache
 from flashlm.pipeline.selection import make_selectors
 from flashlm.pipeline.request_window import RequestWindow
-from flashlm.pipeline.sparse import SparseRunner, TokenReport
-from flashlm.pipeline.detokenizer import Detokenizer
-from flashlm.pipeline.request import Request, make_request
-from flashlm.pipeline.sampler import Sampler
+from flashlm.pipeline.sparse import SparseRunner
+from flashlm.pipeline.request import make_request
 from flashlm.pipeline.store_model import build, model_args, resident_bytes
-from flashlm.pipeline.stream import StreamChunk, TokenTimings
+from flashlm.pipeline.generation import RamRunner, Stream, release_freed_memory
 from flashlm.pipeline.trace import TraceSink
 
 log = get_logger(__name__)
@@ -81,157 +75,6 @@ def build_model(store: FlashStore, config: EngineConfig, arch: Any, args: Any) -
 
 def _held_bytes(t: torch.Tensor | QRows) -> int:
     return t.nbytes if isinstance(t, QRows) else t.numel() * t.element_size()
-
-
-def release_freed_memory() -> None:
-    """Hand memory freed at open back to the OS. glibc keeps freed heap memory (the
-    transient float copies made while building selectors: ~250 MB on SmolLM2) inside the
-    process unless asked; RSS is what a memory budget is judged by."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
-
-
-class _RamRunner:
-    """Every FFN row resident: one hop to the compute thread per token."""
-
-    def __init__(self, model: Any, pool: ThreadPoolExecutor) -> None:
-        self.model = model
-        self._pool = pool
-
-    def _forward(self, ids: torch.Tensor, kv: Any) -> torch.Tensor:
-        with torch.inference_mode():
-            return self.model.forward(ids, kv, last_only=True)[-1]
-
-    async def forward(self, ids: torch.Tensor, kv: Any, win: RequestWindow | None) -> tuple[torch.Tensor, None]:
-        logits = await asyncio.get_running_loop().run_in_executor(self._pool, self._forward, ids, kv)
-        return logits, None
-
-
-@dataclass
-class _StepResult:
-    token: int
-    text: str
-    finish: str | None
-    compute_ms: float
-    report: TokenReport | None
-
-
-class _Generation:
-    """One request's decoding state: its KV cache, window, sampler and detokenizer."""
-
-    def __init__(self, engine: Engine, request: Request) -> None:
-        self.engine = engine
-        self.request = request
-        self.kv = engine.model.new_cache(len(request.prompt_ids) + request.max_tokens)
-        self.window = engine._new_window()
-        self.sampler = Sampler(request.sampling)
-        self.detok = Detokenizer(engine.tokenizer, request.stop)
-        self.produced = 0
-
-    async def step(self, ids: list[int]) -> _StepResult:
-        engine = self.engine
-        t0 = time.perf_counter()
-        tr = engine._trace if engine._sparse is None else None  # the sparse runner traces its own steps
-        if tr is not None:
-            token = engine._ram_token
-            engine._ram_token += 1
-            tr.begin_token(token, self.request.id, len(ids))
-        logits, report = await engine._runner.forward(
-            torch.tensor(ids, dtype=torch.long, device=engine.device), self.kv, self.window)
-        if tr is not None:
-            tr.emit("token", token, start=t0, end=time.perf_counter(), read_bytes=0, spec_read_bytes=0, hits=0,
-                    needed=0, read_wait_ms=0.0, compute_ms=(time.perf_counter() - t0) * 1e3, spec_hits=0,
-                    spec_needed=0)
-        token, text, finish = await engine._submit(self._emit, logits)
-        return _StepResult(token, text, finish, (time.perf_counter() - t0) * 1e3, report)
-
-    def _emit(self, logits: torch.Tensor) -> tuple[int, str, str | None]:
-        """Sample and detokenize (compute thread: tokenizer work stays off the loop)."""
-        if self.produced == 0:
-            # The prompt's step frees tens of MB of transients (rows gathered and converted while
-            # the whole window is read) that glibc keeps: measured on SmolLM2 at the minimum
-            # budget, 40-75 MiB, a different amount each run (how the threads' frees interleave),
-            # so RSS landed anywhere in a 35 MiB band. Handed back here, once per request (~10 ms).
-            release_freed_memory()
-        # NaN logits used to pass silently (argmax picks a NaN; sampling crashed unnamed). A
-        # damaged weight (a flipped exponent bit) shows up here: fail the request by name.
-        if not bool(torch.isfinite(logits).all()):
-            raise NonFiniteLogitsError(
-                f"request {self.request.id}: the model produced non-finite logits after {self.produced} tokens; "
-                f"the store may be damaged (run `flashlm verify {self.engine.store.path}`) or dtype "
-                f"{self.engine.config.dtype} overflowed (use float32)")
-        token = self.sampler(logits)
-        self.produced += 1
-        finish = None
-        if token in self.engine.eos_ids:
-            text, finish = self.detok.flush(), "stop"
-        else:
-            text = self.detok.add(token)
-            if self.detok.stopped:
-                finish = "stop"
-            elif self.produced >= self.request.max_tokens:
-                text, finish = text + self.detok.flush(), "length"
-        return token, text, finish
-
-
-class Stream:
-    """`async for chunk in engine.stream(...)`, or `stream = await engine.stream(...)` first.
-
-    The request is validated when `engine.stream()` is called, so bad input raises a named
-    error before any token is computed either way.
-    """
-
-    def __init__(self, engine: Engine, request: Request) -> None:
-        self._engine = engine
-        self.request = request
-        self._iter: AsyncIterator[StreamChunk] | None = None
-
-    def __await__(self):  # noqa: ANN204 - generator protocol
-        async def ready() -> Stream:
-            self._engine._check_open()
-            return self
-
-        return ready().__await__()
-
-    def __aiter__(self) -> AsyncIterator[StreamChunk]:
-        if self._iter is None:
-            self._iter = self._run()
-        return self._iter
-
-    async def _run(self) -> AsyncIterator[StreamChunk]:
-        engine = self._engine
-        engine._check_open()
-        gen = _Generation(engine, self.request)
-        log.debug("request admitted", request_id=self.request.id, prompt_tokens=len(self.request.prompt_ids))
-        # The request id is bound (structlog contextvars) in the context its steps run in: their
-        # log lines and trace events carry it, and the caller's own context is left alone.
-        ctx = contextvars.copy_context()
-        ctx.run(structlog.contextvars.bind_contextvars, request_id=self.request.id)
-        last = time.perf_counter()
-        pending: asyncio.Task[_StepResult] | None = asyncio.create_task(
-            gen.step(list(self.request.prompt_ids)), context=ctx)
-        try:
-            index = 0
-            while pending is not None:
-                r = await pending
-                # Start the next token before handing this one out (the consumer's time overlaps compute).
-                pending = None if r.finish else asyncio.create_task(gen.step([r.token]), context=ctx)
-                now = time.perf_counter()
-                rep = r.report
-                yield StreamChunk(
-                    r.text, r.token, index, r.finish, TokenTimings(r.compute_ms, (now - last) * 1e3),
-                    bytes_read=rep.read_bytes if rep else 0,
-                    cache_hit_rate=(rep.hits / rep.needed if rep.needed else 1.0) if rep else None,
-                    spec_recall=rep.spec_recall if rep else None,
-                )
-                last, index = now, index + 1
-        finally:
-            if pending is not None:
-                pending.cancel()
-                # wait for it to unwind so the caches are consistent before the next request
-                await asyncio.gather(pending, return_exceptions=True)
 
 
 class Engine:
@@ -336,7 +179,7 @@ class Engine:
                        f"cached neurons per layer", None, store=str(store.path))
         self.model, resident = await loop.run_in_executor(self._pool, build_model, store, cfg, self._arch, args)
         if cfg.ffn == "ram":
-            self._runner = _RamRunner(self.model, self._pool)
+            self._runner = RamRunner(self.model, self._pool)
             release_freed_memory()
             return
         held = sum(_held_bytes(t) for t in resident.values())
