@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 import torch
@@ -27,10 +27,9 @@ from flashlm.pipeline.sampler import Sampler
 from flashlm.pipeline.sparse import TokenReport
 from flashlm.pipeline.stream import StreamChunk, TokenTimings
 
-if TYPE_CHECKING:
-    from flashlm.pipeline.engine import Engine
-
 log = get_logger(__name__)
+# `engine` below is the flashlm.pipeline.engine.Engine that made the request (typed Any: this
+# module is what the engine imports, so it names nothing of it)
 
 
 def release_freed_memory() -> None:
@@ -71,7 +70,7 @@ class _StepResult:
 class _Generation:
     """One request's decoding state: its KV cache, window, sampler and detokenizer."""
 
-    def __init__(self, engine: Engine, request: Request) -> None:
+    def __init__(self, engine: Any, request: Request) -> None:
         self.engine = engine
         self.request = request
         self.kv = engine.model.new_cache(len(request.prompt_ids) + request.max_tokens)
@@ -133,7 +132,7 @@ class Stream:
     error before any token is computed either way.
     """
 
-    def __init__(self, engine: Engine, request: Request) -> None:
+    def __init__(self, engine: Any, request: Request) -> None:
         self._engine = engine
         self.request = request
         self._iter: AsyncIterator[StreamChunk] | None = None
