@@ -23,12 +23,14 @@ import os
 import shutil
 import statistics
 import subprocess
+import tempfile
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flashlm.bench.io import machine_info
+from flashlm.io.store import FlashStore
 from flashlm.builtin import home, is_builtin
 from flashlm.errors import ConfigError, FlashLMError
 
@@ -48,14 +50,17 @@ def _timed(argv: list[str], env: dict[str, str]) -> tuple[str, int]:
     """stdout and peak RSS (bytes) of one process, as the kernel counted it for that process alone
     (`os.wait4` on it; `RUSAGE_CHILDREN` would give the largest of all children so far)."""
     r, w = os.pipe()
-    proc = subprocess.Popen(argv, stdout=w, stderr=subprocess.DEVNULL, env=env, close_fds=True)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        text = f.read().decode()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = code = os.waitstatus_to_exitcode(status)
-    if code:
-        raise FlashLMError(f"{' '.join(argv[:5])} ... exited with {code}")
+    with tempfile.TemporaryFile() as err:  # its stderr, to say why if it fails
+        proc = subprocess.Popen(argv, stdout=w, stderr=err, env=env, close_fds=True)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            text = f.read().decode()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
+        if code:
+            err.seek(0)
+            why = err.read().decode(errors="replace").strip().splitlines()
+            raise FlashLMError(f"{' '.join(argv[:5])} ... exited with {code}: {why[-1] if why else 'no message'}")
     return text, usage.ru_maxrss * 1024
 
 
@@ -107,12 +112,15 @@ def run_decode_bench(out: Path, *, model: str, gguf: Path | None, dtypes: tuple[
             stores[dt] = resolve_store(model, dt, progress)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     py = [sys.executable, "-m", "flashlm", "run", "--json", "--quiet", "--threads", str(threads),
-          "--max-tokens", str(tokens), "--temperature", "0", "--max-context", str(max_context)]
+          "--max-tokens", str(tokens), "--temperature", "0"]
     configs = []
     for dt in dtypes:
-        configs.append(_Config(f"flashlm {dt} dense in RAM", py + ["--model", str(stores[dt]), "--ram", PROMPT],
+        # the KV cache for max_context tokens, or the model's own limit if that is less
+        limit = FlashStore.open(stores[dt]).manifest.config.get("max_position_embeddings") or max_context
+        ctx = ["--max-context", str(min(max_context, int(limit)))]
+        configs.append(_Config(f"flashlm {dt} dense in RAM", py + ctx + ["--model", str(stores[dt]), "--ram", PROMPT],
                                "flashlm", dt))
-        configs.append(_Config(f"flashlm {dt} sparse default", py + ["--model", str(stores[dt]), PROMPT],
+        configs.append(_Config(f"flashlm {dt} sparse default", py + ctx + ["--model", str(stores[dt]), PROMPT],
                                "flashlm", dt))
     notes = []
     binary = find_llama_bench(llama_bench)
