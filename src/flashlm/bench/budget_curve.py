@@ -162,6 +162,10 @@ def plot_budget_curve(report: dict[str, Any], path: str | Path) -> None:
         if ceil:
             ax.plot([r["fraction"] for r in ceil], [100 * r["free_selector"]["rel"][text] for r in ceil], marker="x",
                     ls="--", color=color, label=f"{text}: below its minimum, free-selector ceiling")
+    empty = [r["fraction"] for r in report["budgets"]
+             if r["below_minimum"] and r.get("free_selector", {}).get("capacity", 0) == 0]
+    for i, f in enumerate(empty):  # resident tensors and the KV cache alone fill these budgets
+        ax.axvline(f, color="grey", ls=":", lw=1.5, label="no room for any cache" if i == 0 else None)
     ax.axhline(5, color="red", ls="--", lw=1, label="+5% goal")
     ax.set_xlabel("memory budget (fraction of the model's store bytes)")
     ax.set_ylabel("perplexity vs dense (%)")
