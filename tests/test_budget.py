@@ -166,3 +166,26 @@ def test_eval_budgets_reports_the_engines_plan_and_the_free_selector_ceiling(smo
     assert all(full["ppl"][t] > rep["dense"]["ppl"][t] for t in ("wiki", "news", "code"))
     assert (tmp_path / "b.png").stat().st_size > 0
     assert "below the engine's minimum" in r.stdout
+
+
+def test_eval_budgets_runs_the_engines_own_plan_where_it_fits(tokenizer, tmp_path):
+    """Where the engine can run at a budget (a tiny int8 model at density 0.2, no lookahead),
+    each row is the engine's own plan - shadow selection, its capacity, a plan within the budget -
+    run by the harness: the caches shrink with the budget, and a capped cache costs perplexity
+    over dense, not less than the shadow's own selection error allows (finite, computed)."""
+    from conftest import random_llama, save_checkpoint
+    from flashlm.bench.budget_curve import run_budget_curve
+    from flashlm.convert import convert
+
+    src = save_checkpoint(random_llama(3, eos_token_id=None, intermediate_size=320), tmp_path / "ckpt", tokenizer)
+    convert(src, tmp_path / "s", dtype="int8", progress=False)
+    rep = run_budget_curve(tmp_path / "s", (0.9, 0.6), tokens=512, max_context=32, progress=False,
+                           settings={"density": 0.2, "lookahead": 0})
+    rows = rep["budgets"]
+    assert [r["below_minimum"] for r in rows] == [False, False]
+    for r in rows:
+        assert r["selection"] == "shadow" and r["plan_bytes"] <= r["budget_bytes"] == int(r["fraction"] * rep["model_bytes"])
+        assert r["cache_fraction"] == r["capacity"] / 320
+        assert all(v == v and abs(v) < 10 for v in r["rel"].values())  # finite perplexities
+    assert 0 < rows[1]["capacity"] < rows[0]["capacity"] < 320
+    assert rows[1]["reads_per_token"] > rows[0]["reads_per_token"]  # a smaller cache re-reads more

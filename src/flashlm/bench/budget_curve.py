@@ -61,12 +61,13 @@ async def fixed_parts(store: Path, max_context: int) -> dict[str, int]:
                 "model_bytes": engine.model_bytes}
 
 
-async def engine_plan(store: Path, fraction: float, max_context: int) -> dict[str, Any]:
-    """What the engine holds at this budget: its plan, selection and density (or its minimum)."""
+async def engine_plan(store: Path, fraction: float, max_context: int, settings: dict[str, Any]) -> dict[str, Any]:
+    """What the engine holds at this budget: its plan, selection and density (or its minimum).
+    `settings`: other EngineConfig fields (e.g. density, lookahead: they set the minimum)."""
     from flashlm import Engine
 
     try:
-        engine = await Engine.open(store, memory_budget=fraction, max_context=max_context)
+        engine = await Engine.open(store, memory_budget=fraction, max_context=max_context, **settings)
     except MemoryBudgetError as e:
         return {"fraction": fraction, "below_minimum": True, "minimum_bytes": e.minimum, "error": str(e)}
     async with engine:
@@ -80,9 +81,10 @@ async def engine_plan(store: Path, fraction: float, max_context: int) -> dict[st
 
 def run_budget_curve(store: str | Path, budgets: tuple[float, ...] = BUDGETS, *, tokens: int = 1024,
                      max_context: int = 2048, json_path: str | Path | None = None,
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     store = Path(store)
-    plans = [asyncio.run(engine_plan(store, f, max_context)) for f in budgets]
+    settings = dict(settings or {})
+    plans = [asyncio.run(engine_plan(store, f, max_context, settings)) for f in budgets]
     fixed = asyncio.run(fixed_parts(store, max_context))
     fs = FlashStore.open(store)
     dense = load_dense(fs)
@@ -91,6 +93,7 @@ def run_budget_curve(store: str | Path, budgets: tuple[float, ...] = BUDGETS, *,
     h = Harness(dense, None, eval_texts(data.tokenizer(fs), tokens))
     base = h.dense_report()
     report: dict[str, Any] = {"store": str(store), "dtype": fs.manifest.dtype, "max_context": max_context,
+                              "settings": settings,
                               "tokens_per_text": {k: v["tokens"] for k, v in base.items()},
                               "model_bytes": fixed["model_bytes"], "fixed_bytes": fixed,
                               "dense": {"ppl": {k: v["ppl"] for k, v in base.items()}}, "budgets": []}
@@ -129,7 +132,8 @@ def run_budget_curve(store: str | Path, budgets: tuple[float, ...] = BUDGETS, *,
                         "rel": {k: 0.0 for k in base}, "reads_per_token": 0.0, "computed_per_token": 1.0})
         else:
             k = n_keep(d_ff, p["density"])
-            policy = CachePolicy(select=min(1.0, k / cap), window=p["window"])
+            # the engine's capped cache: the window's exact selections, most recent first (LRU)
+            policy = CachePolicy(select=min(1.0, k / cap), window=p["window"], warm=False)
             sel = {"shadow": "shadow_int8", "gate": "oracle"}.get(p["selection"], "oracle")
             r = h.evaluate(BudgetRun(policy, cap / d_ff, selector=sel, label=f"engine at {p['fraction']}"))
             row.update({"cache_fraction": cap / d_ff, "selector": sel,

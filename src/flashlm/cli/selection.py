@@ -49,8 +49,9 @@ def _eval_budgets(a: argparse.Namespace, plot: str | None) -> int:
     if plot is not None:
         pyplot("the budget plot (--plot, or the PNG next to --json)")  # before the minutes of evaluation
     tokens = a.tokens or (512 if a.quick else 1024)
+    settings = {k: v for k, v in (("density", a.density), ("lookahead", a.lookahead)) if v is not None}
     report = run_budget_curve(a.store, budgets, tokens=tokens, max_context=a.max_context, json_path=a.json,
-                              progress=not a.quiet)
+                              progress=not a.quiet, settings=settings)
     if plot is not None:
         plot_budget_curve(report, plot)
     d = report["dense"]["ppl"]
@@ -104,5 +105,9 @@ def add_eval(sub: Any) -> None:
                     "news and code")
     ev.add_argument("--max-context", type=int, default=2048,
                     help="with --budgets: the KV cache the plan sizes for (default 2048)")
+    ev.add_argument("--density", type=float, default=None,
+                    help="with --budgets: the engine's selection density (default: its own, 0.4)")
+    ev.add_argument("--lookahead", type=int, default=None, choices=[0, 1],
+                    help="with --budgets: 0 plans no speculative set (a lower minimum)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=cmd_eval)
