@@ -134,38 +134,46 @@ def test_static_reads_nothing_and_allocation_keeps_the_total(harness):
     assert not torch.equal(even, h.dense_nll())
 
 
-def test_eval_budgets_reports_the_engines_plan_and_the_free_selector_ceiling(smollm2_store, tmp_path):
-    """`flashlm eval STORE --budgets` on the real default model: the JSON has the shape the
-    issue names, each budget row says what the engine does at it; SmolLM2's fp32 store cannot
-    run at its own size (resident fp32 + KV + selectors exceed it), so each row carries the
-    engine's minimum and the free-selector ceiling, whose capacity is the plan's own
-    arithmetic (budget - resident - KV over the slot bytes), and whose perplexity is worse
-    than dense once the caches hold less than the FFN."""
+def test_eval_budgets_reports_the_engines_plan_and_the_free_selector_ceiling(tokenizer, tmp_path):
+    """`flashlm eval STORE --budgets` through the CLI: the JSON has the shape the issue names, each
+    budget row says what the engine does at it. At its defaults (density 0.4, lookahead) a tiny
+    int8 model cannot run at its own size (resident + KV + selectors + the least caches exceed
+    it), so each row carries the engine's minimum and the free-selector ceiling, whose capacity
+    is the plan's own arithmetic (budget - resident - KV over the slot bytes), and whose
+    perplexity is computed over a capped cache."""
     import json
     import subprocess
     import sys
 
+    from conftest import random_llama, save_checkpoint
+    from flashlm.convert import convert
+
+    src = save_checkpoint(random_llama(3, eos_token_id=None, intermediate_size=320), tmp_path / "ckpt", tokenizer)
+    store = tmp_path / "s"
+    convert(src, store, dtype="int8", progress=False)
     out = tmp_path / "b.json"
-    r = subprocess.run([sys.executable, "-m", "flashlm", "eval", str(smollm2_store), "--budgets", "1,0.6",
-                        "--tokens", "512", "--max-context", "256", "--quiet", "--json", str(out), "--plot",
+    r = subprocess.run([sys.executable, "-m", "flashlm", "eval", str(store), "--budgets", "1,0.6",
+                        "--tokens", "512", "--max-context", "32", "--quiet", "--json", str(out), "--plot",
                         str(tmp_path / "b.png")], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     rep = json.loads(out.read_text())
     assert set(rep["dense"]["ppl"]) == {"wiki", "news", "code"}
     assert [b["fraction"] for b in rep["budgets"]] == [1.0, 0.6]
     fx = rep["fixed_bytes"]
-    d_ff = 1536
+    d_ff = 320
     for b in rep["budgets"]:
         assert b["below_minimum"] and b["minimum_bytes"] > b["fraction"] * rep["model_bytes"]
         want = max(0, min(d_ff, int((b["fraction"] * fx["model_bytes"] - fx["resident"] - fx["kv"])
                                     // (fx["slot"] * fx["layers"]))))
         fr = b["free_selector"]
-        assert fr["kind"] == "ceiling" and fr["capacity"] == want
-    full = rep["budgets"][0]["free_selector"]
-    assert 0 < full["capacity"] < d_ff
-    assert all(full["ppl"][t] > rep["dense"]["ppl"][t] for t in ("wiki", "news", "code"))
+        assert fr["kind"] == "ceiling" and fr["capacity"] == want and 0 < want < d_ff
+        assert all(v == v for v in fr["rel"].values()) and 0 < fr["reads_per_token"] < 1
+    assert rep["budgets"][1]["free_selector"]["capacity"] < rep["budgets"][0]["free_selector"]["capacity"]
     assert (tmp_path / "b.png").stat().st_size > 0
     assert "below the engine's minimum" in r.stdout
+    bad = subprocess.run([sys.executable, "-m", "flashlm", "eval", str(store), "--budgets", "1,1.5"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "(0, 1]" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_eval_budgets_runs_the_engines_own_plan_where_it_fits(tokenizer, tmp_path):
