@@ -34,9 +34,7 @@ from flashlm.models.base import (
     positive,
 )
 from flashlm.models.ops import embedding, ffn_gated, linear
-from flashlm.models.llama import is_gated_ffn_key, pack_gated_ffn
-
-LAYER_TYPES = ("full_attention", "sliding_attention")
+from flashlm.models.llama import LAYER_TYPES, is_gated_ffn_key, pack_gated_ffn
 
 
 @dataclass(frozen=True)
