@@ -23,6 +23,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from flashlm.errors import ModelPartError, UnknownModelError
+from flashlm.io.durable import fsync_dir
 
 _BUFFER = 1 << 24  # bytes per read when assembling: 16 MiB, one buffer reused
 
@@ -264,7 +265,7 @@ def assemble(model: BuiltinModel, *, progress: bool = True, force: bool = False)
             if digest.hexdigest() != model.sha256:
                 raise ModelPartError(_damage_report(model, paths, digest.hexdigest()))
             os.replace(partial, out)
-            _fsync_dir(out.parent)
+            fsync_dir(out.parent)
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
@@ -301,11 +302,3 @@ def _urlsafe_sha256(path: Path) -> str:
         while chunk := f.read(_BUFFER):
             h.update(chunk)
     return base64.urlsafe_b64encode(h.digest()).rstrip(b"=").decode()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -49,6 +49,7 @@ from flashlm.io.format import (
     bundle_nbytes,
     round_up,
 )
+from flashlm.io.durable import fsync_dir
 from flashlm.io.quantize import QuantEncoder, quantized_bundles
 from flashlm.version import __version__
 
@@ -230,7 +231,7 @@ def atomic_directory(out: Path, force: bool) -> Iterator[Path]:
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(out, old)
         os.rename(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -361,12 +362,4 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(Path(dirpath))
