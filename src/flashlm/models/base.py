@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -374,15 +374,19 @@ class CausalLM:
     def head(self, x: Tensor) -> Tensor:  # (T, d) -> (T, vocab)
         raise NotImplementedError
 
-    def forward(self, ids: Tensor, cache: KVCache, *, last_only: bool = False) -> Tensor:
-        """Logits (T, vocab) (or (1, vocab) with last_only) of ids (T,) following the cached tokens."""
+    def forward(self, ids: Tensor, cache: KVCache, *, last_only: bool = False,
+                rows: Sequence[tuple[Any, Tensor | None]] | None = None) -> Tensor:
+        """Logits (T, vocab) (or (1, vocab) with last_only) of ids (T,) following the cached tokens.
+        Each layer's FFN runs over its built-in dense rows, or over `rows[l]` = (rows, neuron ids)
+        when given (every neuron of the layer, in any order: the sparse engine's full caches)."""
         pos = cache.length
         x = self.embed(ids, pos)
         for block in self.layers:
-            if block.ffn_rows is None:
+            ffn_rows, ids_l = (block.ffn_rows, None) if rows is None else rows[block.layer]
+            if ffn_rows is None:
                 raise ValueError(f"layer {block.layer} was built without dense FFN rows; run it with block.ffn")
             residual, h = block.attention(x, cache, pos)
-            x = block.combine(residual, block.ffn(h, block.ffn_rows))
+            x = block.combine(residual, block.ffn(h, ffn_rows, ids_l))
         cache.advance(ids.shape[0])
         return self.head(x[-1:] if last_only else x)
 

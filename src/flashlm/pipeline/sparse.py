@@ -271,7 +271,7 @@ class SparseRunner:
         if self.trace is not None:  # the request id is bound in the step's context by the engine
             self.trace.begin_token(token, structlog.contextvars.get_contextvars().get("request_id"), ids.shape[0])
         t0 = time.perf_counter()
-        if self._resident():
+        if self._resident():  # the model's own forward over the caches' rows (it advances kv)
             self.resident_steps += 1
             if self.inline:
                 logits = self._resident_forward(ids, kv)
@@ -280,7 +280,7 @@ class SparseRunner:
             steps, spec_hits, spec_needed = [], 0, 0
         else:
             logits, steps, spec_hits, spec_needed = await self._driver.drive(self._layers(ids, kv, win, token), token)
-        kv.advance(ids.shape[0])
+            kv.advance(ids.shape[0])
         win.step += 1
         if not self.reuse:
             for cache in self.caches:
@@ -308,14 +308,8 @@ class SparseRunner:
 
     def _resident_forward(self, ids: torch.Tensor, kv: Any) -> torch.Tensor:
         """The dense model over the caches' rows (compute thread): logits of the last position."""
-        pos = kv.length
         with torch.inference_mode():
-            x = self.model.embed(ids, pos)
-            for layer, block in enumerate(self.model.layers):
-                residual, h = block.attention(x, kv, pos)
-                rows, neuron_ids = self.caches[layer].compute_view()
-                x = block.combine(residual, block.ffn(h, rows, neuron_ids))
-            return self.model.head(x[-1:])[-1]
+            return self.model.forward(ids, kv, last_only=True, rows=[c.compute_view() for c in self.caches])[-1]
 
     def _layers(self, ids: torch.Tensor, kv: Any, win: RequestWindow, token: int) -> Any:
         """One token step through every layer (a generator: see `flashlm.pipeline.step_driver`). Returns
