@@ -226,7 +226,7 @@ def test_q4_range_fit_is_never_worse_and_beats_the_full_range_on_an_outlier():
     """The converter's q4 (least-squares range search) against the kernels' reference quantiser
     (full range): per group its squared error is at most the reference's, and on groups with one
     outlier (the shape of real down columns) it is clearly lower - the reason it exists."""
-    from flashlm.io.quantize import quantize_q4_fit
+    from flashlm.kernels.quantizers import quantize_q4_fit
     from flashlm.kernels import quantize
 
     g = torch.Generator().manual_seed(3)

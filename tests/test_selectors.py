@@ -12,7 +12,7 @@ from flashlm.calibration.record import forward_with, load_dense
 from flashlm.calibration.train import PredictorSettings, train_predictor
 from flashlm.convert import convert
 from flashlm.io.store import FlashStore
-from flashlm.models.quant import dequantize, pack_int4, quantize, unpack_int4
+from flashlm.kernels.quantizers import dequantize_sym, pack_int4, quantize_sym, unpack_int4
 from flashlm.models.selectors import (
     GateSelector,
     KernelShadowSelector,
@@ -139,12 +139,12 @@ def test_shadow_state_round_trips_through_resident_keys(dense):
 
 def test_quantization_round_trip():
     w = torch.randn(10, 64)
-    q, s = quantize(w, 4, 16)
+    q, s = quantize_sym(w, 4, 16)
     assert q.abs().max() <= 7 and s.shape == (10, 4)
     assert torch.equal(unpack_int4(pack_int4(q)), q)
-    assert (dequantize(q, s) - w).abs().max() <= s.max() / 2 + 1e-6
-    q8, s8 = quantize(w, 8, 64)
-    assert (dequantize(q8, s8) - w).abs().max() <= s8.max() / 2 + 1e-6
+    assert (dequantize_sym(q, s) - w).abs().max() <= s.max() / 2 + 1e-6
+    q8, s8 = quantize_sym(w, 8, 64)
+    assert (dequantize_sym(q8, s8) - w).abs().max() <= s8.max() / 2 + 1e-6
 
 
 def test_selection_rules():

@@ -30,10 +30,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flashlm.errors import CheckpointFormatError, StoreVersionError
+from flashlm.kernels.formats import GROUP, QUANT_DTYPES, bundle_bytes, kernel_format
 
 FORMAT_NAME = "flashlm-store"
 FORMAT_VERSION = 2  # 2: quantised stores (dtype int8 / q4, `Manifest.quantized`); 1: float stores only
-READABLE_VERSIONS = (1, 2)  # a version-1 store is a float store, read as it always was
+READABLE_VERSIONS = (1, 2)  # a version-1 store is a float store (no quantised rows)
 MANIFEST_NAME = "manifest.json"
 RESIDENT_NAME = "resident.safetensors"
 FFN_NAME = "ffn.bin"
@@ -48,27 +49,19 @@ ALLOWED_BLOCK_SIZES = (512, 1024, 2048, 4096)
 REGION_ALIGN = 4096
 
 DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
-# Quantised store dtypes and the kernel row format each is stored in (flashlm.kernels.formats):
-# groups of QUANT_GROUP along a row; "int8" = q8 (int8 values + one fp16 scale per group),
-# "q4" = q4 (two 4-bit values per byte + an fp16 scale and an fp16 min per group).
-QUANT_FORMATS = {"int8": "q8", "q4": "q4"}
-QUANT_GROUP = 32
-STORE_DTYPES = (*DTYPE_SIZES, *QUANT_FORMATS)
-
-
-def quant_row_bytes(fmt: str, d: int) -> int:
-    """Bytes of one quantised row of d values: data, then fp16 scales, then (q4) fp16 mins."""
-    groups = d // QUANT_GROUP
-    return (d + 2 * groups) if fmt == "q8" else (d // 2 + 4 * groups)
+# Quantised stores hold their rows in a kernel format (`flashlm.kernels.formats`: the group size,
+# the row and bundle bytes and the store dtype of each format are defined there).
+STORE_DTYPES = (*DTYPE_SIZES, *QUANT_DTYPES)
 
 
 def bundle_nbytes(parts: int, hidden: int, dtype: str) -> int:
     """Bytes of real data in a bundle of `parts` parts of `hidden` values (without padding). Float:
-    the parts' rows one after another; quantised: every part's data, then every part's scales,
-    then (q4) mins (`flashlm.kernels.BundleLayout`)."""
-    if dtype in QUANT_FORMATS:
-        return parts * quant_row_bytes(QUANT_FORMATS[dtype], hidden)
+    the parts' rows one after another; quantised: `flashlm.kernels.formats.bundle_bytes`."""
+    fmt = kernel_format(dtype)
+    if fmt is not None:
+        return bundle_bytes(fmt, hidden, parts)
     return parts * hidden * DTYPE_SIZES[dtype]
+
 
 # Resident tensors that are not transformers keys are named by the models package:
 # flashlm.models.base.PERMUTATION_KEY ("flashlm.ffn_permutation.{layer}", int32: physical slot -> neuron)
@@ -128,7 +121,7 @@ class FFNLayout:
     @property
     def quant_format(self) -> str | None:
         """The kernel row format of a quantised store ("q8", "q4"), None for a float store."""
-        return QUANT_FORMATS.get(self.dtype)
+        return kernel_format(self.dtype)
 
     @property
     def itemsize(self) -> int:
@@ -212,10 +205,10 @@ class Manifest:
             raise CheckpointFormatError(f"{where}: block_size {f.block_size} not in {ALLOWED_BLOCK_SIZES}; {fix}")
         if f.dtype not in STORE_DTYPES or f.dtype != self.dtype:
             raise CheckpointFormatError(f"{where}: unknown or inconsistent dtype {f.dtype!r}; {fix}")
-        if f.quant_format is not None and (f.hidden_size % QUANT_GROUP or self.format_version < 2):
+        if f.quant_format is not None and (f.hidden_size % GROUP or self.format_version < 2):
             raise CheckpointFormatError(f"{where}: a {f.dtype} store needs format 2 and a hidden size that is a "
-                                        f"multiple of {QUANT_GROUP}; {fix}")
-        bad = {k: v for k, v in self.quantized.items() if v not in QUANT_FORMATS.values()}
+                                        f"multiple of {GROUP}; {fix}")
+        bad = {k: v for k, v in self.quantized.items() if v not in QUANT_DTYPES.values()}
         if bad:
             raise CheckpointFormatError(f"{where}: resident tensors in unknown formats {bad}; {fix}")
         end = FFN_HEADER_BYTES

@@ -25,14 +25,13 @@ from flashlm.io.format import (
     FFN_HEADER_BYTES,
     MANIFEST_NAME,
     TOKENIZER_DIR,
-    QUANT_FORMATS,
     FileEntry,
     Manifest,
     check_ffn_header,
     file_sha256,
 )
 from flashlm.io.writer import TORCH_DTYPES
-from flashlm.kernels import GATED_PARTS, BundleLayout, QBundles, QRows, dequantize_bundles
+from flashlm.kernels import GATED_PARTS, BundleLayout, QBundles, QRows, dequantize_bundles, kernel_format
 
 FIX = "re-run `flashlm convert` to rebuild the store"
 
@@ -43,8 +42,9 @@ def rows_view(buf: np.ndarray | torch.Tensor, parts: int, hidden: int, dtype: st
     `dtype`, or, for a quantised store dtype, as the `QBundles` the kernels compute on
     (`names`: the parts' names, e.g. ("gate", "up", "down"))."""
     t = torch.from_numpy(buf) if isinstance(buf, np.ndarray) else buf
-    if dtype in QUANT_FORMATS:
-        return QBundles(t, BundleLayout(QUANT_FORMATS[dtype], hidden, names or GATED_PARTS[:parts]))
+    fmt = kernel_format(dtype)
+    if fmt is not None:
+        return QBundles(t, BundleLayout(fmt, hidden, names or GATED_PARTS[:parts]))
     itemsize = torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
     used = t[:, : parts * hidden * itemsize]
     return used.view(TORCH_DTYPES[dtype]).view(t.shape[0], parts, hidden)

@@ -34,8 +34,6 @@ from flashlm.io.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
-    QUANT_FORMATS,
-    QUANT_GROUP,
     REGION_ALIGN,
     RESIDENT_NAME,
     STORE_DTYPES,
@@ -50,7 +48,8 @@ from flashlm.io.format import (
     round_up,
 )
 from flashlm.io.durable import fsync_dir
-from flashlm.io.quantize import QuantEncoder, quantized_bundles
+from flashlm.io.encode import QuantEncoder, quantized_bundles
+from flashlm.kernels.formats import GROUP, QUANT_DTYPES
 from flashlm.version import __version__
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -77,7 +76,7 @@ def check_block_size(block_size: int) -> None:
 def bundle_bytes_array(rows: torch.Tensor, dtype: str, stride: int,
                        parts: tuple[str, ...] = ("gate", "up", "down")) -> np.ndarray:
     """(n, P, d) tensor -> (n, stride) uint8 array: the bundles as they lie on disk."""
-    if dtype in QUANT_FORMATS:
+    if dtype in QUANT_DTYPES:
         return quantized_bundles(rows, dtype, parts, stride)
     n = rows.shape[0]
     raw = rows.to(TORCH_DTYPES[dtype]).contiguous().view(torch.uint8).reshape(n, -1).numpy()
@@ -268,13 +267,13 @@ def write_store(
     """
     check_dtype(dtype)
     check_block_size(block_size)
-    if dtype in QUANT_FORMATS and hidden_size % QUANT_GROUP:
-        raise ConfigError(f"a {dtype} store quantises rows in groups of {QUANT_GROUP}, but hidden_size is "
+    if dtype in QUANT_DTYPES and hidden_size % GROUP:
+        raise ConfigError(f"a {dtype} store quantises rows in groups of {GROUP}, but hidden_size is "
                           f"{hidden_size}; convert to float16 (or bfloat16, float32) instead")
     store_id = uuid.uuid4().hex
     items = resident.items() if isinstance(resident, Mapping) else resident
     if encode is None:
-        encode = QuantEncoder(dtype) if dtype in QUANT_FORMATS else cast_encoder(dtype)
+        encode = QuantEncoder(dtype) if dtype in QUANT_DTYPES else cast_encoder(dtype)
     with atomic_directory(out, force) as tmp:
         resident_path = tmp / RESIDENT_NAME
         write_safetensors(resident_path, items, encode)

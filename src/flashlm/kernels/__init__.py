@@ -9,24 +9,50 @@ CUDA/MPS tensors and for installs without the compiled extension.
     ffn_gated("q4", bundles, layout, "silu", act, slots, out)
 
 `backend()` says which path CPU tensors take ("avx2", "scalar" or "torch").
+
+Modules: `formats` (names, sizes and bundle layout: torch-free), `qtensors` (QRows, QBundles,
+QAct), `quantizers` (every weight quantiser), `ops` (the validated ops), `reference` (the torch
+specification of each op). Names are resolved on first use, so `flashlm.kernels.formats` (which
+the store format imports) loads no torch.
 """
 
-from flashlm.kernels.formats import (
-    FORMATS, GATED_PARTS, GROUP, UNGATED_PARTS, BundleLayout, QBundles, QRows, data_bytes, pack_bundle, quantize,
-    row_bytes,
-    unpack_bundle,
-)
-from flashlm.kernels.ops import (
-    ACT_ALIASES, BACKENDS, available_backends, axpy, backend, dequantize_bundles, dequantize_rows, ffn_gated, ffn_ungated, gemv,
-    quantize_activations, set_backend, use_backend,
-)
-from flashlm.kernels.reference import (
-    QAct, axpy_ref, dequantize_rows_ref, ffn_gated_ref, ffn_ungated_ref, gemv_ref, quantize_activations_ref,
-)
+from __future__ import annotations
 
-__all__ = [
-    "ACT_ALIASES", "BACKENDS", "FORMATS", "GATED_PARTS", "GROUP", "UNGATED_PARTS", "BundleLayout", "QAct", "QRows",
-    "available_backends", "axpy", "axpy_ref", "backend", "dequantize_bundles", "data_bytes", "dequantize_rows", "dequantize_rows_ref",
-    "QBundles", "ffn_gated", "ffn_gated_ref", "ffn_ungated", "ffn_ungated_ref", "gemv", "gemv_ref", "pack_bundle", "quantize",
-    "quantize_activations", "quantize_activations_ref", "row_bytes", "set_backend", "unpack_bundle", "use_backend",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_HOME = {
+    "formats": ("FORMATS", "GATED_PARTS", "GROUP", "QUANT_DTYPES", "UNGATED_PARTS", "BundleLayout", "bundle_bytes",
+                "data_bytes", "kernel_format", "row_bytes"),
+    "qtensors": ("QAct", "QBundles", "QRows", "pack_bundle", "unpack_bundle"),
+    "quantizers": ("quantize",),
+    "ops": ("ACT_ALIASES", "BACKENDS", "available_backends", "axpy", "backend", "dequantize_bundles", "dequantize_rows",
+            "ffn_gated", "ffn_ungated", "gemv", "quantize_activations", "set_backend", "use_backend"),
+    "reference": ("axpy_ref", "dequantize_rows_ref", "ffn_gated_ref", "ffn_ungated_ref", "gemv_ref",
+                  "quantize_activations_ref"),
+}
+_MODULE_OF = {name: module for module, names in _HOME.items() for name in names}
+
+if TYPE_CHECKING:
+    from flashlm.kernels.formats import (
+        FORMATS, GATED_PARTS, GROUP, QUANT_DTYPES, UNGATED_PARTS, BundleLayout, bundle_bytes, data_bytes, kernel_format,
+        row_bytes,
+    )
+    from flashlm.kernels.ops import (
+        ACT_ALIASES, BACKENDS, available_backends, axpy, backend, dequantize_bundles, dequantize_rows, ffn_gated,
+        ffn_ungated, gemv, quantize_activations, set_backend, use_backend,
+    )
+    from flashlm.kernels.qtensors import QAct, QBundles, QRows, pack_bundle, unpack_bundle
+    from flashlm.kernels.quantizers import quantize
+    from flashlm.kernels.reference import (
+        axpy_ref, dequantize_rows_ref, ffn_gated_ref, ffn_ungated_ref, gemv_ref, quantize_activations_ref,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MODULE_OF:
+        return getattr(importlib.import_module(f"flashlm.kernels.{_MODULE_OF[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_MODULE_OF)

@@ -7,61 +7,15 @@ tensors' device, so the numbers differ from the C kernels only in fp32 summation
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flashlm.kernels.formats import GROUP, BundleLayout, QRows, unpack_bundle
+from flashlm.kernels.formats import GROUP, BundleLayout
+from flashlm.kernels.qtensors import QAct, QRows, unpack_bundle
+from flashlm.kernels.quantizers import unpack_q4
 
 _PERM8 = (0, 2, 4, 6, 1, 3, 5, 7)
-
-
-@dataclass(frozen=True, eq=False)
-class QAct:
-    """Activations x (T, d) quantised per group of 32 like llama.cpp's Q8_0: xs = max|x| / 127,
-    q = round(x / xs) (half to even), in the layouts the kernels read. Reusable as a buffer
-    (`quantize_activations(x, out=qact)`).
-
-    q    (T, d) int8   natural order
-    qp   (T, d) int8   q4 pair order: per pair of groups (2p, 2p+1) x[2p][:16] x[2p+1][:16]
-                       x[2p][16:] x[2p+1][16:]; an odd last group stays natural
-    xs   (T, G) fp32   group scales
-    xsp  (T, G) fp32   xs permuted within each full block of 8 groups as 0 2 4 6 1 3 5 7
-    xsum (T, G) fp32   xs * sum(q) per group (the q4 min term)
-    """
-
-    q: Tensor
-    qp: Tensor
-    xs: Tensor
-    xsp: Tensor
-    xsum: Tensor
-
-    @property
-    def T(self) -> int:
-        return self.q.shape[0]
-
-    @property
-    def d(self) -> int:
-        return self.q.shape[1]
-
-    @property
-    def device(self) -> torch.device:
-        return self.q.device
-
-    @classmethod
-    def empty(cls, T: int, d: int, device: torch.device | str = "cpu") -> QAct:
-        G = d // GROUP
-        i8 = dict(dtype=torch.int8, device=device)
-        f32 = dict(dtype=torch.float32, device=device)
-        return cls(torch.empty(T, d, **i8), torch.empty(T, d, **i8), torch.empty(T, G, **f32),
-                   torch.empty(T, G, **f32), torch.empty(T, G, **f32))
-
-    def dequantize(self) -> Tensor:
-        """(T, d) fp32: the activation the kernels actually multiply with, x_hat = xs * q."""
-        T, d = self.q.shape
-        return (self.q.float().view(T, d // GROUP, GROUP) * self.xs[..., None]).view(T, d)
 
 
 def quantize_activations_ref(x: Tensor, out: QAct | None = None) -> QAct:
@@ -95,8 +49,7 @@ def dequantize_rows_ref(fmt: str, rows: QRows, idx: Tensor | None = None) -> Ten
     G = d // GROUP
     if fmt == "q8":
         return (data.float().view(n, G, GROUP) * scales.float()[..., None]).view(n, d)
-    b = data.reshape(n, G, 16)
-    q = torch.cat([b & 15, b >> 4], -1).float()  # (n, G, 32)
+    q = unpack_q4(data).float()  # (n, G, 32)
     return (q * scales.float()[..., None] + mins.float()[..., None]).view(n, d)
 
 

@@ -27,8 +27,9 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from flashlm.kernels import QRows, gemv as q_gemv, quantize as q_quantize, quantize_activations
-from flashlm.models.quant import Int8Linear, dequantize, int8_linear_available, pack_int4, quantize, unpack_int4
+from flashlm.kernels import QRows, gemv as q_gemv, quantize_activations
+from flashlm.kernels.quantizers import dequantize_sym, pack_int4, quantize_rows, quantize_sym, unpack_int4
+from flashlm.models.int8_linear import Int8Linear, int8_linear_available
 
 SELECTOR_KEY = "flashlm.selector.{mode}.{layer}.{name}"
 MODES = ("oracle", "gate", "shadow", "predictor")
@@ -199,13 +200,11 @@ class KernelShadowSelector:
         self.d_ff = w.n // (2 if gated else 1)
 
     @classmethod
-    def from_rows(cls, rows: Tensor, act: Act, fc1_bias: Tensor | None = None, fmt: str = "q8",
-                  block: int = 4096) -> KernelShadowSelector:
+    def from_rows(cls, rows: Tensor, act: Act, fc1_bias: Tensor | None = None,
+                  fmt: str = "q8") -> KernelShadowSelector:
         gated = rows.shape[1] == 3
         w = torch.cat([rows[:, 0], rows[:, 1]]) if gated else rows[:, 0]  # (P*d_ff, d)
-        parts = [q_quantize(fmt, w[i:i + block].float()) for i in range(0, w.shape[0], block)]
-        cat = (lambda name: torch.cat([getattr(p, name) for p in parts]))
-        return cls(QRows(fmt, cat("data"), cat("scales"), cat("mins") if fmt == "q4" else None), act, gated, fc1_bias)
+        return cls(quantize_rows(fmt, w, q4_fit=False), act, gated, fc1_bias)
 
     @property
     def nbytes(self) -> int:
@@ -248,7 +247,7 @@ class ShadowSelector:
                   fc1_bias: Tensor | None = None, fast: bool = True) -> ShadowSelector:
         gated = rows.shape[1] == 3
         w = torch.cat([rows[:, 0], rows[:, 1]]) if gated else rows[:, 0]  # (P*d_ff, d)
-        q, scale = quantize(w, bits, group or w.shape[1])
+        q, scale = quantize_sym(w, bits, group or w.shape[1])
         return cls(q, scale, bits, act, gated, fc1_bias, fast)
 
     @property
@@ -264,7 +263,7 @@ class ShadowSelector:
                 self._linear = Int8Linear(self.q, self.scale)
             return self._linear(x)
         if self._dense is None:
-            self._dense = dequantize(self.q, self.scale)  # (m, d) float32
+            self._dense = dequantize_sym(self.q, self.scale)  # (m, d) float32
         return x.float() @ self._dense.T
 
     def scores(self, x: Tensor) -> Tensor:

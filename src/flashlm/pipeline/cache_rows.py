@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from flashlm.io.buffers import aligned_empty
-from flashlm.io.format import QUANT_FORMATS
+from flashlm.kernels.formats import QUANT_DTYPES
 from flashlm.io.store import rows_view
 from flashlm.io.writer import TORCH_DTYPES
 from flashlm.kernels import QBundles
@@ -27,7 +27,7 @@ class CacheRows:
                  dtype: torch.dtype | None, device: torch.device | str, pin_memory: bool,
                  names: tuple[str, ...] | None = None) -> None:
         self.device = torch.device(device)
-        self.quantized = store_dtype in QUANT_FORMATS
+        self.quantized = store_dtype in QUANT_DTYPES
         raw_t = None
         if pin_memory and torch.cuda.is_available():  # pinned staging for non-blocking H2D copies
             raw_t = _pinned_aligned(capacity, stride)
@@ -57,7 +57,7 @@ class CacheRows:
     def slot_bytes(parts: int, hidden: int, stride: int, store_dtype: str, dtype: torch.dtype,
                    device: torch.device) -> int:
         """Bytes one slot holds: its raw bundle and, when not zero copy, its compute copy."""
-        if store_dtype in QUANT_FORMATS:
+        if store_dtype in QUANT_DTYPES:
             return stride * (1 if device.type == "cpu" else 2)
         same = device.type == "cpu" and dtype == TORCH_DTYPES[store_dtype]
         return stride + (0 if same else parts * hidden * torch.empty((), dtype=dtype).element_size())
