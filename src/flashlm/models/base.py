@@ -9,7 +9,6 @@ physical order; the sparse path gets a subset plus the neurons' physical ids.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,48 +60,6 @@ class Architecture(Protocol):
     def is_ffn_key(self, args: Any, key: str) -> bool: ...
     def pack_ffn(self, args: Any, sd: dict[str, Tensor], layer: int) -> Tensor: ...
     def build(self, args: Any, resident: dict[str, Tensor], ffn_rows: list[Tensor | None]) -> CausalLM: ...
-
-
-# --- reading a transformers config ----------------------------------------------------------
-
-
-def positive(value: Any, key: str, model_type: str) -> int:
-    """`value` of config key `key`, which must be a positive int (a size or a count)."""
-    if value is None:
-        raise UnsupportedArchitectureError(f"{model_type}: the model config has no {key!r}; a {model_type} model "
-                                           f"needs it (fix the checkpoint's config.json)")
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UnsupportedArchitectureError(f"{model_type}: config {key}={value!r} must be a positive int "
-                                           f"(fix the checkpoint's config.json)")
-    return value
-
-
-def hf_size(cfg: dict, key: str, model_type: str, default: int | None = None) -> int:
-    """A positive int from a transformers config dict (`default` when the key is absent or null)."""
-    value = cfg.get(key)
-    return positive(default if value is None else value, key, model_type)
-
-
-def hf_config(read: Callable[[Any, dict], Any]) -> Callable[[Any, dict], Any]:
-    """Wraps an Args' `from_hf_config(cls, cfg)`: a config that is not a dict, or whose value of
-    a key is missing or of the wrong type where the reading did not check it by name, is an
-    UnsupportedArchitectureError naming what failed, never a bare KeyError or TypeError."""
-
-    @functools.wraps(read)
-    def checked(cls: Any, cfg: dict) -> Any:
-        mt = getattr(cls, "MODEL_TYPE", cls.__name__)
-        if not isinstance(cfg, dict):
-            raise UnsupportedArchitectureError(f"{mt}: the model config is a {type(cfg).__name__}, not a mapping")
-        try:
-            return read(cls, cfg)
-        except KeyError as e:
-            raise UnsupportedArchitectureError(f"{mt}: the model config has no {e.args[0]!r}; a {mt} model needs it "
-                                               f"(fix the checkpoint's config.json)") from None
-        except (TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
-            raise UnsupportedArchitectureError(f"{mt}: the model config has a value of the wrong type or range "
-                                               f"({type(e).__name__}: {e}); fix the checkpoint's config.json") from None
-
-    return checked
 
 
 # --- matrix products ------------------------------------------------------------------------
@@ -345,6 +302,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, pos: int, scale: float, window: int 
 # --- FFN over rows ---------------------------------------------------------------------------
 
 
+def layer_weights(resident: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The resident tensors under `prefix` (one layer's, e.g. "model.layers.3."), named without it."""
+    return {k[len(prefix):]: v for k, v in resident.items() if k.startswith(prefix)}
+
+
 def permutation(resident: dict[str, Tensor], layer: int, device: torch.device) -> Tensor | None:
     perm = resident.get(PERMUTATION_KEY.format(layer))
     return None if perm is None else perm.to(device=device, dtype=torch.long)
@@ -358,15 +320,11 @@ class CausalLM:
 
     def __init__(self, args: Any, layers: list[Block], n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        self.args = args
-        self.layers = layers
-        self.dtype = dtype
-        self.device = device
-        self._n_kv_heads = n_kv_heads
-        self._head_dim = head_dim
+        self.args, self.layers, self.dtype, self.device = args, layers, dtype, device
+        self._kv_shape = (n_kv_heads, head_dim)
 
     def new_cache(self, max_len: int) -> KVCache:
-        return KVCache(len(self.layers), max_len, self._n_kv_heads, self._head_dim, self.dtype, self.device)
+        return KVCache(len(self.layers), max_len, *self._kv_shape, self.dtype, self.device)
 
     def embed(self, ids: Tensor, pos: int) -> Tensor:  # (T,) -> (T, d)
         raise NotImplementedError

@@ -19,35 +19,17 @@ import torch
 from torch import Tensor
 
 from flashlm.errors import UnsupportedArchitectureError
-from flashlm.models.base import (
-    CausalLM,
-    KVCache,
-    Rope,
-    Rotary,
-    activation,
-    apply_rope,
-    attend,
-    gemma_rms_norm,
-    hf_config,
-    hf_size,
-    permutation,
-    positive,
-)
-from flashlm.models.ops import embedding, ffn_gated, linear
-from flashlm.models.llama import LAYER_TYPES, is_gated_ffn_key, pack_gated_ffn
+from flashlm.models.args import derive, hf_config, hf_size
+from flashlm.models.base import Rope, Rotary, activation, gemma_rms_norm
+from flashlm.models.llama import LAYER_TYPES, LlamaArchitecture, LlamaBlock, LlamaModel, LlamaSizes, layer_windows
+from flashlm.models.ops import embedding, linear
 
 
 @dataclass(frozen=True)
-class Gemma3Args:
+class Gemma3Args(LlamaSizes):
     MODEL_TYPE: ClassVar[str] = "gemma3_text"
+    qk_norm: ClassVar[bool] = True  # per-head q/k norms in every layer
 
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
     layer_types: tuple[str, ...]
     max_position_embeddings: int = 131_072
     rms_norm_eps: float = 1e-6
@@ -59,50 +41,34 @@ class Gemma3Args:
     final_logit_softcapping: float | None = None
     attention_bias: bool = False  # informative: the block uses the biases the weights carry
     tie_word_embeddings: bool = True
-    # derived
-    n_layers: int = field(init=False)
-    d_model: int = field(init=False)
-    d_ff: int = field(init=False)
-    n_heads: int = field(init=False)
-    n_kv_heads: int = field(init=False)
+    # derived (and those of `Derived`)
     scaling: float = field(init=False)  # query_pre_attn_scalar ** -0.5
     windows: tuple[int | None, ...] = field(init=False)  # per layer: its attention window, None = full
 
     def __post_init__(self) -> None:
         mt = self.MODEL_TYPE
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            positive(getattr(self, name), name, mt)
+        self.check_sizes()
         if isinstance(self.query_pre_attn_scalar, bool) or not isinstance(self.query_pre_attn_scalar, int | float) \
                 or not self.query_pre_attn_scalar > 0:
             raise UnsupportedArchitectureError(
                 f"{mt}: config query_pre_attn_scalar={self.query_pre_attn_scalar!r} must be a positive number")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise UnsupportedArchitectureError(
-                f"{mt}: num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}"
-            )
         activation(self.hidden_activation, mt)
         for name, rope in (("full_attention", self.rope), ("sliding_attention", self.rope_local)):
             if rope.partial_rotary_factor != 1.0:
                 raise UnsupportedArchitectureError(
                     f"{mt}: partial_rotary_factor={rope.partial_rotary_factor} ({name}) is not implemented")
-        if len(self.layer_types) != self.num_hidden_layers:
-            raise UnsupportedArchitectureError(
-                f"{mt}: layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
-        unknown = sorted(set(self.layer_types) - set(LAYER_TYPES))
-        if unknown:
-            raise UnsupportedArchitectureError(
-                f"{mt}: layer type(s) {unknown} are not implemented; supported: {list(LAYER_TYPES)}")
+        windows = layer_windows(self)
         if "sliding_attention" in self.layer_types and (self.sliding_window is None or self.sliding_window < 1):
             raise UnsupportedArchitectureError(
                 f"{mt}: sliding_attention layers need sliding_window >= 1, got {self.sliding_window}")
-        windows = tuple(self.sliding_window if t == "sliding_attention" else None for t in self.layer_types)
-        for name, value in [("n_layers", self.num_hidden_layers), ("d_model", self.hidden_size),
-                            ("d_ff", self.intermediate_size), ("n_heads", self.num_attention_heads),
-                            ("n_kv_heads", self.num_key_value_heads),
-                            ("scaling", self.query_pre_attn_scalar**-0.5), ("windows", windows)]:
-            object.__setattr__(self, name, value)
+        derive(self, n_layers=self.num_hidden_layers, d_model=self.hidden_size, d_ff=self.intermediate_size,
+               n_heads=self.num_attention_heads, n_kv_heads=self.num_key_value_heads,
+               scaling=self.query_pre_attn_scalar**-0.5, windows=windows)
+
+    @property
+    def hidden_act(self) -> str:
+        """The activation under the name the Llama block reads (Gemma's config says hidden_activation)."""
+        return self.hidden_activation
 
     @classmethod
     @hf_config
@@ -160,73 +126,44 @@ def _rope_params(cfg: dict) -> tuple[dict, dict]:
     return full, local
 
 
-class Gemma3Block:
+class Gemma3Block(LlamaBlock):
+    """The Llama block with Gemma's norms: (1 + weight) RMSNorm in float32, and norms after
+    attention and after the MLP as well as before each; `query_pre_attn_scalar` scaling."""
+
+    norm = staticmethod(gemma_rms_norm)
+
     def __init__(self, args: Gemma3Args, layer: int, w: dict[str, Tensor], rows: Tensor | None,
                  rotary: Rotary, act: Callable[[Tensor], Tensor], perm: Tensor | None) -> None:
-        self.args = args
-        self.layer = layer
-        self.input_layernorm = w["input_layernorm.weight"]
-        self.post_attention_layernorm = w["post_attention_layernorm.weight"]
+        super().__init__(args, layer, w, rows, rotary, act, perm)  # its rotary: the layer type's
         self.pre_feedforward_layernorm = w["pre_feedforward_layernorm.weight"]
         self.post_feedforward_layernorm = w["post_feedforward_layernorm.weight"]
-        self.q_proj, self.q_bias = w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias")
-        self.k_proj, self.k_bias = w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias")
-        self.v_proj, self.v_bias = w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias")
-        self.o_proj, self.o_bias = w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias")
-        self.q_norm = w["self_attn.q_norm.weight"]  # (head_dim,)
-        self.k_norm = w["self_attn.k_norm.weight"]
-        self.window = args.windows[layer]
-        self.rotary = rotary  # the layer type's, shared by the layers of that type
-        self.act = act
-        self.ffn_rows = rows  # (d_ff, 3, d) or None
-        self.ffn_permutation = perm
+        self.scaling = args.scaling
 
-    def attention(self, x: Tensor, cache: KVCache, pos: int) -> tuple[Tensor, Tensor]:
-        """x (T, d) -> residual x + post_norm(attn(norm(x))), and the FFN input pre_feedforward_layernorm(residual)."""
-        a, T, eps = self.args, x.shape[0], self.args.rms_norm_eps
-        h = gemma_rms_norm(x, self.input_layernorm, eps)
-        q = linear(h, self.q_proj, self.q_bias).view(T, a.n_heads, a.head_dim).transpose(0, 1)  # (H, T, hd)
-        k = linear(h, self.k_proj, self.k_bias).view(T, a.n_kv_heads, a.head_dim).transpose(0, 1)
-        v = linear(h, self.v_proj, self.v_bias).view(T, a.n_kv_heads, a.head_dim).transpose(0, 1)
-        q, k = gemma_rms_norm(q, self.q_norm, eps), gemma_rms_norm(k, self.k_norm, eps)
-        cos, sin = self.rotary(pos, T, x.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache.write(self.layer, pos, k, v)
-        keys, values = cache.read(self.layer, pos + T)
-        o = attend(q, keys, values, pos, a.scaling, self.window)  # (T, H*hd)
-        residual = x + gemma_rms_norm(linear(o, self.o_proj, self.o_bias), self.post_attention_layernorm, eps)
-        return residual, gemma_rms_norm(residual, self.pre_feedforward_layernorm, eps)
-
-    def ffn(self, x: Tensor, rows: Tensor, neuron_ids: Tensor | None = None, mask: Tensor | None = None,
-            slots: Tensor | None = None) -> Tensor:
-        """The GeGLU MLP over the neurons in rows (n, 3, d) (those with mask 1, if a mask is given);
-        no per-neuron biases, so neuron_ids is unused. The post-FFN norm is applied by `combine`,
-        to the sum over every neuron."""
-        return ffn_gated(x, rows, self.act, mask, slots)
+    def post_attention(self, x: Tensor, attn: Tensor) -> tuple[Tensor, Tensor]:
+        """The residual x + post_attention_layernorm(attn), and the FFN input pre_feedforward_layernorm(residual)."""
+        eps = self.args.rms_norm_eps
+        residual = x + self.norm(attn, self.post_attention_layernorm, eps)
+        return residual, self.norm(residual, self.pre_feedforward_layernorm, eps)
 
     def combine(self, residual: Tensor, ffn_out: Tensor) -> Tensor:
-        return residual + gemma_rms_norm(ffn_out, self.post_feedforward_layernorm, self.args.rms_norm_eps)
+        """The post-FFN norm, applied to the sum over every neuron."""
+        return residual + self.norm(ffn_out, self.post_feedforward_layernorm, self.args.rms_norm_eps)
 
 
-class Gemma3Model(CausalLM):
+class Gemma3Model(LlamaModel):
+    Block = Gemma3Block
+
     def __init__(self, args: Gemma3Args, resident: dict[str, Tensor], ffn_rows: list[Tensor | None]) -> None:
-        embed = resident["model.embed_tokens.weight"]  # (vocab, d)
-        device = embed.device
-        rotary = {"full_attention": Rotary(args.rope.inv_freq(args.head_dim).to(device)),
-                  "sliding_attention": Rotary(args.rope_local.inv_freq(args.head_dim).to(device))}
-        act = activation(args.hidden_activation, args.MODEL_TYPE)
-        layers = []
-        for i in range(args.n_layers):
-            prefix = f"model.layers.{i}."
-            w = {k[len(prefix):]: v for k, v in resident.items() if k.startswith(prefix)}
-            layers.append(Gemma3Block(args, i, w, ffn_rows[i], rotary[args.layer_types[i]], act,
-                                      permutation(resident, i, device)))
-        super().__init__(args, layers, args.n_kv_heads, args.head_dim, embed.dtype, device)
-        self.embed_tokens = embed
+        super().__init__(args, resident, ffn_rows)
         # transformers: a float32 scalar sqrt(d), cast to the weights' dtype, times the looked-up rows
-        self.embed_scale = torch.tensor(args.hidden_size**0.5).to(device=device, dtype=embed.dtype)
-        self.norm = resident["model.norm.weight"]
-        self.lm_head = resident.get("lm_head.weight", embed)  # (vocab, d); tied when absent
+        self.embed_scale = torch.tensor(args.hidden_size**0.5).to(device=self.device, dtype=self.embed_tokens.dtype)
+
+    @staticmethod
+    def rotaries(args: Gemma3Args, device: torch.device) -> list[Rotary]:
+        """Each layer's rotary: its layer type's (sliding layers have their own base)."""
+        by_type = {"full_attention": Rotary(args.rope.inv_freq(args.head_dim).to(device)),
+                   "sliding_attention": Rotary(args.rope_local.inv_freq(args.head_dim).to(device))}
+        return [by_type[t] for t in args.layer_types]
 
     def embed(self, ids: Tensor, pos: int) -> Tensor:
         return embedding(ids, self.embed_tokens) * self.embed_scale
@@ -237,26 +174,4 @@ class Gemma3Model(CausalLM):
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
-class Gemma3Architecture:
-    """The `Architecture` of model_type "gemma3_text"."""
-
-    model_type = Gemma3Args.MODEL_TYPE
-    Args = Gemma3Args
-
-    def split_fused(self, args: Gemma3Args, key: str, tensor: Tensor) -> dict[str, Tensor]:
-        return {key: tensor}  # nothing fused
-
-    def ffn_parts(self, args: Gemma3Args) -> tuple[str, ...]:
-        return ("gate", "up", "down")
-
-    def is_ffn_key(self, args: Gemma3Args, key: str) -> bool:
-        return is_gated_ffn_key(key)
-
-    def pack_ffn(self, args: Gemma3Args, sd: dict[str, Tensor], layer: int) -> Tensor:
-        return pack_gated_ffn(sd, layer)  # the same bundles as Llama's
-
-    def build(self, args: Gemma3Args, resident: dict[str, Tensor], ffn_rows: list[Tensor | None]) -> Gemma3Model:
-        return Gemma3Model(args, resident, ffn_rows)
-
-
-GEMMA3 = Gemma3Architecture()
+GEMMA3 = LlamaArchitecture(Gemma3Args, Model=Gemma3Model)

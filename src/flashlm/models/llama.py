@@ -22,13 +22,12 @@ from flashlm.models.base import (
     activation,
     apply_rope,
     attend,
-    hf_config,
-    hf_size,
+    layer_weights,
     no_split,
     permutation,
-    positive,
     rms_norm,
 )
+from flashlm.models.args import Derived, derive, hf_config, hf_size, positive
 from flashlm.models.ops import embedding, ffn_gated, linear
 
 _FFN_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$")
@@ -36,8 +35,10 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass(frozen=True)
-class LlamaArgs:
-    MODEL_TYPE: ClassVar[str] = "llama"
+class LlamaSizes(Derived):
+    """The sizes of the Llama block (and of Gemma 3's), under transformers' config names."""
+
+    MODEL_TYPE: ClassVar[str]
 
     vocab_size: int
     hidden_size: int
@@ -46,6 +47,27 @@ class LlamaArgs:
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
+
+    def check_sizes(self) -> None:
+        """Every size (and max_position_embeddings) a positive int; the heads share the KV heads evenly."""
+        mt = self.MODEL_TYPE
+        for name in SIZES:
+            positive(getattr(self, name), name, mt)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UnsupportedArchitectureError(
+                f"{mt}: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+
+
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+@dataclass(frozen=True)
+class LlamaArgs(LlamaSizes):
+    MODEL_TYPE: ClassVar[str] = "llama"
+
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     hidden_act: str = "silu"
@@ -55,25 +77,13 @@ class LlamaArgs:
     qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k, before rotary
     sliding_window: int | None = None  # None: full attention everywhere
     layer_types: tuple[str, ...] | None = None  # per layer; None: every layer slides when sliding_window is set
-    # derived
-    n_layers: int = field(init=False)
-    d_model: int = field(init=False)
-    d_ff: int = field(init=False)
-    n_heads: int = field(init=False)
-    n_kv_heads: int = field(init=False)
+    # derived (and those of `Derived`)
     rotary_dim: int = field(init=False)  # the first rotary_dim dims of a head rotate
     windows: tuple[int | None, ...] = field(init=False)  # per layer: its attention window, None = full
 
     def __post_init__(self) -> None:
         mt = self.MODEL_TYPE
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            positive(getattr(self, name), name, mt)
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise UnsupportedArchitectureError(
-                f"{mt}: num_attention_heads={self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads={self.num_key_value_heads}"
-            )
+        self.check_sizes()
         activation(self.hidden_act, mt)
         rotary_dim = self.rope.rotary_dim(self.head_dim)
         if rotary_dim % 2 or not 0 < rotary_dim <= self.head_dim:
@@ -83,30 +93,36 @@ class LlamaArgs:
             )
         if self.sliding_window is not None and self.sliding_window < 1:
             raise UnsupportedArchitectureError(f"{mt}: sliding_window={self.sliding_window} must be >= 1 or None")
-        types = self.layer_types
-        if types is not None:
-            if len(types) != self.num_hidden_layers:
-                raise UnsupportedArchitectureError(
-                    f"{mt}: layer_types has {len(types)} entries for {self.num_hidden_layers} layers")
-            unknown = sorted(set(types) - set(LAYER_TYPES))
-            if unknown:
-                raise UnsupportedArchitectureError(
-                    f"{mt}: layer type(s) {unknown} are not implemented; supported: {list(LAYER_TYPES)}")
-            windows = tuple(self.sliding_window if t == "sliding_attention" else None for t in types)
-        else:
-            windows = (self.sliding_window,) * self.num_hidden_layers
-        for name, value in [("n_layers", self.num_hidden_layers), ("d_model", self.hidden_size),
-                            ("d_ff", self.intermediate_size), ("n_heads", self.num_attention_heads),
-                            ("n_kv_heads", self.num_key_value_heads), ("rotary_dim", rotary_dim),
-                            ("windows", windows)]:
-            object.__setattr__(self, name, value)
+        windows = (layer_windows(self) if self.layer_types is not None
+                   else (self.sliding_window,) * self.num_hidden_layers)
+        derive(self, n_layers=self.num_hidden_layers, d_model=self.hidden_size, d_ff=self.intermediate_size,
+               n_heads=self.num_attention_heads, n_kv_heads=self.num_key_value_heads, rotary_dim=rotary_dim,
+               windows=windows)
 
     @classmethod
     @hf_config
     def from_hf_config(cls, cfg: dict) -> LlamaArgs:
+        return cls(**cls.hf_fields(cfg))
+
+    @classmethod
+    def hf_fields(cls, cfg: dict) -> dict[str, Any]:
+        """The fields this family reads from a transformers config (each family its own keys)."""
         if cfg.get("mlp_bias"):
             raise UnsupportedArchitectureError("llama: mlp_bias=True (biased gate/up/down) is not implemented")
-        return cls(**llama_fields(cfg, cls.MODEL_TYPE), attention_bias=bool(cfg.get("attention_bias", False)))
+        return llama_fields(cfg, cls.MODEL_TYPE) | {"attention_bias": bool(cfg.get("attention_bias", False))}
+
+
+def layer_windows(args: Any) -> tuple[int | None, ...]:
+    """Each layer's attention window from `args.layer_types`: `args.sliding_window` for a
+    sliding_attention layer, None (full) for a full_attention one."""
+    mt, types = args.MODEL_TYPE, args.layer_types
+    if len(types) != args.num_hidden_layers:
+        raise UnsupportedArchitectureError(f"{mt}: layer_types has {len(types)} entries for {args.num_hidden_layers} layers")
+    unknown = sorted(set(types) - set(LAYER_TYPES))
+    if unknown:
+        raise UnsupportedArchitectureError(
+            f"{mt}: layer type(s) {unknown} are not implemented; supported: {list(LAYER_TYPES)}")
+    return tuple(args.sliding_window if t == "sliding_attention" else None for t in types)
 
 
 def llama_fields(cfg: dict, model_type: str, *, partial_rotary: bool = False) -> dict[str, Any]:
@@ -135,6 +151,11 @@ def llama_fields(cfg: dict, model_type: str, *, partial_rotary: bool = False) ->
 
 
 class LlamaBlock:
+    """Pre-norm attention and gated MLP. `norm`, `post_attention` and `combine` are what a
+    relative of the block (Gemma 3) changes."""
+
+    norm = staticmethod(rms_norm)
+
     def __init__(self, args: LlamaArgs, layer: int, w: dict[str, Tensor], rows: Tensor | None,
                  rotary: Rotary, act: Callable[[Tensor], Tensor], perm: Tensor | None) -> None:
         self.args = args
@@ -148,28 +169,33 @@ class LlamaBlock:
         self.q_norm = w["self_attn.q_norm.weight"] if args.qk_norm else None  # (head_dim,)
         self.k_norm = w["self_attn.k_norm.weight"] if args.qk_norm else None
         self.window = args.windows[layer]
-        self.rotary = rotary  # shared by all layers
+        self.scaling = args.head_dim**-0.5
+        self.rotary = rotary  # shared by the layers that rotate alike
         self.act = act
         self.ffn_rows = rows  # (d_ff, 3, d) or None
         self.ffn_permutation = perm
 
     def attention(self, x: Tensor, cache: KVCache, pos: int) -> tuple[Tensor, Tensor]:
-        """x (T, d) -> residual x + attn(norm(x)), and the FFN input post_attention_layernorm(residual)."""
-        a, T = self.args, x.shape[0]
-        h = rms_norm(x, self.input_layernorm, a.rms_norm_eps)
+        """x (T, d) -> the residual after attention and the FFN's input (`post_attention`)."""
+        a, T, eps = self.args, x.shape[0], self.args.rms_norm_eps
+        h = self.norm(x, self.input_layernorm, eps)
         q = linear(h, self.q_proj, self.q_bias).view(T, a.n_heads, a.head_dim)
         k = linear(h, self.k_proj, self.k_bias).view(T, a.n_kv_heads, a.head_dim)
         v = linear(h, self.v_proj, self.v_bias).view(T, a.n_kv_heads, a.head_dim).transpose(0, 1)
         if self.q_norm is not None:
-            q, k = rms_norm(q, self.q_norm, a.rms_norm_eps), rms_norm(k, self.k_norm, a.rms_norm_eps)
+            q, k = self.norm(q, self.q_norm, eps), self.norm(k, self.k_norm, eps)
         q, k = q.transpose(0, 1), k.transpose(0, 1)  # (H, T, hd), (Hkv, T, hd)
         cos, sin = self.rotary(pos, T, x.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache.write(self.layer, pos, k, v)
         keys, values = cache.read(self.layer, pos + T)
-        o = attend(q, keys, values, pos, a.head_dim**-0.5, self.window)  # (T, H*hd)
-        residual = x + linear(o, self.o_proj, self.o_bias)
-        return residual, rms_norm(residual, self.post_attention_layernorm, a.rms_norm_eps)
+        o = attend(q, keys, values, pos, self.scaling, self.window)  # (T, H*hd)
+        return self.post_attention(x, linear(o, self.o_proj, self.o_bias))
+
+    def post_attention(self, x: Tensor, attn: Tensor) -> tuple[Tensor, Tensor]:
+        """The residual x + attn, and the FFN input post_attention_layernorm(residual)."""
+        residual = x + attn
+        return residual, self.norm(residual, self.post_attention_layernorm, self.args.rms_norm_eps)
 
     def ffn(self, x: Tensor, rows: Tensor, neuron_ids: Tensor | None = None, mask: Tensor | None = None,
             slots: Tensor | None = None) -> Tensor:
@@ -182,20 +208,24 @@ class LlamaBlock:
 
 
 class LlamaModel(CausalLM):
+    Block: ClassVar[type[LlamaBlock]] = LlamaBlock
+
     def __init__(self, args: LlamaArgs, resident: dict[str, Tensor], ffn_rows: list[Tensor | None]) -> None:
         embed = resident["model.embed_tokens.weight"]  # (vocab, d)
         device = embed.device
-        rotary = Rotary(args.rope.inv_freq(args.head_dim).to(device))
+        rotary = self.rotaries(args, device)
         act = activation(args.hidden_act, args.MODEL_TYPE)
-        layers = []
-        for i in range(args.n_layers):
-            prefix = f"model.layers.{i}."
-            w = {k[len(prefix):]: v for k, v in resident.items() if k.startswith(prefix)}
-            layers.append(LlamaBlock(args, i, w, ffn_rows[i], rotary, act, permutation(resident, i, device)))
+        layers = [self.Block(args, i, layer_weights(resident, f"model.layers.{i}."), ffn_rows[i], rotary[i], act,
+                             permutation(resident, i, device)) for i in range(args.n_layers)]
         super().__init__(args, layers, args.n_kv_heads, args.head_dim, embed.dtype, device)
         self.embed_tokens = embed
         self.norm = resident["model.norm.weight"]
         self.lm_head = resident.get("lm_head.weight", embed)  # (vocab, d); tied when absent
+
+    @staticmethod
+    def rotaries(args: LlamaArgs, device: torch.device) -> list[Rotary]:
+        """Each layer's rotary: here one, shared by every layer."""
+        return [Rotary(args.rope.inv_freq(args.head_dim).to(device))] * args.n_layers
 
     def embed(self, ids: Tensor, pos: int) -> Tensor:
         return embedding(ids, self.embed_tokens)
@@ -217,13 +247,15 @@ def pack_gated_ffn(sd: dict[str, Tensor], layer: int) -> Tensor:
 
 
 class LlamaArchitecture:
-    """The `Architecture` of the families built on `LlamaBlock`, one instance per model_type."""
+    """The `Architecture` of the families built on `LlamaBlock` (Gemma 3's block is one of its
+    relatives), one instance per model_type."""
 
-    def __init__(self, Args: type[LlamaArgs],
-                 split_fused: Callable[[Any, str, Tensor], dict[str, Tensor]] = no_split) -> None:
+    def __init__(self, Args: type[Any], split_fused: Callable[[Any, str, Tensor], dict[str, Tensor]] = no_split,
+                 Model: type[LlamaModel] = LlamaModel) -> None:
         self.model_type = Args.MODEL_TYPE
         self.Args = Args
         self._split = split_fused
+        self._Model = Model
 
     def split_fused(self, args: LlamaArgs, key: str, tensor: Tensor) -> dict[str, Tensor]:
         return self._split(args, key, tensor)
@@ -238,7 +270,7 @@ class LlamaArchitecture:
         return pack_gated_ffn(sd, layer)
 
     def build(self, args: LlamaArgs, resident: dict[str, Tensor], ffn_rows: list[Tensor | None]) -> LlamaModel:
-        return LlamaModel(args, resident, ffn_rows)
+        return self._Model(args, resident, ffn_rows)
 
 
 LLAMA = LlamaArchitecture(LlamaArgs)

@@ -4,9 +4,8 @@ keys (None: full attention). Like transformers' MistralAttention, `layer_types` 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from flashlm.models.base import hf_config
 from flashlm.models.llama import LlamaArchitecture, LlamaArgs, llama_fields
 
 
@@ -15,9 +14,8 @@ class MistralArgs(LlamaArgs):
     MODEL_TYPE: ClassVar[str] = "mistral"
 
     @classmethod
-    @hf_config
-    def from_hf_config(cls, cfg: dict) -> MistralArgs:
-        return cls(**llama_fields(cfg, cls.MODEL_TYPE), sliding_window=cfg.get("sliding_window", 4096))
+    def hf_fields(cls, cfg: dict) -> dict[str, Any]:
+        return llama_fields(cfg, cls.MODEL_TYPE) | {"sliding_window": cfg.get("sliding_window", 4096)}
 
 
 MISTRAL = LlamaArchitecture(MistralArgs)

@@ -17,12 +17,11 @@ from flashlm.models.base import (
     KVCache,
     activation,
     attend,
-    hf_config,
-    hf_size,
     layer_norm,
+    layer_weights,
     permutation,
-    positive,
 )
+from flashlm.models.args import Derived, derive, hf_config, hf_size, positive
 from flashlm.models.ops import embedding, ffn_ungated, linear
 
 _FFN_KEY = re.compile(r"^model\.decoder\.layers\.(\d+)\.fc[12]\.weight$")
@@ -30,7 +29,7 @@ POSITION_OFFSET = 2  # OPT's learned position table starts at row 2
 
 
 @dataclass(frozen=True)
-class OPTArgs:
+class OPTArgs(Derived):
     MODEL_TYPE: ClassVar[str] = "opt"
 
     vocab_size: int
@@ -46,12 +45,7 @@ class OPTArgs:
     enable_bias: bool = True
     layer_norm_elementwise_affine: bool = True
     tie_word_embeddings: bool = True
-    # derived
-    n_layers: int = field(init=False)
-    d_model: int = field(init=False)
-    d_ff: int = field(init=False)
-    n_heads: int = field(init=False)
-    n_kv_heads: int = field(init=False)
+    # derived (and those of `Derived`)
     head_dim: int = field(init=False)
     final_layer_norm: bool = field(init=False)  # the decoder has a LayerNorm before project_out
 
@@ -69,12 +63,10 @@ class OPTArgs:
         activation(self.activation_function, "opt")
         if self.word_embed_proj_dim is None:
             object.__setattr__(self, "word_embed_proj_dim", self.hidden_size)
-        for name, value in [("n_layers", self.num_hidden_layers), ("d_model", self.hidden_size),
-                            ("d_ff", self.ffn_dim), ("n_heads", self.num_attention_heads),
-                            ("n_kv_heads", self.num_attention_heads),
-                            ("head_dim", self.hidden_size // self.num_attention_heads),
-                            ("final_layer_norm", self.do_layer_norm_before and not self.remove_final_layer_norm)]:
-            object.__setattr__(self, name, value)
+        derive(self, n_layers=self.num_hidden_layers, d_model=self.hidden_size, d_ff=self.ffn_dim,
+               n_heads=self.num_attention_heads, n_kv_heads=self.num_attention_heads,
+               head_dim=self.hidden_size // self.num_attention_heads,
+               final_layer_norm=self.do_layer_norm_before and not self.remove_final_layer_norm)
 
     @classmethod
     @hf_config
@@ -155,11 +147,8 @@ class OPTModel(CausalLM):
         embed = resident["model.decoder.embed_tokens.weight"]  # (vocab, word_embed_proj_dim)
         device = embed.device
         act = activation(args.activation_function, "opt")
-        layers = []
-        for i in range(args.n_layers):
-            prefix = f"model.decoder.layers.{i}."
-            w = {k[len(prefix):]: v for k, v in resident.items() if k.startswith(prefix)}
-            layers.append(OPTBlock(args, i, w, ffn_rows[i], act, permutation(resident, i, device)))
+        layers = [OPTBlock(args, i, layer_weights(resident, f"model.decoder.layers.{i}."), ffn_rows[i], act,
+                           permutation(resident, i, device)) for i in range(args.n_layers)]
         super().__init__(args, layers, args.n_heads, args.head_dim, embed.dtype, device)
         self.embed_tokens = embed
         self.embed_positions = resident["model.decoder.embed_positions.weight"]  # (max_pos + 2, d)

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor
 
 from flashlm.errors import SourceCheckpointError
-from flashlm.models.base import hf_config
 from flashlm.models.llama import LlamaArchitecture, LlamaArgs, llama_fields
 
 _QKV = re.compile(r"^(model\.layers\.\d+\.self_attn\.)qkv_proj\.(weight|bias)$")
@@ -28,9 +27,8 @@ class Phi3Args(LlamaArgs):
     MODEL_TYPE: ClassVar[str] = "phi3"
 
     @classmethod
-    @hf_config
-    def from_hf_config(cls, cfg: dict) -> Phi3Args:
-        return cls(**llama_fields(cfg, cls.MODEL_TYPE, partial_rotary=True), sliding_window=cfg.get("sliding_window"))
+    def hf_fields(cls, cfg: dict) -> dict[str, Any]:
+        return llama_fields(cfg, cls.MODEL_TYPE, partial_rotary=True) | {"sliding_window": cfg.get("sliding_window")}
 
 
 def split_fused(args: Phi3Args, key: str, tensor: Tensor) -> dict[str, Tensor]:

@@ -5,14 +5,14 @@ Both slide a window over some layers when the config turns it on."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from flashlm.models.base import hf_config, hf_size
+from flashlm.models.args import hf_size
 from flashlm.models.llama import LlamaArchitecture, LlamaArgs, llama_fields
 
 
-def sliding_layers(cfg: dict, model_type: str) -> tuple[int | None, tuple[str, ...]]:
-    """(window, layer types) by transformers' Qwen2/Qwen3 rule: a window only with
+def qwen_fields(cfg: dict, model_type: str) -> dict[str, Any]:
+    """`llama_fields` and the sliding window by transformers' Qwen2/Qwen3 rule: a window only with
     `use_sliding_window`; the layers `layer_types` names sliding slide, or without `layer_types`
     every layer i >= `max_window_layers`."""
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
@@ -21,7 +21,7 @@ def sliding_layers(cfg: dict, model_type: str) -> tuple[int | None, tuple[str, .
         first = cfg.get("max_window_layers", 28)
         types = ["sliding_attention" if window is not None and i >= first else "full_attention"
                  for i in range(hf_size(cfg, "num_hidden_layers", model_type))]
-    return window, tuple(types)
+    return llama_fields(cfg, model_type) | {"sliding_window": window, "layer_types": tuple(types)}
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,8 @@ class Qwen2Args(LlamaArgs):
     MODEL_TYPE: ClassVar[str] = "qwen2"
 
     @classmethod
-    @hf_config
-    def from_hf_config(cls, cfg: dict) -> Qwen2Args:
-        window, types = sliding_layers(cfg, cls.MODEL_TYPE)
-        return cls(**llama_fields(cfg, cls.MODEL_TYPE), attention_bias=True, sliding_window=window,
-                   layer_types=types)
+    def hf_fields(cls, cfg: dict) -> dict[str, Any]:
+        return qwen_fields(cfg, cls.MODEL_TYPE) | {"attention_bias": True}
 
 
 @dataclass(frozen=True)
@@ -41,12 +38,10 @@ class Qwen3Args(LlamaArgs):
     MODEL_TYPE: ClassVar[str] = "qwen3"
 
     @classmethod
-    @hf_config
-    def from_hf_config(cls, cfg: dict) -> Qwen3Args:
-        window, types = sliding_layers(cfg, cls.MODEL_TYPE)
-        fields = llama_fields(cfg, cls.MODEL_TYPE) | {"head_dim": hf_size(cfg, "head_dim", cls.MODEL_TYPE, 128)}  # Qwen3Config's default
-        return cls(**fields, attention_bias=bool(cfg.get("attention_bias", False)), qk_norm=True,
-                   sliding_window=window, layer_types=types)
+    def hf_fields(cls, cfg: dict) -> dict[str, Any]:
+        return qwen_fields(cfg, cls.MODEL_TYPE) | {
+            "head_dim": hf_size(cfg, "head_dim", cls.MODEL_TYPE, 128),  # Qwen3Config's default
+            "attention_bias": bool(cfg.get("attention_bias", False)), "qk_norm": True}
 
 
 QWEN2 = LlamaArchitecture(Qwen2Args)
