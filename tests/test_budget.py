@@ -8,7 +8,8 @@ import shutil
 import pytest
 import torch
 
-from flashlm.bench.budget_eval import BudgetRun, Harness, capacities, forward_nll, relative
+from flashlm.bench.budget_eval import BudgetRun, Harness, capacities
+from flashlm.bench.ppl import forward_nll, relative
 from flashlm.bench.budget_plan import Shapes, plan, selector_bytes, stride
 from flashlm.bench.policies import ENGINE, PER_TOKEN_TOP, STATIC, CachePolicy
 from flashlm.calibration.neuron_stats import (

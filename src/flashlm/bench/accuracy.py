@@ -28,15 +28,14 @@ from tqdm.auto import tqdm
 
 import flashlm.calibration.data as data
 from flashlm.bench import pyplot
+from flashlm.bench.ppl import build_selectors, neuron_outputs, sequence_nll
 from flashlm.calibration.coactivation import entering
-from flashlm.calibration.record import DenseModel, chunks, forward_with, load_dense
+from flashlm.calibration.record import DenseModel, chunks, load_dense
 from flashlm.io.store import FlashStore
 from flashlm.models.selectors import (
     Selector,
     ShadowSelector,
     budget_window,
-    build_selector,
-    load_selectors,
     mass_mask,
     n_keep,
     reads,
@@ -87,19 +86,6 @@ BUDGET_RUNS = (
 QUICK_TOKENS, FULL_TOKENS = 2048, 8192
 
 
-def _selectors(name: str, dense: DenseModel, store: FlashStore, resident: dict[str, Tensor]) -> list[Selector] | None:
-    preds = store.manifest.predictors or {}
-    if name in preds.get("selectors", {}):
-        return load_selectors(resident, preds, name, dense.act, dense.gated)
-    if name in ("oracle", "gate"):
-        return [build_selector(name, r, dense.act, b) for r, b in zip(dense.rows, dense.fc1_bias)]
-    if name.startswith("shadow_int"):  # uncalibrated store: quantize the rows now
-        bits = int(name.removeprefix("shadow_int"))
-        return [build_selector("shadow", r, dense.act, b, bits=bits, group=None if bits == 8 else 32)
-                for r, b in zip(dense.rows, dense.fc1_bias)]
-    return None  # a predictor needs calibration
-
-
 def _selector_bytes(name: str, sels: list[Selector], store: FlashStore) -> int:
     """DRAM the selector keeps resident (the oracle, a reference, is counted as 0)."""
     entry = (store.manifest.predictors or {}).get("selectors", {}).get(name)
@@ -117,8 +103,6 @@ def _selector_bytes(name: str, sels: list[Selector], store: FlashStore) -> int:
 
 class _Tally:
     def __init__(self, n_layers: int) -> None:
-        self.nll = 0.0
-        self.count = 0
         self.recall = [0.0] * n_layers
         self.density = [0.0] * n_layers
         self.rows = [0] * n_layers
@@ -134,16 +118,9 @@ class _Tally:
 def _masked_ffn(dense: DenseModel, sels: list[Selector], run: Run, tally: _Tally, inv_perm: list[Tensor | None]):
     def ffn(block: Any, h: Tensor) -> Tensor:
         l = block.layer
-        rows = dense.rows[l]
         tally.h_last[l] = h[-1:].clone()
-        if rows.shape[1] == 3:
-            a = dense.act(h @ rows[:, 0].T) * (h @ rows[:, 1].T)  # (T, d_ff) neuron outputs
-            down, out_bias = rows[:, 2], None
-        else:
-            b1 = dense.fc1_bias[l]
-            pre = h @ rows[:, 0].T
-            a = dense.act(pre if b1 is None else pre + b1)
-            down, out_bias = rows[:, 1], block.fc2_bias
+        a, down = neuron_outputs(dense, l, h)  # (T, d_ff) neuron outputs
+        out_bias = None if dense.rows[l].shape[1] == 3 else block.fc2_bias
         scores = sels[l].scores(h)
         if run.mass is None:
             d = run.density_of(l)
@@ -169,10 +146,6 @@ def _masked_ffn(dense: DenseModel, sels: list[Selector], run: Run, tally: _Tally
         return out if out_bias is None else out + out_bias
 
     return ffn
-
-
-def _nll(logits: Tensor, ids: Tensor) -> float:
-    return float(F.cross_entropy(logits[:-1].float(), ids[1:], reduction="sum"))
 
 
 def _time_ms(fn, repeat: int = 15) -> float:
@@ -218,7 +191,7 @@ def evaluate(store_path: str | Path, quick: bool = False, *, tokens: int | None 
             nll = cnt = 0
             for c in parts:
                 ffn = None if ffn_factory is None else ffn_factory(tally)
-                nll += _nll(forward_with(dense.model, c, ffn), c)
+                nll += sequence_nll(dense.model, c, ffn)
                 cnt += c.shape[0] - 1
             out[f"ppl_{name}"] = math.exp(nll / cnt)
         return out, tally
@@ -235,7 +208,7 @@ def evaluate(store_path: str | Path, quick: bool = False, *, tokens: int | None 
         cache: dict[str, list[Selector] | None] = {}
         for run in runs:
             if run.selector not in cache:
-                cache[run.selector] = _selectors(run.selector, dense, store, resident)
+                cache[run.selector] = build_selectors(run.selector, dense, store=store, resident=resident)
             sels = cache[run.selector]
             if sels is None:
                 report["skipped"].append({"selector": run.selector, "why": "not calibrated: run `flashlm calibrate`"})

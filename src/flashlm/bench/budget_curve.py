@@ -7,7 +7,7 @@ when the caches hold them all, else the shadow selector at its density). That pl
 capacity per layer and selection are then run, token by token and causally, by the budget
 harness (`flashlm.bench.budget_eval`, policy `flashlm.bench.policies.ENGINE`-like: the
 window's selections among an LRU cache of that capacity), on held-out Wikipedia, news and
-code (`budget_runs.eval_texts`), against the same store's dense perplexity on the same tokens.
+code (`flashlm.bench.ppl.eval_texts`), against the same store's dense perplexity on the same tokens.
 A budget below the engine's minimum is reported with that minimum, and beside it the ceiling
 of what that budget could buy if selection cost no DRAM: the caches get everything the
 resident tensors and the KV cache leave (`free_selector`: capacity = (f x model bytes - resident
@@ -30,8 +30,8 @@ import torch
 
 import flashlm.calibration.data as data
 from flashlm.bench.budget_eval import BudgetRun, Harness
-from flashlm.bench.budget_runs import engine_select, eval_texts
-from flashlm.bench.policies import CachePolicy
+from flashlm.bench.policies import CachePolicy, engine_select
+from flashlm.bench.ppl import eval_texts
 from flashlm.calibration.record import load_dense
 from flashlm.errors import ConfigError, MemoryBudgetError
 from flashlm.io.store import FlashStore

@@ -20,16 +20,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from flashlm.bench.policies import CachePolicy, simulate
+from flashlm.bench.ppl import build_selectors, dense_ffn, forward_nll, neuron_outputs, relative
 from flashlm.calibration.neuron_stats import NeuronStats, allocate, allocate_equal, layer_weights
 from flashlm.calibration.record import DenseModel
-from flashlm.models.selectors import PredictorSelector, ShadowSelector
+from flashlm.models.selectors import PredictorSelector
 
 STEADY = 32  # tokens of each sequence before reads are counted
-BLOCK = 64  # tokens per block for the interval
 
 
 @dataclass(frozen=True)
@@ -66,22 +65,6 @@ class Tally:
     held: list[float] = field(default_factory=list)
 
 
-def forward_nll(model, seqs: Tensor, ffn) -> Tensor:
-    """seqs (B, T) -> per-token NLL (B, T-1) of next-token prediction, every block's FFN
-    computed by ffn(block, h (B, T, d)) -> (B, T, d)."""
-    B, T = seqs.shape
-    caches = [model.new_cache(T) for _ in range(B)]
-    xs = [model.embed(s, 0) for s in seqs]
-    for block in model.layers:
-        pairs = [block.attention(x, c, 0) for x, c in zip(xs, caches)]
-        out = ffn(block, torch.stack([p[1] for p in pairs]))
-        xs = [block.combine(p[0], o) for p, o in zip(pairs, out)]
-    nll = []
-    for x, s in zip(xs, seqs):
-        nll.append(F.cross_entropy(model.head(x)[:-1].float(), s[1:], reduction="none"))
-    return torch.stack(nll)
-
-
 class Harness:
     """One model, its calibration statistics, and the evaluation sequences of every text."""
 
@@ -104,49 +87,31 @@ class Harness:
             return None
         if name not in self._selectors:
             self._selectors = {}  # one at a time: a 1.5B model's dequantized copies are GBs
-            rows, act = self.dense.rows, self.dense.act
-            if name.startswith("shadow_int"):
-                bits = int(name.removeprefix("shadow_int"))
-                sels = [ShadowSelector.from_rows(r, act, bits, 32, fast=False) for r in rows]
-            elif name.startswith("lowrank_"):
-                sels = self._train_lowrank(int(name.removeprefix("lowrank_")))
-            else:
+            if name.startswith("lowrank_") and self.calib_x is None:
+                raise ValueError("a low-rank predictor needs calibration records (calib_x)")
+            sels = build_selectors(name, self.dense, group=32, fast=False, calib_x=self.calib_x, weights=self.down_norm)
+            if sels is None:
                 raise ValueError(f"unknown selector {name!r}")
             self._selectors[name] = sels
         return self._selectors[name]
-
-    def _train_lowrank(self, rank: int, density: float = 0.2) -> list[PredictorSelector]:
-        from flashlm.calibration.train import PredictorSettings, train_predictor
-        from flashlm.models.selectors import magnitudes, top_mask
-
-        if self.calib_x is None:
-            raise ValueError("a low-rank predictor needs calibration records (calib_x)")
-        out = []
-        for l, (x, r) in enumerate(zip(self.calib_x, self.dense.rows)):
-            xf = x.float()
-            target = top_mask(magnitudes(xf, r, self.dense.act) * self.down_norm[l], density)
-            out.append(train_predictor(xf, target, PredictorSettings(rank=rank, steps=400, seed=l), r[:, 0]))
-        return out
 
     # -- runs --------------------------------------------------------------------------------
     def dense_nll(self) -> Tensor:
         if self._dense_nll is None:
             with torch.inference_mode():
-                self._dense_nll = forward_nll(self.dense.model, self.seqs, lambda b, h: b.ffn(h, b.ffn_rows))
+                self._dense_nll = forward_nll(self.dense.model, self.seqs, dense_ffn)
         return self._dense_nll
 
     def run_nll(self, run: BudgetRun) -> tuple[Tensor, Tally]:
         caps = capacities(run, self.stats, self.n_layers, self.d_ff)
         sels = self.selector(run.selector)
         tally = Tally()
-        act = self.dense.act
 
         def ffn(block, h: Tensor) -> Tensor:
             l = block.layer
             B, T, d = h.shape
-            rows = self.dense.rows[l]
             x = h.reshape(B * T, d)
-            a = act(x @ rows[:, 0].T) * (x @ rows[:, 1].T)  # (BT, n)
+            a, down = neuron_outputs(self.dense, l, x)  # (BT, n)
             exact = a.abs()
             if run.weighted:
                 exact = exact * self.down_norm[l]
@@ -163,7 +128,7 @@ class Harness:
             tally.reads.append(float(sim.reads[:, STEADY:].float().mean()))
             tally.computed.append(float(sim.computed.float().mean()))
             tally.held.append(float(sim.cached.float().mean()) / n)
-            return ((a * sim.computed.reshape(B * T, n)) @ rows[:, 2]).reshape(B, T, d)
+            return ((a * sim.computed.reshape(B * T, n)) @ down).reshape(B, T, d)
 
         with torch.inference_mode():
             nll = forward_nll(self.dense.model, self.seqs, ffn)
@@ -195,16 +160,3 @@ class Harness:
             out[name] = {"ppl": math.exp(float(base[i: i + k].double().mean())), "tokens": int(base[i: i + k].numel())}
             i += k
         return out
-
-
-def relative(nll: Tensor, base: Tensor, block: int = BLOCK) -> dict[str, float]:
-    """Perplexity of `nll` relative to `base` (same tokens, (B, T)) and a 95% interval from the
-    per-block means of the differences."""
-    diff = (nll - base).double()
-    B, T = diff.shape
-    nb = T // block
-    blocks = diff[:, : nb * block].reshape(B * nb, block).mean(1) if nb else diff.mean(1)
-    m = float(diff.mean())
-    se = float(blocks.std() / math.sqrt(blocks.numel())) if blocks.numel() > 1 else float("nan")
-    return {"ppl": math.exp(float(nll.double().mean())), "rel": math.exp(m) - 1,
-            "rel_lo": math.exp(m - 1.96 * se) - 1, "rel_hi": math.exp(m + 1.96 * se) - 1}

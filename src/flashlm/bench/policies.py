@@ -82,6 +82,13 @@ STATIC = CachePolicy(select=1.0, compute="cache", pinned=1.0)  # the calibration
 PER_TOKEN_TOP = CachePolicy(select=1.0, compute="cache")  # each token's own top-capacity set: the ceiling
 
 
+def engine_select(c: float) -> float:
+    """The per-token density the capped runs use under a cache of capacity c (a fraction of
+    d_ff), as a fraction of the capacity: 10% of d_ff below caches of 20%, 30% below 60%, 40% above."""
+    d = 0.1 if c < 0.2 else 0.3 if c < 0.6 else 0.4
+    return min(1.0, d / c)
+
+
 @dataclass
 class Simulated:
     computed: Tensor  # (B, T, n) bool: the neurons the FFN runs over at each token

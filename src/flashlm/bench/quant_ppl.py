@@ -5,8 +5,8 @@ Each store is built as the engine builds it with the whole FFN in RAM (`build_mo
 ffn="ram", float32 activations): a q8/q4 store's resident weights stay `QRows` and its FFN rows
 `QBundles`, so every product runs on flashlm.kernels (activations quantised per group of 32)
 exactly as a decode step does; a float store runs on F.linear. Every neuron is computed (no
-selection), so the figure is the dtype's alone. Texts are the budget harness's held-out ones
-(`flashlm.bench.budget_runs.eval_texts`): Wikipedia, news and code, in 512-token sequences.
+selection), so the figure is the dtype's alone. Texts are the harness's held-out ones
+(`flashlm.bench.ppl.eval_texts`): Wikipedia, news and code, in 512-token sequences.
 Each store's perplexity is reported with its ratio to the first store's (the reference: the
 fp16 store converted from the same source).
 """
@@ -20,12 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import flashlm.calibration.data as data
-from flashlm.bench.budget_runs import eval_texts
-from flashlm.calibration.record import forward_with
+from flashlm.bench.ppl import eval_texts, sequence_nll
 from flashlm.io.store import FlashStore
 from flashlm.pipeline.config import EngineConfig
 from flashlm.pipeline.engine import build_model
@@ -42,9 +40,7 @@ def store_nll(path: Path, texts: dict[str, list[list[int]]], progress: bool) -> 
         for name, seqs in texts.items():
             nll, n = 0.0, 0
             for s in tqdm(seqs, desc=f"ppl {path.name} {name}", unit="seq", disable=not progress, leave=False):
-                ids = torch.tensor(s, dtype=torch.long)
-                logits = forward_with(model, ids)
-                nll += float(F.cross_entropy(logits[:-1].float(), ids[1:], reduction="sum"))
+                nll += sequence_nll(model, torch.tensor(s, dtype=torch.long))
                 n += len(s) - 1
             out[name] = {"nll": nll, "tokens": n, "ppl": math.exp(nll / n)}
     return out

@@ -1,11 +1,9 @@
-"""`python -m flashlm.bench.budget_runs STORE --stats FILE --plan NAME --json OUT`: the runs of
-the memory-budget study (docs/budget.md), one named plan at a time.
+"""The runs of the memory-budget study (docs/budget.md), one named plan at a time.
 
-Texts (`--texts eval`): held-out Wikipedia and news (consecutive 512-token sequences of the
-streams `flashlm eval` uses) and code (gensim 4.4.0's `gensim/models/*.py`, tokens 512-1023 of
-each file long enough, in path order). `--texts calibration`: the Wikipedia calibration split
-from token 8192 on (past the tokens the statistics were computed from), for tuning.
-Results are appended to the JSON after every run, so a partial plan keeps what it measured.
+    python tools/budget_runs.py STORE --stats FILE --plan NAME --json OUT
+
+Texts (`--texts eval` or `calibration`): `flashlm.bench.ppl.eval_texts`. Results are appended
+to the JSON after every run, so a partial plan keeps what it measured.
 """
 
 from __future__ import annotations
@@ -20,37 +18,16 @@ import torch
 import flashlm.calibration.data as data
 from flashlm.bench.budget_eval import BudgetRun, Harness
 from flashlm.bench.budget_plan import plan as budget_plan, selector_bytes, shapes_of
-from flashlm.bench.policies import PER_TOKEN_TOP, STATIC, CachePolicy
+from flashlm.bench.policies import PER_TOKEN_TOP, STATIC, CachePolicy, engine_select
+from flashlm.bench.ppl import eval_texts
 from flashlm.calibration.neuron_stats import read_stats
 from flashlm.calibration.record import load_dense
 from flashlm.io.store import FlashStore
-
-SEQ = 512
-
-
-def eval_texts(tok, tokens: int, kind: str = "eval") -> dict[str, list[list[int]]]:
-    n = tokens // SEQ
-    if kind == "calibration":
-        ids = data.token_stream(tok, data.wiki_split("calibration"), 8192 + n * SEQ, tok.eos_token_id)[8192:]
-        return {"wiki_cal": [ids[i * SEQ: (i + 1) * SEQ] for i in range(n)]}
-    out = {}
-    for name, texts in (("wiki", data.wiki_split("heldout")), ("news", data.news_texts())):
-        ids = data.token_stream(tok, texts, n * SEQ, tok.eos_token_id)
-        out[name] = [ids[i * SEQ: (i + 1) * SEQ] for i in range(n)]
-    out["code"] = data.file_chunks(tok, [t for _, t in data.code_texts()], SEQ, n)
-    return out
 
 
 def cache_fractions(store: str, context: int = 2048, fmt: str = "q4") -> dict[float, float]:
     s = shapes_of(store)
     return {b: budget_plan(s, fmt, b, context)["cache_fraction"] for b in (1.0, 0.75, 0.5, 0.35)}
-
-
-def engine_select(c: float) -> float:
-    """The per-token density the earlier capped runs used (30% at caches of 35-50%, 40% at 70%),
-    as a fraction of the capacity."""
-    d = 0.1 if c < 0.2 else 0.3 if c < 0.6 else 0.4
-    return min(1.0, d / c)
 
 
 def plans(store: str, context: int, budget: float = 0.5) -> dict[str, list[BudgetRun]]:
@@ -85,7 +62,7 @@ def plans(store: str, context: int, budget: float = 0.5) -> dict[str, list[Budge
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m flashlm.bench.budget_runs")
+    p = argparse.ArgumentParser(prog="python tools/budget_runs.py")
     p.add_argument("store")
     p.add_argument("--stats", required=True, help="from `python -m flashlm.calibration.neuron_stats`")
     p.add_argument("--plan", required=True)
