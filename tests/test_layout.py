@@ -46,3 +46,59 @@ def test_a_layer_imports_nothing_above_it(package, banned):
     bad = sorted(f"{module} imports {name}" for module, names in imports(package).items() for name in names
                  if any(name == b or name.startswith(b + ".") for b in banned))
     assert not bad, bad
+
+
+def module_defs(package: str) -> dict[str, set[str]]:
+    """Each module of flashlm.`package` (or "" for all of flashlm) -> the names it defines at
+    module level (functions, classes, assigned names)."""
+    out = {}
+    for path in sorted((SRC / package).rglob("*.py")):
+        module = ".".join(("flashlm", *path.relative_to(SRC).with_suffix("").parts)).removesuffix(".__init__")
+        names: set[str] = set()
+        for node in ast.parse(path.read_text(), str(path)).body:
+            if isinstance(node, ast.FunctionDef | ast.ClassDef):
+                names.add(node.name)
+            elif isinstance(node, ast.Assign | ast.AnnAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names.update(t.id for t in targets if isinstance(t, ast.Name))
+        out[module] = names
+    return out
+
+
+def test_the_quant_format_sizes_are_defined_once():
+    """The group size, the row / bundle byte counts and the store dtype -> format mapping live in
+    flashlm.kernels.formats alone (the store format imports them)."""
+    facts = {"GROUP", "QUANT_GROUP", "QUANT_DTYPES", "QUANT_FORMATS", "row_bytes", "quant_row_bytes", "data_bytes",
+             "bundle_bytes"}
+    where = {name: sorted(m for m, names in module_defs("").items() if name in names) for name in facts}
+    assert {k: v for k, v in where.items() if v} == {
+        "GROUP": ["flashlm.kernels.formats"], "QUANT_DTYPES": ["flashlm.kernels.formats"],
+        "row_bytes": ["flashlm.kernels.formats"], "data_bytes": ["flashlm.kernels.formats"],
+        "bundle_bytes": ["flashlm.kernels.formats"]}
+
+
+def test_every_weight_quantiser_is_in_one_module():
+    """Functions that quantise weights (quantize*, not the kernels' activation quantisation op)
+    are all in flashlm.kernels.quantizers."""
+    found = sorted(f"{m}.{n}" for m, names in module_defs("").items() for n in names
+                   if (n.lstrip("_") == "quantize" or n.lstrip("_").startswith("quantize_")) and "activations" not in n
+                   and m != "flashlm.kernels.quantizers")
+    assert found == [], found
+
+
+def test_the_format_facts_load_no_torch():
+    """flashlm.io.format (read by `flashlm pull` and `verify`) and flashlm.kernels.formats import without torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, flashlm.io.format, flashlm.kernels.formats; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(SRC.parent)})
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("package", ["models", "kernels", "io", "bench"])
+def test_no_module_is_over_400_lines(package):
+    long = {str(p.relative_to(SRC)): n for p in sorted((SRC / package).rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, long

@@ -23,7 +23,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-FORMATS = {"q4": 5.0, "q8": 8.5}  # bits per weight: 4 + fp16 scale and min per 32; 8 + fp16 scale per 32
+from flashlm.kernels.formats import GROUP, row_bytes
+
+# bits per weight of each format, its scales (and q4's mins) included: q4 5.0, q8 8.5
+BITS = {fmt: 8 * row_bytes(fmt, GROUP) / GROUP for fmt in ("q4", "q8")}
 BUDGETS = (1.0, 0.75, 0.5, 0.35)
 CONTEXTS = (512, 2048)
 
@@ -64,17 +67,18 @@ def round_up(x: float, m: int) -> int:
     return int(math.ceil(x / m) * m)
 
 
-def bundle_bytes(s: Shapes, bits: float) -> float:
+def gated_bundle_bytes(s: Shapes, bits: float) -> float:
+    """Bytes of a (gate, up, down) bundle of d values a part at `bits` per weight."""
     return 3 * s.d * bits / 8
 
 
 def stride(s: Shapes, bits: float, block: int = 512) -> int:
-    return round_up(bundle_bytes(s, bits), block)
+    return round_up(gated_bundle_bytes(s, bits), block)
 
 
 def plan(s: Shapes, fmt: str, budget: float, context: int) -> dict[str, float]:
     """Bytes of each part of a `fmt` store and what a `budget` fraction of it leaves."""
-    b = FORMATS[fmt]
+    b = BITS[fmt]
     table = s.vocab * s.d * b / 8
     head = table
     embed_flash = 0.0 if s.tied else table
@@ -86,7 +90,7 @@ def plan(s: Shapes, fmt: str, budget: float, context: int) -> dict[str, float]:
     left = budget * store - head - attn - norms - kv
     return {"format": fmt, "budget": budget, "context": context, "store_bytes": store, "embeddings_flash_bytes": embed_flash,
             "head_bytes": head, "attention_bytes": attn, "norm_bytes": norms, "ffn_flash_bytes": ffn,
-            "bundle_bytes": bundle_bytes(s, b), "stride_bytes": stride(s, b), "kv_bytes": kv,
+            "bundle_bytes": gated_bundle_bytes(s, b), "stride_bytes": stride(s, b), "kv_bytes": kv,
             "budget_bytes": budget * store, "left_bytes": left, "cache_fraction": min(1.0, max(0.0, left / ffn))}
 
 
@@ -109,7 +113,7 @@ def selector_bytes(s: Shapes, kind: str, fmt: str = "q4") -> float:
 def table(shapes: dict[str, Shapes]) -> list[dict[str, Any]]:
     rows = []
     for name, s in shapes.items():
-        for fmt in FORMATS:
+        for fmt in BITS:
             for ctx in CONTEXTS:
                 for f in BUDGETS:
                     rows.append({"model": name, **plan(s, fmt, f, ctx)})

@@ -3,7 +3,7 @@
 For one layer and one sequence, `simulate` says which neurons the layer's cache holds, which
 the FFN computes over and which are read from flash at every token, carrying from token to
 token only the state a real cache can carry. Every policy here is one the engine can run in
-decode (one token at a time); the engine's own policy today is `ENGINE`.
+decode (one token at a time); the engine's own policy is `ENGINE`.
 
 Per-token state (n = the layer's neurons): `cached` (n,) bool; `last` (n,) the last token a
 neuron was selected; `freq` (n,) decayed count of selections; `value` (n,) decayed exact
@@ -18,7 +18,7 @@ computes gate and up of every row it runs over). One token t::
     reads  = must & ~cached                       # flash reads at t
     cached = must | the best (capacity - |must|) other cached neurons by `retention`
     computed = cached                             (compute="cache")
-             | cached & selected in the last `window` tokens   (compute="window": the engine today)
+             | cached & selected in the last `window` tokens   (compute="window": the engine's)
     then:  last[S] = t;  freq = decay * freq + [S];  value[computed] = decay * value + (1 - decay) |a_t|
            (a neuron read at t starts with value |a_t|)
 
@@ -75,7 +75,7 @@ class CachePolicy:
         return asdict(self)
 
 
-# The engine's capped policy today: the window's most recently selected neurons, LRU eviction,
+# The engine's capped policy: the window's most recently selected neurons, LRU eviction,
 # the FFN over the window's selections (`RequestWindow` + `NeuronCache` under a budget).
 ENGINE = CachePolicy()
 STATIC = CachePolicy(select=1.0, compute="cache", pinned=1.0)  # the calibration hot set, nothing read

@@ -115,7 +115,7 @@ class FFNLayout:
     dtype: str
     layers: tuple[LayerLayout, ...]
     # Per-bundle CRC32s: checked on every read, so a flipped bit is caught when its neuron is
-    # read, not only by `flashlm verify`. None in stores written before they were added.
+    # read, not only by `flashlm verify`. None in a store without them (an older flashlm wrote it).
     crc32: FileEntry | None = None
 
     @property
