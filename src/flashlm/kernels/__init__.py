@@ -51,7 +51,9 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     if name in _MODULE_OF:
-        return getattr(importlib.import_module(f"flashlm.kernels.{_MODULE_OF[name]}"), name)
+        value = getattr(importlib.import_module(f"flashlm.kernels.{_MODULE_OF[name]}"), name)
+        globals()[name] = value  # resolved once: later lookups are plain attribute reads
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
