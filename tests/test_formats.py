@@ -10,7 +10,10 @@ import torch
 
 from flashlm.io.format import bundle_nbytes
 from flashlm.io.writer import write_store
-from flashlm.kernels import QBundles, dequantize_bundles, dequantize_rows, quantize
+from flashlm.kernels import (
+    QBundles, available_backends, dequantize_bundles, dequantize_rows, ffn_gated, quantize, quantize_activations,
+    use_backend,
+)
 from flashlm.kernels.formats import GATED_PARTS, GROUP, QUANT_DTYPES, BundleLayout, bundle_bytes, data_bytes, row_bytes
 from flashlm.kernels.quantizers import quantize_rows
 
@@ -53,3 +56,13 @@ def test_the_store_writer_and_the_kernels_agree(tmp_path, dtype):
         assert torch.equal(got.data, want.data) and torch.equal(got.scales, want.scales)
         assert (got.mins is None) == (want.mins is None) and (got.mins is None or torch.equal(got.mins, want.mins))
         assert torch.equal(dequantize_bundles(bundles)[:, p], dequantize_rows(fmt, want))
+    # every backend (the C kernels' own offset arithmetic, and the torch reference's through
+    # unpack_bundle) reads the store's padded bundles alike
+    x, slots = torch.randn(2, D), torch.tensor([0, 3, 5, 6], dtype=torch.int32)
+    outs = {}
+    for b in available_backends():
+        with use_backend(b):
+            outs[b] = ffn_gated(fmt, disk, layout, "silu", quantize_activations(x), slots, torch.zeros(2, D))
+    assert outs["torch"].abs().sum() > 0
+    for b, out in outs.items():
+        torch.testing.assert_close(out, outs["torch"], rtol=1e-4, atol=1e-5, msg=b)
