@@ -1,7 +1,9 @@
-"""Gemma 3 (text): the embedding scaled by sqrt(d), Gemma RMSNorm (scale 1 + weight, in float32)
-before and after both attention and MLP, per-head q/k norms, `query_pre_attn_scalar` scaling,
-sliding and full layers with their own rotary bases, GeGLU (GELU-tanh gate), tied embeddings,
-optional soft-capping of the final logits (`final_logit_softcapping`).
+"""Gemma 3 (text) on the Llama block (`Gemma3Block` changes its norms and where they stand; the
+model, the architecture and the FFN bundles are Llama's): the embedding scaled by sqrt(d), Gemma
+RMSNorm (scale 1 + weight, in float32) before and after both attention and MLP, per-head q/k
+norms, `query_pre_attn_scalar` scaling, sliding and full layers with their own rotary bases,
+GeGLU (GELU-tanh gate), tied embeddings, optional soft-capping of the final logits
+(`final_logit_softcapping`).
 
 Refused: `attn_logit_softcapping` (transformers 5.23's Gemma3 reads it but never applies it, so
 there is no reference to be exact against; real Gemma 3 checkpoints leave it None),

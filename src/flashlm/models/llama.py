@@ -32,6 +32,8 @@ from flashlm.models.ops import embedding, ffn_gated, linear
 
 _FFN_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$")
 LAYER_TYPES = ("full_attention", "sliding_attention")
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "head_dim", "max_position_embeddings")  # each a positive int (`check_sizes`)
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,6 @@ class LlamaSizes(Derived):
                 f"{mt}: num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.num_key_value_heads}"
             )
-
-
-SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-         "num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
 @dataclass(frozen=True)
