@@ -88,12 +88,14 @@ def test_every_weight_quantiser_is_in_one_module():
 
 def test_the_format_facts_load_no_torch():
     """flashlm.io.format (read by `flashlm pull` and `verify`) and flashlm.kernels.formats import without torch."""
+    import os
     import subprocess
     import sys
 
-    code = "import sys, flashlm.io.format, flashlm.kernels.formats; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])"
+    code = ("import sys, flashlm.io.format, flashlm.kernels.formats; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**__import__("os").environ, "PYTHONPATH": str(SRC.parent)})
+                         env={**os.environ, "PYTHONPATH": str(SRC.parent)})
     assert out.stdout.strip() == "[]", out.stdout
 
 

@@ -115,7 +115,8 @@ def layer_windows(args: Any) -> tuple[int | None, ...]:
     sliding_attention layer, None (full) for a full_attention one."""
     mt, types = args.MODEL_TYPE, args.layer_types
     if len(types) != args.num_hidden_layers:
-        raise UnsupportedArchitectureError(f"{mt}: layer_types has {len(types)} entries for {args.num_hidden_layers} layers")
+        raise UnsupportedArchitectureError(
+            f"{mt}: layer_types has {len(types)} entries for {args.num_hidden_layers} layers")
     unknown = sorted(set(types) - set(LAYER_TYPES))
     if unknown:
         raise UnsupportedArchitectureError(
