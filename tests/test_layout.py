@@ -87,7 +87,8 @@ def test_every_weight_quantiser_is_in_one_module():
 
 
 def test_the_format_facts_load_no_torch():
-    """flashlm.io.format (read by `flashlm pull` and `verify`) and flashlm.kernels.formats import without torch."""
+    """The store format (flashlm.io.format: bytes, not tensors) and the quant formats it reads its sizes
+    from (flashlm.kernels.formats) import without torch."""
     import os
     import subprocess
     import sys
