@@ -241,7 +241,7 @@ async def test_smollm2_chat_turns_reuse_and_match_a_cold_start(smollm2_store):
 
 
 def test_run_json_reports_the_cached_tokens(llama_store):
-    out = subprocess.run([sys.executable, "-m", "flashlm", "run", str(llama_store[1]), "--raw", "--json", "-q",
+    out = subprocess.run([sys.executable, "-m", "flashlm", "run", "--model", str(llama_store[1]), "--raw", "--json", "-q",
                           "-n", "4", "the fox"], capture_output=True, text=True, timeout=300, check=True)
     assert json.loads(out.stdout)["cached_tokens"] == 0  # one request: nothing kept before it
 
@@ -260,3 +260,33 @@ async def test_tui_turns_reuse_the_conversation(llama_store):
             await app.answer.wait()
             await pilot.pause()
             assert (app.stats.cached_tokens > 0) == reused, app.stats
+
+
+def test_server_usage_reports_cached_tokens(llama_store, tmp_path):
+    import openai
+    from test_serve import Served
+
+    store = llama_store[1]
+    server = Served(store, tmp_path / "serve.log", "--model-name", "m")
+    try:
+        server.wait_ready()
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        chat = [{"role": "user", "content": "hello fox"}]
+        r1 = client.chat.completions.create(model="m", messages=chat, max_tokens=6, temperature=0)
+        assert r1.usage.prompt_tokens_details.cached_tokens == 0
+        chat += [{"role": "assistant", "content": r1.choices[0].message.content},
+                 {"role": "user", "content": "and the dog?"}]
+        chunks = list(client.chat.completions.create(model="m", messages=chat, max_tokens=6, temperature=0,
+                                                     stream=True, stream_options={"include_usage": True}))
+        usage = chunks[-1].usage
+        assert 0 < usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        client.close()
+    finally:
+        server.stop()
+
+    async def cold() -> str:
+        async with await Engine.open(store, prefix_cache=False) as e:
+            return await e.generate(chat, max_tokens=6)
+
+    assert text == asyncio.run(cold())
