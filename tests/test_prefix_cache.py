@@ -241,8 +241,8 @@ async def test_smollm2_chat_turns_reuse_and_match_a_cold_start(smollm2_store):
 
 
 def test_run_json_reports_the_cached_tokens(llama_store):
-    out = subprocess.run([sys.executable, "-m", "flashlm", "run", "--model", str(llama_store[1]), "--raw", "--json", "-q",
-                          "-n", "4", "the fox"], capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run([sys.executable, "-m", "flashlm", "run", "--model", str(llama_store[1]), "--raw", "--json",
+                          "-q", "-n", "4", "the fox"], capture_output=True, text=True, timeout=300, check=True)
     assert json.loads(out.stdout)["cached_tokens"] == 0  # one request: nothing kept before it
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 import torch
 
-from flashlm.errors import NonFiniteLogitsError
+from flashlm.errors import FlashLMError, NonFiniteLogitsError
 from flashlm.log import get_logger
 from flashlm.pipeline.detokenizer import Detokenizer
 from flashlm.pipeline.request import Request
@@ -103,7 +103,11 @@ class _Generation:
         if kept is None or engine._closed or engine._dead is not None or n == 0 or len(self.fed) != n:
             return
         if kept.wants(self.fed, self.kv.prefix_bytes(n)):
-            kept.offer(self.fed, await engine._submit(self.kv.truncated, n))
+            try:
+                copy = await engine._submit(self.kv.truncated, n)
+            except (FlashLMError, RuntimeError):  # closed meanwhile (its pool shut down): nothing to keep for
+                return
+            kept.offer(self.fed, copy)
 
     async def step(self, ids: list[int]) -> _StepResult:
         engine = self.engine
