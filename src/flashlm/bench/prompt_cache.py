@@ -1,4 +1,4 @@
-"""`flashlm bench prompt-cache`: a multi-turn chat through `flashlm serve` with the official
+"""`flashlm bench chat`: a multi-turn chat through `flashlm serve` with the official
 openai client, each turn's time to first token with the prompt cache on and off, beside the
 time to prefill only the new turn's tokens (the least a turn can take).
 
@@ -269,7 +269,7 @@ def run_prompt_cache_bench(out: Path, models: list[str], max_tokens: list[int], 
     out.parent.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="flashlm-prompt-cache-"))  # the servers' logs
     result = {
-        "bench": "prompt-cache", "command": " ".join(["flashlm", *sys.argv[1:]]),
+        "bench": "chat", "command": " ".join(["flashlm", *sys.argv[1:]]),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__},
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "server_logs": str(workdir),
