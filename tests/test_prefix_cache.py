@@ -176,7 +176,7 @@ async def test_concurrent_requests_sharing_a_prefix(family_stores):
         assert not first or torch.equal(first[0].kv.kv, kept)
 
 
-async def test_sparse_selection_keeps_no_prefix_and_stays_exact(family_stores):
+async def test_sparse_selection_keeps_no_prefix(family_stores):
     """Under a budget below every neuron the selection is sparse: a token's FFN set depends on the
     request's window over its earlier steps, which a split prefill would change. No prefix is kept
     and the plan grants none; with room for every neuron the leftover of the budget is granted."""
