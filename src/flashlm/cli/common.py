@@ -69,6 +69,10 @@ def sparsity_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-context", type=int, default=None, metavar="N",
                    help="tokens per request or conversation (default: the model's limit, capped at 8192); "
                    "the budget counts one KV cache of this size")
+    g.add_argument("--prompt-cache", default=None, metavar="SIZE",
+                   help="bytes the kept prefixes of earlier requests may hold (a later prompt that starts the same "
+                   "way prefills only the rest; docs/prompt-cache.md): a size such as 512MiB, 0 keeps none "
+                   "(default: one KV cache at --max-context)")
 
 
 def sampling_options(p: argparse.ArgumentParser) -> None:
@@ -89,7 +93,17 @@ def engine_config(a: argparse.Namespace, **extra: Any) -> Any:
                                 ("eviction", a.eviction)) if v is not None}
     return EngineConfig(device=a.device, num_threads=a.threads, store_dtype=a.store_dtype,
                         ffn="ram" if a.ram else "flash", memory_budget=memory_budget(a.memory_budget), trace=a.trace,
-                        max_context=a.max_context, **sparse, **extra)
+                        max_context=a.max_context, **prompt_cache(getattr(a, "prompt_cache", None)), **sparse, **extra)
+
+
+def prompt_cache(text: str | None) -> dict[str, Any]:
+    """--prompt-cache SIZE as EngineConfig fields: 0 turns the cache off."""
+    if text is None:
+        return {}
+    size = memory_budget(text)
+    if size == 0:
+        return {"prefix_cache": False}
+    return {"prefix_cache_bytes": size if isinstance(size, int | str) else text}
 
 
 def peak_rss_bytes() -> int:

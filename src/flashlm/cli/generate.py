@@ -37,6 +37,7 @@ async def _run(a: argparse.Namespace) -> int:
             "tokens": n,
             "finish_reason": chunks[-1].finish_reason if chunks else None,
             "first_token_ms": round(chunks[0].timings.latency_ms, 2) if chunks else None,
+            "cached_tokens": chunks[0].cached_tokens if chunks else 0,  # prompt tokens reused (the prompt cache)
             "ms_per_token": round(sum(decode) / len(decode), 2) if decode else None,
             "flash_bytes_read": sum(c.bytes_read for c in chunks),
             "flash_bytes_per_token": round(sum(c.bytes_read for c in chunks[1:]) / len(decode)) if decode else None,

@@ -1,4 +1,4 @@
-"""`flashlm bench` (paper, io, engine, scale, decode) and `flashlm trace report`: the measuring
+"""`flashlm bench` (paper, io, engine, scale, decode, chat) and `flashlm trace report`: the measuring
 commands, built on `flashlm.bench`. Each bench writes a full JSON report and prints a one-line
 JSON summary."""
 
@@ -76,6 +76,25 @@ def _bench_decode(a: argparse.Namespace) -> int:
                          stores=stores, progress=not a.quiet)
     print(json.dumps({name: {k: run.get(k) for k in ("ms_per_token", "peak_rss_bytes", "vs_llama_cpp")}
                       for name, run in r["runs"].items()} | {"notes": r["notes"]}))
+    return 0
+
+
+def _bench_prompt_cache(a: argparse.Namespace) -> int:
+    from flashlm.bench.prompt_cache import run_prompt_cache_bench
+
+    models = a.model or [DEFAULT_MODEL]
+    tokens = a.max_tokens or [16]
+    if len(tokens) == 1:
+        tokens = tokens * len(models)
+    if len(tokens) != len(models):
+        print("flashlm bench chat: error: give one --max-tokens, or one per --model", file=sys.stderr)
+        return 2
+    r = run_prompt_cache_bench(Path(a.out), models, tokens, turns=a.turns, rounds=a.rounds, repeats=a.repeats,
+                               serve_args=["--ram"] if a.ram else [])
+    print(json.dumps({m["model"]: {"ttft_on_ms": [t["ttft_on_ms"] for t in m["turns"]],
+                                   "ttft_off_ms": [t["ttft_off_ms"] for t in m["turns"]],
+                                   "prefill_new_ms": [t["prefill_new_ms"] for t in m["turns"]],
+                                   **m["goal"], **m["checks"]} for m in r["models"]}))
     return 0
 
 
@@ -196,6 +215,24 @@ def add_bench(sub: Any) -> None:
     bd.add_argument("--quiet", action="store_true", help="no per-run lines on stderr")
     bd.add_argument("--out", required=True, metavar="FILE", help="JSON file to write")
     bd.set_defaults(func=_bench_decode)
+    bpc = bsub.add_parser("chat", help="the prompt cache: a multi-turn chat through flashlm serve, time to first "
+                          "token with the cache on and off, beside prefilling only each turn's new tokens",
+                          formatter_class=argparse.RawDescriptionHelpFormatter,
+                          epilog="examples:\n  flashlm bench chat --model smollm2-135m --max-tokens 24 "
+                          "--out benchmarks/results/prompt-cache.json\n"
+                          "  flashlm bench chat --model smollm2-135m --model stores/qwen1.5b-int8 "
+                          "--max-tokens 24 --max-tokens 8 --out pc.json")
+    bpc.add_argument("--model", action="append", metavar="MODEL", help="a store or built-in name (repeat for several; "
+                     f"default {DEFAULT_MODEL})")
+    bpc.add_argument("--max-tokens", action="append", type=int, metavar="N",
+                     help="tokens per answer (default 16; one, or one per --model)")
+    bpc.add_argument("--turns", type=int, default=6, choices=range(1, 7), metavar="T", help="turns (1-6, default 6)")
+    bpc.add_argument("--rounds", type=int, default=3, help="the median of this many for the new tokens' prefill (default 3)")
+    bpc.add_argument("--repeats", type=int, default=3,
+                     help="the cached chat this many times, each with its own system tag (default 3)")
+    bpc.add_argument("--ram", action="store_true", help="the servers hold the FFN in RAM (default: flash)")
+    bpc.add_argument("--out", required=True, metavar="FILE", help="JSON report")
+    bpc.set_defaults(func=_bench_prompt_cache)
     bpp = bsub.add_parser("ppl", help="perplexity per store dtype through the engine's kernels (every neuron computed)",
                           description="Held-out Wikipedia, news and code perplexity of each store, built as the engine "
                           "builds it with the FFN in RAM (quantised stores on flashlm.kernels), every neuron computed; "

@@ -272,6 +272,25 @@ class KVCache:
         assert self.length + n <= self.max_len, (self.length, n, self.max_len)
         self.length += n
 
+    def prefix_bytes(self, n: int) -> int:
+        """What a compact copy of positions [0, n) holds."""
+        return self.nbytes // self.max_len * n
+
+    def truncated(self, n: int) -> KVCache:
+        """A compact copy of positions [0, n): its own memory (max_len n), so nothing written to
+        this cache later reaches it (a kept prefix)."""
+        assert 0 < n <= self.length, (n, self.length)
+        out = KVCache.__new__(KVCache)
+        out.kv = self.kv[:, :, :, :n].clone()  # (n_layers, 2, n_kv_heads, n, head_dim), contiguous
+        out.max_len = out.length = n
+        return out
+
+    def restore(self, src: KVCache, n: int) -> None:
+        """Start this empty cache from `src`'s positions [0, n), copied: `src` is only read."""
+        assert self.length == 0 and n <= min(src.length, self.max_len), (self.length, n, src.length, self.max_len)
+        self.kv[:, :, :, :n].copy_(src.kv[:, :, :, :n])
+        self.length = n
+
 
 def attend(q: Tensor, k: Tensor, v: Tensor, pos: int, scale: float, window: int | None = None) -> Tensor:
     """Causal attention of T queries at positions pos..pos+T over keys [0, pos+T).

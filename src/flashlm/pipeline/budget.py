@@ -45,6 +45,8 @@ class MemoryPlan:
     slot_bytes: int  # one cached neuron: its raw bundle plus its compute-dtype copy
     capacity: int  # cached neurons per layer
     n_layers: int
+    prefix_bytes: int = 0  # the kept prefixes' bound (the prompt cache): under a budget, what is left of it
+
 
     @property
     def cache_bytes(self) -> int:
@@ -52,14 +54,22 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return self.resident_bytes + self.selector_bytes + self.kv_bytes + self.cache_bytes
+        return self.resident_bytes + self.selector_bytes + self.kv_bytes + self.cache_bytes + self.prefix_bytes
+
+
+def prefix_share(bound: int, budget: int | None, held: int) -> int:
+    """The kept prefixes' bytes: their bound, and under a budget no more than it has left once
+    `held` (everything else, every neuron cached) is: kept prefixes are the first to go."""
+    return bound if budget is None else max(0, min(bound, budget - held))
 
 
 def plan_memory(*, budget: int | None, resident_bytes: int, selector_bytes: int, kv_bytes: int, slot_bytes: int,
-                n_layers: int, d_ff: int, min_capacity: int) -> MemoryPlan:
+                n_layers: int, d_ff: int, min_capacity: int, prefix_bound: int = 0) -> MemoryPlan:
+    """`prefix_bound`: the kept prefixes' bytes, granted only from what the budget has left with
+    every neuron cached (a budget that cannot cache them all keeps no prefix)."""
     fixed = resident_bytes + selector_bytes + kv_bytes
     if budget is None:
-        return MemoryPlan(None, resident_bytes, selector_bytes, kv_bytes, slot_bytes, d_ff, n_layers)
+        return MemoryPlan(None, resident_bytes, selector_bytes, kv_bytes, slot_bytes, d_ff, n_layers, prefix_bound)
     capacity = min(d_ff, (budget - fixed) // (slot_bytes * n_layers)) if budget > fixed else 0
     if capacity < min_capacity:
         minimum = fixed + min_capacity * slot_bytes * n_layers
@@ -69,7 +79,8 @@ def plan_memory(*, budget: int | None, resident_bytes: int, selector_bytes: int,
             f"layer ({slot_bytes} B each, {n_layers} layers); raise the budget, or lower density / max_context",
             minimum=minimum,
         )
-    return MemoryPlan(budget, resident_bytes, selector_bytes, kv_bytes, slot_bytes, capacity, n_layers)
+    prefix = prefix_share(prefix_bound, budget, fixed + capacity * slot_bytes * n_layers) if capacity == d_ff else 0
+    return MemoryPlan(budget, resident_bytes, selector_bytes, kv_bytes, slot_bytes, capacity, n_layers, prefix)
 
 
 def machine_memory() -> int | None:

@@ -55,6 +55,15 @@ class EngineConfig:
     io_backend: Any = "threads"  # "threads" (os.preadv workers) | "uring" | a flashlm.io.backend.Backend
     in_flight: int = 32  # reads in flight per store
     page_cache: bool = False  # False: O_DIRECT (honest timings); True: buffered reads
+    # -- the prompt cache (flashlm.pipeline.prefix_cache; docs/prompt-cache.md) ------------------
+    # True: a finished request's KV is kept, keyed by its tokens, and a later prompt that starts
+    # the same way prefills only the rest (exact: the same tokens as a cold start). Only where a
+    # token's result does not depend on the request's earlier steps' neuron selections: ffn="ram"
+    # or selection "dense" (what "auto" picks with room for every neuron); off under sparse selection.
+    prefix_cache: bool = True
+    # bytes the kept prefixes may hold (int or "512MiB"); None: one KV cache at max_context. Under a
+    # memory budget they get only what the budget has left once every neuron is cached (first to go).
+    prefix_cache_bytes: int | str | None = None
     trace: str | os.PathLike[str] | None = None  # JSON-lines trace file (docs/trace.md); None: off
     trace_max_bytes: int = 256 * 2**20  # past this the trace rotates to TRACE.1: at most twice this on disk
 
@@ -95,7 +104,7 @@ class EngineConfig:
             raise ConfigError(f"eviction {self.eviction!r} must be 'lazy' or 'window'")
         if not _int(self.lookahead) or self.lookahead not in (0, 1):
             raise ConfigError(f"lookahead must be 0 (serial) or 1 (prefetch one layer ahead), got {self.lookahead!r}")
-        for name in ("reuse", "page_cache"):
+        for name in ("reuse", "page_cache", "prefix_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.io_backend, str) and self.io_backend not in ("threads", "uring"):
@@ -103,6 +112,16 @@ class EngineConfig:
         if not isinstance(self.io_backend, str | Backend):
             raise ConfigError(f"io_backend must be 'threads', 'uring' or a flashlm.io.backend.Backend, "
                               f"got {self.io_backend!r}")
+        if self.prefix_cache_bytes is not None and not (_int(self.prefix_cache_bytes) and self.prefix_cache_bytes >= 0
+                                                        or isinstance(self.prefix_cache_bytes, str)):
+            raise ConfigError(f"prefix_cache_bytes must be bytes (an int >= 0), a size string like '512MiB', or None "
+                              f"(one KV cache at max_context), got {self.prefix_cache_bytes!r}")
+        if isinstance(self.prefix_cache_bytes, str):
+            try:
+                parse_budget(self.prefix_cache_bytes, 1)
+            except ConfigError:
+                raise ConfigError(f"prefix_cache_bytes {self.prefix_cache_bytes!r} is not understood; use bytes, "
+                                  f"e.g. '512MiB' or 0 (keep none)") from None
         parse_budget(self.memory_budget, 1)  # its form; a fraction becomes bytes at open, of the model's size
         if not _int(self.trace_max_bytes) or self.trace_max_bytes < 4096:
             raise ConfigError(f"trace_max_bytes must be an int >= 4096, got {self.trace_max_bytes!r}")
@@ -129,6 +148,16 @@ class EngineConfig:
     @property
     def effective_density(self) -> float:
         return 1.0 if self.selection == "dense" else (self.density or DEFAULT_DENSITY)
+
+    def prefix_bound(self, kv_bytes: int) -> int:
+        """The kept prefixes' byte bound (0: none kept), given one KV cache's bytes at max_context."""
+        if not self.prefix_cache:
+            return 0
+        if self.prefix_cache_bytes is None:
+            return kv_bytes
+        if isinstance(self.prefix_cache_bytes, str):
+            return parse_budget(self.prefix_cache_bytes, 1) or 0
+        return self.prefix_cache_bytes
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -29,9 +29,10 @@ from flashlm.kernels import QBundles, QRows
 from flashlm.log import get_logger
 from flashlm.models.selectors import n_keep
 from flashlm.pipeline.actors import LayerActor
-from flashlm.pipeline.budget import MemoryPlan, check_fits, parse_budget, plan_memory
+from flashlm.pipeline.budget import MemoryPlan, check_fits, parse_budget, plan_memory, prefix_share
 from flashlm.pipeline.config import AUTO_SPARSE, EngineConfig
 from flashlm.pipeline.neuron_cache import NeuronCache
+from flashlm.pipeline.prefix_cache import PrefixCache
 from flashlm.pipeline.selection import make_selectors
 from flashlm.pipeline.request_window import RequestWindow
 from flashlm.pipeline.sparse import SparseRunner
@@ -113,6 +114,8 @@ class Engine:
         self._dead: BaseException | None = None
         self._trace: TraceSink | None = None
         self._ram_token = 0  # token clock of traced steps without the sparse runner
+        # kept prefixes (the prompt cache): None when off, or where reuse would not be exact
+        self.prefix: PrefixCache | None = None
 
     def _init_thread(self) -> None:
         if self.config.num_threads is not None:
@@ -178,7 +181,9 @@ class Engine:
                        f"resident tensors, one KV cache at max_context {self.max_context}, the selectors, {cached} "
                        f"cached neurons per layer", None, store=str(store.path))
         self.model, resident = await loop.run_in_executor(self._pool, build_model, store, cfg, self._arch, args)
+        prefix_bound = cfg.prefix_bound(kv_bytes)
         if cfg.ffn == "ram":
+            self._keep_prefixes(prefix_share(prefix_bound, budget, res_bytes + ffn_bytes + kv_bytes))
             self._runner = RamRunner(self.model, self._pool)
             release_freed_memory()
             return
@@ -195,8 +200,14 @@ class Engine:
         selectors, selector_bytes = await loop.run_in_executor(
             self._pool, make_selectors, cfg, store, self.model, resident)
         # one step pins its exact set and, with lookahead, the speculative one
+        # Reuse is exact where a token's FFN does not depend on the request's earlier steps: with
+        # selection "dense" every neuron is computed every step. A sparse selection's window (the
+        # neurons of the last `window` steps, and a prompt's one step selecting for all its tokens)
+        # would differ between a cold prompt and one split at a kept prefix: no prefix is kept.
         self.memory = self._plan(held, selector_bytes,
-                                 min(d_ff, n_keep(d_ff, cfg.effective_density) * (1 + cfg.lookahead)), cfg)
+                                 min(d_ff, n_keep(d_ff, cfg.effective_density) * (1 + cfg.lookahead)), cfg,
+                                 prefix_bound if cfg.selection == "dense" else 0)
+        self._keep_prefixes(self.memory.prefix_bytes)
         if budget is None:  # the whole plan, selectors too, before the caches are allocated
             check_fits(self.memory.total, "the memory plan: resident, selectors, KV cache, every neuron cached",
                        None, store=str(store.path))
@@ -221,7 +232,11 @@ class Engine:
         release_freed_memory()  # building the selectors freed large transients
         self._supervisor = asyncio.create_task(self._supervise(actors), name="flashlm-actors")
 
-    def _plan(self, resident_bytes: int, selector_bytes: int, min_capacity: int, cfg: EngineConfig) -> MemoryPlan:
+    def _keep_prefixes(self, max_bytes: int) -> None:
+        self.prefix = PrefixCache(max_bytes) if max_bytes > 0 else None
+
+    def _plan(self, resident_bytes: int, selector_bytes: int, min_capacity: int, cfg: EngineConfig,
+              prefix_bound: int = 0) -> MemoryPlan:
         """What the engine will hold, against the budget (MemoryBudgetError below the minimum)."""
         ffn, args = self.store.manifest.ffn, self.model.args
         itemsize = torch.empty((), dtype=self.model.dtype).element_size()  # activations and KV cache
@@ -232,6 +247,7 @@ class Engine:
             kv_bytes=2 * args.n_layers * self.max_context * args.n_kv_heads * args.head_dim * itemsize,
             slot_bytes=NeuronCache.slot_bytes(ffn, self.model.dtype, self.device),
             n_layers=len(ffn.layers), d_ff=max(layer.n_neurons for layer in ffn.layers), min_capacity=min_capacity,
+            prefix_bound=prefix_bound,
         )
 
     async def _supervise(self, actors: list[LayerActor]) -> None:
@@ -290,7 +306,9 @@ class Engine:
             out["memory"] = {"budget": self.memory.budget, "total": self.memory.total,
                              "resident": self.memory.resident_bytes, "selectors": self.memory.selector_bytes,
                              "kv": self.memory.kv_bytes, "caches": self.memory.cache_bytes,
-                             "capacity_per_layer": self.memory.capacity}
+                             "prefixes": self.memory.prefix_bytes, "capacity_per_layer": self.memory.capacity}
+        if self.prefix is not None:
+            out["prefix_cache"] = asdict(self.prefix.statistics())
         if self._reader is not None:
             out["reader"] = asdict(self._reader.stats)
         return out

@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 import torch
 
-from flashlm.errors import NonFiniteLogitsError
+from flashlm.errors import FlashLMError, NonFiniteLogitsError
 from flashlm.log import get_logger
 from flashlm.pipeline.detokenizer import Detokenizer
 from flashlm.pipeline.request import Request
@@ -78,6 +78,36 @@ class _Generation:
         self.sampler = Sampler(request.sampling)
         self.detok = Detokenizer(engine.tokenizer, request.stop)
         self.produced = 0
+        self.fed: list[int] = []  # the ids run through the model so far, in order: what self.kv holds
+        self.cached = 0  # prompt tokens whose KV came from a kept prefix
+
+    async def start(self) -> list[int]:
+        """The first step's ids: the prompt after the longest kept prefix, whose KV is copied into
+        this request's own cache first (on the compute thread; the kept prefix is only read).
+        The window (sparse runner) starts fresh: prefixes are kept only where it does not change
+        a token (selection dense, or ffn="ram"; `Engine._start`)."""
+        ids = list(self.request.prompt_ids)
+        kept = self.engine.prefix
+        if kept is not None:
+            prefix, n = kept.lookup(ids)
+            if prefix is not None:
+                await self.engine._submit(self.kv.restore, prefix.kv, n)
+                self.cached, self.fed = n, ids[:n]
+        return ids[self.cached:]
+
+    async def keep(self) -> None:
+        """Offer this finished request's KV to the kept prefixes: a compact copy (compute thread),
+        keyed by the ids it holds (the prompt and every answer token but the last, never run)."""
+        engine, n = self.engine, self.kv.length
+        kept = engine.prefix
+        if kept is None or engine._closed or engine._dead is not None or n == 0 or len(self.fed) != n:
+            return
+        if kept.wants(self.fed, self.kv.prefix_bytes(n)):
+            try:
+                copy = await engine._submit(self.kv.truncated, n)
+            except (FlashLMError, RuntimeError):  # closed meanwhile (its pool shut down): nothing to keep for
+                return
+            kept.offer(self.fed, copy)
 
     async def step(self, ids: list[int]) -> _StepResult:
         engine = self.engine
@@ -89,6 +119,7 @@ class _Generation:
             tr.begin_token(token, self.request.id, len(ids))
         logits, report = await engine._runner.forward(
             torch.tensor(ids, dtype=torch.long, device=engine.device), self.kv, self.window)
+        self.fed.extend(ids)
         if tr is not None:
             tr.emit("token", token, start=t0, end=time.perf_counter(), read_bytes=0, spec_read_bytes=0, hits=0,
                     needed=0, read_wait_ms=0.0, compute_ms=(time.perf_counter() - t0) * 1e3, spec_hits=0,
@@ -152,15 +183,19 @@ class Stream:
     async def _run(self) -> AsyncIterator[StreamChunk]:
         engine = self._engine
         engine._check_open()
+        last = time.perf_counter()  # the first chunk's latency counts the prefix's copy
         gen = _Generation(engine, self.request)
-        log.debug("request admitted", request_id=self.request.id, prompt_tokens=len(self.request.prompt_ids))
+        first = await gen.start()
+        n_prompt = len(self.request.prompt_ids)
+        log.debug("request admitted", request_id=self.request.id, prompt_tokens=n_prompt, cached_tokens=gen.cached)
+        if engine._trace is not None:
+            engine._trace.begin_request(self.request.id, n_prompt, gen.cached)
         # The request id is bound (structlog contextvars) in the context its steps run in: their
         # log lines and trace events carry it, and the caller's own context is left alone.
         ctx = contextvars.copy_context()
         ctx.run(structlog.contextvars.bind_contextvars, request_id=self.request.id)
-        last = time.perf_counter()
-        pending: asyncio.Task[_StepResult] | None = asyncio.create_task(
-            gen.step(list(self.request.prompt_ids)), context=ctx)
+        pending: asyncio.Task[_StepResult] | None = asyncio.create_task(gen.step(first), context=ctx)
+        finished = False
         try:
             index = 0
             while pending is not None:
@@ -169,11 +204,12 @@ class Stream:
                 pending = None if r.finish else asyncio.create_task(gen.step([r.token]), context=ctx)
                 now = time.perf_counter()
                 rep = r.report
+                finished = pending is None
                 yield StreamChunk(
                     r.text, r.token, index, r.finish, TokenTimings(r.compute_ms, (now - last) * 1e3),
                     bytes_read=rep.read_bytes if rep else 0,
                     cache_hit_rate=(rep.hits / rep.needed if rep.needed else 1.0) if rep else None,
-                    spec_recall=rep.spec_recall if rep else None,
+                    spec_recall=rep.spec_recall if rep else None, cached_tokens=gen.cached,
                 )
                 last, index = now, index + 1
         finally:
@@ -181,3 +217,7 @@ class Stream:
                 pending.cancel()
                 # wait for it to unwind so the caches are consistent before the next request
                 await asyncio.gather(pending, return_exceptions=True)
+            elif finished:
+                # kept also when the consumer stops at the last chunk (aclose lands here); never for
+                # a request that failed or was cancelled mid-step (its KV may be half written)
+                await gen.keep()

@@ -21,3 +21,6 @@ class StreamChunk:
     bytes_read: int = 0  # FFN bytes read from flash for this token
     cache_hit_rate: float | None = None  # needed neurons found cached (or prefetched), when the FFN is on flash
     spec_recall: float | None = None  # exact-set neurons predicted one layer early (None: no layer was)
+    # prompt tokens not prefilled: their KV came from a kept prefix (the prompt cache); the
+    # same on every chunk of a request (OpenAI's usage.prompt_tokens_details.cached_tokens)
+    cached_tokens: int = 0

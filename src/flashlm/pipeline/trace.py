@@ -35,6 +35,7 @@ SCHEMA_VERSION = 1
 FIELDS: dict[str, tuple[str, ...]] = {
     "header": ("schema", "version", "clock", "perf_counter", "wall_time", "pid", "config", "model"),
     "token_start": ("t", "tokens_in"),
+    "request": ("t", "prompt_tokens", "cached_tokens"),
     "token": ("start", "end", "read_bytes", "spec_read_bytes", "hits", "needed", "read_wait_ms", "compute_ms",
               "spec_hits", "spec_needed"),
     "attn": ("layer", "start", "end"),
@@ -83,6 +84,12 @@ class TraceSink:
         self._rid[token] = rid
         self._rid.pop(token - 4096, None)  # events of a token are written within a flush: keep the map bounded
         self.emit("token_start", token, t=time.perf_counter(), tokens_in=tokens_in)
+
+    def begin_request(self, rid: Any, prompt_tokens: int, cached_tokens: int) -> None:
+        """A request is admitted: `cached_tokens` of its prompt come from a kept prefix (not
+        prefilled). Of no token step: token -1, its own request id."""
+        self._q.append(("request", -1, {"rid": rid, "t": time.perf_counter(), "prompt_tokens": prompt_tokens,
+                                        "cached_tokens": cached_tokens}))
 
     def emit(self, kind: str, token: int, **fields: Any) -> None:
         self._q.append((kind, token, fields))  # deque.append is atomic: no lock on the hot path

@@ -30,12 +30,14 @@ class RunStats:
     decode_ms: list[float] = field(default_factory=list)
     flash_bytes: int = 0
     decode_flash_bytes: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from a kept prefix (the engine's prompt cache)
 
     def add(self, chunk: Any) -> None:
         self.completion_tokens += 1
         self.flash_bytes += chunk.bytes_read
         if self.first_token_ms is None:
             self.first_token_ms = chunk.timings.latency_ms
+            self.cached_tokens = chunk.cached_tokens
         else:
             self.decode_ms.append(chunk.timings.latency_ms)
             self.decode_flash_bytes += chunk.bytes_read
@@ -46,9 +48,10 @@ class RunStats:
     def ms_per_token(self) -> float | None:
         return sum(self.decode_ms) / len(self.decode_ms) if self.decode_ms else None
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
+                "total_tokens": self.prompt_tokens + self.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}  # OpenAI's field
 
     def timings(self) -> dict[str, Any]:
         """The `flashlm` extension field of responses (and the request's log line)."""
@@ -59,6 +62,7 @@ class RunStats:
             "ms_per_token": None if n == 0 else round(self.ms_per_token or 0.0, 2),
             "flash_bytes_read": self.flash_bytes,
             "flash_bytes_per_token": None if n == 0 else round(self.decode_flash_bytes / n),
+            "cached_tokens": self.cached_tokens,
         }
 
 

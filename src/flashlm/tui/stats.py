@@ -22,11 +22,13 @@ class AnswerStats:
     finish: str | None = None  # "stop", "length", "stopped" (Esc), "error"
     hit_rates: list[float] = field(default_factory=list)
     recalls: list[float] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens (earlier turns) reused from the engine's prompt cache, not prefilled
 
     def add(self, chunk: Any) -> None:
         ms = chunk.timings.latency_ms
         if self.tokens == 0:
             self.first_token_ms = ms
+            self.cached_tokens = chunk.cached_tokens
         else:
             self.decode_ms += ms
             self.decode_bytes += chunk.bytes_read
@@ -82,6 +84,7 @@ def panel_rows(stats: AnswerStats, engine_info: dict[str, Any], sampling: dict[s
         ("── answer", ""),
         ("tokens", f"{stats.tokens}" + (f" ({stats.finish})" if stats.finish else "")),
         ("first", _fmt(stats.first_token_ms, ".0f", " ms")),
+        ("reused", f"{stats.cached_tokens} prompt tokens"),
         ("decode", _fmt(stats.ms_per_token, ".1f", " ms/tok")),
         ("read", _fmt(stats.mb_per_token, ".2f", " MB/tok")),
         ("total", f"{stats.bytes_read / 1e6:.1f} MB read"),
