@@ -287,8 +287,10 @@ class KVCache:
     """
 
     def __init__(self, n_layers: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype, device: torch.device | str = "cpu", compute_dtype: torch.dtype | None = None) -> None:
         self.kv = torch.empty(n_layers, 2, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        # held in `dtype` (e.g. float16 under a budget), read back in the compute dtype
+        self.compute_dtype = None if compute_dtype in (None, dtype) else compute_dtype
         self.max_len = max_len
         self.length = 0  # tokens stored in every layer
 
@@ -308,8 +310,12 @@ class KVCache:
         self.kv[layer, 1, :, pos:end] = v
 
     def read(self, layer: int, end: int) -> tuple[Tensor, Tensor]:
-        """Views of `layer`'s keys and values at positions [0, end): (n_kv_heads, end, head_dim) each."""
-        return self.kv[layer, 0, :, :end], self.kv[layer, 1, :, :end]
+        """Views of `layer`'s keys and values at positions [0, end): (n_kv_heads, end, head_dim) each
+        (copies in the compute dtype when the cache is held in another)."""
+        k, v = self.kv[layer, 0, :, :end], self.kv[layer, 1, :, :end]
+        if self.compute_dtype is not None:
+            return k.to(self.compute_dtype), v.to(self.compute_dtype)
+        return k, v
 
     def advance(self, n: int) -> None:
         assert self.length + n <= self.max_len, (self.length, n, self.max_len)
@@ -364,9 +370,11 @@ class CausalLM:
         self.device = device
         self._n_kv_heads = n_kv_heads
         self._head_dim = head_dim
+        self.kv_dtype: torch.dtype | None = None  # the KV cache's dtype; None: the compute dtype
 
     def new_cache(self, max_len: int) -> KVCache:
-        return KVCache(len(self.layers), max_len, self._n_kv_heads, self._head_dim, self.dtype, self.device)
+        return KVCache(len(self.layers), max_len, self._n_kv_heads, self._head_dim, self.kv_dtype or self.dtype,
+                       self.device, compute_dtype=self.dtype)
 
     def embed(self, ids: Tensor, pos: int) -> Tensor:  # (T,) -> (T, d)
         raise NotImplementedError
