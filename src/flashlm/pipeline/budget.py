@@ -191,7 +191,8 @@ def plan_exact(*, budget: int, resident_bytes: int, kv_bytes: int, n_layers: int
                 best = make(0, chunk, slots)
                 break
     if best is None:
-        least = make(0, up(-(-MIN_STREAM_CHUNK // stride)), MIN_SLOTS)
+        # (holding every neuron can take less than streaming them, in a float store of few layers)
+        least = min((make(h, up(-(-MIN_STREAM_CHUNK // stride)), MIN_SLOTS) for h in (0, d_ff)), key=lambda p: p.total)
         raise MemoryBudgetError(
             f"{store + ': ' if store else ''}memory budget {budget} B is below the minimum {least.total} B "
             f"({least.total / 2**20:.1f} MiB) of exact mode: resident {resident_bytes} B "
