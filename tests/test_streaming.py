@@ -191,3 +191,25 @@ def test_peak_rss_stays_under_the_budget_in_exact_mode(smollm2_store):
     assert got["total"] <= got["budget"] and 0 < got["hot"] < got["d_ff"] and got["reads"] > 0, got
     # the peak over the whole run (open included) minus the interpreter's own, against the budget
     assert got["peak"] - got["base"] <= got["budget"] + RSS_ALLOWANCE, {k: v / MiB for k, v in got.items()}
+
+
+async def test_a_damaged_cold_bundle_fails_the_step_by_name(stores, tmp_path):
+    import shutil
+
+    from flashlm.errors import BundleChecksumError
+
+    src = stores("llama", "q4")
+    store = tmp_path / "damaged"
+    shutil.copytree(src, store)
+    least = await minimum(store)
+    lay = FlashStore.open(store).manifest.ffn.layers[1]
+    with open(store / "ffn.bin", "r+b") as f:  # a byte of layer 1's last neuron: streamed at the minimum
+        f.seek(lay.offset + (lay.n_neurons - 1) * FlashStore.open(store).manifest.ffn.stride + 7)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    async with await Engine.open(store, memory_budget=least) as engine:
+        assert engine.memory.hot == 0
+        with pytest.raises(BundleChecksumError, match="layer 1 neuron 255"):
+            async for _ in engine.stream(PROMPT, max_tokens=2):
+                pass
