@@ -16,7 +16,7 @@ from flashlm.convert import convert
 from flashlm.errors import MemoryBudgetError
 from flashlm.io.store import FlashStore
 from flashlm.pipeline.budget import MIN_SLOTS, STREAM_CHUNK
-from flashlm.pipeline.streaming import FlashEmbedding
+from flashlm.pipeline.flash_resident import FlashEmbedding
 
 PROMPT = [5, 17, 42, 99, 7, 250, 3]
 MiB = 2**20
@@ -213,3 +213,26 @@ async def test_a_damaged_cold_bundle_fails_the_step_by_name(stores, tmp_path):
         with pytest.raises(BundleChecksumError, match="layer 1 neuron 255"):
             async for _ in engine.stream(PROMPT, max_tokens=2):
                 pass
+
+
+def test_the_exact_plan_holds_the_most_the_budget_leaves_in_whole_pages():
+    from flashlm.pipeline.budget import plan_exact
+
+    # the 1.5B q4's shape: 28 layers of 8,960 bundles of 3 KiB
+    common = dict(resident_bytes=300 * MiB, kv_bytes=56 * MiB, n_layers=28, d_ff=8960, stride=3072,
+                  hot_row_bytes=3072, convert_row_bytes=0)
+    plans = [plan_exact(budget=b * MiB, **common) for b in (400, 500, 650, 900)]
+    hots = [p.hot for p in plans]
+    assert hots == sorted(hots) and hots[0] == 0 and 0 < hots[-1] < 8960
+    for p in plans:
+        assert p.total <= p.budget
+        assert (p.hot * 3072) % 4096 == 0 and (p.chunk_neurons * 3072) % 4096 == 0  # O_DIRECT-aligned starts
+        # one more page of neurons held would not fit beside a ring of two layers' cold parts
+        if p.n_slots * p.chunk_neurons >= 2 * p.cold_per_layer:
+            bigger = plan_exact(budget=p.total + 4 * 3072 * 28 - 1, **common)
+            assert bigger.hot <= p.hot + 4
+    assert plans[2].chunk_neurons * 3072 >= 4 * MiB and plans[2].n_slots * plans[2].chunk_neurons >= 2 * plans[2].cold_per_layer
+    with pytest.raises(MemoryBudgetError) as e:
+        plan_exact(budget=357 * MiB, **common)
+    # no neuron held, two slots of 1 MiB rounded up to whole pages of bundles (4 bundles: 3 pages)
+    assert e.value.minimum == 356 * MiB + 2 * 344 * 3072

@@ -287,7 +287,8 @@ class KVCache:
     """
 
     def __init__(self, n_layers: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu", compute_dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype, device: torch.device | str = "cpu",
+                 compute_dtype: torch.dtype | None = None) -> None:
         self.kv = torch.empty(n_layers, 2, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
         # held in `dtype` (e.g. float16 under a budget), read back in the compute dtype
         self.compute_dtype = None if compute_dtype in (None, dtype) else compute_dtype
