@@ -179,11 +179,12 @@ class Engine:
             check_fits(res_bytes + kv_bytes + (cached * slot_bytes + d_ff * per_row) * len(ffn.layers),
                        f"resident tensors, one KV cache at max_context {self.max_context}, the selectors, {cached} "
                        f"cached neurons per layer", None, store=str(store.path))
-        if (cfg.ffn == "flash" and budget is not None and cfg.selection in ("dense", "auto")
+        if (cfg.ffn == "flash" and budget is not None and cfg.selection in ("dense", "auto") and cfg.reuse
                 and not (cfg.selection == "auto" and cfg.density is not None)
                 and res_bytes + kv_bytes + d_ff * slot_bytes * len(ffn.layers) > budget):
             # a budget that cannot cache every neuron: exact mode streams what it cannot hold
-            # (`auto` too: the selectors that hold less lose far more accuracy, docs/budget.md)
+            # (`auto` too: the selectors that hold less lose far more accuracy, docs/budget.md);
+            # reuse=False keeps the per-layer caches (the paper's "hybrid" baseline re-reads them)
             self.config = dataclasses.replace(cfg, selection="dense")
             await start_exact(self, budget)
             return
