@@ -153,7 +153,8 @@ def test_eval_budgets_reports_the_engines_plan_and_the_free_selector_ceiling(tok
     store = tmp_path / "s"
     convert(src, store, dtype="int8", progress=False)
     out = tmp_path / "b.json"
-    r = subprocess.run([sys.executable, "-m", "flashlm", "eval", str(store), "--budgets", "1,0.6",
+    # (a density: the sparse engine's plan; without one `auto` runs exact mode under these budgets)
+    r = subprocess.run([sys.executable, "-m", "flashlm", "eval", str(store), "--budgets", "1,0.6", "--density", "0.4",
                         "--tokens", "512", "--max-context", "32", "--quiet", "--json", str(out), "--plot",
                         str(tmp_path / "b.png")], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -75,6 +75,10 @@ async def engine_plan(store: Path, fraction: float, max_context: int, settings: 
         return {"fraction": fraction, "below_minimum": False, "budget_bytes": m.budget, "model_bytes": engine.model_bytes,
                 "plan_bytes": m.total, "capacity": m.capacity, "selection": cfg.selection,
                 "density": cfg.effective_density, "window": cfg.window,
+                # exact mode (a budget below every neuron, selection dense/auto): all computed, the
+                # neurons not held (cold_fraction of each layer) streamed every token
+                "mode": "exact" if engine._exact is not None else "caches",
+                "cold_fraction": m.cold_per_layer / m.d_ff if engine._exact is not None else 0.0,
                 "parts": {"resident": m.resident_bytes, "selectors": m.selector_bytes, "kv": m.kv_bytes,
                           "caches": m.cache_bytes}}
 
@@ -128,8 +132,9 @@ def run_budget_curve(store: str | Path, budgets: tuple[float, ...] = BUDGETS, *,
             continue
         cap = min(d_ff, p["capacity"])
         if p["selection"] == "dense" or cap >= d_ff:  # every neuron computed: the dense model itself
-            row.update({"cache_fraction": 1.0, "ppl": dict(report["dense"]["ppl"]),
-                        "rel": {k: 0.0 for k in base}, "reads_per_token": 0.0, "computed_per_token": 1.0})
+            row.update({"cache_fraction": 1.0 - p.get("cold_fraction", 0.0), "ppl": dict(report["dense"]["ppl"]),
+                        "rel": {k: 0.0 for k in base}, "reads_per_token": p.get("cold_fraction", 0.0),
+                        "computed_per_token": 1.0})
         else:
             k = n_keep(d_ff, p["density"])
             # the engine's capped cache: the window's exact selections, most recent first (LRU)

@@ -48,6 +48,8 @@ async def _run(a: argparse.Namespace) -> int:
             "memory_planned": engine.memory.total if engine.memory is not None else None,
             "peak_rss_bytes": peak_rss_bytes(),
         }
+        if "streaming" in (info := engine.statistics()):  # exact mode under a budget: its reads and overlap
+            stats["streaming"] = info["streaming"]
         if a.json:
             print(json.dumps({"text": "".join(parts), "token_ids": [c.token_id for c in chunks], **stats}))
         else:

@@ -244,8 +244,11 @@ class KVCache:
     """
 
     def __init__(self, n_layers: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype, device: torch.device | str = "cpu",
+                 compute_dtype: torch.dtype | None = None) -> None:
         self.kv = torch.empty(n_layers, 2, n_kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        # held in `dtype` (e.g. float16 under a budget), read back in the compute dtype
+        self.compute_dtype = None if compute_dtype in (None, dtype) else compute_dtype
         self.max_len = max_len
         self.length = 0  # tokens stored in every layer
 
@@ -265,8 +268,12 @@ class KVCache:
         self.kv[layer, 1, :, pos:end] = v
 
     def read(self, layer: int, end: int) -> tuple[Tensor, Tensor]:
-        """Views of `layer`'s keys and values at positions [0, end): (n_kv_heads, end, head_dim) each."""
-        return self.kv[layer, 0, :, :end], self.kv[layer, 1, :, :end]
+        """Views of `layer`'s keys and values at positions [0, end): (n_kv_heads, end, head_dim) each
+        (copies in the compute dtype when the cache is held in another)."""
+        k, v = self.kv[layer, 0, :, :end], self.kv[layer, 1, :, :end]
+        if self.compute_dtype is not None:
+            return k.to(self.compute_dtype), v.to(self.compute_dtype)
+        return k, v
 
     def advance(self, n: int) -> None:
         assert self.length + n <= self.max_len, (self.length, n, self.max_len)
@@ -282,6 +289,7 @@ class KVCache:
         assert 0 < n <= self.length, (n, self.length)
         out = KVCache.__new__(KVCache)
         out.kv = self.kv[:, :, :, :n].clone()  # (n_layers, 2, n_kv_heads, n, head_dim), contiguous
+        out.compute_dtype = self.compute_dtype
         out.max_len = out.length = n
         return out
 
@@ -341,9 +349,11 @@ class CausalLM:
                  dtype: torch.dtype, device: torch.device) -> None:
         self.args, self.layers, self.dtype, self.device = args, layers, dtype, device
         self._kv_shape = (n_kv_heads, head_dim)
+        self.kv_dtype: torch.dtype | None = None  # the KV cache's dtype; None: the compute dtype
 
     def new_cache(self, max_len: int) -> KVCache:
-        return KVCache(len(self.layers), max_len, *self._kv_shape, self.dtype, self.device)
+        return KVCache(len(self.layers), max_len, *self._kv_shape, self.kv_dtype or self.dtype, self.device,
+                       compute_dtype=self.dtype)
 
     def embed(self, ids: Tensor, pos: int) -> Tensor:  # (T,) -> (T, d)
         raise NotImplementedError

@@ -30,8 +30,12 @@ def linear(x: Tensor, w: Tensor | QRows, b: Tensor | None = None) -> Tensor:
     return F.linear(x, w, b)
 
 
-def embedding(ids: Tensor, w: Tensor | QRows) -> Tensor:
-    """Rows `ids` (T,) of an embedding table (vocab, d): dequantised to float32 if quantised."""
+def embedding(ids: Tensor, w: Tensor | QRows | Any) -> Tensor:
+    """Rows `ids` (T,) of an embedding table (vocab, d): dequantised to float32 if quantised. A
+    table that is neither a tensor nor `QRows` gives its rows itself (`w.rows(ids)`: the exact
+    mode's table on flash, `flashlm.pipeline.streaming.FlashEmbedding`)."""
+    if not isinstance(w, Tensor | QRows):
+        return w.rows(ids)
     if isinstance(w, QRows):
         return dequantize_rows(w.fmt, w, ids.to(torch.int32))
     return F.embedding(ids, w)

@@ -107,3 +107,110 @@ def check_fits(need: int, what: str, budget: int | None, *, store: str) -> None:
             f"{store}: the engine would hold at least {need} B ({need / 2**30:.1f} GiB: {what}) with no memory budget, "
             f"more than this machine's {have / 2**30:.1f} GiB; set memory_budget (--memory-budget) to cap the neuron "
             f"caches, or check the store (`flashlm verify`)", minimum=None)
+
+
+# -- exact mode: a hot prefix per layer held, the cold rest streamed every token ---------------
+
+STREAM_CHUNK = 4 * 2**20  # one read: 4 MiB reaches the disk's sequential ceiling from one thread (MACHINE.md)
+MIN_STREAM_CHUNK = 2**20  # at the minimum budget the two slots shrink to this
+MIN_SLOTS = 2  # one chunk computed while the next is read
+
+
+@dataclass(frozen=True)
+class ExactPlan:
+    """Exact mode under a budget: `hot` neurons of each layer held (its first ones, in store
+    order), the other `d_ff - hot` read each token in chunks of `chunk_neurons` bundles into a
+    ring of `n_slots` slots (two layers' cold parts when the budget allows: a layer's reads run
+    behind the previous layer's compute)."""
+
+    budget: int
+    resident_bytes: int  # resident tensors as held (token embeddings on flash when untied)
+    kv_bytes: int  # one request's KV cache at max_context, in the KV dtype
+    hot: int  # neurons held per layer
+    hot_row_bytes: int  # one held neuron
+    chunk_neurons: int
+    n_slots: int
+    slot_bytes: int  # one ring slot (a chunk's bundles as read, page-rounded)
+    convert_bytes: int  # a chunk's compute-dtype copy (float stores whose dtype is not the compute one)
+    n_layers: int
+    d_ff: int
+
+    @property
+    def hot_bytes(self) -> int:
+        return self.hot * self.hot_row_bytes * self.n_layers
+
+    @property
+    def ring_bytes(self) -> int:
+        return self.n_slots * self.slot_bytes
+
+    @property
+    def total(self) -> int:
+        return self.resident_bytes + self.kv_bytes + self.hot_bytes + self.ring_bytes + self.convert_bytes
+
+    @property
+    def cold_per_layer(self) -> int:
+        return self.d_ff - self.hot
+
+    # read like a MemoryPlan (engine.memory): no selector, the held neurons and the ring as "caches"
+    selector_bytes = 0
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.hot_bytes + self.ring_bytes + self.convert_bytes
+
+    @property
+    def capacity(self) -> int:
+        return self.hot
+
+
+def plan_exact(*, budget: int, resident_bytes: int, kv_bytes: int, n_layers: int, d_ff: int, stride: int,
+               hot_row_bytes: int, convert_row_bytes: int, store: str = "") -> ExactPlan:
+    """The largest hot prefix (the same for every layer) the budget leaves beside the resident
+    tensors, the KV cache and the ring; MemoryBudgetError below the minimum (no neuron held, two
+    slots of 1 MiB). Hot prefixes and chunks are whole pages of bundles, so every read is
+    page-aligned for O_DIRECT."""
+    unit = PAGE_UNIT // math.gcd(stride, PAGE_UNIT)  # neurons per whole number of pages
+
+    def up(n: int) -> int:
+        return max(unit, -(-n // unit) * unit)
+
+    def page(n: int) -> int:
+        return -(-n // PAGE_UNIT) * PAGE_UNIT
+
+    fixed = resident_bytes + kv_bytes
+
+    def make(hot: int, chunk: int, slots: int) -> ExactPlan:
+        cold = d_ff - hot
+        chunk = min(chunk, up(cold)) if cold else 0
+        slots = min(slots, -(-cold // chunk) * n_layers) if cold else 0  # at most the whole cycle
+        return ExactPlan(budget, resident_bytes, kv_bytes, hot, hot_row_bytes, chunk, slots,
+                         page(chunk * stride), chunk * convert_row_bytes, n_layers, d_ff)
+
+    big = up(-(-STREAM_CHUNK // stride))
+    best = None
+    for hot in range(d_ff - d_ff % unit, -1, -unit):  # most held first
+        cold = d_ff - hot
+        p = make(hot, big, max(MIN_SLOTS, -(-2 * cold // big)))
+        if p.total <= budget:
+            best = p
+            break
+    if best is None:  # not even two layers' ring beside the fixed part: fewer slots, then smaller ones
+        for chunk in (big, up(-(-MIN_STREAM_CHUNK // stride))):
+            slot = page(min(chunk, up(d_ff)) * stride) + min(chunk, up(d_ff)) * convert_row_bytes
+            slots = (budget - fixed) // slot if budget > fixed else 0
+            if slots >= MIN_SLOTS:
+                best = make(0, chunk, slots)
+                break
+    if best is None:
+        # (holding every neuron can take less than streaming them, in a float store of few layers)
+        least = min((make(h, up(-(-MIN_STREAM_CHUNK // stride)), MIN_SLOTS) for h in (0, d_ff)), key=lambda p: p.total)
+        raise MemoryBudgetError(
+            f"{store + ': ' if store else ''}memory budget {budget} B is below the minimum {least.total} B "
+            f"({least.total / 2**20:.1f} MiB) of exact mode: resident {resident_bytes} B "
+            f"({resident_bytes / 2**20:.1f} MiB) + KV cache {kv_bytes} B ({kv_bytes / 2**20:.1f} MiB) + stream ring "
+            f"{least.ring_bytes + least.convert_bytes} B ({MIN_SLOTS} reads of {least.chunk_neurons} neurons), no "
+            f"neuron held; raise the budget, or lower max_context", minimum=least.total)
+    return best
+
+
+PAGE_UNIT = 4096  # O_DIRECT alignment (flashlm.io.buffers.PAGE)

@@ -17,8 +17,10 @@ from flashlm.io.writer import TORCH_DTYPES
 
 
 SELECTIONS = ("auto", "dense", "gate", "shadow", "predictor")
-# "auto" resolves at open: "dense" when the caches can hold every neuron (no budget, or enough) and
-# no density was asked for; this selection otherwise
+# "auto" resolves at open: "dense" unless a density was asked for (then this selection). Under a
+# budget that cannot cache every neuron "dense" is exact mode: the neurons not held are streamed
+# each token (flashlm.pipeline.streaming); the selectors that hold less cost far more accuracy
+# on gated models (docs/budget.md)
 AUTO_SPARSE = "shadow"
 DEFAULT_DENSITY = 0.4
 
@@ -39,9 +41,9 @@ class EngineConfig:
     store_dtype: str | None = None
     # -- the FFN: where it lives and which neurons are computed -----------------------------
     ffn: str = "flash"  # "flash": neurons read from the store into per-layer caches; "ram": all resident
-    # "auto" (default): with room for every neuron the caches fill once from flash and the FFN is
-    # computed whole (exact, no selector DRAM); under a budget that cannot hold them all, AUTO_SPARSE
-    # at `density` (docs/sparsity.md, docs/budget.md).
+    # "auto" (default): every neuron computed, no selector DRAM. With room for every neuron the caches
+    # fill once from flash; under a budget that cannot hold them all, exact mode holds a hot prefix
+    # per layer and streams the rest each token (docs/budget.md). With a `density`, AUTO_SPARSE.
     selection: str = "auto"  # "auto" | "dense" (every neuron) | "gate" | "shadow" | "predictor"
     density: float | None = None  # fraction of each layer's neurons selected per token (None: mode default)
     window: int = 8  # tokens a selected neuron stays computed (the paper's sliding window k)

@@ -36,6 +36,7 @@ from flashlm.pipeline.prefix_cache import PrefixCache
 from flashlm.pipeline.selection import make_selectors
 from flashlm.pipeline.request_window import RequestWindow
 from flashlm.pipeline.sparse import SparseRunner
+from flashlm.pipeline.streaming import start_exact
 from flashlm.pipeline.request import make_request
 from flashlm.pipeline.store_model import build, model_args, resident_bytes
 from flashlm.pipeline.generation import RamRunner, Stream, release_freed_memory
@@ -116,6 +117,7 @@ class Engine:
         self._ram_token = 0  # token clock of traced steps without the sparse runner
         # kept prefixes (the prompt cache): None when off, or where reuse would not be exact
         self.prefix: PrefixCache | None = None
+        self._exact: Any = None  # the exact mode's StreamingRunner under a budget below every neuron
 
     def _init_thread(self) -> None:
         if self.config.num_threads is not None:
@@ -180,6 +182,15 @@ class Engine:
             check_fits(res_bytes + kv_bytes + (cached * slot_bytes + d_ff * per_row) * len(ffn.layers),
                        f"resident tensors, one KV cache at max_context {self.max_context}, the selectors, {cached} "
                        f"cached neurons per layer", None, store=str(store.path))
+        if (cfg.ffn == "flash" and budget is not None and cfg.selection in ("dense", "auto") and cfg.reuse
+                and not (cfg.selection == "auto" and cfg.density is not None)
+                and res_bytes + kv_bytes + d_ff * slot_bytes * len(ffn.layers) > budget):
+            # a budget that cannot cache every neuron: exact mode streams what it cannot hold
+            # (`auto` too: the selectors that hold less lose far more accuracy, docs/budget.md);
+            # reuse=False keeps the per-layer caches (the paper's "hybrid" baseline re-reads them)
+            self.config = dataclasses.replace(cfg, selection="dense")
+            await start_exact(self, budget)
+            return
         self.model, resident = await loop.run_in_executor(self._pool, build_model, store, cfg, self._arch, args)
         prefix_bound = cfg.prefix_bound(kv_bytes)
         if cfg.ffn == "ram":
@@ -311,6 +322,8 @@ class Engine:
             out["prefix_cache"] = asdict(self.prefix.statistics())
         if self._reader is not None:
             out["reader"] = asdict(self._reader.stats)
+        if self._exact is not None:
+            out["streaming"] = self._exact.statistics()
         return out
 
     async def aclose(self) -> None:
@@ -334,6 +347,8 @@ class Engine:
         if self._reader is not None:
             await self._reader.aclose()
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
+        if self._exact is not None:
+            await asyncio.to_thread(self._exact.close)
         if self._trace is not None:
             await asyncio.to_thread(self._trace.close)
 
