@@ -182,8 +182,8 @@ async def test_sparse_selection_keeps_no_prefix(family_stores):
     and the plan grants none; with room for every neuron the leftover of the budget is granted."""
     store = family_stores["llama"]
     a = ids(10, 8)
-    async with await Engine.open(store, memory_budget=710_000) as e:  # below every neuron: shadow
-        assert e.config.selection != "dense" and e.prefix is None and e.memory.prefix_bytes == 0
+    async with await Engine.open(store, memory_budget=710_000, selection="shadow") as e:  # below every neuron
+        assert e.config.selection == "shadow" and e.prefix is None and e.memory.prefix_bytes == 0
         first = await greedy(e, a + [5, 6])
         again = await greedy(e, a + [5, 6])
         assert again == first and again[1] == 0

@@ -151,8 +151,10 @@ class ExactPlan:
     def cold_per_layer(self) -> int:
         return self.d_ff - self.hot
 
-    # read like a MemoryPlan (engine.memory): no selector, the held neurons and the ring as "caches"
+    # read like a MemoryPlan (engine.memory): no selector, no kept prefixes (the prompt cache is
+    # off in exact mode), the held neurons and the ring as "caches"
     selector_bytes = 0
+    prefix_bytes = 0
 
     @property
     def cache_bytes(self) -> int:
