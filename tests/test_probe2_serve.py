@@ -20,7 +20,7 @@ TEXT = "/v1/completions"
 
 @pytest.fixture(scope="module")
 def served(llama_store, tmp_path_factory):
-    s = Served(llama_store[1], tmp_path_factory.mktemp("p2-serve") / "server.log", "--header-timeout", "1")
+    s = Served(llama_store[1], tmp_path_factory.mktemp("p2-serve") / "server.log")
     try:
         s.wait_ready()
         yield s
@@ -88,8 +88,8 @@ def test_a_tiny_top_p_is_answered_not_a_500(served):
 def test_a_connection_that_never_sends_its_headers_is_closed(served):
     with socket.create_connection(("127.0.0.1", served.port)) as s:
         s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost:")  # and nothing more
-        s.settimeout(10)
+        s.settimeout(30)
         t0 = time.monotonic()
-        assert s.recv(1024) == b""  # closed by the server (--header-timeout 1)
-        assert time.monotonic() - t0 < 5
+        assert s.recv(1024) == b""  # closed by the server (--header-timeout, default 10 s)
+        assert time.monotonic() - t0 < 15
     assert served.health()["status"] == "ok"
