@@ -199,29 +199,6 @@ async def test_sparse_engine_on_a_quantised_store_equals_its_dense_path(tmp_path
     assert len(got) == 40 and sum(c.bytes_read for c in got[1:]) > 0
 
 
-async def test_rows_still_being_read_are_never_part_of_the_early_ffn(tmp_path, checkpoints):
-    """The early FFN (a layer computing over its cached rows while its own misses are read) must
-    not touch a pending row: bytes being written can be NaN, and 0 x NaN is NaN. Fill the pending
-    rows with NaN bytes and compare with the FFN over the committed rows alone."""
-    convert(checkpoints["llama"], tmp_path / "s", dtype="float32", progress=False)
-    async with await Engine.open(tmp_path / "s", selection="dense") as engine:
-        await engine.generate([5, 17, 42], max_tokens=2)  # fill the caches
-        runner = engine._sparse
-        cache, block = runner.caches[0], engine.model.layers[0]
-        n = cache.num_used
-        held = cache.neurons().copy()
-        pending = np.array([1, 4, 6])
-        cache.raw[pending] = 0xFF  # NaN in every float lane
-        needed = np.arange(cache.n_neurons)
-        x = torch.randn(1, block.args.hidden_size)
-        part, late = runner._ffn_early(0, x, needed, pending, held, token=99)
-        assert torch.isfinite(part).all() and sorted(late) == sorted(pending)
-        keep = np.setdiff1d(np.arange(n), pending)
-        rows = cache.rows[:n][torch.from_numpy(keep)]
-        want = block.ffn(x, rows.clone())
-        assert torch.allclose(part, want, rtol=1e-5, atol=1e-6)
-
-
 def test_q4_range_fit_is_never_worse_and_beats_the_full_range_on_an_outlier():
     """The converter's q4 (least-squares range search) against the kernels' reference quantiser
     (full range): per group its squared error is at most the reference's, and on groups with one

@@ -125,8 +125,6 @@ async def test_logits_equal_reference_sparse_ffn_over_the_same_sets(stores, arch
             assert sum(r.read_bytes + r.spec_read_bytes for r in reports) >= misses * stride > 0
             # and decoding reads too (neurons leave a window of <= 4 steps, or the capped cache)
             assert sum(r.read_bytes + r.spec_read_bytes for r in reports[1:]) > 0
-            if window == 4:  # few misses per step: layers computed over their cached rows while the rest was read
-                assert runner.early_steps > 0
             # on the compute thread, without waiting for the actor's answer first (appending, moving no row)
             assert (runner.fetch_steps > 0) == (compute == "thread")
             if capacity is not None:  # full caches: each step evicted to make room

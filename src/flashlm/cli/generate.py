@@ -11,14 +11,25 @@ from flashlm.builtin import DEFAULT_MODEL
 from flashlm.cli.common import (
     engine_config, engine_options, peak_rss_bytes, run_async, sampling_options, sparsity_options,
 )
-from flashlm.errors import FlashLMError
+from flashlm.errors import FlashLMError, InvalidRequestError
+
+
+def read_stdin() -> str:
+    """The prompt from stdin, decoded strictly: invalid UTF-8 is a named error (rc 1), not a
+    traceback from the tokenizer."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidRequestError(f"the prompt on stdin is not valid UTF-8: {e.reason} at byte {e.start} "
+                                  f"({data[e.start:e.start + 1]!r}); send UTF-8 text") from None
 
 
 async def _run(a: argparse.Namespace) -> int:
     from flashlm import Engine
 
     config = engine_config(a)
-    prompt: Any = sys.stdin.read() if a.prompt == "-" else a.prompt
+    prompt: Any = read_stdin() if a.prompt == "-" else a.prompt
     async with await Engine.open(a.model, config, progress=not a.quiet) as engine:
         if not a.raw and engine.tokenizer is not None and getattr(engine.tokenizer, "chat_template", None):
             prompt = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]

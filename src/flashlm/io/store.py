@@ -95,7 +95,16 @@ class FlashStore:
         entry = self.manifest.ffn.crc32
         if entry is None:
             return None
-        flat = np.fromfile(self._resolve(entry.path), dtype="<u4").astype(np.uint32)
+        path = self._resolve(entry.path)
+        try:
+            data = path.read_bytes()  # 4 bytes a neuron: small; checked whole so damage to it is named as its
+        except OSError as e:
+            raise CheckpointFormatError(f"{self.path}: {entry.path} unreadable ({e}); {FIX}") from None
+        if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
+            # (a damaged CRC table used to surface as ffn.bin's neurons failing their CRC32)
+            raise CheckpointFormatError(f"{self.path}: {entry.path} (the bundles' CRC32 table) fails its checksum "
+                                        f"(damaged); the bundles themselves may be fine; {FIX}")
+        flat = np.frombuffer(data, dtype="<u4").astype(np.uint32)
         bounds = np.cumsum([0] + [layer.n_neurons for layer in self.manifest.ffn.layers])
         return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 

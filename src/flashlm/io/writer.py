@@ -49,6 +49,7 @@ from flashlm.io.format import (
 )
 from flashlm.io.durable import fsync_dir
 from flashlm.io.encode import QuantEncoder, quantized_bundles
+from flashlm.io.replace import check_replaceable, partial_prefix, sweep_stale_partials
 from flashlm.kernels.formats import GROUP, QUANT_DTYPES
 from flashlm.version import __version__
 
@@ -198,30 +199,14 @@ def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]],
         raise
 
 
-def check_replaceable(out: Path, force: bool) -> None:
-    """A store may be written at `out` if nothing is there, or with `force` if what is there is a
-    flashlm store or an empty directory. Anything else (a home directory, a checkpoint, a file)
-    is refused, force or not: replacing it would delete it."""
-    out = Path(out)
-    if not out.exists() and not out.is_symlink():
-        return
-    if not force:
-        raise StoreExistsError(f"{out} already exists; pass --force (force=True) to replace it")
-    if out.is_symlink() or not out.is_dir():
-        raise StoreExistsError(f"{out} exists and is not a directory; --force replaces only a flashlm store or an "
-                               f"empty directory: remove it yourself or choose another OUT")
-    if not (out / MANIFEST_NAME).is_file() and any(out.iterdir()):
-        raise StoreExistsError(f"{out} is not a flashlm store (no {MANIFEST_NAME}) and not empty; --force replaces "
-                               f"only a flashlm store or an empty directory: choose another OUT")
-
-
 @contextmanager
 def atomic_directory(out: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary directory that becomes `out` when the block exits cleanly."""
     out = Path(out)
     check_replaceable(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    sweep_stale_partials(out)  # what killed writes of this OUT left behind
+    tmp = Path(tempfile.mkdtemp(prefix=partial_prefix(out), dir=out.parent))
     try:
         yield tmp
         _fsync_tree(tmp)

@@ -38,7 +38,7 @@ from flashlm.pipeline.request_window import RequestWindow
 from flashlm.pipeline.sparse import SparseRunner
 from flashlm.pipeline.streaming import start_exact
 from flashlm.pipeline.request import make_request
-from flashlm.pipeline.store_model import build, model_args, resident_bytes
+from flashlm.pipeline.store_model import build, check_vocab, model_args, resident_bytes
 from flashlm.pipeline.generation import RamRunner, Stream, release_freed_memory
 from flashlm.pipeline.trace import TraceSink
 
@@ -138,6 +138,7 @@ class Engine:
         store = await asyncio.to_thread(FlashStore.open, path)
         arch, args = model_args(store)  # the config and the FFN layout agree, before anything is allocated
         tokenizer = await asyncio.to_thread(_load_tokenizer, store.tokenizer_dir)
+        await asyncio.to_thread(check_vocab, store, args, tokenizer)
         engine = cls(store, tokenizer, config, arch, args)
         try:
             await engine._start()

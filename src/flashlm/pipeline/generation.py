@@ -138,10 +138,11 @@ class _Generation:
         # NaN logits used to pass silently (argmax picks a NaN; sampling crashed unnamed). A
         # damaged weight (a flipped exponent bit) shows up here: fail the request by name.
         if not bool(torch.isfinite(logits).all()):
+            dtype = self.engine.config.dtype
+            why = "" if dtype == "float32" else f" or dtype {dtype} overflowed (use float32)"
             raise NonFiniteLogitsError(
                 f"request {self.request.id}: the model produced non-finite logits after {self.produced} tokens; "
-                f"the store may be damaged (run `flashlm verify {self.engine.store.path}`) or dtype "
-                f"{self.engine.config.dtype} overflowed (use float32)")
+                f"the store may be damaged (run `flashlm verify {self.engine.store.path}`){why}")
         token = self.sampler(logits)
         self.produced += 1
         finish = None

@@ -32,13 +32,27 @@ def normalize_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:
     items = (stop,) if isinstance(stop, str) else stop
     if not isinstance(items, Sequence) or not all(isinstance(s, str) and s for s in items):
         raise InvalidRequestError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    for s in items:
+        check_text(s, "stop")
     return tuple(items)
+
+
+def check_text(text: str, what: str) -> None:
+    """`text` is valid Unicode the tokenizer can take: no lone surrogate (what invalid UTF-8
+    becomes when Python decodes it with surrogateescape, as it does stdin and argv, or what a
+    JSON body's "\\ud800" is). The tokenizer used to fail on one with a TypeError traceback."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidRequestError(f"{what} is not valid UTF-8 text: {e.reason} at character {e.start} "
+                                  f"({text[e.start:e.start + 1]!r}); send UTF-8") from None
 
 
 def encode_prompt(prompt: Any, tokenizer: Any | None, vocab_size: int) -> list[int]:
     if isinstance(prompt, str):
         if not prompt:
             raise InvalidRequestError("prompt is empty; pass some text, messages or token ids")
+        check_text(prompt, "prompt")
         _need(tokenizer, "a text prompt")
         return list(tokenizer.encode(prompt))
     if isinstance(prompt, bytes | bytearray | memoryview):  # a Sequence of ints: was taken as token ids
@@ -53,6 +67,8 @@ def encode_prompt(prompt: Any, tokenizer: Any | None, vocab_size: int) -> list[i
         for i, m in enumerate(prompt):
             if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise InvalidRequestError(f"message {i} needs string 'role' and 'content' keys, got {m!r}")
+            check_text(m["role"], f"message {i}'s role")
+            check_text(m["content"], f"message {i}'s content")
         _need(tokenizer, "chat messages")
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidRequestError("this model's tokenizer has no chat template; pass a raw text prompt instead")

@@ -50,7 +50,9 @@ class Sampler:
         probs = torch.softmax((x - x.max()) / t, dim=-1)
         if p.top_p < 1.0:
             sorted_p, order = torch.sort(probs, descending=True)
-            # keep the smallest prefix whose mass reaches top_p (always at least one token)
-            keep = torch.cumsum(sorted_p, 0) - sorted_p < p.top_p
+            # keep the smallest prefix whose mass reaches top_p; the first token always (compared in
+            # float32, a top_p such as 1e-46 rounded to 0 and kept none: multinomial then failed)
+            keep = torch.cumsum(sorted_p.double(), 0) - sorted_p.double() < p.top_p
+            keep[0] = True
             probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
         return int(torch.multinomial(probs.cpu(), 1, generator=self._gen))

@@ -6,10 +6,10 @@ layer l+1 (from the same hidden state, one layer early). Layer l+1's actor gets 
 speculative set and starts reading at once. If layer l's actor holds its whole window and is
 idle (the steady state), layer l's FFN runs right away over its cache rows and the actor does
 its bookkeeping (evict, compact) afterwards, while later layers compute. Otherwise the actor
-is asked to ensure the set: as soon as its reads are in flight it says which slots are still
-pending, the FFN runs over the other rows meanwhile, and the rows that land are added after.
-So flash reads run behind compute: layer l+1's behind layer l's FFN, a layer's own misses
-behind the rest of its own FFN.
+is asked to ensure the set and the FFN runs once its reads are committed. So flash reads run
+behind compute: layer l+1's behind layer l's FFN. The FFN always sums the request's window in
+neuron order, in one call (`_ffn`), so the result never depends on where the cache put a row
+or which rows it happened to hold already.
 
 The layer loop is written once (`_layers`, a generator) and driven either from the compute
 thread (compute="thread", the default: the whole token runs there with no thread hop per
@@ -18,9 +18,10 @@ blocked) or on the loop itself (compute="loop"): `flashlm.pipeline.step_driver`.
 
 Concurrent requests share the caches but not their windows: each request keeps the last
 token at which it selected each neuron (`flashlm.pipeline.request_window`), and its FFN is
-computed over exactly the cached neurons in *its* window (a mask when another request's
-neurons are cached too), so a request's output is the same whether it runs alone or beside
-others; steps of concurrent requests are interleaved, one token step at a time.
+computed over exactly the cached neurons in *its* window, in neuron order, so a request's
+output is the same whether it runs alone or beside others, first or after any other request
+(tests/test_probe2_determinism.py); steps of concurrent requests are interleaved, one token
+step at a time.
 """
 
 from __future__ import annotations
@@ -84,18 +85,19 @@ class SparseRunner:
         self.resident_steps = 0
         self.d_ff = max(c.n_neurons for c in caches)
         self.capacity = min(c.capacity for c in caches)
+        self._max_capacity = max(c.capacity for c in caches)
         self._sel = np.zeros(self.d_ff, dtype=bool)  # scratch: a request's window as a mask
+        self._gather: torch.Tensor | None = None  # float rows of a window gathered in neuron order (`_ffn`)
         self._token = 0  # engine-wide step counter: the caches' clock
         self._lock = asyncio.Lock()  # one token step at a time (steps of requests interleave)
         self.compute_events: list[tuple[int, int, float, float]] = []  # (layer, token, start, end) when recording
         self.record = False
         self.trace: Any = None  # a flashlm.pipeline.trace.TraceSink when the engine traces
         self._cur_token = -1  # the step in progress (steps are serialized by _lock)
-        self.early_steps = 0  # layer steps that computed over cached rows while their own reads landed
-        # compute="thread": a layer with reads to wait for computes over its cached rows at once,
-        # while the actor appends and reads the rest (no row moves until a Tidy after the FFN);
-        # compute="loop" or no room to append: it first waits for the actor to say which rows
-        # are pending (one round trip through the loop). Measured in docs/sparsity.md.
+        # compute="thread": a layer with reads to wait for sends its step without waiting for the
+        # actor's first answer (the actor appends, no row moves until a Tidy after the FFN);
+        # compute="loop" or no room to append: it waits for the actor to say the reads are in
+        # flight first (one round trip through the loop). Measured in docs/sparsity.md.
         self.fetch_steps = 0  # layer steps that took the first way
 
     def set_recording(self, on: bool) -> None:
@@ -137,7 +139,10 @@ class SparseRunner:
         cache holds every neuron already (with lazy eviction and room for every neuron: on
         SmolLM2 every layer after the first prompt; the scoring would be wasted). The cache is the
         actor's, read here unlocked: a stale answer costs a wasted scoring or a read the exact
-        step does instead, never a wrong result."""
+        step does instead, never a wrong result. Nor a different one: the speculative set only
+        changes what the request's window holds when the window is capped below the layer's
+        neurons (`RequestWindow.held`), and such a cache can never hold them all, so there the
+        answer is always yes, whatever other requests left in the cache."""
         if not self.lookahead or layer >= len(self.caches):
             return False
         cache = self.caches[layer]
@@ -152,90 +157,38 @@ class SparseRunner:
         sel[members] = False
         return keep
 
-    def _ffn_early(self, layer: int, ffn_in: torch.Tensor, needed: np.ndarray, pending: np.ndarray, held: np.ndarray,
-                   token: int) -> tuple[torch.Tensor, np.ndarray] | None:
-        """While layer l's own reads are in flight: its FFN over the rows already there.
-        Returns (that partial output, the pending slots still to add), or None when waiting
-        is better (nothing pending is needed, or most of the window is still pending, as in
-        a prompt's first step). Pending rows are left out of the product, never read: a read
-        may be writing them (a half-written float can be NaN, and 0 x NaN is NaN)."""
-        keep = self._in_set(held, needed)  # held: the neuron of each row when the actor answered
-        late = pending[keep[pending]]
-        if not late.size or 2 * late.size > needed.size:
-            return None
-        keep[pending] = False
-        return self._ffn_masked(layer, ffn_in, held, keep, pending, token), late
+    def _ffn(self, layer: int, residual: torch.Tensor, ffn_in: torch.Tensor, needed: np.ndarray,
+             token: int) -> torch.Tensor:
+        """The layer's FFN over `needed` (this request's window, sorted ids), every row committed.
 
-    def _ffn_held(self, layer: int, ffn_in: torch.Tensor, needed: np.ndarray, pending: np.ndarray, held: np.ndarray,
-                  token: int) -> tuple[torch.Tensor, np.ndarray] | None:
-        """The layer's FFN over the window's rows the cache held, committed, before the step was
-        sent (`held`: the neuron of each of those rows); the actor only appends past them and
-        commits pending rows meanwhile, which are never read. Returns (that partial output, the
-        neurons it covered), or None when it covered none."""
-        keep = self._in_set(held, needed) & (held >= 0)
-        keep[pending] = False
-        if not keep.any():
-            return None
-        return self._ffn_masked(layer, ffn_in, np.maximum(held, 0), keep, pending, token), held[keep]
-
-    def _ffn_masked(self, layer: int, ffn_in: torch.Tensor, ids: np.ndarray, keep: np.ndarray, pending: np.ndarray,
-                    token: int) -> torch.Tensor:
-        """The layer's FFN over the rows `keep` marks among its cache's rows [0, ids.size) (ids:
-        the neuron of each): an early step's part, timed as a compute event. `pending` rows (a
-        read may be writing them) are never read, so they cannot leak into the sum: quantised
-        bundles compute the kept slots alone (the kernel reads only those); float rows are
-        multiplied a run of committed rows at a time (views between pending rows, masked), not
-        gathered - a gather copied ~10 MB per layer and step that glibc kept (+60-75 MiB RSS
-        on SmolLM2 under a budget, measured with bench.rss_probe)."""
-        t0 = time.perf_counter()
-        self.early_steps += 1
-        block = self.model.layers[layer]
-        with torch.inference_mode():
-            rows = self.caches[layer].rows[: ids.size]
-            dev = ffn_in.device
-            if isinstance(rows, QBundles):
-                slots = torch.from_numpy(np.flatnonzero(keep).astype(np.int32)).to(dev)
-                part = block.ffn(ffn_in, rows, torch.from_numpy(ids).to(dev), slots=slots)
-            else:
-                cuts = np.unique(pending[pending < ids.size])
-                starts, ends = np.concatenate([[0], cuts + 1]), np.concatenate([cuts, [ids.size]])
-                # an FFN over no neuron is its output bias (OPT's fc2) or 0: each run adds it, keep one
-                empty = block.ffn(ffn_in, rows, torch.from_numpy(ids).to(dev),
-                                  slots=torch.zeros(0, dtype=torch.int32, device=dev))
-                part = empty
-                for a, b in zip(starts.tolist(), ends.tolist()):
-                    if b <= a or not keep[a:b].any():
-                        continue
-                    mask = torch.from_numpy(keep[a:b].astype(np.float32)).to(dev, ffn_in.dtype)
-                    seg = block.ffn(ffn_in, rows[a:b], torch.from_numpy(ids[a:b]).to(dev), mask)
-                    part = part + (seg - empty)
-        self._compute_event(layer, token, t0, int(keep.sum()))
-        return part
-
-    def _ffn(self, layer: int, residual: torch.Tensor, ffn_in: torch.Tensor, needed: np.ndarray, token: int,
-             early: tuple[torch.Tensor, np.ndarray] | None = None) -> torch.Tensor:
+        One call over the neurons in ascending id order, whatever rows the cache holds and in
+        which slots. Float sums are not associative: summing in the cache's slot order (which
+        earlier and concurrent requests decide), or in parts split by which rows happened to be
+        cached already, made a request's tokens depend on what ran before it (issue 30: greedy
+        answers under a budget changed after another prompt). So a layer whose reads are in
+        flight waits for them; computing over the cached rows meanwhile measured no faster end
+        to end on this VM (docs/sparsity.md, "Waiting for a layer's own reads")."""
         t0 = time.perf_counter()
         block = self.model.layers[layer]
+        cache = self.caches[layer]
+        n = needed.size
         with torch.inference_mode():
-            cache = self.caches[layer]
             rows, neuron_ids = cache.compute_view()
-            if early is not None:  # add the rows that landed after the early part
-                part, late = early
-                idx = torch.from_numpy(late.astype(np.int32)).to(rows.device)
-                # an FFN over no neuron is its output bias (OPT's fc2) or 0: count it once
-                out = part + (block.ffn(ffn_in, rows, neuron_ids, slots=idx) - block.ffn(ffn_in, rows, neuron_ids,
-                                                                                        slots=idx[:0]))
-            elif rows.shape[0] != needed.size:  # the cache also holds neurons outside this request's window
-                keep = self._in_set(cache.neurons(), needed)
-                if isinstance(rows, QBundles):  # the kernel skips the rows it is not given: less to read
-                    out = block.ffn(ffn_in, rows, neuron_ids, slots=torch.from_numpy(
-                        np.flatnonzero(keep).astype(np.int32)).to(rows.device))
-                else:  # a 0/1 mask over all rows is cheaper than gathering the others' rows
-                    out = block.ffn(ffn_in, rows, neuron_ids, torch.from_numpy(keep).to(rows.device, rows.dtype))
-            else:
-                out = block.ffn(ffn_in, rows, neuron_ids)
+            slots = cache.slot_of[needed]
+            dev = rows.device
+            if n == rows.shape[0] and n and slots[0] == 0 and (np.diff(slots) == 1).all():
+                out = block.ffn(ffn_in, rows, neuron_ids)  # the rows are the window, in neuron order
+            elif isinstance(rows, QBundles):  # the kernel sums the bundles in the order listed
+                out = block.ffn(ffn_in, rows, neuron_ids, slots=torch.from_numpy(slots.astype(np.int32)).to(dev))
+            else:  # float rows: gathered in neuron order into one buffer kept for the purpose (a fresh
+                # gather of ~10 MB a layer was kept by glibc: +60-75 MiB RSS on SmolLM2 under a budget)
+                buf = self._gather
+                if buf is None or buf.device != dev or buf.dtype != rows.dtype or buf.shape[1:] != rows.shape[1:]:
+                    buf = self._gather = torch.empty((self._max_capacity, *rows.shape[1:]), dtype=rows.dtype, device=dev)
+                torch.index_select(rows, 0, torch.from_numpy(slots).to(dev), out=buf[:n])
+                out = block.ffn(ffn_in, buf[:n], torch.from_numpy(needed).to(dev))
             out = block.combine(residual, out)
-        self._compute_event(layer, token, t0, int(rows.shape[0]))
+        self._compute_event(layer, token, t0, n)
         return out
 
     def _compute_event(self, layer: int, token: int, t0: float, rows: int) -> None:
@@ -244,9 +197,9 @@ class SparseRunner:
         if self.trace is not None:
             self.trace.emit("compute", token, layer=layer, start=t0, end=time.perf_counter(), rows=rows)
 
-    def _ffn_head(self, layer: int, residual: torch.Tensor, ffn_in: torch.Tensor, needed: np.ndarray, token: int,
-                  early: tuple[torch.Tensor, np.ndarray] | None) -> torch.Tensor:
-        x = self._ffn(layer, residual, ffn_in, needed, token, early)
+    def _ffn_head(self, layer: int, residual: torch.Tensor, ffn_in: torch.Tensor, needed: np.ndarray,
+                  token: int) -> torch.Tensor:
+        x = self._ffn(layer, residual, ffn_in, needed, token)
         with torch.inference_mode():
             return self.model.head(x[-1:])[-1]
 
@@ -322,7 +275,6 @@ class SparseRunner:
         spec_hits = spec_needed = 0
         predicted: np.ndarray | None = None
         deferred = touch = None  # ("post", layer, Touch): a fast-path layer's bookkeeping, sent after its FFN
-        early: tuple[torch.Tensor, np.ndarray] | None = None
         residual, ffn_in, exact, spec = self._attend(0, x, kv, pos)
         for layer in range(n_layers):
             if predicted is not None:  # this layer's set was predicted one layer early
@@ -358,30 +310,20 @@ class SparseRunner:
                 steps.append(LayerStep(int(marks.size), int(marks.size), 0, 0, 0.0))
             else:
                 t_ask = time.perf_counter()
-                held_part = None
                 if (not self.inline and self.reuse and actor.idle()
                         and cache.num_used + n_missing <= cache.capacity):
-                    # Reads in flight or to start, room to append them: send the step without
-                    # waiting for an answer (its update appends, moves no row) and compute over
-                    # the rows already there meanwhile; evict after the FFN. (Inline on the
-                    # loop the actor could not start the reads until this compute is done.)
-                    held, pending = cache.neuron_of[: cache.num_used].copy(), cache.pending_slots()
+                    # Reads to start, room to append them: send the step without waiting for the
+                    # actor's first answer (its update appends, moves no row); evict after the FFN.
                     yield "fetch", layer, marks
                     self.fetch_steps += 1
-                    held_part = self._ffn_held(layer, ffn_in, needed, pending, held, token)
                     touch = None if cache.lazy else ("post", layer, Tidy(token))  # (lazy: nothing to evict)
                     waits: tuple[tuple[float, float], ...] = ()
                 else:
-                    pending, held = yield "ask", layer, marks  # answered once the layer's reads are in flight
-                    t_wait = time.perf_counter()
-                    early = self._ffn_early(layer, ffn_in, needed, pending, held, token) if pending.size else None
-                    waits = ((t_ask, t_wait),)
+                    yield "ask", layer, marks  # answered once the layer's reads are in flight
+                    waits = ((t_ask, time.perf_counter()),)
                 t_block = time.perf_counter()
-                step = yield "wait", layer
+                step = yield "wait", layer  # every read committed: the FFN below reads only valid rows
                 t_done = time.perf_counter()
-                if held_part is not None:  # every read is committed now: the rows still to add
-                    part, computed = held_part
-                    early = (part, cache.slot_of[needed[~self._in_set(needed, computed)]])
                 waits += ((t_block, t_done),)
                 steps.append(dataclasses.replace(step, read_wait_ms=sum(b - a for a, b in waits) * 1e3))
                 for a, b in waits:  # when this step was blocked on the actor
@@ -393,11 +335,10 @@ class SparseRunner:
                 yield deferred
             deferred, touch = touch, None
             if layer + 1 < n_layers:
-                x = self._ffn(layer, residual, ffn_in, needed, token, early)
+                x = self._ffn(layer, residual, ffn_in, needed, token)
                 residual, ffn_in, exact, spec = self._attend(layer + 1, x, kv, pos)
             else:
-                logits = self._ffn_head(layer, residual, ffn_in, needed, token, early)
-            early = None
+                logits = self._ffn_head(layer, residual, ffn_in, needed, token)
         if deferred is not None:
             yield deferred
         return logits, steps, spec_hits, spec_needed

@@ -88,3 +88,29 @@ def _full_name(key: str, resident: dict[str, torch.Tensor], n_layers: int) -> st
             prefixes.setdefault(m[1], set()).add(int(m[2]))
     missing = [f"{p}{i}.{key}" for p, have in prefixes.items() for i in range(n_layers) if i not in have]
     return ", ".join(repr(k) for k in missing[:3]) if missing else repr(key)
+
+
+def check_vocab(store: FlashStore, args: Any, tokenizer: Any | None) -> None:
+    """The manifest's vocab_size and eos ids agree with the embedding table and the tokenizer.
+    A manifest re-checksummed with `vocab_size` 100 or an `eos_token_id` of 10**9 used to run
+    silently (ids beyond the vocabulary sampled, EOS never seen): refused at open, by name."""
+    vocab = args.vocab_size
+    eos = store.manifest.config.get("eos_token_id")
+    for i in eos if isinstance(eos, list) else [] if eos is None else [eos]:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab:
+            raise CheckpointFormatError(f"{store.path}: eos_token_id {i!r} in its manifest is outside the vocabulary "
+                                        f"[0, {vocab}); {FIX}")
+    path = store._resolve(store.manifest.resident.path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            rows = {k: f.get_slice(k).get_shape()[0] for k in f.keys()
+                    if k.endswith(("embed_tokens.weight", "embed_tokens.weight.qdata"))}
+    except (SafetensorError, OSError, ValueError, AttributeError, IndexError) as e:
+        raise CheckpointFormatError(f"{store.path}: resident tensors unreadable ({e}); {FIX}") from None
+    for k, n in rows.items():
+        if n != vocab:
+            raise CheckpointFormatError(f"{store.path}: vocab_size {vocab} in its manifest does not match {k} "
+                                        f"({n} rows); {FIX}")
+    if tokenizer is not None and len(tokenizer) > vocab:
+        raise CheckpointFormatError(f"{store.path}: its tokenizer has {len(tokenizer)} tokens but vocab_size is "
+                                    f"{vocab}; {FIX}")

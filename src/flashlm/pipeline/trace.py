@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from flashlm.errors import TraceFormatError
+from flashlm.errors import ConfigError, TraceFormatError
 
 SCHEMA = "flashlm-trace"
 SCHEMA_VERSION = 1
@@ -65,7 +65,9 @@ class TraceSink:
         # and a new PATH starts with the header again, so a trace holds at most 2 x max_bytes.
         self.max_bytes = max_bytes
         self.rotations = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.parent.is_dir():  # a typo'd directory is the user's to fix, not ours to create
+            raise ConfigError(f"trace file {self.path}: its directory {self.path.parent} does not exist; "
+                              f"create it or choose another --trace FILE")
         self._file = open(self.path, "wb", buffering=1 << 20)  # noqa: SIM115 - closed in close()
         self._q: deque[tuple[str, int, dict[str, Any]]] = deque()
         self._rid: dict[int, Any] = {}  # token -> request id

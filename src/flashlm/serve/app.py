@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -38,7 +38,8 @@ from flashlm.serve.sse import Outcome, RunEventResponse
 
 log = get_logger(__name__)
 T = TypeVar("T")
-MAX_BODY_BYTES = 16 * 2**20
+MAX_BODY_BYTES = 16 * 2**20  # the most any body may be, whatever the context
+BODY_BYTES_PER_TOKEN = 64  # a body's limit per context token (JSON escapes of a token's text fit well inside)
 
 
 class JSONResponse(Response):
@@ -91,6 +92,14 @@ class ServerState:
         self.draining = False
         self.unavailable: str | None = None  # why the engine cannot serve (it died or was closed)
         self.counts = {"served": 0, "cancelled": 0, "failed": 0, "rejected": 0, "tokens": 0}
+        # Limits checked before any work (issue 30: one 15 MB body stalled /health for 13.7 s while it
+        # was tokenised on the loop): the body's bytes, and a text prompt's characters - no token
+        # spans more characters than the vocabulary's longest entry, so a prompt longer than
+        # max_context times that cannot fit, and is refused without tokenising it.
+        self.max_body = min(MAX_BODY_BYTES, max(2**20, BODY_BYTES_PER_TOKEN * engine.max_context))
+        tok = getattr(engine, "tokenizer", None)
+        longest = max((len(t) for t in tok.get_vocab()), default=1) if tok is not None else 1
+        self.max_prompt_chars = engine.max_context * max(longest, 1)
 
     # -- checks -------------------------------------------------------------------------------
     def authorize(self, request: Request) -> None:
@@ -107,6 +116,15 @@ class ServerState:
             raise shutting_down()
         if self.unavailable is not None:
             raise APIError(503, self.unavailable, type="server_error", code="engine_unavailable")
+
+    def check_prompt_size(self, req: ParsedRequest) -> None:
+        p = req.prompt
+        chars = len(p) if isinstance(p, str) else sum(len(m.get("content", "")) for m in p if isinstance(m, dict))
+        if chars > self.max_prompt_chars:
+            raise APIError(400, f"the prompt is {chars} characters; the context holds {self.engine.max_context} "
+                           f"tokens and no token covers more than {self.max_prompt_chars // self.engine.max_context} "
+                           f"characters, so it cannot fit: shorten it", param=req.prompt_param,
+                           code="context_length_exceeded")
 
     def check_model(self, name: str) -> None:
         if name not in self.names:
@@ -181,16 +199,23 @@ def _state(request: Request) -> ServerState:
     return request.app.state.flashlm
 
 
-async def _json_body(request: Request) -> Any:
-    too_large = APIError(413, f"the request body is over {MAX_BODY_BYTES} bytes", code="request_too_large")
-    if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-        raise too_large
-    parts, size = [], 0
-    async for part in request.stream():
-        size += len(part)
-        if size > MAX_BODY_BYTES:
+async def _json_body(request: Request, limit: int) -> Any:
+    too_large = APIError(413, f"the request body is over {limit} bytes (this server's limit for its context)",
+                         code="request_too_large")
+    try:
+        if int(request.headers.get("content-length") or 0) > limit:
             raise too_large
-        parts.append(part)
+    except ValueError:
+        raise bad_request("the Content-Length header is not a number", None, "invalid_request") from None
+    parts, size = [], 0
+    try:
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise too_large
+            parts.append(part)
+    except ClientDisconnect:  # the client left mid-body: one log line (in _generate), no traceback
+        raise ClientGoneError from None
     raw = b"".join(parts)
     try:
         return orjson.loads(raw)
@@ -208,16 +233,16 @@ async def _generate(request: Request, parse: Callable[[Any], ParsedRequest], sha
     try:
         s.authorize(request)
         s.check_serving()
-        req = parse(await _json_body(request))
-        s.check_model(req.model)
         try:
-            stream = s.engine.stream(req.prompt, max_tokens=req.max_tokens or s.engine.max_context,
-                                     temperature=req.temperature, top_p=req.top_p, seed=req.seed,
-                                     stop=req.stop or None)
-        except FlashLMError as e:
-            if isinstance(e, EngineDeadError | EngineClosedError):
-                s.unavailable = str(e)
-            raise from_engine(e, req.prompt_param) from None
+            body = await _json_body(request, s.max_body)
+        except ClientGoneError:
+            log.info("request abandoned: the client disconnected before sending its whole body",
+                     path=request.url.path)
+            s.counts["cancelled"] += 1
+            return Response(status_code=499)
+        req = parse(body)
+        s.check_model(req.model)
+        s.check_prompt_size(req)  # before admission and tokenising: a prompt that cannot fit costs nothing
         t0 = time.perf_counter()
         try:
             slot = await until_disconnected(request, s.admission.acquire())
@@ -229,13 +254,25 @@ async def _generate(request: Request, parse: Callable[[Any], ParsedRequest], sha
         if s.draining:  # the shutdown began while this request was being admitted
             slot.release()
             raise shutting_down()
+        queue_ms = (time.perf_counter() - t0) * 1e3
+        try:  # tokenising (and the chat template) off the event loop: /health and the streams stay live
+            stream = await asyncio.to_thread(
+                s.engine.stream, req.prompt, max_tokens=req.max_tokens or s.engine.max_context,
+                temperature=req.temperature, top_p=req.top_p, seed=req.seed, stop=req.stop or None)
+        except BaseException as e:
+            slot.release()
+            if isinstance(e, EngineDeadError | EngineClosedError):
+                s.unavailable = str(e)
+            if isinstance(e, FlashLMError):
+                raise from_engine(e, req.prompt_param) from None
+            raise
     except APIError as e:
         return s.reject(request, e)
     except ClientGoneError:
         log.info("request abandoned in the queue: the client disconnected", path=request.url.path)
         s.counts["cancelled"] += 1
         return Response(status_code=499)
-    run = s.start(stream, slot, queue_ms=(time.perf_counter() - t0) * 1e3)
+    run = s.start(stream, slot, queue_ms=queue_ms)
     shape = shape_cls(s.model_id, req.include_usage)
     headers = {"x-request-id": shape.id}
     if req.stream:

@@ -49,6 +49,8 @@ def add_parser(subparsers: Any, *, engine_options: Sequence[Callable[[argparse.A
                    help="requests waiting for a turn beyond those; more are answered 429 (default 32)")
     g.add_argument("--shutdown-timeout", type=float, default=10.0, metavar="S",
                    help="seconds a shutdown waits for connections to close (default 10)")
+    g.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                   help="seconds a new connection has to send its request's headers before it is closed (default 10)")
     for add in engine_options:
         add(p)
     p.set_defaults(func=lambda a: cmd_serve(a, engine_config))
@@ -66,7 +68,7 @@ def cmd_serve(a: argparse.Namespace, engine_config: Callable[[argparse.Namespace
     config = engine_config(a) if engine_config is not None else None
     settings = ServeSettings(host=a.host, port=a.port, model_name=a.model_name, api_key=a.api_key,
                              max_concurrent=a.max_concurrent, max_queue=a.max_queue,
-                             shutdown_timeout=a.shutdown_timeout)
+                             shutdown_timeout=a.shutdown_timeout, header_timeout=a.header_timeout)
     coro = serve(a.model, config, settings, progress=not getattr(a, "quiet", False))
     try:
         import uvloop

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import math
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from flashlm import Engine
 from flashlm.builtin import is_builtin
@@ -26,6 +28,29 @@ from flashlm.log import get_logger
 from flashlm.serve.app import ServerState, build_app
 
 log = get_logger(__name__)
+HEADER_TIMEOUT_S = 10.0  # a connection that has not sent a request's headers by then is closed
+KEEP_ALIVE_S = 5  # uvicorn's timeout_keep_alive: an idle connection between requests is closed after it
+
+
+class _H11WithHeaderTimeout(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose first request's headers have not all
+    arrived within HEADER_TIMEOUT_S (uvicorn 0.54 times out only idle keep-alive connections:
+    a half-open client, or one that trickles its headers, held a connection forever). h11 also
+    caps incomplete headers at 16 KiB (h11_max_incomplete_event_size, uvicorn's default)."""
+
+    header_timeout = HEADER_TIMEOUT_S
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_overdue)
+
+    def _headers_overdue(self) -> None:
+        if self.cycle is None and not self.transport.is_closing():  # no request has begun on it
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._header_timer.cancel()
+        super().connection_lost(exc)
 
 
 @dataclass(frozen=True)
@@ -37,10 +62,22 @@ class ServeSettings:
     max_concurrent: int = 8  # requests on the engine at once (their token steps interleave)
     max_queue: int = 32  # requests waiting beyond those; more get 429
     shutdown_timeout: float = 10.0  # seconds a shutdown waits for connections before cancelling them
+    header_timeout: float = HEADER_TIMEOUT_S  # seconds a new connection has to send its request's headers
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is not in [0, 65535]")
+        if self.api_key is not None and not self.api_key.strip():
+            # an empty key used to count as auth on (and silence the warning below) while accepting
+            # `Authorization: Bearer ` with nothing after it
+            raise ConfigError("--api-key must not be empty (nor FLASHLM_API_KEY): pass a key, or unset it to "
+                              "serve without one")
+        if not (isinstance(self.shutdown_timeout, int | float) and math.isfinite(self.shutdown_timeout)
+                and self.shutdown_timeout >= 0):
+            raise ConfigError(f"--shutdown-timeout must be a number of seconds >= 0, got {self.shutdown_timeout!r}")
+        if not (isinstance(self.header_timeout, int | float) and math.isfinite(self.header_timeout)
+                and self.header_timeout > 0):
+            raise ConfigError(f"--header-timeout must be a number of seconds > 0, got {self.header_timeout!r}")
         if self.max_concurrent < 1 or self.max_queue < 0:
             raise ConfigError(f"max_concurrent must be >= 1 and max_queue >= 0, got {self.max_concurrent}, "
                               f"{self.max_queue}")
@@ -114,6 +151,8 @@ async def serve(model: str, config: Any, settings: ServeSettings, *, progress: b
         app = build_app(state, on_shutdown=engine.aclose)
         config_ = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                                  lifespan="on", ws="none", server_header=False,
+                                 http=type("_H11", (_H11WithHeaderTimeout,), {"header_timeout": settings.header_timeout}),
+                                 timeout_keep_alive=KEEP_ALIVE_S,
                                  timeout_graceful_shutdown=settings.shutdown_timeout)
         await _Server(config_, state).serve(sockets=[sock])
     finally:
