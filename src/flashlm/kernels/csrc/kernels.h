@@ -59,12 +59,27 @@ typedef struct {
     void (*dequant_q4)(const uint8_t *data, const uint8_t *scale, const uint8_t *min, int64_t G, float *out);
     /* out (d,) += sum_r c[r] * w[r * wstride : r * wstride + d] */
     void (*axpy4_f32)(const float *w, int64_t wstride, const float c[4], float *out, int64_t d);
+    /* the fused FFN's gate and up: dot4 of two blocks in one pass over the activation (NULL: the
+       driver calls dot4 twice) */
+    void (*dot4x2_q8)(const fl_block *b0, const fl_block *b1, const fl_actrow *a, int64_t G, float o0[4], float o1[4]);
+    void (*dot4x2_q4)(const fl_block *b0, const fl_block *b1, const fl_actrow *a, int64_t G, float o0[4], float o1[4]);
 } fl_kernels;
 
 extern const fl_kernels fl_scalar_kernels;
 #if FL_HAVE_AVX2
 extern const fl_kernels fl_avx2_kernels;
+extern const fl_kernels fl_avx512_kernels;
 #endif
+
+/* A persistent pool of compute threads (pool.c): fl_pool_run runs fn(arg, i, nth) for i < nth,
+   i = 0 on the calling thread, and returns when all are done. Workers start on first use and
+   wait for work spinning briefly, then sleeping; a call that finds the pool busy (another
+   thread's call in flight) runs with nth = 1 on its own thread. Returns the nth used. */
+typedef void (*fl_task)(void *arg, int tid, int nth);
+int fl_pool_run(fl_task fn, void *arg, int nth);
+int fl_pool_set_size(int n); /* threads per call, 1..FL_MAX_THREADS; returns the old size */
+int fl_pool_size(void);
+#define FL_MAX_THREADS 256
 
 /* IEEE half -> float without F16C (exact, subnormals included). */
 static inline float fl_h2f(const uint8_t *p) {
