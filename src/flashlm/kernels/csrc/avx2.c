@@ -350,7 +350,7 @@ TGT static void axpy4_f32(const float *w, int64_t ws, const float c[4], float *o
 }
 
 const fl_kernels fl_avx2_kernels = {
-    "avx2", quant_row, dot4_q8, dot4_q4, axpy4_q8, axpy4_q4, dequant_q8, dequant_q4, axpy4_f32, NULL, NULL,
+    "avx2", quant_row, dot4_q8, dot4_q4, axpy4_q8, axpy4_q4, dequant_q8, dequant_q4, axpy4_f32,
 };
 
 #endif

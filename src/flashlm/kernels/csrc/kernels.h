@@ -59,10 +59,6 @@ typedef struct {
     void (*dequant_q4)(const uint8_t *data, const uint8_t *scale, const uint8_t *min, int64_t G, float *out);
     /* out (d,) += sum_r c[r] * w[r * wstride : r * wstride + d] */
     void (*axpy4_f32)(const float *w, int64_t wstride, const float c[4], float *out, int64_t d);
-    /* the fused FFN's gate and up: dot4 of two blocks in one pass over the activation (NULL: the
-       driver calls dot4 twice) */
-    void (*dot4x2_q8)(const fl_block *b0, const fl_block *b1, const fl_actrow *a, int64_t G, float o0[4], float o1[4]);
-    void (*dot4x2_q4)(const fl_block *b0, const fl_block *b1, const fl_actrow *a, int64_t G, float o0[4], float o1[4]);
 } fl_kernels;
 
 extern const fl_kernels fl_scalar_kernels;

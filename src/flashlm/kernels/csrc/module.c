@@ -324,8 +324,7 @@ typedef struct {
     int err;
 } ffn_job;
 
-/* Per block of four listed slots: the gate (fc1) and up dots for every token (one pass over the
-   activation where the path has dot4x2), h, then the down (fc2) rows of the neurons whose h is
+/* Per block of four listed slots: the gate (fc1) and up dots for every token, h, then the down (fc2) rows of the neurons whose h is
    not all zero go to a queue flushed four at a time. Only the bundles at `slots` are touched. */
 static void ffn_part(void *p, int tid, int nth) {
     ffn_job *J = p;
@@ -335,8 +334,6 @@ static void ffn_part(void *p, int tid, int nth) {
     const int gated = J->gated, fn = J->fn;
     const int32_t *slots = J->slots;
     void (*dot4)(const fl_block *, const fl_actrow *, int64_t, float *) = J->fmt == FL_Q8 ? K->dot4_q8 : K->dot4_q4;
-    void (*dot4x2)(const fl_block *, const fl_block *, const fl_actrow *, int64_t, float *, float *) =
-        J->fmt == FL_Q8 ? K->dot4x2_q8 : K->dot4x2_q4;
     const fl_rows *Rin = &J->P[0], *Rup = &J->P[1], *Rout = &J->P[2];
     float *out = tid ? J->priv + (int64_t)(tid - 1) * T * d : J->out;
     const int64_t ostride = tid ? d : J->ostride;
@@ -366,12 +363,8 @@ static void ffn_part(void *p, int tid, int nth) {
         for (int64_t t = 0; t < T; t++) {
             float g[4], u[4];
             const fl_actrow a = act_row(A, t);
-            if (gated && dot4x2)
-                dot4x2(&bg, &bu, &a, G, g, u);
-            else {
-                dot4(&bg, &a, G, g);
-                if (gated) dot4(&bu, &a, G, u);
-            }
+            dot4(&bg, &a, G, g);
+            if (gated) dot4(&bu, &a, G, u);
             for (int r = 0; r < 4; r++) {
                 float hv = 0.0f;
                 if (pos[r] >= 0)

@@ -113,5 +113,5 @@ static void axpy4_f32(const float *w, int64_t ws, const float c[4], float *out, 
 }
 
 const fl_kernels fl_scalar_kernels = {
-    "scalar", quant_row, dot4_q8, dot4_q4, axpy4_q8, axpy4_q4, dequant_q8, dequant_q4, axpy4_f32, NULL, NULL,
+    "scalar", quant_row, dot4_q8, dot4_q4, axpy4_q8, axpy4_q4, dequant_q8, dequant_q4, axpy4_f32,
 };
