@@ -26,6 +26,7 @@ from flashlm.errors import ConfigError, EngineClosedError, EngineDeadError, Memo
 from flashlm.io.reader import BundleReader
 from flashlm.io.store import FlashStore
 from flashlm.kernels import QBundles, QRows
+from flashlm.kernels import set_threads as set_kernel_threads
 from flashlm.log import get_logger
 from flashlm.models.selectors import n_keep
 from flashlm.pipeline.actors import LayerActor
@@ -115,6 +116,8 @@ class Engine:
         self._ram_token = 0  # token clock of traced steps without the sparse runner
 
     def _init_thread(self) -> None:
+        # the kernels' pool splits every quantised product's rows: N threads, default the physical cores
+        set_kernel_threads(self.config.num_threads)
         if self.config.num_threads is not None:
             torch.set_num_threads(self.config.num_threads)
         elif (os.cpu_count() or 1) <= 2:

@@ -21,8 +21,8 @@
 #define CPU_RELAX() ((void)0)
 #endif
 
-/* ~50-100 us of pause before a worker sleeps, and as long for the caller waiting on the rest */
-#define SPINS 20000
+/* ~50-200 us of pause (PAUSE is 40-140 cycles) before a worker sleeps, and as long for the caller waiting on the rest */
+#define SPINS 4000
 
 static pthread_mutex_t g_run = PTHREAD_MUTEX_INITIALIZER; /* one job at a time */
 static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
