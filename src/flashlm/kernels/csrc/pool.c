@@ -32,7 +32,6 @@ static int g_started = 0;          /* workers running (they are tids 1..g_starte
 static int g_size = 1;             /* threads a call uses */
 static atomic_uint g_gen = 0;      /* bumped per job */
 static atomic_int g_left = 0;      /* parts still running */
-static atomic_int g_quit = 0;
 static atomic_int g_sleepers = 0;  /* workers in (or about to enter) pthread_cond_wait */
 static unsigned g_gen0[FL_MAX_THREADS];
 static fl_task g_fn;
@@ -45,19 +44,18 @@ static void *worker(void *p) {
     for (;;) {
         unsigned gen;
         int spins = 0;
-        while ((gen = atomic_load_explicit(&g_gen, memory_order_acquire)) == seen && !atomic_load(&g_quit)) {
+        while ((gen = atomic_load_explicit(&g_gen, memory_order_acquire)) == seen) {
             if (++spins < SPINS) {
                 CPU_RELAX();
                 continue;
             }
             pthread_mutex_lock(&g_mu);
             atomic_fetch_add(&g_sleepers, 1);
-            while (atomic_load(&g_gen) == seen && !atomic_load(&g_quit)) pthread_cond_wait(&g_wake, &g_mu);
+            while (atomic_load(&g_gen) == seen) pthread_cond_wait(&g_wake, &g_mu);
             atomic_fetch_sub(&g_sleepers, 1);
             pthread_mutex_unlock(&g_mu);
             spins = 0;
         }
-        if (atomic_load(&g_quit)) return NULL;
         seen = gen;
         if (tid < g_nth) {
             g_fn(g_arg, tid, g_nth);
@@ -68,17 +66,7 @@ static void *worker(void *p) {
             }
         }
     }
-}
-
-static void stop_workers(void) {
-    if (!g_started) return;
-    pthread_mutex_lock(&g_mu);
-    atomic_store(&g_quit, 1);
-    pthread_cond_broadcast(&g_wake);
-    pthread_mutex_unlock(&g_mu);
-    for (int i = 1; i <= g_started; i++) pthread_join(g_thr[i], NULL);
-    g_started = 0;
-    atomic_store(&g_quit, 0);
+    return NULL; /* not reached: workers live as long as the process */
 }
 
 static int start_workers(int n) { /* tids 1..n-1; returns how many threads a call can use */
@@ -148,8 +136,7 @@ int fl_pool_set_size(int n) {
     n = n < 1 ? 1 : (n > FL_MAX_THREADS ? FL_MAX_THREADS : n);
     pthread_mutex_lock(&g_run);
     const int old = g_size;
-    if (n < g_started + 1) stop_workers(); /* fewer threads: let the extra ones go */
-    g_size = n;
+    g_size = n; /* workers past n stay, asleep after their spin, for the next larger size */
     pthread_mutex_unlock(&g_run);
     return old;
 }
