@@ -36,7 +36,8 @@ LIPSCHITZ = {"silu": 1.1, "gelu_tanh": 1.13, "gelu": 1.13, "relu": 1.0}
 def backend(request):
     """Every path, by name; a C path this CPU (or build) lacks is skipped, saying which and why."""
     if request.param not in K.available_backends():
-        pytest.skip(f"{request.param} path not available here ({ops.NEEDS.get(request.param, 'the extension')} missing)")
+        needs = ops.NEEDS.get(request.param, "the extension")
+        pytest.skip(f"{request.param} path not available here ({needs} missing)")
     with K.use_backend(request.param):
         yield request.param
 

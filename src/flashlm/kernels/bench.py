@@ -21,6 +21,7 @@ import json
 import platform
 import re
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -173,7 +174,8 @@ def bench_ffn(d: int, d_ff: int, layers: int, passes: int, seed: int, paths: lis
     for p in paths:
         with K.use_backend(p):
             ours = K.ffn_gated("q4", b4, lay4, "silu", act, slots, torch.zeros(1, d))
-        checks[f"ffn q4 {p} vs ref"] = _rel(ours, K.ffn_gated_ref("q4", b4, lay4, "silu", act, slots, torch.zeros(1, d)))
+        want = K.ffn_gated_ref("q4", b4, lay4, "silu", act, slots, torch.zeros(1, d))
+        checks[f"ffn q4 {p} vs ref"] = _rel(ours, want)
     methods: dict[str, Callable[[int], object]] = {
         "ffn fp32 F.linear x3": lambda i: dense(fp32[i], x),
         "ffn fp16 F.linear x3": lambda i: dense(fp16[i], x16),
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{a.passes} interleaved passes; gb_s = weight bytes / median wall ms, gb_s_best / the best pass "
                 f"(table_gb_s); cpu_ms = "
                 f"process CPU time (all threads); baselines on one torch thread",
-        "command": "python -m flashlm.kernels.bench " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
+        "command": "python -m flashlm.kernels.bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "default_path": old_backend,
         "machine": {"cpu": cpu, "flags": _flags(), "physical_cores": K.physical_cores(),
                     "python": platform.python_version(), "torch": torch.__version__},

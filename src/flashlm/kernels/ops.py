@@ -364,6 +364,7 @@ def ffn_ungated(fmt: str, bundles: Tensor, parts: BundleLayout, act_fn: str, act
 
 
 __all__ = [
-    "BACKENDS", "NEEDS", "available_backends", "physical_cores", "set_threads", "threads", "use_threads", "axpy", "backend", "dequantize_bundles", "dequantize_rows", "ffn_gated", "ffn_ungated", "gemv",
+    "BACKENDS", "NEEDS", "available_backends", "physical_cores", "set_threads", "threads", "use_threads", "axpy",
+    "backend", "dequantize_bundles", "dequantize_rows", "ffn_gated", "ffn_ungated", "gemv",
     "quantize_activations", "set_backend", "use_backend",
 ]

@@ -270,7 +270,8 @@ TGT static void axpy4_q4(const fl_block *b, const float c[4], float *out, int64_
         __m512 m = _mm512_setzero_ps();
         for (int r = 0; r < 4; r++) {
             _mm512_store_ps(cb[r], _mm512_mul_ps(load16h(b->scale[r] + 2 * g), h[r]));
-            m = r ? _mm512_fmadd_ps(load16h(b->min[r] + 2 * g), h[r], m) : _mm512_mul_ps(load16h(b->min[0] + 2 * g), h[0]);
+            const __m512 mr = load16h(b->min[r] + 2 * g);
+            m = r ? _mm512_fmadd_ps(mr, h[r], m) : _mm512_mul_ps(mr, h[0]);
         }
         _mm512_store_ps(mb, m);
         for (int k = 0; k < 16; k++) {

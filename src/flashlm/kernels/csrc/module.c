@@ -324,8 +324,9 @@ typedef struct {
     int err;
 } ffn_job;
 
-/* Per block of four listed slots: the gate (fc1) and up dots for every token, h, then the down (fc2) rows of the neurons whose h is
-   not all zero go to a queue flushed four at a time. Only the bundles at `slots` are touched. */
+/* Per block of four listed slots: the gate (fc1) and up dots for every token, h, then the down
+   (fc2) rows of the neurons whose h is not all zero go to a queue flushed four at a time. Only
+   the bundles at `slots` are touched. */
 static void ffn_part(void *p, int tid, int nth) {
     ffn_job *J = p;
     const fl_kernels *K = J->K;

@@ -21,7 +21,8 @@
 #define CPU_RELAX() ((void)0)
 #endif
 
-/* ~50-200 us of pause (PAUSE is 40-140 cycles) before a worker sleeps, and as long for the caller waiting on the rest */
+/* ~50-200 us of pause (PAUSE is 40-140 cycles) before a worker sleeps, and as long for the
+   caller waiting on the rest */
 #define SPINS 4000
 
 static pthread_mutex_t g_run = PTHREAD_MUTEX_INITIALIZER; /* one job at a time */
