@@ -1,7 +1,8 @@
 """Build of the optional C extension flashlm.kernels._ext; everything else is in pyproject.toml.
 
-Plain C, no torch headers. The AVX2 path uses per-function target attributes (no
--march=native), so one build runs on any x86-64 and picks its path at run time. The extension
+Plain C, no torch headers. The AVX2 and AVX-512 paths use per-function target attributes (no
+-march=native), so one build runs on any x86-64 and picks its path at run time. pool.c (the
+kernels' thread pool) needs POSIX threads; elsewhere the kernels run on the calling thread. The extension
 is optional: without a compiler flashlm still installs and flashlm.kernels uses its torch
 reference (`flashlm.kernels.backend()` says which path is in use).
 """
@@ -18,9 +19,12 @@ class BuildExt(build_ext):
             flags = ["/O2", "/fp:precise"]
         else:
             # -ffp-contract=off: dequantisation must round exactly like torch's separate mul and add
-            flags = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas"]
+            flags = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fno-math-errno", "-Wall", "-Wno-unknown-pragmas",
+                     "-pthread"]
         for ext in self.extensions:
             ext.extra_compile_args = flags
+            if self.compiler.compiler_type != "msvc":
+                ext.extra_link_args = ["-pthread"]
         super().build_extensions()
 
 
@@ -28,7 +32,7 @@ setup(
     ext_modules=[
         Extension(
             "flashlm.kernels._ext",
-            sources=[f"{CSRC}/module.c", f"{CSRC}/scalar.c", f"{CSRC}/avx2.c"],
+            sources=[f"{CSRC}/module.c", f"{CSRC}/pool.c", f"{CSRC}/scalar.c", f"{CSRC}/avx2.c", f"{CSRC}/avx512.c"],
             depends=[f"{CSRC}/kernels.h"],
             include_dirs=[CSRC],
             optional=True,

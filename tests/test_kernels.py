@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -25,13 +26,18 @@ from flashlm.kernels import ops
 from flashlm.kernels.reference import ACT_FNS
 
 EPS = torch.finfo(torch.float32).eps
-C_BACKENDS = [b for b in ("avx2", "scalar") if b in K.available_backends()]
+ALL_C = ("avx512", "avx2", "scalar")  # every C path there is, fastest first
+C_BACKENDS = [b for b in ALL_C if b in K.available_backends()]
 BACKENDS = C_BACKENDS + ["torch"]
 LIPSCHITZ = {"silu": 1.1, "gelu_tanh": 1.13, "gelu": 1.13, "relu": 1.0}
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=list(ALL_C) + ["torch"])
 def backend(request):
+    """Every path, by name; a C path this CPU (or build) lacks is skipped, saying which and why."""
+    if request.param not in K.available_backends():
+        needs = ops.NEEDS.get(request.param, "the extension")
+        pytest.skip(f"{request.param} path not available here ({needs} missing)")
     with K.use_backend(request.param):
         yield request.param
 
@@ -135,8 +141,9 @@ def make_idx(n: int, k: int, seed: int) -> torch.Tensor:
     return torch.randint(0, n, (k,), generator=g, dtype=torch.int32)  # repeats and any order
 
 
-CASES = [  # (T, n, d): odd n (not a multiple of 4), d with and without a tail of < 8 groups
-    (1, 7, 288), (3, 13, 96), (17, 5, 544), (1, 1, 32), (2, 9, 256), (3, 11, 1056),
+CASES = [  # (T, n, d): odd n (not a multiple of 4), d with and without a tail of < 8 groups; for
+    # the AVX-512 loops (16 groups, then 4, then 1) G = 9, 3, 17, 1, 8, 33 and 22 (16 + 4 + 2)
+    (1, 7, 288), (3, 13, 96), (17, 5, 544), (1, 1, 32), (2, 9, 256), (3, 11, 1056), (2, 6, 704),
 ]
 
 
@@ -412,9 +419,9 @@ def test_ffn_gated_all_zero_h_leaves_out_untouched():
 
 
 def test_backends_agree_on_a_larger_layer():
-    """AVX2 and portable C on a model-sized shape, T = 1 and 5 (the blocking paths)."""
+    """Every C path against portable C on a model-sized shape, T = 1 and 5 (the blocking paths)."""
     if len(C_BACKENDS) < 2:
-        pytest.skip("AVX2 path not available on this CPU")
+        pytest.skip(f"only {C_BACKENDS} available on this CPU")
     lay, b, parts = make_bundles("q4", K.GATED_PARTS, 300, 1536, 3)
     slots = make_idx(300, 150, 1)
     for T in (1, 5):
@@ -423,7 +430,8 @@ def test_backends_agree_on_a_larger_layer():
         for be in C_BACKENDS:
             with K.use_backend(be):
                 outs.append(K.ffn_gated("q4", b, lay, "silu", K.quantize_activations(x), slots, torch.zeros(T, 1536)))
-        assert (outs[0] - outs[1]).abs().max() <= 1e-4 * outs[1].abs().max()
+        for be, o in zip(C_BACKENDS, outs):
+            assert (o - outs[-1]).abs().max() <= 1e-4 * outs[-1].abs().max(), be
 
 
 @pytest.mark.skipif(not C_BACKENDS, reason="extension not built")
@@ -529,8 +537,12 @@ def test_ffn_argument_validation():
 
 def test_backend_selection():
     assert K.backend() in K.available_backends()
-    if "avx2" in K.available_backends():
-        assert K.backend() == "avx2"  # the default is the fastest path
+    assert K.backend() == K.available_backends()[0]  # the default is the fastest path
+    assert K.available_backends() == tuple(b for b in K.BACKENDS if b in K.available_backends())  # fastest first
+    for b in ALL_C:
+        if b not in K.available_backends():
+            with pytest.raises(ValueError, match=f"not available here.*{K.NEEDS.get(b, 'built')}"):
+                K.set_backend(b)
     with K.use_backend("scalar"):
         assert K.backend() == "scalar"
     with pytest.raises(ValueError, match="unknown kernel backend"):
@@ -539,6 +551,83 @@ def test_backend_selection():
     code = "from flashlm import kernels as K; print(K.backend())"
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "scalar"
+
+
+# ---- threads ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def split_small_calls():
+    """Every call with two or more blocks of four rows splits across the pool (the default
+    leaves calls under 16 blocks a thread on one thread)."""
+    old = ops._ext._min_blocks(1)
+    yield
+    ops._ext._min_blocks(old)
+
+
+@pytest.mark.parametrize("fmt", K.FORMATS)
+def test_threads_split_rows_within_the_bounds(backend, fmt, split_small_calls):
+    """1, 2 and 3 threads: gemv and dequantise write each row once, so they are bit-identical
+    to one thread; axpy and the FFN add per-thread partial sums, so they differ only in fp32
+    summation order and stay within the same bounds as one thread."""
+    T, n, d = 2, 37, 288
+    rows = K.quantize(fmt, make_w("random", n, d, 3))
+    x = make_x("random", T, d, 4)
+    act = K.quantize_activations(x)
+    idx = make_idx(n, n + 5, 1)
+    h = torch.randn(T, idx.numel())
+    lay, b, parts = make_bundles(fmt, K.GATED_PARTS, n + 2, d, 2, stride=lay_stride(fmt, d))
+    slots = make_idx(n + 2, n, 0)
+    with K.use_threads(1):
+        y1, e1 = K.gemv(fmt, rows, act, idx), K.dequantize_rows(fmt, rows, idx)
+    for nth in (2, 3):
+        with K.use_threads(nth):
+            assert K.threads() == nth
+            assert torch.equal(K.gemv(fmt, rows, act, idx), y1) and torch.equal(K.dequantize_rows(fmt, rows, idx), e1)
+            got = K.axpy(fmt, rows, h, torch.zeros(T, d), idx).double()
+            want = h.double() @ K.dequantize_rows_ref(fmt, rows, idx).double()
+            k = idx.numel()
+            assert ((got - want).abs() <= (k + 8) * EPS * (h.double().abs() @ abs_parts(fmt, rows, idx))).all(), nth
+            out = K.ffn_gated(fmt, b, lay, "silu", act, slots, torch.zeros(T, d))
+            check_ffn_against_fp64(fmt, parts, "silu", act, slots, torch.zeros(T, d), out)
+
+
+def test_threads_setting():
+    assert K.threads() >= 1 and K.physical_cores() >= 1
+    with K.use_threads(None):
+        assert K.threads() == K.physical_cores()  # the default
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="positive int"):
+            K.set_threads(bad)
+    env = {**os.environ, "FLASHLM_KERNEL_THREADS": "3"}
+    code = "from flashlm import kernels as K; print(K.threads())"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "3"
+
+
+def test_threads_after_fork(split_small_calls):
+    """A forked child has none of the parent's pool threads: its first call starts its own
+    instead of waiting for workers that do not exist there."""
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    rows = K.quantize("q8", make_w("random", 64, 256, 0))
+    act = K.quantize_activations(make_x("random", 1, 256, 0))
+    with K.use_threads(2):
+        want = K.gemv("q8", rows, act)  # the parent's pool is running
+        r, w = os.pipe()
+        with warnings.catch_warnings():  # Python 3.12+ warns on fork() in a multi-threaded process
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:  # child: compute, report, leave without running pytest's teardown
+            ok = torch.equal(K.gemv("q8", rows, act), want)
+            os.write(w, b"1" if ok else b"0")
+            os._exit(0)
+        os.close(w)
+        try:
+            _, status = os.waitpid(pid, 0)
+            assert os.read(r, 1) == b"1" and os.waitstatus_to_exitcode(status) == 0
+        finally:
+            os.close(r)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -42,7 +42,8 @@ def engine_options(p: argparse.ArgumentParser) -> None:
     """Where the engine runs; shared by run and chat."""
     g = p.add_argument_group("engine")
     g.add_argument("--device", default="cpu", help="cpu (default), cuda or mps")
-    g.add_argument("--threads", type=int, default=None, metavar="N", help="torch threads (default: 1 on <=2 CPUs)")
+    g.add_argument("--threads", type=int, default=None, metavar="N", help="compute threads: the quantised kernels' rows split across N, and torch's "
+                   "(default: kernels on the physical cores, torch 1 on <=2 CPUs)")
     g.add_argument("--store-dtype", default=None, choices=list(STORE_DTYPES),
                    help="dtype when converting a built-in model on first use (default: the model's own, "
                    "see flashlm pull --list)")

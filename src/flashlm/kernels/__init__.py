@@ -1,6 +1,7 @@
-"""Quantised-weight kernels: the q8 / q4 row formats, their ops on CPU in C (AVX2 or portable
-scalar, picked at run time) and a pure-torch reference for each op, which is also the path for
-CUDA/MPS tensors and for installs without the compiled extension.
+"""Quantised-weight kernels: the q8 / q4 row formats, their ops on CPU in C (AVX-512 VNNI, AVX2
+or portable scalar, picked at run time; rows split across a thread pool) and a pure-torch
+reference for each op, which is also the path for CUDA/MPS tensors and for installs without the
+compiled extension.
 
     rows = quantize("q4", w)                  # w (n, d) fp32 -> QRows
     act = quantize_activations(x)             # x (T, d) fp32 -> QAct (int8 per group of 32)
@@ -8,7 +9,8 @@ CUDA/MPS tensors and for installs without the compiled extension.
     axpy("q4", rows, h, out, idx)             # out (T, d) += h @ W[idx]
     ffn_gated("q4", bundles, layout, "silu", act, slots, out)
 
-`backend()` says which path CPU tensors take ("avx2", "scalar" or "torch").
+`backend()` says which path CPU tensors take ("avx512", "avx2", "scalar" or "torch"), `threads()`
+how many threads each call uses (`set_threads(n)`; default the physical cores).
 
 Modules: `formats` (names, sizes and bundle layout: torch-free), `qtensors` (QRows, QBundles,
 QAct), `quantizers` (every weight quantiser), `ops` (the validated ops), `reference` (the torch
@@ -26,8 +28,9 @@ _HOME = {
                 "data_bytes", "kernel_format", "row_bytes"),
     "qtensors": ("QAct", "QBundles", "QRows", "pack_bundle", "unpack_bundle"),
     "quantizers": ("quantize",),
-    "ops": ("ACT_ALIASES", "BACKENDS", "available_backends", "axpy", "backend", "dequantize_bundles", "dequantize_rows",
-            "ffn_gated", "ffn_ungated", "gemv", "quantize_activations", "set_backend", "use_backend"),
+    "ops": ("ACT_ALIASES", "BACKENDS", "NEEDS", "available_backends", "axpy", "backend", "dequantize_bundles",
+            "dequantize_rows", "ffn_gated", "ffn_ungated", "gemv", "physical_cores", "quantize_activations",
+            "set_backend", "set_threads", "threads", "use_backend", "use_threads"),
     "reference": ("axpy_ref", "dequantize_rows_ref", "ffn_gated_ref", "ffn_ungated_ref", "gemv_ref",
                   "quantize_activations_ref"),
 }
@@ -39,8 +42,9 @@ if TYPE_CHECKING:
         row_bytes,
     )
     from flashlm.kernels.ops import (
-        ACT_ALIASES, BACKENDS, available_backends, axpy, backend, dequantize_bundles, dequantize_rows, ffn_gated,
-        ffn_ungated, gemv, quantize_activations, set_backend, use_backend,
+        ACT_ALIASES, BACKENDS, NEEDS, available_backends, axpy, backend, dequantize_bundles, dequantize_rows,
+        ffn_gated, ffn_ungated, gemv, physical_cores, quantize_activations, set_backend, set_threads, threads,
+        use_backend, use_threads,
     )
     from flashlm.kernels.qtensors import QAct, QBundles, QRows, pack_bundle, unpack_bundle
     from flashlm.kernels.quantizers import quantize

@@ -1,9 +1,14 @@
 """The public ops: validate, then run the C kernel (CPU tensors, extension present) or the
 torch reference (anything else). The C side trusts what it is given: every check is here.
 
-Backends: "avx2" (AVX2+FMA+F16C, chosen at run time), "scalar" (portable C), "torch" (the
-references). The default is the fastest available; FLASHLM_KERNELS=auto|avx2|scalar|torch
-overrides it at import, `set_backend` at run time.
+Backends: "avx512" (AVX-512 F/BW/VL/DQ + VNNI), "avx2" (AVX2+FMA+F16C), both chosen at run
+time from what the CPU has, "scalar" (portable C), "torch" (the references). The default is the
+fastest available; FLASHLM_KERNELS=auto|avx512|avx2|scalar|torch overrides it at import,
+`set_backend` at run time.
+
+Threads: each C kernel call splits its rows across `threads()` threads of a persistent pool in
+the extension (started on first use, GIL released). The default is the machine's physical cores
+(`physical_cores()`); FLASHLM_KERNEL_THREADS=N overrides it at import, `set_threads` at run time.
 """
 
 from __future__ import annotations
@@ -17,16 +22,18 @@ import torch
 from torch import Tensor
 
 import flashlm.kernels.reference as ref
-from flashlm.kernels.formats import BundleLayout, QBundles, QRows, check_d, check_fmt, unpack_bundle
-from flashlm.kernels.reference import QAct
+from flashlm.kernels.formats import BundleLayout, check_d, check_fmt
+from flashlm.kernels.qtensors import QAct, QBundles, QRows, unpack_bundle
 
 try:  # the compiled module (setup.py); by name, since it has no .py source to import statically
     _ext = importlib.import_module("flashlm.kernels._ext")
 except ImportError:  # built without a compiler: the torch references serve every call
     _ext = None
 
-BACKENDS = ("avx2", "scalar", "torch")
-_IMPL = {"scalar": 1, "avx2": 2}
+BACKENDS = ("avx512", "avx2", "scalar", "torch")
+_IMPL = {"scalar": 1, "avx2": 2, "avx512": 3}
+# what each C path needs from the CPU, for the messages of paths that are not available
+NEEDS = {"avx512": "AVX-512 F/BW/VL/DQ and VNNI", "avx2": "AVX2, FMA and F16C"}
 _FMT = {"q8": 0, "q4": 1}
 _ACT = {"silu": 0, "gelu_tanh": 1, "gelu": 2, "relu": 3}
 # transformers' names for the same functions
@@ -34,9 +41,11 @@ ACT_ALIASES = {"swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "g
 
 
 def available_backends() -> tuple[str, ...]:
+    """The paths this machine can run, fastest first."""
     if _ext is None:
         return ("torch",)
-    return ("avx2", "scalar", "torch") if _ext.has_avx2() else ("scalar", "torch")
+    have = {"avx512": _ext.has_avx512(), "avx2": _ext.has_avx2()}
+    return tuple(b for b in BACKENDS if have.get(b, True))
 
 
 def _resolve(name: str) -> str:
@@ -45,7 +54,7 @@ def _resolve(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown kernel backend {name!r}; choose auto or one of {BACKENDS}")
     if name not in available_backends():
-        why = "the extension flashlm.kernels._ext is not built" if _ext is None else "this CPU lacks AVX2/FMA/F16C"
+        why = "the extension flashlm.kernels._ext is not built" if _ext is None else f"this CPU lacks {NEEDS[name]}"
         raise ValueError(f"kernel backend {name!r} is not available here ({why}); available: {available_backends()}")
     return name
 
@@ -54,7 +63,8 @@ _backend = _resolve(os.environ.get("FLASHLM_KERNELS", "auto"))
 
 
 def backend() -> str:
-    """The path CPU tensors take: "avx2", "scalar" or "torch" (CUDA/MPS tensors always use torch)."""
+    """The path CPU tensors take: "avx512", "avx2", "scalar" or "torch" (CUDA/MPS tensors always
+    use torch)."""
     return _backend
 
 
@@ -72,6 +82,57 @@ def use_backend(name: str) -> Iterator[str]:
         yield _backend
     finally:
         set_backend(old)
+
+
+def physical_cores() -> int:
+    """Cores this process may run on, counting hyper-threads of one core once (Linux sysfs);
+    the usable CPU count where the topology is not readable."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+    cores = set()
+    for c in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list") as f:
+                cores.add(f.read().strip())
+        except OSError:
+            cores.add(str(c))
+    return max(1, len(cores))
+
+
+def threads() -> int:
+    """Threads each C kernel call uses (1 without the extension)."""
+    return 1 if _ext is None else _ext.get_threads()
+
+
+def set_threads(n: int | None) -> int:
+    """Threads per C kernel call (None: `physical_cores()`); returns the previous count."""
+    n = physical_cores() if n is None else n
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"threads must be a positive int, got {n!r}")
+    return 1 if _ext is None else _ext.set_threads(n)
+
+
+@contextmanager
+def use_threads(n: int | None) -> Iterator[int]:
+    old = set_threads(n)
+    try:
+        yield threads()
+    finally:
+        set_threads(old)
+
+
+def _env_threads() -> int | None:
+    v = os.environ.get("FLASHLM_KERNEL_THREADS", "").strip()
+    if not v:
+        return None
+    if not v.isdigit() or int(v) < 1:
+        raise ValueError(f"FLASHLM_KERNEL_THREADS must be a positive integer, got {v!r}")
+    return int(v)
+
+
+set_threads(_env_threads())
 
 
 def _impl(device: torch.device) -> int:
@@ -303,6 +364,7 @@ def ffn_ungated(fmt: str, bundles: Tensor, parts: BundleLayout, act_fn: str, act
 
 
 __all__ = [
-    "BACKENDS", "available_backends", "axpy", "backend", "dequantize_bundles", "dequantize_rows", "ffn_gated", "ffn_ungated", "gemv",
+    "BACKENDS", "NEEDS", "available_backends", "physical_cores", "set_threads", "threads", "use_threads", "axpy",
+    "backend", "dequantize_bundles", "dequantize_rows", "ffn_gated", "ffn_ungated", "gemv",
     "quantize_activations", "set_backend", "use_backend",
 ]

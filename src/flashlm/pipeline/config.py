@@ -35,7 +35,9 @@ class EngineConfig:
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", "mps"
     dtype: str = "float32"  # compute dtype; float16/bfloat16 GEMV is slow on most CPUs
     max_context: int | None = None  # tokens per request (prompt + answer); None: the model's limit, capped at 8192
-    num_threads: int | None = None  # torch intra-op threads; None: 1 on machines with <= 2 CPUs, else torch's default
+    # compute threads: the kernels' pool (flashlm.kernels.set_threads) and torch's intra-op threads;
+    # None: the kernels on the physical cores, torch 1 on machines with <= 2 CPUs, else torch's default
+    num_threads: int | None = None
     # store dtype a built-in model is converted to on first use; None: the model's own default
     # (`flashlm.builtin.BuiltinModel.store_dtype`)
     store_dtype: str | None = None

@@ -23,9 +23,11 @@ import torch
 from flashlm.builtin import DEFAULT_MODEL
 from flashlm.convert import resolve_store
 from flashlm.errors import ConfigError, EngineClosedError, EngineDeadError, MemoryBudgetError
+from flashlm.io.format import QUANT_FORMATS
 from flashlm.io.reader import BundleReader
 from flashlm.io.store import FlashStore
 from flashlm.kernels import QBundles, QRows
+from flashlm.kernels import set_threads as set_kernel_threads
 from flashlm.log import get_logger
 from flashlm.models.selectors import n_keep
 from flashlm.pipeline.actors import LayerActor
@@ -120,8 +122,13 @@ class Engine:
         self._exact: Any = None  # the exact mode's StreamingRunner under a budget below every neuron
 
     def _init_thread(self) -> None:
+        # the kernels' pool splits every quantised product's rows: N threads, default the physical cores.
+        # A quantised store keeps torch on one thread: its OpenMP workers spin after each small op and
+        # took the CPUs from the pool (1.5B int8, 2 vCPUs: 3-4x slower at 2 + 2 threads than 2 + 1)
+        set_kernel_threads(self.config.num_threads)
+        quantised = self.store.manifest.dtype in QUANT_FORMATS
         if self.config.num_threads is not None:
-            torch.set_num_threads(self.config.num_threads)
+            torch.set_num_threads(1 if quantised else self.config.num_threads)
         elif (os.cpu_count() or 1) <= 2:
             torch.set_num_threads(1)  # a second thread costs more than it gives on 2 vCPUs (MACHINE.md)
 

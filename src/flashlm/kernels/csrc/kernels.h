@@ -64,7 +64,18 @@ typedef struct {
 extern const fl_kernels fl_scalar_kernels;
 #if FL_HAVE_AVX2
 extern const fl_kernels fl_avx2_kernels;
+extern const fl_kernels fl_avx512_kernels;
 #endif
+
+/* A persistent pool of compute threads (pool.c): fl_pool_run runs fn(arg, i, nth) for i < nth,
+   i = 0 on the calling thread, and returns when all are done. Workers start on first use and
+   wait for work spinning briefly, then sleeping; a call that finds the pool busy (another
+   thread's call in flight) runs with nth = 1 on its own thread. Returns the nth used. */
+typedef void (*fl_task)(void *arg, int tid, int nth);
+int fl_pool_run(fl_task fn, void *arg, int nth);
+int fl_pool_set_size(int n); /* threads per call, 1..FL_MAX_THREADS; returns the old size */
+int fl_pool_size(void);
+#define FL_MAX_THREADS 256
 
 /* IEEE half -> float without F16C (exact, subnormals included). */
 static inline float fl_h2f(const uint8_t *p) {

@@ -10,7 +10,7 @@
 #include "kernels.h"
 
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2, ACT_RELU = 3 };
-enum { IMPL_SCALAR = 1, IMPL_AVX2 = 2 };
+enum { IMPL_SCALAR = 1, IMPL_AVX2 = 2, IMPL_AVX512 = 3 };
 
 static int avx2_usable(void) {
 #if FL_HAVE_AVX2
@@ -21,10 +21,23 @@ static int avx2_usable(void) {
 #endif
 }
 
+/* AVX-512 F/BW/VL/DQ with VNNI (vpdpbusd); __builtin_cpu_supports also checks that the OS
+   saves the zmm state */
+static int avx512_usable(void) {
+#if FL_HAVE_AVX2
+    return avx2_usable() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vnni");
+#else
+    return 0;
+#endif
+}
+
 static const fl_kernels *pick(int64_t impl) {
     if (impl == IMPL_SCALAR) return &fl_scalar_kernels;
 #if FL_HAVE_AVX2
     if (impl == IMPL_AVX2 && avx2_usable()) return &fl_avx2_kernels;
+    if (impl == IMPL_AVX512 && avx512_usable()) return &fl_avx512_kernels;
 #endif
     PyErr_Format(PyExc_ValueError, "kernel implementation %lld is not available on this machine", (long long)impl);
     return NULL;
@@ -149,27 +162,76 @@ static void drv_quant(const fl_kernels *K, const float *x, int64_t xstride, int6
     }
 }
 
+/* ---- threads ------------------------------------------------------------------------------ */
+
+/* A call splits its blocks of four rows into nth contiguous ranges, one per pool thread (pool.c),
+   with at least g_min_blocks blocks each: below that a wake-up costs more than the rows. Outputs
+   indexed by row (gemv, dequant) are written in place; sums over rows (axpy, the FFN's down
+   rows) go to one buffer per extra thread, added into out after the join, so a result depends
+   on the thread count only through that fp32 summation order. */
+static int g_min_blocks = 16;
+
+static inline int threads_for(int64_t nb) {
+    const int64_t m = nb / (g_min_blocks > 0 ? g_min_blocks : 1);
+    const int n = fl_pool_size();
+    return m < n ? (m < 1 ? 1 : (int)m) : n;
+}
+
+static inline void part_range(int64_t nb, int tid, int nth, int64_t *j0, int64_t *j1) {
+    *j0 = nb * tid / nth;
+    *j1 = nb * (tid + 1) / nth;
+}
+
+/* out (T rows, stride ostride) += the used - 1 partial sums in priv ((T, d) each, contiguous) */
+static void add_partials(float *out, int64_t ostride, const float *priv, int used, int64_t T, int64_t d) {
+    for (int i = 1; i < used; i++) {
+        const float *p = priv + (int64_t)(i - 1) * T * d;
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t k = 0; k < d; k++) out[t * ostride + k] += p[t * d + k];
+    }
+}
+
 /* ---- gemv -------------------------------------------------------------------------------- */
 
-static void drv_gemv(const fl_kernels *K, int fmt, const fl_rows *R, int64_t n, const int32_t *idx, const fl_act *A,
-                     float *y, int64_t ystride) {
-    void (*dot4)(const fl_block *, const fl_actrow *, int64_t, float *) = fmt == FL_Q8 ? K->dot4_q8 : K->dot4_q4;
+typedef struct {
+    const fl_kernels *K;
+    int fmt;
+    const fl_rows *R;
+    int64_t n, nb;
+    const int32_t *idx;
+    const fl_act *A;
+    float *y;
+    int64_t ystride;
+} gemv_job;
+
+static void gemv_part(void *p, int tid, int nth) {
+    const gemv_job *J = p;
+    void (*dot4)(const fl_block *, const fl_actrow *, int64_t, float *) =
+        J->fmt == FL_Q8 ? J->K->dot4_q8 : J->K->dot4_q4;
+    const fl_act *A = J->A;
+    int64_t j0, j1;
+    part_range(J->nb, tid, nth, &j0, &j1);
     fl_block b;
-    if (n <= 0) return;
-    const int64_t nb = n_blocks(n);
-    for (int64_t j = 0; j < nb; j++) {
-        if (!block_at(R, idx, j, n, &b)) continue;
-        aim_prefetch(R, idx, j, nb, n, &b);
+    for (int64_t j = j0; j < j1; j++) {
+        if (!block_at(J->R, J->idx, j, J->n, &b)) continue;
+        aim_prefetch(J->R, J->idx, j, J->nb, J->n, &b);
         for (int64_t t = 0; t < A->T; t++) {
             float o[4];
             const fl_actrow a = act_row(A, t);
             dot4(&b, &a, A->G, o);
             for (int r = 0; r < 4; r++) {
-                const int64_t k = list_pos(idx, j, r, n);
-                if (k >= 0) y[t * ystride + k] = o[r];
+                const int64_t k = list_pos(J->idx, j, r, J->n);
+                if (k >= 0) J->y[t * J->ystride + k] = o[r];
             }
         }
     }
+}
+
+static void drv_gemv(const fl_kernels *K, int fmt, const fl_rows *R, int64_t n, const int32_t *idx, const fl_act *A,
+                     float *y, int64_t ystride) {
+    if (n <= 0) return;
+    const gemv_job J = {K, fmt, R, n, n_blocks(n), idx, A, y, ystride};
+    fl_pool_run(gemv_part, (void *)&J, threads_for(J.nb));
 }
 
 /* ---- axpy -------------------------------------------------------------------------------- */
@@ -193,29 +255,55 @@ static void axpy_block(const fl_kernels *K, int fmt, const fl_block *b, const fl
     for (int64_t t = 0; t < T; t++) K->axpy4_f32(scratch, d, c + 4 * t, out + t * ostride, d);
 }
 
-static int drv_axpy(const fl_kernels *K, int fmt, const fl_rows *R, int64_t n, const int32_t *idx, int64_t d,
-                    int64_t T, const float *h, int64_t hstride, float *out, int64_t ostride) {
-    if (n <= 0 || T <= 0) return 0;
+typedef struct {
+    const fl_kernels *K;
+    int fmt;
+    const fl_rows *R;
+    int64_t n, nb, d, T, hstride, ostride;
+    const int32_t *idx;
+    const float *h;
+    float *out, *priv;
+    int err;
+} axpy_job;
+
+static void axpy_part(void *p, int tid, int nth) {
+    axpy_job *J = p;
+    const int64_t T = J->T, d = J->d;
+    float *out = tid ? J->priv + (int64_t)(tid - 1) * T * d : J->out;
+    const int64_t ostride = tid ? d : J->ostride;
     float *c = malloc(sizeof(float) * 4 * T), *scratch = T >= 3 ? malloc(sizeof(float) * 4 * d) : NULL;
     if (!c || (T >= 3 && !scratch)) {
         free(c);
         free(scratch);
-        return -1;
+        J->err = 1;
+        return;
     }
+    int64_t j0, j1;
+    part_range(J->nb, tid, nth, &j0, &j1);
     fl_block b;
-    const int64_t nb = n_blocks(n);
-    for (int64_t j = 0; j < nb; j++) {
-        if (!block_at(R, idx, j, n, &b)) continue;
-        aim_prefetch(R, idx, j, nb, n, &b);
+    for (int64_t j = j0; j < j1; j++) {
+        if (!block_at(J->R, J->idx, j, J->n, &b)) continue;
+        aim_prefetch(J->R, J->idx, j, J->nb, J->n, &b);
         for (int r = 0; r < 4; r++) {
-            const int64_t k = list_pos(idx, j, r, n);
-            for (int64_t t = 0; t < T; t++) c[4 * t + r] = k >= 0 ? h[t * hstride + k] : 0.0f;
+            const int64_t k = list_pos(J->idx, j, r, J->n);
+            for (int64_t t = 0; t < T; t++) c[4 * t + r] = k >= 0 ? J->h[t * J->hstride + k] : 0.0f;
         }
-        axpy_block(K, fmt, &b, c, T, d, out, ostride, scratch);
+        axpy_block(J->K, J->fmt, &b, c, T, d, out, ostride, scratch);
     }
     free(c);
     free(scratch);
-    return 0;
+}
+
+static int drv_axpy(const fl_kernels *K, int fmt, const fl_rows *R, int64_t n, const int32_t *idx, int64_t d,
+                    int64_t T, const float *h, int64_t hstride, float *out, int64_t ostride) {
+    if (n <= 0 || T <= 0) return 0;
+    axpy_job J = {K, fmt, R, n, n_blocks(n), d, T, hstride, ostride, idx, h, out, NULL, 0};
+    int nth = threads_for(J.nb);
+    if (nth > 1 && !(J.priv = calloc((size_t)(nth - 1) * T * d, sizeof(float)))) nth = 1;
+    const int used = fl_pool_run(axpy_part, &J, nth);
+    if (!J.err) add_partials(out, ostride, J.priv, used, T, d);
+    free(J.priv);
+    return J.err ? -1 : 0;
 }
 
 /* ---- fused FFN over bundles ---------------------------------------------------------------- */
@@ -224,36 +312,46 @@ typedef struct {
     int64_t data, scale, min; /* byte offsets of one part inside a bundle */
 } fl_part;
 
+typedef struct {
+    const fl_kernels *K;
+    int fmt, gated, fn;
+    int64_t d, ns, nb, ostride;
+    const int32_t *slots, *nid;
+    const fl_rows *P;
+    const float *bias;
+    const fl_act *A;
+    float *out, *priv;
+    int err;
+} ffn_job;
+
 /* Per block of four listed slots: the gate (fc1) and up dots for every token, h, then the down
    (fc2) rows of the neurons whose h is not all zero go to a queue flushed four at a time. Only
    the bundles at `slots` are touched. */
-static int drv_ffn(const fl_kernels *K, int fmt, int gated, int fn, int64_t d, int64_t ns, const int32_t *slots,
-                   const uint8_t *base, int64_t stride, const fl_part parts[3], const float *bias, const int32_t *nid,
-                   const fl_act *A, float *out, int64_t ostride) {
-    if (ns <= 0) return 0;
-    const int64_t T = A->T, G = A->G;
-    void (*dot4)(const fl_block *, const fl_actrow *, int64_t, float *) = fmt == FL_Q8 ? K->dot4_q8 : K->dot4_q4;
-    const int has_min = fmt == FL_Q4;
-    fl_rows P[3];
-    for (int p = 0; p < 3; p++) {
-        P[p].data = base + parts[p].data;
-        P[p].scale = base + parts[p].scale;
-        P[p].min = has_min ? base + parts[p].min : NULL;
-        P[p].dstride = P[p].sstride = P[p].mstride = stride;
-    }
-    const fl_rows *Rin = &P[0], *Rup = &P[1], *Rout = &P[2];
+static void ffn_part(void *p, int tid, int nth) {
+    ffn_job *J = p;
+    const fl_kernels *K = J->K;
+    const fl_act *A = J->A;
+    const int64_t T = A->T, G = A->G, d = J->d, ns = J->ns, nb = J->nb;
+    const int gated = J->gated, fn = J->fn;
+    const int32_t *slots = J->slots;
+    void (*dot4)(const fl_block *, const fl_actrow *, int64_t, float *) = J->fmt == FL_Q8 ? K->dot4_q8 : K->dot4_q4;
+    const fl_rows *Rin = &J->P[0], *Rup = &J->P[1], *Rout = &J->P[2];
+    float *out = tid ? J->priv + (int64_t)(tid - 1) * T * d : J->out;
+    const int64_t ostride = tid ? d : J->ostride;
     float *hbuf = malloc(sizeof(float) * 4 * T), *pc = malloc(sizeof(float) * 4 * T);
     float *scratch = T >= 3 ? malloc(sizeof(float) * 4 * d) : NULL;
     if (!hbuf || !pc || (T >= 3 && !scratch)) {
         free(hbuf);
         free(pc);
         free(scratch);
-        return -1;
+        J->err = 1;
+        return;
     }
+    int64_t j0, j1;
+    part_range(nb, tid, nth, &j0, &j1);
     fl_block pend;
     int np = 0;
-    const int64_t nb = n_blocks(ns);
-    for (int64_t j = 0; j < nb; j++) {
+    for (int64_t j = j0; j < j1; j++) {
         int64_t pos[4];
         for (int r = 0; r < 4; r++) pos[r] = list_pos(slots, j, r, ns);
         fl_block bg, bu, bd;
@@ -271,7 +369,8 @@ static int drv_ffn(const fl_kernels *K, int fmt, int gated, int fn, int64_t d, i
             for (int r = 0; r < 4; r++) {
                 float hv = 0.0f;
                 if (pos[r] >= 0)
-                    hv = gated ? act_fn(fn, g[r]) * u[r] : act_fn(fn, g[r] + (bias ? bias[nid[pos[r]]] : 0.0f));
+                    hv = gated ? act_fn(fn, g[r]) * u[r]
+                               : act_fn(fn, g[r] + (J->bias ? J->bias[J->nid[pos[r]]] : 0.0f));
                 hbuf[4 * t + r] = hv;
             }
         }
@@ -288,7 +387,7 @@ static int drv_ffn(const fl_kernels *K, int fmt, int gated, int fn, int64_t d, i
             pend.pf_min[np] = bd.pf_min[r];
             for (int64_t t = 0; t < T; t++) pc[4 * t + np] = hbuf[4 * t + r];
             if (++np == 4) {
-                axpy_block(K, fmt, &pend, pc, T, d, out, ostride, scratch);
+                axpy_block(K, J->fmt, &pend, pc, T, d, out, ostride, scratch);
                 np = 0;
             }
         }
@@ -303,27 +402,67 @@ static int drv_ffn(const fl_kernels *K, int fmt, int gated, int fn, int64_t d, i
             pend.pf_min[r] = pend.pf_min[0];
             for (int64_t t = 0; t < T; t++) pc[4 * t + r] = 0.0f;
         }
-        axpy_block(K, fmt, &pend, pc, T, d, out, ostride, scratch);
+        axpy_block(K, J->fmt, &pend, pc, T, d, out, ostride, scratch);
     }
     free(hbuf);
     free(pc);
     free(scratch);
-    return 0;
+}
+
+static int drv_ffn(const fl_kernels *K, int fmt, int gated, int fn, int64_t d, int64_t ns, const int32_t *slots,
+                   const uint8_t *base, int64_t stride, const fl_part parts[3], const float *bias, const int32_t *nid,
+                   const fl_act *A, float *out, int64_t ostride) {
+    if (ns <= 0) return 0;
+    const int has_min = fmt == FL_Q4;
+    fl_rows P[3];
+    for (int p = 0; p < 3; p++) {
+        P[p].data = base + parts[p].data;
+        P[p].scale = base + parts[p].scale;
+        P[p].min = has_min ? base + parts[p].min : NULL;
+        P[p].dstride = P[p].sstride = P[p].mstride = stride;
+    }
+    ffn_job J = {K, fmt, gated, fn, d, ns, n_blocks(ns), ostride, slots, nid, P, bias, A, out, NULL, 0};
+    /* a block here reads two or three rows per neuron: half the gemv's minimum blocks per thread */
+    int nth = threads_for(2 * J.nb);
+    if (nth > 1 && !(J.priv = calloc((size_t)(nth - 1) * A->T * d, sizeof(float)))) nth = 1;
+    const int used = fl_pool_run(ffn_part, &J, nth);
+    if (!J.err) add_partials(out, ostride, J.priv, used, A->T, d);
+    free(J.priv);
+    return J.err ? -1 : 0;
 }
 
 /* ---- dequantise ---------------------------------------------------------------------------- */
 
+typedef struct {
+    const fl_kernels *K;
+    int fmt;
+    const fl_rows *R;
+    int64_t n, d, ostride;
+    const int32_t *idx;
+    float *out;
+} dequant_job;
+
+static void dequant_part(void *p, int tid, int nth) {
+    const dequant_job *J = p;
+    const fl_rows *R = J->R;
+    const int64_t G = J->d / FL_GROUP;
+    int64_t i0, i1;
+    part_range(J->n, tid, nth, &i0, &i1);
+    for (int64_t i = i0; i < i1; i++) {
+        const int64_t row = J->idx ? J->idx[i] : i;
+        if (J->fmt == FL_Q8)
+            J->K->dequant_q8(R->data + row * R->dstride, R->scale + row * R->sstride, G, J->out + i * J->ostride);
+        else
+            J->K->dequant_q4(R->data + row * R->dstride, R->scale + row * R->sstride, R->min + row * R->mstride, G,
+                             J->out + i * J->ostride);
+    }
+}
+
 static void drv_dequant(const fl_kernels *K, int fmt, const fl_rows *R, int64_t n, const int32_t *idx, int64_t d,
                         float *out, int64_t ostride) {
-    const int64_t G = d / FL_GROUP;
-    for (int64_t i = 0; i < n; i++) {
-        const int64_t row = idx ? idx[i] : i;
-        if (fmt == FL_Q8)
-            K->dequant_q8(R->data + row * R->dstride, R->scale + row * R->sstride, G, out + i * ostride);
-        else
-            K->dequant_q4(R->data + row * R->dstride, R->scale + row * R->sstride, R->min + row * R->mstride, G,
-                          out + i * ostride);
-    }
+    if (n <= 0) return;
+    const dequant_job J = {K, fmt, R, n, d, ostride, idx, out};
+    fl_pool_run(dequant_part, (void *)&J, threads_for(n / 4)); /* rows, not blocks of four */
 }
 
 /* ---- Python binding -------------------------------------------------------------------------- */
@@ -432,6 +571,25 @@ static PyObject *py_dequant(PyObject *self, PyObject *const *args, Py_ssize_t na
 
 static PyObject *py_has_avx2(PyObject *self, PyObject *unused) { return PyBool_FromLong(avx2_usable()); }
 
+static PyObject *py_has_avx512(PyObject *self, PyObject *unused) { return PyBool_FromLong(avx512_usable()); }
+
+/* set_threads(n) -> old: the threads each kernel call may use (the pool grows on first use) */
+static PyObject *py_set_threads(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    int64_t v[1];
+    if (ints(args, nargs, 1, v, "set_threads")) return NULL;
+    if (v[0] < 1 || v[0] > FL_MAX_THREADS) {
+        PyErr_Format(PyExc_ValueError, "threads must be in 1..%d, got %lld", FL_MAX_THREADS, (long long)v[0]);
+        return NULL;
+    }
+    int old;
+    Py_BEGIN_ALLOW_THREADS; /* waits for a call in flight on another thread */
+    old = fl_pool_set_size((int)v[0]);
+    Py_END_ALLOW_THREADS;
+    return PyLong_FromLong(old);
+}
+
+static PyObject *py_get_threads(PyObject *self, PyObject *unused) { return PyLong_FromLong(fl_pool_size()); }
+
 /* _tune(streams, pf_ahead) -> (old streams, old pf_ahead): the two measured knobs above, for
    benchmarks and tests; process-wide, not for concurrent use. A negative value leaves one as is. */
 static PyObject *py_tune(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -447,6 +605,16 @@ static PyObject *py_tune(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     return old;
 }
 
+/* _min_blocks(n) -> old: the fewest blocks of four rows a thread is given (tests set 1 to split
+   small calls across threads); negative leaves it as is */
+static PyObject *py_min_blocks(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    int64_t v[1];
+    if (ints(args, nargs, 1, v, "_min_blocks")) return NULL;
+    const int old = g_min_blocks;
+    if (v[0] >= 1) g_min_blocks = (int)v[0];
+    return PyLong_FromLong(old);
+}
+
 static PyMethodDef methods[] = {
     {"quantize_act", (PyCFunction)(void (*)(void))py_quantize_act, METH_FASTCALL, "quantise activation rows"},
     {"gemv", (PyCFunction)(void (*)(void))py_gemv, METH_FASTCALL, "y = W[idx] @ x"},
@@ -454,6 +622,10 @@ static PyMethodDef methods[] = {
     {"ffn", (PyCFunction)(void (*)(void))py_ffn, METH_FASTCALL, "fused FFN over bundles"},
     {"dequant", (PyCFunction)(void (*)(void))py_dequant, METH_FASTCALL, "rows -> fp32"},
     {"has_avx2", py_has_avx2, METH_NOARGS, "whether the AVX2+FMA+F16C path can run here"},
+    {"has_avx512", py_has_avx512, METH_NOARGS, "whether the AVX-512 F/BW/VL/DQ + VNNI path can run here"},
+    {"set_threads", (PyCFunction)(void (*)(void))py_set_threads, METH_FASTCALL, "threads per kernel call -> old"},
+    {"get_threads", py_get_threads, METH_NOARGS, "threads per kernel call"},
+    {"_min_blocks", (PyCFunction)(void (*)(void))py_min_blocks, METH_FASTCALL, "fewest blocks per thread -> old"},
     {"_tune", (PyCFunction)(void (*)(void))py_tune, METH_FASTCALL, "(streams, pf_ahead) -> old values"},
     {NULL, NULL, 0, NULL},
 };
