@@ -23,7 +23,7 @@ import torch
 from flashlm.builtin import DEFAULT_MODEL
 from flashlm.convert import resolve_store
 from flashlm.errors import ConfigError, EngineClosedError, EngineDeadError, MemoryBudgetError
-from flashlm.io.format import QUANT_FORMATS
+from flashlm.kernels.formats import QUANT_DTYPES
 from flashlm.io.reader import BundleReader
 from flashlm.io.store import FlashStore
 from flashlm.kernels import QBundles, QRows
@@ -126,7 +126,7 @@ class Engine:
         # A quantised store keeps torch on one thread: its OpenMP workers spin after each small op and
         # took the CPUs from the pool (1.5B int8, 2 vCPUs: 3-4x slower at 2 + 2 threads than 2 + 1)
         set_kernel_threads(self.config.num_threads)
-        quantised = self.store.manifest.dtype in QUANT_FORMATS
+        quantised = self.store.manifest.dtype in QUANT_DTYPES
         if self.config.num_threads is not None:
             torch.set_num_threads(1 if quantised else self.config.num_threads)
         elif (os.cpu_count() or 1) <= 2:
