@@ -255,6 +255,25 @@ class NeuronCache:
             self._holds_all = (self._version, bool(np.count_nonzero(self.slot_of >= 0) == self.n_neurons))
         return self._holds_all[1]
 
+    # Narrow questions for the compute side (it never reads the slot arrays itself). Asked while
+    # the actor is quiescent, or after a step's reads committed, their answers stand for the step.
+    def slots(self, ids: np.ndarray) -> np.ndarray:
+        """A snapshot of the slot of each id (-1 where not held)."""
+        return self.slot_of[ids].copy()
+
+    def n_missing(self, ids: np.ndarray) -> int:
+        """How many of `ids` hold no slot (committed or pending)."""
+        return 0 if self.holds_all() else int(np.count_nonzero(self.slot_of[ids] < 0))
+
+    def can_append(self, n: int) -> bool:
+        """Room for `n` more neurons past the used slots (no eviction needed)."""
+        return self.num_used + n <= self.capacity
+
+    @property
+    def n_held(self) -> int:
+        """Slots in use (held neurons, pending reads included)."""
+        return self.num_used
+
     def tidy(self, token: int) -> tuple[int, int]:
         """The eviction an `update(..., evict=False)` at `token` left for later: drop the neurons
         not used in the last `window` tokens and close the holes (compact). Returns
