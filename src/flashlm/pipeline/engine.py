@@ -26,7 +26,6 @@ from flashlm.errors import ConfigError, EngineClosedError, EngineDeadError, Memo
 from flashlm.kernels.formats import QUANT_DTYPES
 from flashlm.io.reader import BundleReader
 from flashlm.io.store import FlashStore
-from flashlm.kernels import QBundles, QRows
 from flashlm.kernels import set_threads as set_kernel_threads
 from flashlm.log import get_logger
 from flashlm.models.selectors import n_keep
@@ -40,7 +39,7 @@ from flashlm.pipeline.request_window import RequestWindow
 from flashlm.pipeline.sparse import SparseRunner
 from flashlm.pipeline.streaming import start_exact
 from flashlm.pipeline.request import make_request
-from flashlm.pipeline.store_model import build, check_vocab, model_args, resident_bytes
+from flashlm.pipeline.store_model import build_model, check_vocab, held_bytes, model_args, resident_bytes
 from flashlm.pipeline.generation import RamRunner, Stream, release_freed_memory
 from flashlm.pipeline.trace import TraceSink
 
@@ -55,30 +54,6 @@ def _load_tokenizer(path: Path | None) -> Any | None:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
-
-
-def build_model(store: FlashStore, config: EngineConfig, arch: Any, args: Any) -> tuple[Any, dict[str, torch.Tensor]]:
-    """The model with its resident tensors; with ffn="ram" also every FFN row (read whole,
-    checksum-checked), with ffn="flash" none (the layer actors' caches supply them)."""
-    dev, dt = torch.device(config.device), config.torch_dtype
-    # quantised weights (QRows) stay in their format; float tensors take the compute dtype
-    resident = {
-        k: (v.to(dev, dt) if isinstance(v, torch.Tensor) and v.is_floating_point() else v.to(dev))
-        for k, v in store.load_resident().items()
-    }
-    n = len(store.manifest.ffn.layers)
-    if config.ffn == "ram":
-        rows: list[Any] = []
-        for i in range(n):
-            r = store.layer_rows(store.read_layer(i))
-            rows.append(r.to(dev) if isinstance(r, QBundles) else r.to(dev, dt))
-    else:
-        rows = [None] * n
-    return build(store, arch, args, resident, rows), resident
-
-
-def _held_bytes(t: torch.Tensor | QRows) -> int:
-    return t.nbytes if isinstance(t, QRows) else t.numel() * t.element_size()
 
 
 class Engine:
@@ -206,7 +181,7 @@ class Engine:
             self._runner = RamRunner(self.model, self._pool)
             release_freed_memory()
             return
-        held = sum(_held_bytes(t) for t in resident.values())
+        held = sum(held_bytes(t) for t in resident.values())
         if cfg.selection == "auto":
             # every neuron fits (no budget, or one that holds them all): computing every cached neuron
             # costs no selector and no accuracy, and reads each neuron once; otherwise select
