@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from flashlm.errors import EngineDeadError
-from flashlm.io.format import FFN_HEADER_BYTES, REGION_ALIGN, FFNLayout, FileEntry, LayerLayout, pack_ffn_header, round_up
+from flashlm.io.format import (FFN_HEADER_BYTES, REGION_ALIGN, FFNLayout, FileEntry, LayerLayout, pack_ffn_header,
+                               round_up)
 from flashlm.io.reader import BundleReader
 from flashlm.pipeline.actors import Ensure, LayerActor, LayerStep, Prefetch, Touch
 from flashlm.pipeline.neuron_cache import NeuronCache
