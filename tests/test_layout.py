@@ -100,8 +100,49 @@ def test_the_format_facts_load_no_torch():
     assert out.stdout.strip() == "[]", out.stdout
 
 
-@pytest.mark.parametrize("package", ["models", "kernels", "io", "bench"])
+@pytest.mark.parametrize("package", ["models", "kernels", "io", "bench", "pipeline"])
 def test_no_module_is_over_400_lines(package):
     long = {str(p.relative_to(SRC)): n for p in sorted((SRC / package).rglob("*.py"))
             if (n := len(p.read_text().splitlines())) > 400}
     assert not long, long
+
+
+def engine_privates() -> set[str]:
+    """Engine's private names, read off the class: its `_methods` and the `self._x` it assigns."""
+    tree = ast.parse((SRC / "pipeline" / "engine.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Engine")
+    names = {n.name for n in cls.body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
+    for node in ast.walk(cls):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self" \
+                and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
+
+
+def reaches(path: Path, names: set[str]) -> list[str]:
+    """`x.name` for a name in `names` where x is not `self` (a class's own attribute of that name)."""
+    return [f"{path.name}:{node.lineno} .{node.attr}" for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.Attribute) and node.attr in names
+            and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))]
+
+
+def test_nothing_outside_the_engine_names_its_privates():
+    """generation.py and the tests use the engine's public API (runner, sparse, caches, actors,
+    trace, submit, new_window, step_trace, check_open ...), never a private `engine._x`."""
+    privates = engine_privates()
+    assert {"_sparse", "_runner", "_exact", "_trace", "_ram_token", "_start"} <= privates, privates
+    files = [SRC / "pipeline" / "generation.py", *sorted(Path(__file__).parent.glob("*.py"))]
+    bad = [hit for f in files for hit in reaches(f, privates)]
+    assert not bad, bad
+
+
+SLOT_ARRAYS = {"slot_of", "neuron_of", "num_used", "pending_slots"}
+
+
+def test_only_the_cache_and_its_actor_touch_the_slot_arrays():
+    """The compute side asks a NeuronCache narrow questions (slots, n_missing, can_append, n_held);
+    its slot arrays are read and written only by neuron_cache.py and actors.py (their unit tests
+    in test_neuron_cache.py inspect them too)."""
+    owners = {SRC / "pipeline" / "neuron_cache.py", SRC / "pipeline" / "actors.py"}
+    bad = [hit for f in sorted(SRC.rglob("*.py")) if f not in owners for hit in reaches(f, SLOT_ARRAYS)]
+    assert not bad, bad

@@ -279,19 +279,19 @@ async def test_read_fault_with_three_streams(pristine, fault, persistent):
         if persistent:  # a dead disk reaches every open stream
             assert len(errors) == 3
             backend.healed = True
-        for cache in engine._sparse.caches:
+        for cache in engine.caches:
             cache.invariants()
         assert await asyncio.wait_for(tokens(engine, 16), HANG_S) == want  # usable, and right
-        assert all(c.n_pending == 0 for c in engine._sparse.caches)
+        assert all(c.n_pending == 0 for c in engine.caches)
 
 
 async def test_actor_crash_reaches_three_streams(pristine):
     async with await Engine.open(pristine, **SPARSE) as engine:
         streams = [asyncio.create_task(tokens(engine, 200, temperature=0.5, seed=i)) for i in range(3)]
         await asyncio.sleep(0)
-        while engine._sparse._token < 3:  # all three admitted and stepping
+        while engine.sparse.steps_started < 3:  # all three admitted and stepping
             await asyncio.sleep(0.001)
-        await engine._sparse.actors[0].inbox.put("not a message")  # a bug inside an actor
+        await engine.actors[0].inbox.put("not a message")  # a bug inside an actor
         got = await asyncio.wait_for(asyncio.gather(*streams, return_exceptions=True), HANG_S)
         assert all(isinstance(g, EngineDeadError) for g in got), got
         with pytest.raises(EngineDeadError, match="open a new"):
@@ -358,14 +358,14 @@ async def test_hundred_cancellations_leak_nothing(pristine):
                 gate.release.set()
             got = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), HANG_S)
             assert all(isinstance(g, asyncio.CancelledError) for g in got), got
-            for cache in engine._sparse.caches:
+            for cache in engine.caches:
                 cache.invariants()
         assert await asyncio.wait_for(tokens(engine, 12), HANG_S) == want  # equals a fresh engine
-        assert all(c.n_pending == 0 for c in engine._sparse.caches)
+        assert all(c.n_pending == 0 for c in engine.caches)
         await asyncio.sleep(0)
         extra = sorted(t.get_name() for t in asyncio.all_tasks())
         # beyond the baseline only the engine's own: the actors' supervisor and one actor per layer
-        assert len(extra) == base_tasks + 1 + len(engine._sparse.actors), extra
+        assert len(extra) == base_tasks + 1 + len(engine.actors), extra
     finally:
         await engine.aclose()
     await asyncio.sleep(0)

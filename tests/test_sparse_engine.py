@@ -44,7 +44,7 @@ async def test_density_100_is_token_exact_with_dense(stores, arch):
     async with await Engine.open(stores[arch], ffn="flash", selection="dense") as flash:
         chunks = [c async for c in flash.stream(PROMPT, max_tokens=64)]
         stride = flash.store.manifest.ffn.stride
-        resident = flash._sparse.resident_steps
+        resident = flash.sparse.resident_steps
     assert [c.token_id for c in chunks] == want and len(want) == 64
     # once the prompt's step filled every cache, each later step ran as the dense model over them
     assert resident == 63
@@ -108,7 +108,7 @@ async def test_logits_equal_reference_sparse_ffn_over_the_same_sets(stores, arch
             async with await Engine.open(stores[arch], **cfg) as free:
                 cfg["memory_budget"] = budget_for(free.memory, capacity)
         async with await Engine.open(stores[arch], **cfg) as engine:
-            runner = engine._sparse
+            runner = engine.sparse
             assert runner.capacity == (capacity or 256)
             kv, win = engine.model.new_cache(64), RequestWindow(len(model.layers), runner.d_ff, window, runner.capacity)
             # (a cache below the layer's neurons takes a prompt one token per step: start with one)
@@ -145,7 +145,7 @@ async def test_lazy_eviction_gives_the_same_tokens_with_fewer_reads(stores, arch
     async with await Engine.open(stores[arch], **cfg) as engine:  # lazy: the default
         assert engine.config.eviction == "lazy"
         got = [c async for c in engine.stream(PROMPT, max_tokens=24)]
-        for cache in engine._sparse.caches:
+        for cache in engine.caches:
             cache.invariants()
             st = cache.stats()
             # every neuron fits: none ever had to go, so each was read once, when first selected
@@ -161,10 +161,10 @@ async def test_lazy_eviction_gives_the_same_tokens_with_fewer_reads(stores, arch
 async def test_flash_reads_overlap_the_previous_layers_compute(stores):
     async with await Engine.open(stores["llama"], selection="gate", density=0.3, window=1, eviction="window",
                                  lookahead=1) as engine:
-        engine._sparse.set_recording(True)
+        engine.sparse.set_recording(True)
         await tokens(engine, 8)
-        reads = [e for a in engine._sparse.actors for e in a.events if e.kind == "read" and e.speculative]
-        compute = {(layer, tok): (s, e) for layer, tok, s, e in engine._sparse.compute_events}
+        reads = [e for a in engine.actors for e in a.events if e.kind == "read" and e.speculative]
+        compute = {(layer, tok): (s, e) for layer, tok, s, e in engine.sparse.compute_events}
     assert reads, "speculative reads were issued"
     overlapped = [r for r in reads if (r.layer - 1, r.token) in compute and r.start < compute[(r.layer - 1, r.token)][1]]
     # layer l+1's read began before layer l's FFN compute ended
@@ -174,10 +174,10 @@ async def test_flash_reads_overlap_the_previous_layers_compute(stores):
 async def test_serial_order_does_not_overlap(stores):
     async with await Engine.open(stores["llama"], selection="gate", density=0.3, window=1, eviction="window",
                                  lookahead=0) as engine:
-        engine._sparse.set_recording(True)
+        engine.sparse.set_recording(True)
         await tokens(engine, 6)
-        reads = [e for a in engine._sparse.actors for e in a.events if e.kind == "read"]
-        compute = {(layer, tok): (s, e) for layer, tok, s, e in engine._sparse.compute_events}
+        reads = [e for a in engine.actors for e in a.events if e.kind == "read"]
+        compute = {(layer, tok): (s, e) for layer, tok, s, e in engine.sparse.compute_events}
     assert reads and not any(r.speculative for r in reads)
     assert all(r.start >= compute[(r.layer - 1, r.token)][1] for r in reads if (r.layer - 1, r.token) in compute)
 
@@ -200,7 +200,7 @@ async def test_speculation_recall_is_reported(stores):
                 return ids
             return select
 
-        engine._sparse.selectors = [recording(i, f) for i, f in enumerate(engine._sparse.selectors)]
+        engine.sparse.selectors = [recording(i, f) for i, f in enumerate(engine.sparse.selectors)]
         chunks = [c async for c in engine.stream(PROMPT, max_tokens=10)]
     assert len(calls) == len(chunks)
     for chunk, step in zip(chunks, calls, strict=True):
@@ -226,10 +226,10 @@ async def test_no_speculation_once_every_neuron_is_cached(stores):
     cfg = dict(selection="shadow", density=0.5, window=2)
     async with await Engine.open(stores["llama"], **cfg) as engine:
         chunks = [c async for c in engine.stream(PROMPT, max_tokens=10)]
-        assert all(c.num_used == c.n_neurons for c in engine._sparse.caches)
+        assert all(c.num_used == c.n_neurons for c in engine.caches)
         calls = [0]
-        selectors = engine._sparse.selectors
-        engine._sparse.selectors = [lambda x, f=f: (calls.__setitem__(0, calls[0] + 1), f(x))[1] for f in selectors]
+        selectors = engine.sparse.selectors
+        engine.sparse.selectors = [lambda x, f=f: (calls.__setitem__(0, calls[0] + 1), f(x))[1] for f in selectors]
         more = [c async for c in engine.stream(PROMPT[:3], max_tokens=4)]
     assert chunks[0].spec_recall is not None and chunks[0].bytes_read > 0
     assert all(c.spec_recall is None for c in chunks[1:] + more)
@@ -259,16 +259,16 @@ async def test_read_fault_reaches_the_stream_and_the_engine_recovers(stores):
     async with await Engine.open(stores["llama"], io_backend=FailOnce(5), **cfg) as engine:
         with pytest.raises(NeuronReadError, match="layer"):
             await tokens(engine, 16)
-        for cache in engine._sparse.caches:
+        for cache in engine.caches:
             cache.invariants()  # reads of the abandoned step may still be pending: they are healed next step
         assert await tokens(engine, 16) == want
-        assert all(c.n_pending == 0 for c in engine._sparse.caches)
+        assert all(c.n_pending == 0 for c in engine.caches)
 
 
 async def test_actor_crash_kills_the_engine_cleanly(stores):
     async with await Engine.open(stores["llama"], selection="gate", density=0.3, window=1, eviction="window") as engine:
         await tokens(engine, 2)
-        await engine._sparse.actors[1].inbox.put("not a message")  # a bug inside an actor
+        await engine.actors[1].inbox.put("not a message")  # a bug inside an actor
         with pytest.raises(EngineDeadError):
             await asyncio.wait_for(tokens(engine, 8), timeout=30)
         with pytest.raises(EngineDeadError):
@@ -285,7 +285,7 @@ async def test_cancel_mid_token_leaves_caches_consistent(stores):
             await asyncio.sleep(delay)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            for cache in engine._sparse.caches:
+            for cache in engine.caches:
                 cache.invariants()
         # the window of earlier requests is cached but masked out: same answer as a fresh engine
         assert await tokens(engine, 12) == want
@@ -311,7 +311,7 @@ async def test_memory_budget(stores):
                                  memory_budget=900_000) as engine:
         plan = engine.memory
         assert plan.total <= plan.budget and plan.capacity < 256
-        assert all(c.capacity == plan.capacity for c in engine._sparse.caches)
+        assert all(c.capacity == plan.capacity for c in engine.caches)
         assert len(await tokens(engine, 16)) == 16
         assert engine.statistics()["memory"]["total"] == plan.total
 

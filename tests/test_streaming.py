@@ -109,8 +109,8 @@ async def test_exact_mode_streams_and_is_token_exact_with_the_model_in_ram(store
     want, want_logits = await ram_reference(store, 24)
     budget = streamed_budget(store, await minimum(store))
     async with await Engine.open(store, memory_budget=budget) as engine:  # selection "auto": exact
-        assert engine.config.selection == "dense" and engine._exact is not None and engine._sparse is None
-        plan, runner = engine.memory, engine._exact
+        assert engine.config.selection == "dense" and engine.exact is not None and engine.sparse is None
+        plan, runner = engine.memory, engine.exact
         assert plan.total <= budget and 0 < plan.hot < plan.d_ff, plan
         assert isinstance(engine.model.embed_tokens, FlashEmbedding) == (arch != "opt")  # untied ones on flash
         assert engine.model.new_cache(8).kv.dtype == torch.float16
@@ -154,14 +154,14 @@ async def test_a_density_under_auto_still_selects_sparse(stores):
     with pytest.raises(MemoryBudgetError, match="selectors") as e:  # the sparse plan's minimum, not exact mode's
         await Engine.open(store, memory_budget=0.9, density=0.5)
     async with await Engine.open(store, memory_budget=e.value.minimum, density=0.5) as engine:
-        assert engine._exact is None and engine.config.selection == "shadow"
+        assert engine.exact is None and engine.config.selection == "shadow"
 
 
 async def test_cold_reads_are_few_and_large(smollm2_store):
     """SmolLM2 at half its bytes: each layer's cold range goes in reads of >= 4 MiB (the last of a
     layer takes the rest), one read per chunk per token, and the reads run behind the compute."""
     async with await Engine.open(smollm2_store, memory_budget=0.5, max_context=512) as engine:
-        runner, plan = engine._exact, engine.memory
+        runner, plan = engine.exact, engine.memory
         stride = engine.store.manifest.ffn.stride
         chunks = runner.stream.chunks
         per_layer = [[c for c in chunks if c.layer == i] for i in range(plan.n_layers)]

@@ -26,7 +26,7 @@ def traced(llama_store, tmp_path_factory):
         async with await Engine.open(store, cfg) as engine:
             a = [c async for c in await engine.stream([5, 6, 7, 8], max_tokens=6)]
             b = [c async for c in await engine.stream([9, 10], max_tokens=4)]
-            return len(engine._sparse.caches), [a, b]
+            return len(engine.caches), [a, b]
 
     n_layers, chunks = asyncio.run(go())
     return path, n_layers, chunks

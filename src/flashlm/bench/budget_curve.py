@@ -77,8 +77,8 @@ async def engine_plan(store: Path, fraction: float, max_context: int, settings: 
                 "density": cfg.effective_density, "window": cfg.window,
                 # exact mode (a budget below every neuron, selection dense/auto): all computed, the
                 # neurons not held (cold_fraction of each layer) streamed every token
-                "mode": "exact" if engine._exact is not None else "caches",
-                "cold_fraction": m.cold_per_layer / m.d_ff if engine._exact is not None else 0.0,
+                "mode": "exact" if engine.exact is not None else "caches",
+                "cold_fraction": m.cold_per_layer / m.d_ff if engine.exact is not None else 0.0,
                 "parts": {"resident": m.resident_bytes, "selectors": m.selector_bytes, "kv": m.kv_bytes,
                           "caches": m.cache_bytes}}
 

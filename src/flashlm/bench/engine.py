@@ -32,7 +32,7 @@ async def _measure(model: str, cfg: EngineConfig, tokens: int, warmup: int) -> d
         warm = await engine.stream(PROMPT, max_tokens=warmup)
         async for _ in warm:
             pass
-        sparse = engine._sparse
+        sparse = engine.sparse
         if sparse is not None:
             sparse.set_recording(True)
         chunks = []
@@ -69,7 +69,7 @@ async def _measure(model: str, cfg: EngineConfig, tokens: int, warmup: int) -> d
             specs = [c.spec_recall for c in decode if c.spec_recall is not None]
             out["spec_recall"] = sum(specs) / len(specs) if specs else None
             out["memory"] = engine.statistics().get("memory")
-            held = [c.num_used for c in sparse.caches]
+            held = [c.n_held for c in sparse.caches]
             out["cached_fraction"] = sum(held) / sum(c.n_neurons for c in sparse.caches)
         return out
 

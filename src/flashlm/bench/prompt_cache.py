@@ -130,8 +130,8 @@ class _Reference:
         self._prev: tuple[list[int], Any] | None = None  # the last prompt measured and its KV
 
     async def _forward(self, ids: list[int], kv: Any) -> None:
-        logits, _ = await self.engine._runner.forward(torch.tensor(ids), kv, self.engine._new_window())
-        await self.engine._submit(lambda x: int(x.argmax()), logits)  # the first token waits on it too
+        logits, _ = await self.engine.runner.forward(torch.tensor(ids), kv, self.engine.new_window())
+        await self.engine.submit(lambda x: int(x.argmax()), logits)  # the first token waits on it too
 
     async def prefill_new(self, messages: list[dict[str, str]], cached: int) -> dict[str, Any]:
         engine, m = self.engine, self.engine.model
@@ -141,14 +141,14 @@ class _Reference:
             prev_ids, prev_kv = self._prev
             have = min(next((i for i, (a, b) in enumerate(zip(prev_ids, ids)) if a != b), len(prev_ids)), cached)
             if have:
-                await engine._submit(base.restore, prev_kv, have)
+                await engine.submit(base.restore, prev_kv, have)
         if cached > base.length:
             await self._forward(ids[base.length:cached], base)
         times, kv = [], None
         for _ in range(self.rounds):
             kv = m.new_cache(len(ids))
             if cached:
-                await engine._submit(kv.restore, base, cached)
+                await engine.submit(kv.restore, base, cached)
             t0 = time.perf_counter()
             await self._forward(ids[cached:], kv)
             times.append((time.perf_counter() - t0) * 1e3)

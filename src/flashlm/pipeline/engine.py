@@ -26,7 +26,6 @@ from flashlm.errors import ConfigError, EngineClosedError, EngineDeadError, Memo
 from flashlm.kernels.formats import QUANT_DTYPES
 from flashlm.io.reader import BundleReader
 from flashlm.io.store import FlashStore
-from flashlm.kernels import QBundles, QRows
 from flashlm.kernels import set_threads as set_kernel_threads
 from flashlm.log import get_logger
 from flashlm.models.selectors import n_keep
@@ -40,7 +39,7 @@ from flashlm.pipeline.request_window import RequestWindow
 from flashlm.pipeline.sparse import SparseRunner
 from flashlm.pipeline.streaming import start_exact
 from flashlm.pipeline.request import make_request
-from flashlm.pipeline.store_model import build, check_vocab, model_args, resident_bytes
+from flashlm.pipeline.store_model import build_model, check_vocab, held_bytes, model_args, resident_bytes
 from flashlm.pipeline.generation import RamRunner, Stream, release_freed_memory
 from flashlm.pipeline.trace import TraceSink
 
@@ -55,30 +54,6 @@ def _load_tokenizer(path: Path | None) -> Any | None:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
-
-
-def build_model(store: FlashStore, config: EngineConfig, arch: Any, args: Any) -> tuple[Any, dict[str, torch.Tensor]]:
-    """The model with its resident tensors; with ffn="ram" also every FFN row (read whole,
-    checksum-checked), with ffn="flash" none (the layer actors' caches supply them)."""
-    dev, dt = torch.device(config.device), config.torch_dtype
-    # quantised weights (QRows) stay in their format; float tensors take the compute dtype
-    resident = {
-        k: (v.to(dev, dt) if isinstance(v, torch.Tensor) and v.is_floating_point() else v.to(dev))
-        for k, v in store.load_resident().items()
-    }
-    n = len(store.manifest.ffn.layers)
-    if config.ffn == "ram":
-        rows: list[Any] = []
-        for i in range(n):
-            r = store.layer_rows(store.read_layer(i))
-            rows.append(r.to(dev) if isinstance(r, QBundles) else r.to(dev, dt))
-    else:
-        rows = [None] * n
-    return build(store, arch, args, resident, rows), resident
-
-
-def _held_bytes(t: torch.Tensor | QRows) -> int:
-    return t.nbytes if isinstance(t, QRows) else t.numel() * t.element_size()
 
 
 class Engine:
@@ -206,7 +181,7 @@ class Engine:
             self._runner = RamRunner(self.model, self._pool)
             release_freed_memory()
             return
-        held = sum(_held_bytes(t) for t in resident.values())
+        held = sum(held_bytes(t) for t in resident.values())
         if cfg.selection == "auto":
             # every neuron fits (no budget, or one that holds them all): computing every cached neuron
             # costs no selector and no accuracy, and reads each neuron once; otherwise select
@@ -283,19 +258,71 @@ class Engine:
                 self._sparse.dead(e)
             raise
 
-    def _new_window(self) -> RequestWindow | None:
+    # What benches, tests and a request's generation read of the engine (read-only views; the
+    # engine alone assigns them, in `_start`)
+
+    @property
+    def runner(self) -> Any:
+        """The token runner `forward(ids, kv, window) -> (logits, TokenReport | None)`: the sparse
+        flash runner, the exact mode's streaming runner, or the RAM one; None before `_start`."""
+        return self._runner
+
+    @property
+    def sparse(self) -> SparseRunner | None:
+        """The sparse flash runner (ffn="flash" with per-layer caches), else None."""
+        return self._sparse
+
+    @property
+    def exact(self) -> Any:
+        """The exact mode's StreamingRunner (a budget below every neuron, selection dense), else None."""
+        return self._exact
+
+    @property
+    def caches(self) -> list[NeuronCache]:
+        """The sparse runner's per-layer neuron caches (empty without one)."""
+        return [] if self._sparse is None else list(self._sparse.caches)
+
+    @property
+    def actors(self) -> list[LayerActor]:
+        """The sparse runner's layer actors, one per layer (empty without one)."""
+        return [] if self._sparse is None else list(self._sparse.actors)
+
+    @property
+    def trace(self) -> TraceSink | None:
+        """The trace sink (`EngineConfig.trace`), else None."""
+        return self._trace
+
+    @property
+    def is_open(self) -> bool:
+        """Neither closed nor dead: compute may still be submitted."""
+        return not self._closed and self._dead is None
+
+    def step_trace(self) -> tuple[TraceSink, int] | None:
+        """For a step of a runner that does not trace its own (RAM, exact): the sink and the
+        step's token number (the next on the engine's clock); None without a sink or with the
+        sparse runner, which numbers and traces its own steps."""
+        if self._trace is None or self._sparse is not None:
+            return None
+        token = self._ram_token
+        self._ram_token += 1
+        return self._trace, token
+
+    def new_window(self) -> RequestWindow | None:
+        """A fresh per-request window for the sparse runner (None for the other runners)."""
         if self._sparse is None:
             return None
         return RequestWindow(len(self._sparse.caches), self._sparse.d_ff, self.config.window, self._sparse.capacity)
 
-    def _check_open(self) -> None:
+    def check_open(self) -> None:
+        """EngineDeadError / EngineClosedError unless the engine is open."""
         if self._dead is not None:
             raise EngineDeadError(f"the engine died ({self._dead!r}); open a new one with Engine.open")
         if self._closed:
             raise EngineClosedError("the engine is closed; open a new one with Engine.open")
 
-    def _submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        self._check_open()
+    def submit(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """Run `fn(*args)` on the compute thread (all torch work of the engine runs there)."""
+        self.check_open()
         return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     def stream(
@@ -308,7 +335,7 @@ class Engine:
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
     ) -> Stream:
-        self._check_open()
+        self.check_open()
         request = make_request(
             prompt, tokenizer=self.tokenizer, vocab_size=self.vocab_size, max_context=self.max_context,
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,

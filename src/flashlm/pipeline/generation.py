@@ -74,7 +74,7 @@ class _Generation:
         self.engine = engine
         self.request = request
         self.kv = engine.model.new_cache(len(request.prompt_ids) + request.max_tokens)
-        self.window = engine._new_window()
+        self.window = engine.new_window()
         self.sampler = Sampler(request.sampling)
         self.detok = Detokenizer(engine.tokenizer, request.stop)
         self.produced = 0
@@ -85,13 +85,13 @@ class _Generation:
         """The first step's ids: the prompt after the longest kept prefix, whose KV is copied into
         this request's own cache first (on the compute thread; the kept prefix is only read).
         The window (sparse runner) starts fresh: prefixes are kept only where it does not change
-        a token (selection dense, or ffn="ram"; `Engine._start`)."""
+        a token (selection dense, or ffn="ram"; `Engine.open`)."""
         ids = list(self.request.prompt_ids)
         kept = self.engine.prefix
         if kept is not None:
             prefix, n = kept.lookup(ids)
             if prefix is not None:
-                await self.engine._submit(self.kv.restore, prefix.kv, n)
+                await self.engine.submit(self.kv.restore, prefix.kv, n)
                 self.cached, self.fed = n, ids[:n]
         return ids[self.cached:]
 
@@ -100,11 +100,11 @@ class _Generation:
         keyed by the ids it holds (the prompt and every answer token but the last, never run)."""
         engine, n = self.engine, self.kv.length
         kept = engine.prefix
-        if kept is None or engine._closed or engine._dead is not None or n == 0 or len(self.fed) != n:
+        if kept is None or not engine.is_open or n == 0 or len(self.fed) != n:
             return
         if kept.wants(self.fed, self.kv.prefix_bytes(n)):
             try:
-                copy = await engine._submit(self.kv.truncated, n)
+                copy = await engine.submit(self.kv.truncated, n)
             except (FlashLMError, RuntimeError):  # closed meanwhile (its pool shut down): nothing to keep for
                 return
             kept.offer(self.fed, copy)
@@ -112,19 +112,18 @@ class _Generation:
     async def step(self, ids: list[int]) -> _StepResult:
         engine = self.engine
         t0 = time.perf_counter()
-        tr = engine._trace if engine._sparse is None else None  # the sparse runner traces its own steps
-        if tr is not None:
-            token = engine._ram_token
-            engine._ram_token += 1
+        traced = engine.step_trace()  # None with the sparse runner: it traces its own steps
+        if traced is not None:
+            tr, token = traced
             tr.begin_token(token, self.request.id, len(ids))
-        logits, report = await engine._runner.forward(
+        logits, report = await engine.runner.forward(
             torch.tensor(ids, dtype=torch.long, device=engine.device), self.kv, self.window)
         self.fed.extend(ids)
-        if tr is not None:
+        if traced is not None:
             tr.emit("token", token, start=t0, end=time.perf_counter(), read_bytes=0, spec_read_bytes=0, hits=0,
                     needed=0, read_wait_ms=0.0, compute_ms=(time.perf_counter() - t0) * 1e3, spec_hits=0,
                     spec_needed=0)
-        token, text, finish = await engine._submit(self._emit, logits)
+        token, text, finish = await engine.submit(self._emit, logits)
         return _StepResult(token, text, finish, (time.perf_counter() - t0) * 1e3, report)
 
     def _emit(self, logits: torch.Tensor) -> tuple[int, str, str | None]:
@@ -171,7 +170,7 @@ class Stream:
 
     def __await__(self):  # noqa: ANN204 - generator protocol
         async def ready() -> Stream:
-            self._engine._check_open()
+            self._engine.check_open()
             return self
 
         return ready().__await__()
@@ -183,14 +182,14 @@ class Stream:
 
     async def _run(self) -> AsyncIterator[StreamChunk]:
         engine = self._engine
-        engine._check_open()
+        engine.check_open()
         last = time.perf_counter()  # the first chunk's latency counts the prefix's copy
         gen = _Generation(engine, self.request)
         first = await gen.start()
         n_prompt = len(self.request.prompt_ids)
         log.debug("request admitted", request_id=self.request.id, prompt_tokens=n_prompt, cached_tokens=gen.cached)
-        if engine._trace is not None:
-            engine._trace.begin_request(self.request.id, n_prompt, gen.cached)
+        if engine.trace is not None:
+            engine.trace.begin_request(self.request.id, n_prompt, gen.cached)
         # The request id is bound (structlog contextvars) in the context its steps run in: their
         # log lines and trace events carry it, and the caller's own context is left alone.
         ctx = contextvars.copy_context()

@@ -60,6 +60,7 @@ import torch
 from flashlm.errors import ConfigError, MemoryBudgetError, ReadRequestError
 from flashlm.io.format import STORE_DTYPES, FFNLayout, bundle_nbytes
 from flashlm.pipeline.cache_rows import CacheRows
+from flashlm.pipeline.cache_stats import CacheStats, HitRates
 
 Eviction = Literal["window", "lazy"]
 DEFAULT_EVICTION: Eviction = "window"
@@ -80,29 +81,6 @@ class CachePlan:
     moved: int
     hits: int
     token: int = 0
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    """Counters since construction. A token's hit rate is 1 - misses / distinct neurons needed,
-    over both phases of the token (speculative misses count: they were read)."""
-
-    updates: int
-    hits: int
-    misses: int  # neurons read (placed as pending)
-    evictions: int
-    appends: int  # misses placed past the previous end
-    hole_fills: int  # misses placed into an evicted neuron's slot
-    moves: int  # rows moved down to keep the used slots contiguous
-    dropped: int  # pending neurons dropped by `drop_pending` (failed or cancelled reads)
-    bytes_appended: int  # misses * stride: bytes the reader wrote into the cache
-    num_used: int
-    capacity: int
-    tokens: int
-    hit_rate_mean: float  # over tokens (nan before the first)
-    hit_rate_min: float
-    hit_rate_max: float
-    hit_rate_last: float
 
 
 class NeuronCache:
@@ -147,7 +125,7 @@ class NeuronCache:
         self._c = dict(updates=0, hits=0, misses=0, evictions=0, appends=0, hole_fills=0, moves=0, dropped=0)
         self._tok_misses = 0
         self._tidy_due = False  # an update(evict=False) left expired neurons for tidy()
-        self._rates = [0, 0.0, float("inf"), float("-inf"), float("nan")]  # n, sum, min, max, last
+        self._hit_rates = HitRates()
 
     @staticmethod
     def slot_bytes(layout: FFNLayout, dtype: torch.dtype, device: torch.device | str) -> int:
@@ -255,6 +233,25 @@ class NeuronCache:
             self._holds_all = (self._version, bool(np.count_nonzero(self.slot_of >= 0) == self.n_neurons))
         return self._holds_all[1]
 
+    # Narrow questions for the compute side (it never reads the slot arrays itself). Asked while
+    # the actor is quiescent, or after a step's reads committed, their answers stand for the step.
+    def slots(self, ids: np.ndarray) -> np.ndarray:
+        """A snapshot of the slot of each id (-1 where not held)."""
+        return self.slot_of[ids].copy()
+
+    def n_missing(self, ids: np.ndarray) -> int:
+        """How many of `ids` hold no slot (committed or pending)."""
+        return 0 if self.holds_all() else int(np.count_nonzero(self.slot_of[ids] < 0))
+
+    def can_append(self, n: int) -> bool:
+        """Room for `n` more neurons past the used slots (no eviction needed)."""
+        return self.num_used + n <= self.capacity
+
+    @property
+    def n_held(self) -> int:
+        """Slots in use (held neurons, pending reads included)."""
+        return self.num_used
+
     def tidy(self, token: int) -> tuple[int, int]:
         """The eviction an `update(..., evict=False)` at `token` left for later: drop the neurons
         not used in the last `window` tokens and close the holes (compact). Returns
@@ -354,22 +351,15 @@ class NeuronCache:
 
     def _close_token(self) -> None:
         needed = int(np.count_nonzero(self.last_used == self.token)) if self.token >= 0 else 0
-        if needed:
-            r = 1.0 - self._tok_misses / needed
-            n, total, lo, hi, _ = self._rates
-            self._rates = [n + 1, total + r, min(lo, r), max(hi, r), r]
+        self._hit_rates.close(needed, self._tok_misses)
         self._tok_misses = 0
 
     def stats(self) -> CacheStats:
-        n, total, lo, hi, last = self._rates
         needed = int(np.count_nonzero(self.last_used == self.token)) if self.token >= 0 else 0
-        if needed:  # the token in progress counts too
-            r = 1.0 - self._tok_misses / needed
-            n, total, lo, hi, last = n + 1, total + r, min(lo, r), max(hi, r), r
-        nan = float("nan")
+        n, mean, lo, hi, last = self._hit_rates.summary(needed, self._tok_misses)  # the token in progress too
         return CacheStats(**self._c, bytes_appended=self._c["misses"] * self.stride, num_used=self.num_used,
-                          capacity=self.capacity, tokens=n, hit_rate_mean=total / n if n else nan,
-                          hit_rate_min=lo if n else nan, hit_rate_max=hi if n else nan, hit_rate_last=last)
+                          capacity=self.capacity, tokens=n, hit_rate_mean=mean, hit_rate_min=lo,
+                          hit_rate_max=hi, hit_rate_last=last)
 
     def neurons(self) -> np.ndarray:
         """(num_used,) neuron id of each row of `compute_view()`."""

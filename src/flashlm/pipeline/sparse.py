@@ -100,6 +100,11 @@ class SparseRunner:
         # flight first (one round trip through the loop). Measured in docs/sparsity.md.
         self.fetch_steps = 0  # layer steps that took the first way
 
+    @property
+    def steps_started(self) -> int:
+        """How many token steps this runner has begun (its token clock, engine-wide)."""
+        return self._token
+
     def set_recording(self, on: bool) -> None:
         """Timestamp every read (actors) and FFN compute (here), for overlap analysis."""
         self.record = on
@@ -174,7 +179,7 @@ class SparseRunner:
         n = needed.size
         with torch.inference_mode():
             rows, neuron_ids = cache.compute_view()
-            slots = cache.slot_of[needed]
+            slots = cache.slots(needed)
             dev = rows.device
             if n == rows.shape[0] and n and slots[0] == 0 and (np.diff(slots) == 1).all():
                 out = block.ffn(ffn_in, rows, neuron_ids)  # the rows are the window, in neuron order
@@ -287,7 +292,7 @@ class SparseRunner:
             if spec is not None:  # layer l+1's reads start now, while layer l computes
                 nxt = layer + 1
                 win.mark(nxt, spec, speculative=True)
-                if not (self.actors[nxt].quiescent() and (self.caches[nxt].slot_of[spec] >= 0).all()):
+                if not (self.actors[nxt].quiescent() and not self.caches[nxt].n_missing(spec)):
                     yield "post", nxt, Prefetch(token, spec)  # (all cached: nothing to read)
             predicted = spec
             win.mark(layer, exact)
@@ -297,7 +302,7 @@ class SparseRunner:
             actor = self.actors[layer]
             # quiescent first: then the cache cannot change until this step sends its actor work
             quiet = actor.quiescent()
-            n_missing = 0 if quiet and cache.holds_all() else int(np.count_nonzero(cache.slot_of[marks] < 0))
+            n_missing = 0 if quiet and cache.holds_all() else cache.n_missing(marks)
             if self.reuse and quiet and not n_missing:
                 # Fast path: everything is cached and nothing touches this cache until we say
                 # so: compute now (over the window's neurons, masked), book-keep afterwards.
@@ -311,7 +316,7 @@ class SparseRunner:
             else:
                 t_ask = time.perf_counter()
                 if (not self.inline and self.reuse and actor.idle()
-                        and cache.num_used + n_missing <= cache.capacity):
+                        and cache.can_append(n_missing)):
                     # Reads to start, room to append them: send the step without waiting for the
                     # actor's first answer (its update appends, moves no row); evict after the FFN.
                     yield "fetch", layer, marks

@@ -18,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 
 from flashlm.errors import CheckpointFormatError
 from flashlm.io.store import FIX, FlashStore
+from flashlm.kernels import QBundles, QRows
 from flashlm.models import get_architecture
 
 
@@ -114,3 +115,28 @@ def check_vocab(store: FlashStore, args: Any, tokenizer: Any | None) -> None:
     if tokenizer is not None and len(tokenizer) > vocab:
         raise CheckpointFormatError(f"{store.path}: its tokenizer has {len(tokenizer)} tokens but vocab_size is "
                                     f"{vocab}; {FIX}")
+
+
+def build_model(store: FlashStore, config: Any, arch: Any, args: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The model with its resident tensors; with ffn="ram" also every FFN row (read whole,
+    checksum-checked), with ffn="flash" none (the layer actors' caches supply them)."""
+    dev, dt = torch.device(config.device), config.torch_dtype
+    # quantised weights (QRows) stay in their format; float tensors take the compute dtype
+    resident = {
+        k: (v.to(dev, dt) if isinstance(v, torch.Tensor) and v.is_floating_point() else v.to(dev))
+        for k, v in store.load_resident().items()
+    }
+    n = len(store.manifest.ffn.layers)
+    if config.ffn == "ram":
+        rows: list[Any] = []
+        for i in range(n):
+            r = store.layer_rows(store.read_layer(i))
+            rows.append(r.to(dev) if isinstance(r, QBundles) else r.to(dev, dt))
+    else:
+        rows = [None] * n
+    return build(store, arch, args, resident, rows), resident
+
+
+def held_bytes(t: torch.Tensor | QRows) -> int:
+    """Bytes a resident tensor holds (a quantised one in its own format)."""
+    return t.nbytes if isinstance(t, QRows) else t.numel() * t.element_size()

@@ -1,0 +1,222 @@
+"""The layer actor, the step driver and the request window on their own (not through Engine):
+a real NeuronCache and a real BundleReader over a small ffn.bin written here; the tests wait on
+futures and on the actors' inboxes, never on sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flashlm.errors import EngineDeadError
+from flashlm.io.format import (FFN_HEADER_BYTES, REGION_ALIGN, FFNLayout, FileEntry, LayerLayout, pack_ffn_header,
+                               round_up)
+from flashlm.io.reader import BundleReader
+from flashlm.pipeline.actors import Ensure, LayerActor, LayerStep, Prefetch, Touch
+from flashlm.pipeline.neuron_cache import NeuronCache
+from flashlm.pipeline.request_window import RequestWindow
+from flashlm.pipeline.step_driver import StepDriver
+
+N, HIDDEN, BLOCK, LAYERS = 64, 16, 512, 2
+PARTS = ("gate", "up", "down")
+
+
+def write_store(root: Path) -> tuple[Path, FFNLayout]:
+    """An ffn.bin of float16 bundles, each a known byte pattern, and its layout."""
+    stride = round_up(len(PARTS) * HIDDEN * 2, BLOCK)
+    path, offsets, off = root / "ffn.bin", [], FFN_HEADER_BYTES
+    with open(path, "wb") as f:
+        f.write(pack_ffn_header(LAYERS, BLOCK, uuid.uuid4().hex))
+        for layer in range(LAYERS):
+            offsets.append(off)
+            f.seek(off)
+            k = np.arange(N * stride, dtype=np.int64)
+            f.write(((k * 7 + (k // stride) * 13 + layer * 101) % 251).astype(np.uint8).tobytes())
+            off = round_up(off + N * stride, REGION_ALIGN)
+    layers = tuple(LayerLayout(o, N, "") for o in offsets)
+    return path, FFNLayout(FileEntry("ffn.bin", path.stat().st_size, ""), BLOCK, PARTS, HIDDEN, "float16", layers)
+
+
+def bundle(path: Path, layout: FFNLayout, layer: int, i: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(layout.bundle_offset(layer, i))
+        return f.read(layout.stride)
+
+
+@pytest.fixture
+async def parts(tmp_path):
+    """(store path, layout, reader, caches, actors): the actors not started."""
+    path, layout = write_store(tmp_path)
+    caches = [NeuronCache(N, 24, layout=layout, window=4) for _ in range(LAYERS)]
+    async with BundleReader(path, layout) as reader:
+        yield path, layout, reader, caches, [LayerActor(i, c, reader) for i, c in enumerate(caches)]
+
+
+async def send(actor: LayerActor, msg) -> None:
+    actor.sent += 1  # as the step driver counts them
+    await actor.inbox.put(msg)
+
+
+async def stop(actor: LayerActor, task: asyncio.Task) -> None:
+    await actor.inbox.put(None)
+    await task
+
+
+def held_bytes(cache: NeuronCache, ids) -> list[bytes]:
+    slots = cache.slots(np.asarray(ids))
+    return [np.asarray(cache.raw[s]).tobytes() for s in slots]
+
+
+# --- the layer actor ---------------------------------------------------------------------
+
+async def test_ensure_reads_the_missing_neurons_then_hits(parts):
+    path, layout, _, caches, actors = parts
+    actor, cache = actors[1], caches[1]
+    task = asyncio.create_task(actor.run())
+    loop = asyncio.get_running_loop()
+    ids = np.array([3, 9, 40, 41], dtype=np.int64)
+    reply, ready = loop.create_future(), loop.create_future()
+    await send(actor, Ensure(0, ids, reply, ready))
+    pending, neurons = await ready
+    step = await reply
+    assert isinstance(step, LayerStep) and step.hits == 0 and step.needed == 4
+    assert step.read_bytes >= 4 * layout.stride and step.spec_read_bytes == 0
+    assert sorted(neurons.tolist()) == ids.tolist() and len(pending) <= 4
+    assert cache.n_pending == 0 and cache.n_missing(ids) == 0 and cache.n_held == 4
+    assert held_bytes(cache, ids) == [bundle(path, layout, 1, int(i)) for i in ids]
+    again = loop.create_future()
+    await send(actor, Ensure(1, ids, again))
+    assert await again == LayerStep(4, 4, 0, 0, 0.0)  # all cached: nothing read
+    await stop(actor, task)
+    assert actor.idle() and actor.quiescent()
+    cache.invariants()
+
+
+async def test_a_prefetch_counts_as_hits_for_the_exact_step(parts):
+    path, layout, _, caches, actors = parts
+    actor, cache = actors[0], caches[0]
+    task = asyncio.create_task(actor.run())
+    spec = np.array([5, 6, 7], dtype=np.int64)
+    await send(actor, Prefetch(0, spec))
+    reply = asyncio.get_running_loop().create_future()
+    await send(actor, Ensure(0, np.array([5, 6, 7, 8], dtype=np.int64), reply))
+    step = await reply
+    assert step.hits == 3 and step.needed == 4
+    assert step.spec_read_bytes >= 3 * layout.stride and step.read_bytes >= 4 * layout.stride
+    assert held_bytes(cache, [5, 6, 7, 8]) == [bundle(path, layout, 0, i) for i in (5, 6, 7, 8)]
+    await stop(actor, task)
+
+
+async def test_touch_marks_a_cached_set_and_evicts_outside_the_window(parts):
+    _, _, _, caches, actors = parts
+    actor, cache = actors[0], caches[0]
+    task = asyncio.create_task(actor.run())
+    loop = asyncio.get_running_loop()
+    first = loop.create_future()
+    await send(actor, Ensure(0, np.arange(10, dtype=np.int64), first))
+    await first
+    # steps 1..4 use only neurons 0..1: 2..9 leave the window of 4 steps
+    for t in range(1, 6):
+        await send(actor, Touch(t, np.array([0, 1], dtype=np.int64)))
+    last = loop.create_future()
+    await send(actor, Ensure(6, np.array([0, 1], dtype=np.int64), last))
+    assert (await last).hits == 2
+    assert cache.n_held == 2 and cache.n_missing(np.arange(2, 10)) == 8
+    await stop(actor, task)
+    cache.invariants()
+
+
+async def test_a_bad_message_fails_its_step_and_the_actor_goes_on(parts):
+    _, _, _, caches, actors = parts
+    actor = actors[0]
+    task = asyncio.create_task(actor.run())
+    loop = asyncio.get_running_loop()
+    bad, ready = loop.create_future(), loop.create_future()
+    await send(actor, Ensure(0, np.array([N + 5], dtype=np.int64), bad, ready))  # no such neuron
+    with pytest.raises(Exception):
+        await bad
+    assert ready.done() and ready.exception() is not None
+    good = loop.create_future()
+    await send(actor, Ensure(1, np.array([1, 2], dtype=np.int64), good))
+    assert (await good).needed == 2 and caches[0].n_pending == 0
+    await stop(actor, task)
+
+
+# --- the step driver ---------------------------------------------------------------------
+
+def layer_loop(ids: np.ndarray, seen: list):
+    """A two-layer step as SparseRunner._layers yields it: prefetch layer 1, ask and wait for
+    layer 0, then ask and wait for layer 1; returns what it was answered."""
+    yield "post", 1, Prefetch(0, ids)
+    seen.append((yield "ask", 0, ids))
+    step0 = yield "wait", 0
+    seen.append((yield "ask", 1, ids))
+    step1 = yield "wait", 1
+    return step0, step1
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["loop", "thread"])
+async def test_the_driver_runs_a_step_through_the_actors(parts, inline):
+    path, layout, _, caches, actors = parts
+    tasks = [asyncio.create_task(a.run()) for a in actors]
+    ids = np.array([2, 11, 30], dtype=np.int64)
+    with ThreadPoolExecutor(1) as pool:
+        driver = StepDriver(actors, pool, inline=inline)
+        seen: list = []
+        step0, step1 = await driver.drive(layer_loop(ids, seen), 0)
+    assert step0.needed == step1.needed == 3
+    assert step0.hits == 0 and step1.hits == 3  # layer 1's set was prefetched
+    assert [sorted(neurons.tolist()) for _, neurons in seen] == [ids.tolist()] * 2
+    assert [a.sent for a in actors] == [1, 2]  # layer 1: the prefetch and the Ensure
+    for layer, cache in enumerate(caches):
+        assert held_bytes(cache, ids) == [bundle(path, layout, layer, int(i)) for i in ids]
+    for a, t in zip(actors, tasks):
+        await stop(a, t)
+        assert a.handled == a.sent
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["loop", "thread"])
+async def test_dead_fails_a_step_waiting_on_an_actor_and_every_later_one(parts, inline):
+    _, _, _, _, actors = parts  # the actors never run: the asked one never answers
+    ids = np.array([1], dtype=np.int64)
+    with ThreadPoolExecutor(1) as pool:
+        driver = StepDriver(actors, pool, inline=inline)
+        step = asyncio.create_task(driver.drive(layer_loop(ids, []), 0))
+        # the prefetch for layer 1, then the Ensure for layer 0: the step now waits on its answer
+        assert isinstance(await actors[1].inbox.get(), Prefetch)
+        assert isinstance(await actors[0].inbox.get(), Ensure)
+        driver.dead(RuntimeError("boom"))
+        with pytest.raises(EngineDeadError, match="crashed"):
+            await step
+        with pytest.raises(EngineDeadError):
+            await driver.drive(layer_loop(ids, []), 1)
+
+
+# --- the request window ------------------------------------------------------------------
+
+def test_the_window_holds_recent_selections_and_computes_only_exact_ones():
+    win = RequestWindow(n_layers=2, d_ff=10, window=2, capacity=10)
+    win.mark(0, np.array([1, 2]))
+    win.mark(0, np.array([7]), speculative=True)
+    assert win.held(0).tolist() == [1, 2, 7] and win.held(1).tolist() == []
+    assert win.computed(0, win.held(0)).tolist() == [1, 2]  # a speculative neuron is only read
+    win.step += 1
+    win.mark(0, np.array([3, 7]))
+    assert win.held(0).tolist() == [1, 2, 3, 7] and win.computed(0, win.held(0)).tolist() == [1, 2, 3, 7]
+    win.step += 1  # step 0's selections leave the window of 2
+    assert win.held(0).tolist() == [3, 7]
+    win.step += 2
+    assert win.held(0).tolist() == []
+
+
+def test_a_window_over_capacity_keeps_the_most_recent_lower_ids_first():
+    win = RequestWindow(n_layers=1, d_ff=10, window=4, capacity=3)
+    win.mark(0, np.array([0, 1, 2, 3]))
+    win.step += 1
+    win.mark(0, np.array([8]))
+    assert win.held(0).tolist() == [0, 1, 8]  # 8 (newest), then ties at step 0 by lower id
+    assert win.computed(0, win.held(0)).tolist() == [0, 1, 8]
