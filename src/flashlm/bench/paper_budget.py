@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -35,12 +34,6 @@ from flashlm.bench import pyplot
 from flashlm.bench.engine import PROMPT, token_agreement
 from flashlm.bench.paper import RAW_PROMPT, PAPER_TABLE3, _machine, _measure, _open, _result, _Run, _f, _pct
 from flashlm.errors import ConfigError
-from flashlm.log import get_logger
-
-log = get_logger(__name__)
-
-_COUNTERS = ("tokens", "read_bytes", "reads")
-
 
 def _counters(run: _Run) -> dict[str, float] | None:
     st = run.engine.statistics().get("streaming")
@@ -211,6 +204,6 @@ def markdown(r: dict[str, Any]) -> str:
                      f"{naive / x['ms_per_token']:.2f}x | {hybrid / x['ms_per_token']:.2f}x |")
     c = r["checks"]
     lines += ["", f"ours is exact: {r['ours']['same_as_exact']} (one run reported under both names when true). "
-              f"Tokens == dense in RAM: naive {c['naive_tokens_equal_dense']}, hybrid {c['hybrid_tokens_equal_dense']}, "
-              f"exact {c['exact_tokens_equal_dense']}. Goals: {r['goals']}."]
+              f"Tokens == dense in RAM: naive {c['naive_tokens_equal_dense']}, hybrid "
+              f"{c['hybrid_tokens_equal_dense']}, exact {c['exact_tokens_equal_dense']}. Goals: {r['goals']}."]
     return "\n".join(lines) + "\n"
