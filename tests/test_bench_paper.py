@@ -108,3 +108,37 @@ def test_scale_sequences_are_correlated():
     overlap = np.mean([np.intersect1d(a, b).size / a.size for a, b in zip(seq, seq[1:])])
     assert overlap > 0.5  # consecutive tokens share most of their neurons
     assert new_fraction(seq, 2048, 5, skip=10) < 0.1
+
+
+def test_bench_under_a_memory_budget_runs_naive_hybrid_ours_and_exact(smollm2_store, tmp_path, capsys):
+    """`flashlm bench --memory-budget 0.5`: the four rows and the issue's names; exact mode streams
+    the cold part (its reads from the runner's counters) and gives the dense model's tokens.
+    (SmolLM2: the tiny random models' fixed parts outweigh half of them, so nothing would stream.)"""
+    from flashlm.io.store import FlashStore
+
+    store = smollm2_store
+    out = tmp_path / "budget.json"
+    assert main(["bench", "--quick", "--model", str(store), "--memory-budget", "0.5", "--tokens", "4",
+                 "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    for k in ("naive", "hybrid", "ours", "exact", "dense_ram"):
+        assert r[k]["ms_per_token"] > 0 and len(r[k]["token_ids"]) == 4, k
+    assert r["ours"]["mode"] == r["exact"]["mode"] == "exact"  # auto under a budget below every neuron: exact
+    assert r["ours"]["same_as_exact"] is True and r["ours"]["ms_per_token"] == r["exact"]["ms_per_token"]
+    m = FlashStore.open(store).manifest
+    ffn_bytes = sum(layer.n_neurons for layer in m.ffn.layers) * m.ffn.stride
+    st = r["exact"]["streaming"]
+    assert st["tokens"] == 4 and 0 < st["cold_per_layer"] < m.ffn.layers[0].n_neurons
+    # every token reads each layer's cold suffix once: less than the whole FFN hybrid reads
+    assert r["exact"]["bytes_per_token"] == pytest.approx(st["cycle_bytes"], rel=0.5)
+    assert 0 < r["exact"]["bytes_per_token"] < r["hybrid"]["bytes_per_token"] == ffn_bytes
+    h = r["ours"]["hidden_io_fraction"]
+    assert h == st["hidden_fraction"] and 0 <= h <= 1
+    assert st["wait_ms_per_token"] <= st["read_ms_per_token"]
+    assert r["checks"]["exact_tokens_equal_dense"] and r["exact"]["token_ids"] == r["dense_ram"]["token_ids"]
+    assert r["checks"]["hybrid_tokens_equal_dense"] and r["checks"]["naive_tokens_equal_dense"]
+    assert r["ratios"]["exact_vs_naive_speed"] == pytest.approx(r["naive"]["ms_per_token"] / r["exact"]["ms_per_token"])
+    assert r["ratios"]["ours_vs_hybrid_speed"] == pytest.approx(r["hybrid"]["ms_per_token"] / r["ours"]["ms_per_token"])
+    assert out.with_suffix(".png").is_file() and "| exact | exact |" in out.with_suffix(".md").read_text()
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["exact"]["ms_per_token"] == round(r["exact"]["ms_per_token"], 3)
