@@ -216,7 +216,7 @@ async def _trace_overhead(model: str, cfg: EngineConfig, *, tokens: int, warmup:
     cfg = replace(cfg, trace=str(trace_dir / "overhead.jsonl"))
     on, off = [], []
     async with await Engine.open(model, cfg) as engine:
-        sink, sparse = engine._trace, engine._sparse
+        sink, sparse = engine.trace, engine.sparse
         async for _ in await engine.stream(prompt, max_tokens=warmup):
             pass
 

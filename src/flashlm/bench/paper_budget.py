@@ -94,7 +94,7 @@ async def run_budget_bench(out: Path, *, quick: bool, memory_budget: int | float
                 stack.push_async_callback(run.engine.aclose)
                 opened[name] = run
             ours_cfg = opened["ours"].engine.config
-            ours_exact = opened["ours"].engine._exact is not None
+            ours_exact = opened["ours"].engine.exact is not None
             exact_cfg = EngineConfig(selection="dense", **budgeted)
             same = ours_exact and replace(ours_cfg, trace=None) == replace(exact_cfg, trace=None)
             if not same:
@@ -107,7 +107,7 @@ async def run_budget_bench(out: Path, *, quick: bool, memory_budget: int | float
                     await _measure(run, tokens=tokens, prompt=prompt)
             after = {n: _counters(r) for n, r in opened.items()}
             static = {n: r.engine.statistics().get("streaming") for n, r in opened.items()}
-            modes = {n: ("exact" if r.engine._exact is not None else r.engine.config.selection)
+            modes = {n: ("exact" if r.engine.exact is not None else r.engine.config.selection)
                      for n, r in opened.items()}
             plans = {n: r.engine.memory.__class__.__name__ for n, r in opened.items() if r.engine.memory is not None}
         for name, run in opened.items():
