@@ -56,8 +56,9 @@ def sparsity_options(p: argparse.ArgumentParser) -> None:
     """Which FFN neurons are computed and how much DRAM the engine may use; shared by run and chat."""
     g = p.add_argument_group("sparsity and memory")
     g.add_argument("--ram", action="store_true", help="hold the whole FFN in RAM (default: read neurons from flash)")
-    g.add_argument("--selection", default=None, choices=["dense", "gate", "shadow", "predictor"],
-                   help="how the neurons to compute are chosen (default shadow)")
+    g.add_argument("--selection", default=None, choices=["auto", "dense", "gate", "shadow", "predictor"],
+                   help="how the neurons to compute are chosen (default auto: every neuron, cached when they all "
+                   "fit, else exact mode streaming the rest; with --density under a budget, shadow)")
     g.add_argument("--density", type=float, default=None, metavar="D",
                    help="fraction of each layer's neurons computed per token (default: the mode's)")
     g.add_argument("--window", type=int, default=None, metavar="K",
