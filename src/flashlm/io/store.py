@@ -149,9 +149,12 @@ class FlashStore:
             raise CheckpointFormatError(f"{self.path}: resident tensors unreadable ({e}); {FIX}") from None
         return self._assemble(tensors)
 
-    def _assemble(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | QRows]:
-        """Gather each quantised weight's NAME.qdata / .qscales / .qmins into one `QRows`."""
+    def _assemble(self, tensors: dict[str, torch.Tensor], skip: str | None = None) -> dict[str, torch.Tensor | QRows]:
+        """Gather each quantised weight's NAME.qdata / .qscales / .qmins into one `QRows` (but
+        `skip`'s, which was not read: exact mode keeps a token embedding table on flash)."""
         for name, fmt in self.manifest.quantized.items():
+            if name == skip:
+                continue
             parts = [f"{name}.qdata", f"{name}.qscales"] + ([f"{name}.qmins"] if fmt == "q4" else [])
             if any(p not in tensors for p in parts):
                 raise CheckpointFormatError(f"{self.path}: quantised tensor {name} is incomplete in "

@@ -14,7 +14,7 @@ import torch
 from flashlm.errors import CheckpointFormatError
 from flashlm.io.store import FIX, FlashStore
 from flashlm.kernels import QRows, dequantize_rows
-from flashlm.pipeline.store_model import _TORCH_NAMES
+from flashlm.pipeline.store_model import _TORCH_NAMES, QUANT_PARTS
 
 EMBED_SUFFIX = "embed_tokens.weight"
 
@@ -29,7 +29,7 @@ def flash_embedding_key(store: FlashStore) -> str | None:
     """The resident key of a token embedding table that can live on flash: one whose rows are
     needed one per token, i.e. not tied to the LM head (which multiplies all of it). None: keep it."""
     header, _ = _header(str(store._resolve(store.manifest.resident.path)))
-    names = {k.rsplit(".q", 1)[0] if k.endswith((".qdata", ".qscales", ".qmins")) else k for k in header}
+    names = {k.rsplit(".q", 1)[0] if k.endswith(QUANT_PARTS) else k for k in header}
     embeds = [k for k in names if k.endswith(EMBED_SUFFIX)]
     if len(embeds) != 1 or "lm_head.weight" not in names:
         return None
@@ -91,7 +91,7 @@ def load_resident_without(store: FlashStore, skip: str | None) -> dict[str, Any]
     read. Each tensor is read with pread into its own buffer, not through safetensors' mmap: the
     mapped pages of the file count in the process's RSS until unmapped, which at open doubled the
     peak (measured: ~390 MiB over the plan on the 1.5B). Quantised weights are gathered into
-    `QRows` as `FlashStore.load_resident` does."""
+    `QRows` by the store, as for `FlashStore.load_resident`."""
     entry = store.manifest.resident
     store._check_sha256(entry)
     path = str(store._resolve(entry.path))
@@ -115,17 +115,7 @@ def load_resident_without(store: FlashStore, skip: str | None) -> dict[str, Any]
             os.close(fd)
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError, struct.error) as e:
         raise CheckpointFormatError(f"{store.path}: resident tensors unreadable ({e}); {FIX}") from None
-    for name, fmt in store.manifest.quantized.items():
-        if name == skip:
-            continue
-        parts = [f"{name}.qdata", f"{name}.qscales"] + ([f"{name}.qmins"] if fmt == "q4" else [])
-        if any(p not in out for p in parts):
-            raise CheckpointFormatError(f"{store.path}: quantised tensor {name} is incomplete; {FIX}")
-        try:
-            out[name] = QRows(fmt, *(out.pop(p) for p in parts))
-        except ValueError as e:
-            raise CheckpointFormatError(f"{store.path}: quantised tensor {name} is malformed ({e}); {FIX}") from None
-    return out
+    return store._assemble(out, skip)
 
 
 def embedding_bytes(store: FlashStore, key: str, dtype: torch.dtype) -> int:
