@@ -175,7 +175,7 @@ class Engine:
             await start_exact(self, budget)
             return
         self.model, resident = await loop.run_in_executor(self._pool, build_model, store, cfg, self._arch, args)
-        prefix_bound = cfg.prefix_bound(kv_bytes, quantised=store.manifest.dtype in QUANT_DTYPES)
+        prefix_bound = cfg.prefix_bound(kv_bytes)
         if cfg.ffn == "ram":
             self._keep_prefixes(prefix_share(prefix_bound, budget, res_bytes + ffn_bytes + kv_bytes))
             self._runner = RamRunner(self.model, self._pool)
