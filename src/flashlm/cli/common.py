@@ -75,6 +75,10 @@ def sparsity_options(p: argparse.ArgumentParser) -> None:
                    help="bytes the kept prefixes of earlier requests may hold (a later prompt that starts the same "
                    "way prefills only the rest, with the same tokens as a cold start; docs/prompt-cache.md): a size "
                    "such as 512MiB, 0 keeps none (default: one KV cache at --max-context)")
+    g.add_argument("--prompt-cache-file", default=None, metavar="PATH",
+                   help="keep the prompt cache across runs in PATH: read when the engine opens (if PATH exists; "
+                   "it must come from the same store), written when the command ends (run: after the answer; chat "
+                   "and serve: at exit)")
 
 
 def sampling_options(p: argparse.ArgumentParser) -> None:

@@ -287,10 +287,16 @@ class KVCache:
         """A compact copy of positions [0, n): its own memory (max_len n), so nothing written to
         this cache later reaches it (a kept prefix)."""
         assert 0 < n <= self.length, (n, self.length)
+        return KVCache.compact(self.kv[:, :, :, :n].clone(), self.compute_dtype)
+
+    @staticmethod
+    def compact(kv: Tensor, compute_dtype: torch.dtype | None) -> KVCache:
+        """A full cache over `kv` (n_layers, 2, n_kv_heads, n, head_dim), taken as it is: n
+        positions held, room for no more (a kept prefix, or one read back from a file)."""
         out = KVCache.__new__(KVCache)
-        out.kv = self.kv[:, :, :, :n].clone()  # (n_layers, 2, n_kv_heads, n, head_dim), contiguous
-        out.compute_dtype = self.compute_dtype
-        out.max_len = out.length = n
+        out.kv = kv
+        out.compute_dtype = compute_dtype
+        out.max_len = out.length = kv.shape[3]
         return out
 
     def restore(self, src: KVCache, n: int) -> None:

@@ -33,6 +33,7 @@ from flashlm.pipeline.actors import LayerActor
 from flashlm.pipeline.budget import MemoryPlan, check_fits, parse_budget, plan_memory, prefix_share
 from flashlm.pipeline.config import AUTO_SPARSE, EngineConfig
 from flashlm.pipeline.neuron_cache import NeuronCache
+from flashlm.pipeline import prefix_file
 from flashlm.pipeline.prefix_cache import PrefixCache
 from flashlm.pipeline.selection import make_selectors
 from flashlm.pipeline.request_window import RequestWindow
@@ -72,12 +73,11 @@ class Engine:
                               f"positions (max_position_embeddings); use max_context <= {limit}")
         self.max_context = config.max_context or min(limit, DEFAULT_CONTEXT_CAP)
         self.vocab_size = args.vocab_size
-        mcfg = store.manifest.config
         m = store.manifest
         # the model's own bytes: what holding all of its store in DRAM takes (resident file + FFN
         # bundles), the unit of a fractional memory budget whatever the compute dtype
         self.model_bytes = m.resident.size + m.ffn.file.size
-        eos = mcfg.get("eos_token_id")
+        eos = m.config.get("eos_token_id")
         ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             ids.add(tokenizer.eos_token_id)
@@ -344,6 +344,12 @@ class Engine:
 
     async def generate(self, prompt: Any, **kwargs: Any) -> str:
         return "".join([chunk.text async for chunk in self.stream(prompt, **kwargs)])
+
+    async def save_prompt_cache(self, path: str | os.PathLike[str]) -> int:
+        return await prefix_file.save(self, path)  # the kept prefixes to a file; how many (prefix_file)
+
+    async def load_prompt_cache(self, path: str | os.PathLike[str], missing_ok: bool = False) -> int:
+        return await prefix_file.load(self, path, missing_ok)  # keep a file's prefixes (same store); how many
 
     def statistics(self) -> dict[str, Any]:
         """Memory plan, cache and reader counters."""
