@@ -15,7 +15,6 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -40,6 +39,7 @@ from flashlm.pipeline.request_window import RequestWindow
 from flashlm.pipeline.sparse import SparseRunner
 from flashlm.pipeline.streaming import start_exact
 from flashlm.pipeline.request import make_request
+from flashlm.pipeline.tokenizer import load as load_tokenizer
 from flashlm.pipeline.store_model import build_model, check_vocab, held_bytes, model_args, resident_bytes
 from flashlm.pipeline.generation import RamRunner, Stream, release_freed_memory
 from flashlm.pipeline.trace import TraceSink
@@ -47,14 +47,6 @@ from flashlm.pipeline.trace import TraceSink
 log = get_logger(__name__)
 T = TypeVar("T")
 DEFAULT_CONTEXT_CAP = 8192
-
-
-def _load_tokenizer(path: Path | None) -> Any | None:
-    if path is None:
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 class Engine:
@@ -119,7 +111,7 @@ class Engine:
         path = await asyncio.to_thread(resolve_store, model, config.store_dtype, progress)
         store = await asyncio.to_thread(FlashStore.open, path)
         arch, args = model_args(store)  # the config and the FFN layout agree, before anything is allocated
-        tokenizer = await asyncio.to_thread(_load_tokenizer, store.tokenizer_dir)
+        tokenizer = await asyncio.to_thread(load_tokenizer, store.tokenizer_dir)
         await asyncio.to_thread(check_vocab, store, args, tokenizer)
         engine = cls(store, tokenizer, config, arch, args)
         try:
