@@ -32,7 +32,8 @@ def test_the_same_ids_and_text_as_transformers(which, llama_store, smollm2_int8_
     d = tokenizer_dirs(llama_store, smollm2_int8_store)[which]
     hf, mine = AutoTokenizer.from_pretrained(str(d)), load(d)
     assert isinstance(mine, StoreTokenizer)
-    assert (mine.eos_token_id, len(mine)) == (hf.eos_token_id, len(hf))
+    assert (mine.eos_token_id, mine.bos_token_id, len(mine)) == (hf.eos_token_id, hf.bos_token_id, len(hf))
+    assert mine.get_vocab() == hf.get_vocab()
     for t in TEXTS:
         ids = hf.encode(t)
         assert mine.encode(t) == ids, t

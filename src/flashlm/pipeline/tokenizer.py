@@ -17,7 +17,7 @@ writes them), tested token-for-token against `AutoTokenizer` on the built-ins' t
   sandbox set up as transformers sets it up (trim_blocks, lstrip_blocks, loopcontrols; its
   `tojson`, `raise_exception`, `strftime_now`, `dict` and underscore-refusing `namespace`), with
   the special tokens' strings as variables, then encoded without special tokens.
-- `eos_token_id`, `chat_template`, `len()`.
+- `eos_token_id`, `bos_token_id`, `chat_template`, `len()`, `get_vocab()`.
 A store whose tokenizer directory has no tokenizer.json (a slow tokenizer only) is opened with
 transformers instead (`load`).
 """
@@ -63,9 +63,16 @@ class StoreTokenizer:
         self.chat_template: str | None = (template.read_text(encoding="utf-8") if template.is_file()
                                           else cfg.get("chat_template") if isinstance(cfg.get("chat_template"), str)
                                           else None)
-        eos = self.special_tokens.get("eos_token")
-        self.eos_token_id: int | None = None if eos is None else self._tok.token_to_id(eos)
+        self.eos_token_id: int | None = self._id("eos_token")
+        self.bos_token_id: int | None = self._id("bos_token")
         self._compiled: Any = None
+
+    def _id(self, name: str) -> int | None:
+        text = self.special_tokens.get(name)
+        return None if text is None else self._tok.token_to_id(text)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self._tok.get_vocab(with_added_tokens=True)
 
     def __len__(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
