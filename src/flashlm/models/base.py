@@ -313,12 +313,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, pos: int, scale: float, window: int 
     q (n_heads, T, hd); k, v (n_kv_heads, pos+T, hd) with n_heads a multiple of n_kv_heads.
     window: the query at position p sees only keys (p - window, p] (sliding-window attention,
     transformers' `sliding_window`); the cache may hold older keys, they are not looked at.
-    rowwise: each query row attended on its own over the keys it sees, exactly as a one-token
-    step attends it. One causal call over T queries reduces in another order (last-bit apart):
-    where every other op of a step is computed per token (int8/q4 stores: the kernels' gemv and
-    FFN), rowwise makes a prompt prefilled in one step bitwise the same as decoding it, which the
-    prompt cache needs (a reused KV was computed one way, a cold start's the other way; the
-    activations' int8 grid turns a last-bit difference into another token at a near-tie).
+    rowwise: each query row attended alone over the keys it sees, exactly as a one-token step
+    attends it (one causal call over T queries reduces in another order, last bits apart). Where
+    every other op is per token (int8/q4: the kernels), a prompt prefilled in one step is then
+    bitwise the same as decoding it, which the prompt cache needs (docs/prompt-cache.md).
     Returns (T, n_heads * hd).
     """
     n_heads, T, hd = q.shape
