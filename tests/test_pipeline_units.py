@@ -14,10 +14,10 @@ import pytest
 from flashlm.errors import EngineDeadError
 from flashlm.io.format import FFNLayout
 from flashlm.io.reader import BundleReader
-from flashlm.pipeline.actors import Ensure, LayerActor, LayerStep, Prefetch, Touch
+from flashlm.pipeline.actors import Ensure, LayerActor, LayerStep, Prefetch, Tidy, Touch
 from flashlm.pipeline.neuron_cache import NeuronCache
 from flashlm.pipeline.request_window import RequestWindow
-from flashlm.pipeline.step_driver import StepDriver
+from flashlm.pipeline.step_driver import AfterFFN, AppendMissing, Ask, StartPrefetch, StepDriver, WaitLayer
 from test_reader import make_store  # an ffn.bin of float16 bundles, each a known byte pattern
 
 N, HIDDEN, BLOCK, LAYERS = 64, 16, 512, 2
@@ -133,11 +133,11 @@ async def test_a_bad_message_fails_its_step_and_the_actor_goes_on(parts):
 def layer_loop(ids: np.ndarray, seen: list):
     """A two-layer step as SparseRunner._layers yields it: prefetch layer 1, ask and wait for
     layer 0, then ask and wait for layer 1; returns what it was answered."""
-    yield "post", 1, Prefetch(0, ids)
-    seen.append((yield "ask", 0, ids))
-    step0 = yield "wait", 0
-    seen.append((yield "ask", 1, ids))
-    step1 = yield "wait", 1
+    seen.append((yield StartPrefetch(1, ids)))
+    seen.append((yield Ask(0, ids)))
+    step0 = yield WaitLayer(0)
+    seen.append((yield Ask(1, ids)))
+    step1 = yield WaitLayer(1)
     return step0, step1
 
 
@@ -152,13 +152,52 @@ async def test_the_driver_runs_a_step_through_the_actors(parts, inline):
         step0, step1 = await driver.drive(layer_loop(ids, seen), 0)
     assert step0.needed == step1.needed == 3
     assert step0.hits == 0 and step1.hits == 3  # layer 1's set was prefetched
-    assert [sorted(neurons.tolist()) for _, neurons in seen] == [ids.tolist()] * 2
+    assert seen == [None] * 3  # only WaitLayer is answered with something
     assert [a.sent for a in actors] == [1, 2]  # layer 1: the prefetch and the Ensure
     for layer, cache in enumerate(caches):
         assert held_bytes(cache, ids) == [bundle(path, layout, layer, int(i)) for i in ids]
     for a, t in zip(actors, tasks):
         await stop(a, t)
         assert a.handled == a.sent
+
+
+def ask_loop(layer: int, ids: np.ndarray):
+    """A step that only ensures `ids` in `layer`'s cache."""
+    yield Ask(layer, ids)
+    return (yield WaitLayer(layer))
+
+
+def append_loop(first: np.ndarray, later: np.ndarray, seen: list, cache: NeuronCache):
+    """Layer 0's append path: AppendMissing, WaitLayer, the FFN (here: a look at where the cache's
+    rows are), then the Tidy after it."""
+    before = cache.slots(first).tolist()
+    yield AppendMissing(0, later)
+    step = yield WaitLayer(0)
+    seen.append((before, cache.slots(first).tolist(), cache.n_missing(later)))  # "the FFN": rows unmoved
+    yield AfterFFN(0, Tidy(5))
+    return step
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["loop", "thread"])
+async def test_append_moves_no_row_until_the_tidy_after_the_ffn(parts, inline):
+    path, layout, _, caches, actors = parts
+    cache = caches[0]
+    tasks = [asyncio.create_task(a.run()) for a in actors]
+    first, later = np.arange(10, dtype=np.int64), np.array([20, 21], dtype=np.int64)
+    with ThreadPoolExecutor(1) as pool:
+        driver = StepDriver(actors, pool, inline=inline)
+        await driver.drive(ask_loop(0, first), 0)
+        # step 5: the first set (used at step 0 only) has left the window of 4 steps
+        seen: list = []
+        step = await driver.drive(append_loop(first, later, seen, cache), 5)
+    before, during, missing = seen[0]
+    assert before == during and missing == 0  # appended past the used rows: the FFN saw no row move
+    assert step.needed == 2 and step.hits == 0 and step.read_bytes >= 2 * layout.stride
+    for a, t in zip(actors, tasks):
+        await stop(a, t)  # the Tidy is handled before the actor stops
+    assert cache.n_missing(first) == 10 and cache.n_missing(later) == 0  # the Tidy evicted the first set
+    assert held_bytes(cache, later) == [bundle(path, layout, 0, int(i)) for i in later]
+    cache.invariants()
 
 
 @pytest.mark.parametrize("inline", [True, False], ids=["loop", "thread"])
