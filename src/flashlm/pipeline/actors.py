@@ -14,8 +14,8 @@ An actor takes two kinds of message from its bounded inbox:
 - `Touch(token, ids)` / `Tidy(token)`: bookkeeping after a layer's FFN (see each).
 
 So layer l+1's reads run on the reader's I/O threads while layer l's FFN computes on the
-compute thread: flash latency hides behind compute. Every phase is timestamped into the
-actor's `events` (monotonic clock) so overlap is measured, not assumed.
+compute thread: flash latency hides behind compute. When traced, every phase is an event of
+the trace sink (`flashlm.pipeline.trace`, perf_counter clock), so overlap is measured, not assumed.
 """
 
 from __future__ import annotations
@@ -82,19 +82,8 @@ class LayerStep:
     read_wait_ms: float  # time the step was blocked on this layer's reads (exposed I/O; set by the driver)
 
 
-@dataclass(frozen=True)
-class Event:
-    layer: int
-    token: int
-    kind: str  # "read" (spec or exact) | "wait"
-    start: float
-    end: float
-    nbytes: int = 0
-    speculative: bool = False
-
-
 class LayerActor:
-    def __init__(self, layer: int, cache: Any, reader: BundleReader, *, record: bool = False) -> None:
+    def __init__(self, layer: int, cache: Any, reader: BundleReader) -> None:
         self.layer = layer
         self.cache = cache
         self.reader = reader
@@ -105,9 +94,7 @@ class LayerActor:
         self.handled = 0
         self._inflight: list[asyncio.Task[tuple[int, bool, Any]]] = []
         self._inflight_token = -1
-        self.record = record
-        self.events: list[Event] = []
-        self.trace: Any = None  # a flashlm.pipeline.trace.TraceSink when the engine traces
+        self.trace: Any = None  # a flashlm.pipeline.trace.TraceSink (or MemorySink) when traced
 
     async def run(self) -> None:
         """The actor's life: until a None message (engine closing) or cancellation."""
@@ -232,8 +219,6 @@ class LayerActor:
     async def _read(self, plan: Any, token: int, speculative: bool) -> tuple[int, bool, Any]:
         t0 = time.perf_counter()
         stats = await self.reader.read(self.layer, plan.missing_ids, self.cache.raw, plan.slots)
-        if self.record:
-            self.events.append(Event(self.layer, token, "read", t0, time.perf_counter(), stats.bytes_read, speculative))
         if self.trace is not None:
             self.trace.emit("read", token, layer=self.layer, issued=t0, completed=time.perf_counter(),
                             speculative=speculative, bundles=stats.bundles, bytes=stats.bytes_read,

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flashlm.pipeline.actors import Event, LayerActor, LayerStep, Tidy, Touch
+from flashlm.pipeline.actors import LayerActor, LayerStep, Tidy, Touch
 from flashlm.pipeline.request_window import RequestWindow
 from flashlm.pipeline.runner import StepClock, TokenReport
 from flashlm.pipeline.step_driver import AfterFFN, AppendMissing, Ask, LayerLoop, StartPrefetch, StepDriver, WaitLayer
@@ -49,7 +49,7 @@ __all__ = ["Selector", "SparseRunner", "TokenReport"]  # TokenReport: its home i
 class SparseRunner:
     def __init__(self, model: Any, caches: list[Any], actors: list[LayerActor], selectors: list[Selector], *,
                  lookahead: int, window: int, pool: Any, reuse: bool = True, inline: bool = False,
-                 dense: bool = False, trace: Any = None) -> None:
+                 dense: bool = False) -> None:
         self.model = model
         self.caches = caches
         self.actors = actors
@@ -70,10 +70,8 @@ class SparseRunner:
         self.capacity = min(c.capacity for c in caches)
         self._ffn_rows = WindowFFN(max(c.capacity for c in caches))
         self._sel = np.zeros(self.d_ff, dtype=bool)  # scratch: a request's window as a mask
-        self.clock = StepClock(trace)  # engine-wide step counter: the caches' clock
+        self.clock = StepClock()  # engine-wide step counter (the caches' clock); its trace: `set_trace`
         self._lock = asyncio.Lock()  # one token step at a time (steps of requests interleave)
-        self.compute_events: list[tuple[int, int, float, float]] = []  # (layer, token, start, end) when recording
-        self.record = False
         # compute="thread": a layer with reads to wait for sends its step without waiting for the
         # actor's first answer (the actor appends, no row moves until a Tidy after the FFN);
         # compute="loop" or no room to append: it waits for the actor to say the reads are in
@@ -82,19 +80,25 @@ class SparseRunner:
 
     @property
     def trace(self) -> Any:
-        """The trace sink (a flashlm.pipeline.trace.TraceSink) when the engine traces, else None."""
+        """Where this runner and its actors send their events (`set_trace`), else None."""
         return self.clock.trace
+
+    @trace.setter
+    def trace(self, sink: Any) -> None:
+        self.set_trace(sink)
 
     @property
     def steps_started(self) -> int:
         """How many token steps this runner has begun (its token clock, engine-wide)."""
         return self.clock.started
 
-    def set_recording(self, on: bool) -> None:
-        """Timestamp every read (actors) and FFN compute (here), for overlap analysis."""
-        self.record = on
+    def set_trace(self, sink: Any) -> None:
+        """Send this runner's and its actors' events to `sink` (a TraceSink, the engine's; a
+        MemorySink, for a bench or test to read back, e.g. which reads overlapped which FFN), or
+        to nowhere (None)."""
+        self.clock.trace = sink
         for a in self.actors:
-            a.record = on
+            a.trace = sink
 
     def dead(self, error: BaseException) -> None:
         """The actors are gone (crashed, or the engine closed: EngineClosedError): fail every
@@ -257,10 +261,8 @@ class SparseRunner:
 
     def _waited(self, step: LayerStep, layer: int, token: int, waits: list[tuple[float, float]]) -> LayerStep:
         """The actor's LayerStep with the time this step was blocked on it; each wait traced."""
-        for a, b in waits:
-            if self.record:
-                self.actors[layer].events.append(Event(layer, token, "wait", a, b))
-            if self.trace is not None:
+        if self.trace is not None:
+            for a, b in waits:
                 self.trace.emit("wait", token, layer=layer, start=a, end=b)
         return dataclasses.replace(step, read_wait_ms=sum(b - a for a, b in waits) * 1e3)
 
@@ -322,8 +324,6 @@ class SparseRunner:
         block = self.model.layers[layer]
         with torch.inference_mode():
             out = block.combine(residual, self._ffn_rows(block, self.caches[layer], ffn_in, needed))
-        if self.record:
-            self.compute_events.append((layer, token, t0, time.perf_counter()))
         if self.trace is not None:
             self.trace.emit("compute", token, layer=layer, start=t0, end=time.perf_counter(), rows=needed.size)
         return out
