@@ -136,7 +136,7 @@ def test_nothing_outside_the_engine_names_its_privates():
     assert not bad, bad
 
 
-SLOT_ARRAYS = {"slot_of", "neuron_of", "num_used", "pending_slots"}
+SLOT_ARRAYS = {"slot_of", "neuron_of", "num_used"}
 
 
 def test_only_the_cache_and_its_actor_touch_the_slot_arrays():

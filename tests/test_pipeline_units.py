@@ -63,11 +63,10 @@ async def test_ensure_reads_the_missing_neurons_then_hits(parts):
     ids = np.array([3, 9, 40, 41], dtype=np.int64)
     reply, ready = loop.create_future(), loop.create_future()
     await send(actor, Ensure(0, ids, reply, ready))
-    pending, neurons = await ready
+    assert await ready is None  # the reads are in flight
     step = await reply
     assert isinstance(step, LayerStep) and step.hits == 0 and step.needed == 4
     assert step.read_bytes >= 4 * layout.stride and step.spec_read_bytes == 0
-    assert sorted(neurons.tolist()) == ids.tolist() and len(pending) <= 4
     assert cache.n_pending == 0 and cache.n_missing(ids) == 0 and cache.n_held == 4
     assert held_bytes(cache, ids) == [bundle(path, layout, 1, int(i)) for i in ids]
     again = loop.create_future()
@@ -241,3 +240,72 @@ def test_a_window_over_capacity_keeps_the_most_recent_lower_ids_first():
     win.mark(0, np.array([8]))
     assert win.held(0).tolist() == [0, 1, 8]  # 8 (newest), then ties at step 0 by lower id
     assert win.computed(0, win.held(0)).tolist() == [0, 1, 8]
+
+
+# --- the FFN over a cache's rows ----------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["llama-gqa", "opt-pre-ln"])
+def test_the_window_ffn_sums_in_neuron_order_wherever_the_cache_put_the_rows(case):
+    """WindowFFN over a cache whose slots are scattered (evictions, hole fills) gives exactly the
+    block's FFN over the window's rows gathered in neuron order: bit for bit, so a request's tokens
+    do not depend on what the cache held before."""
+    import torch
+
+    from flashlm.io.format import round_up
+    from flashlm.io.store import rows_view
+    from flashlm.pipeline.window_ffn import WindowFFN
+    from test_models import hf_model, ours
+
+    model = ours(hf_model(case))
+    block, rows = model.layers[0], model.layers[0].ffn_rows  # (d_ff, P, d) float32
+    n, p, d = rows.shape
+    stride = round_up(p * d * 4, 64)
+    store = np.zeros((n, stride), dtype=np.uint8)
+    rows_view(store, p, d, "float32")[:] = rows
+    cache = NeuronCache(n, 60, parts=p, hidden=d, stride=stride, store_dtype="float32", window=1)
+    ffn, x = WindowFFN(cache.capacity), torch.randn(3, d, generator=torch.Generator().manual_seed(0))
+    rng = np.random.default_rng(0)
+    for t in range(6):  # window 1: each step evicts the last one's neurons, new ones fill the holes
+        ids = np.sort(rng.choice(n, size=40, replace=False))
+        plan = cache.update(ids, t)
+        cache.raw[plan.slots] = store[plan.missing_ids]  # the reader's job
+        cache.commit(plan)
+        needed = ids[rng.random(ids.size) < 0.7]  # the window's computed part of what is held
+        want = block.ffn(x, rows[torch.from_numpy(needed)], torch.from_numpy(needed))
+        assert torch.equal(ffn(block, cache, x, needed), want), t
+    assert not (np.diff(cache.slots(ids)) == 1).all()  # the last step's rows really were out of order
+
+
+# --- the runner contract ------------------------------------------------------------------
+
+async def test_the_ram_runner_numbers_and_traces_its_own_steps():
+    """forward -> (logits of the last position, no report: nothing is read), each step a
+    token_start and a token event on the runner's own clock, with the request id of its context."""
+    import structlog
+    import torch
+
+    from flashlm.pipeline.runner import RamRunner
+    from flashlm.pipeline.trace import FIELDS, MemorySink
+    from test_models import hf_model, ours
+
+    model = ours(hf_model("llama-gqa"))
+    sink = MemorySink()
+    ids = torch.tensor([5, 6, 7])
+    with ThreadPoolExecutor(1) as pool:
+        runner = RamRunner(model, pool, sink)
+        kv = model.new_cache(8)
+        structlog.contextvars.bind_contextvars(request_id="r1")
+        try:
+            first, report = await runner.forward(ids, kv, None)
+            second, _ = await runner.forward(torch.tensor([8]), kv, None)
+        finally:
+            structlog.contextvars.unbind_contextvars("request_id")
+    with torch.inference_mode():
+        ref = model.forward(torch.tensor([5, 6, 7, 8]), model.new_cache(8))
+    assert report is None and kv.length == 4
+    assert torch.allclose(first, ref[2], atol=1e-5) and torch.allclose(second, ref[3], atol=1e-5)
+    assert [(e["ev"], e["token"]) for e in sink.events] == [("token_start", 0), ("token", 0), ("token_start", 1),
+                                                            ("token", 1)]
+    assert all(set(FIELDS[e["ev"]]) <= set(e) for e in sink.events)
+    assert sink.events[0]["tokens_in"] == 3 and sink.events[1]["read_bytes"] == 0
+    assert {e["rid"] for e in sink.events} == {"r1"}

@@ -326,10 +326,6 @@ class NeuronCache:
         self._version += 1
         return int(slots.size)
 
-    def pending_slots(self) -> np.ndarray:
-        """Slots whose reads have not been committed (sorted): their rows are not valid yet."""
-        return np.flatnonzero(self._pending[: self.num_used])
-
     def compute_view(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows[:num_used] (n, P, d), neuron ids (n,) long) on the compute device; no gather.
         Both are views into the cache: valid until the next `update`."""
