@@ -140,13 +140,13 @@ def layer_loop(ids: np.ndarray, seen: list):
     return step0, step1
 
 
-@pytest.mark.parametrize("inline", [True, False], ids=["loop", "thread"])
-async def test_the_driver_runs_a_step_through_the_actors(parts, inline):
+@pytest.mark.parametrize("compute", ["loop", "thread"])
+async def test_the_driver_runs_a_step_through_the_actors(parts, compute):
     path, layout, _, caches, actors = parts
     tasks = [asyncio.create_task(a.run()) for a in actors]
     ids = np.array([2, 11, 30], dtype=np.int64)
     with ThreadPoolExecutor(1) as pool:
-        driver = StepDriver(actors, pool, inline=inline)
+        driver = StepDriver(actors, pool, compute=compute)
         seen: list = []
         step0, step1 = await driver.drive(layer_loop(ids, seen), 0)
     assert step0.needed == step1.needed == 3
@@ -177,14 +177,14 @@ def append_loop(first: np.ndarray, later: np.ndarray, seen: list, cache: NeuronC
     return step
 
 
-@pytest.mark.parametrize("inline", [True, False], ids=["loop", "thread"])
-async def test_append_moves_no_row_until_the_tidy_after_the_ffn(parts, inline):
+@pytest.mark.parametrize("compute", ["loop", "thread"])
+async def test_append_moves_no_row_until_the_tidy_after_the_ffn(parts, compute):
     path, layout, _, caches, actors = parts
     cache = caches[0]
     tasks = [asyncio.create_task(a.run()) for a in actors]
     first, later = np.arange(10, dtype=np.int64), np.array([20, 21], dtype=np.int64)
     with ThreadPoolExecutor(1) as pool:
-        driver = StepDriver(actors, pool, inline=inline)
+        driver = StepDriver(actors, pool, compute=compute)
         await driver.drive(ask_loop(0, first), 0)
         # step 5: the first set (used at step 0 only) has left the window of 4 steps
         seen: list = []
@@ -199,12 +199,12 @@ async def test_append_moves_no_row_until_the_tidy_after_the_ffn(parts, inline):
     cache.invariants()
 
 
-@pytest.mark.parametrize("inline", [True, False], ids=["loop", "thread"])
-async def test_dead_fails_a_step_waiting_on_an_actor_and_every_later_one(parts, inline):
+@pytest.mark.parametrize("compute", ["loop", "thread"])
+async def test_dead_fails_a_step_waiting_on_an_actor_and_every_later_one(parts, compute):
     _, _, _, _, actors = parts  # the actors never run: the asked one never answers
     ids = np.array([1], dtype=np.int64)
     with ThreadPoolExecutor(1) as pool:
-        driver = StepDriver(actors, pool, inline=inline)
+        driver = StepDriver(actors, pool, compute=compute)
         step = asyncio.create_task(driver.drive(layer_loop(ids, []), 0))
         # the prefetch for layer 1, then the Ensure for layer 0: the step now waits on its answer
         assert isinstance(await actors[1].inbox.get(), Prefetch)

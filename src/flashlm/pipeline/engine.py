@@ -223,7 +223,7 @@ class Engine:
         actors = [LayerActor(i, c, self._reader) for i, c in enumerate(caches)]
         self._sparse = SparseRunner(self.model, caches, actors, selectors, lookahead=cfg.lookahead,
                                     window=cfg.window, pool=self._pool, reuse=cfg.reuse,
-                                    inline=cfg.compute == "loop", dense=cfg.selection == "dense")
+                                    compute=cfg.compute, dense=cfg.selection == "dense")
         self._sparse.set_trace(self._trace)
         self._runner = self._sparse
         release_freed_memory()  # building the selectors freed large transients

@@ -48,7 +48,7 @@ __all__ = ["Selector", "SparseRunner", "TokenReport"]  # TokenReport: its home i
 
 class SparseRunner:
     def __init__(self, model: Any, caches: list[Any], actors: list[LayerActor], selectors: list[Selector], *,
-                 lookahead: int, window: int, pool: Any, reuse: bool = True, inline: bool = False,
+                 lookahead: int, window: int, pool: Any, reuse: bool = True, compute: str = "thread",
                  dense: bool = False) -> None:
         self.model = model
         self.caches = caches
@@ -56,9 +56,9 @@ class SparseRunner:
         self.selectors = selectors
         self.lookahead = lookahead
         self.reuse = reuse
-        self.inline = inline  # compute="loop": the layer loop runs on the event loop
+        self.on_loop = compute == "loop"  # the layer loop runs on the event loop, not the compute thread
         self.window = window
-        self._driver = StepDriver(actors, pool, inline=inline)
+        self._driver = StepDriver(actors, pool, compute=compute)
         self._pool = pool
         # selection "dense" (what "auto" picks when the caches hold every neuron): once every layer
         # holds all its neurons, committed, a token needs no selection, no window and no actor;
@@ -162,7 +162,7 @@ class SparseRunner:
 
     async def _dense_step(self, ids: torch.Tensor, kv: Any) -> torch.Tensor:
         self.resident_steps += 1
-        if self.inline:
+        if self.on_loop:
             return self._dense_forward(ids, kv)
         return await asyncio.get_running_loop().run_in_executor(self._pool, self._dense_forward, ids, kv)
 
@@ -225,7 +225,7 @@ class SparseRunner:
         missing = 0 if quiet and cache.holds_all() else cache.n_missing(held)
         if self.reuse and quiet and not missing:
             return "cached"
-        if not self.inline and self.reuse and actor.idle() and cache.can_append(missing):
+        if not self.on_loop and self.reuse and actor.idle() and cache.can_append(missing):
             return "append"
         return "ensure"
 

@@ -85,9 +85,11 @@ Message = Prefetch | Touch | Tidy | Ensure
 
 
 class StepDriver:
-    def __init__(self, actors: list[LayerActor], pool: Any, *, inline: bool) -> None:
+    def __init__(self, actors: list[LayerActor], pool: Any, *, compute: str) -> None:
         self.actors = actors
-        self.inline = inline
+        if compute not in ("thread", "loop"):
+            raise ValueError(f"compute {compute!r}: 'thread' or 'loop'")
+        self.on_loop = compute == "loop"
         self._pool = pool
         self._replies: set[Any] = set()  # asyncio or concurrent futures the actors will answer
         self._replies_lock = threading.Lock()  # the compute thread adds and removes them too
@@ -95,7 +97,7 @@ class StepDriver:
 
     async def drive(self, layers: LayerLoop, token: int) -> Any:
         """Run the layer loop `layers` for step `token` to its end; its return value."""
-        if self.inline:
+        if self.on_loop:
             return await self._drive_here(layers, token)
         return await self._drive_on_thread(layers, token)
 
