@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from flashlm.errors import PromptTooLongError, UnsupportedArchitectureError
+from flashlm.kernels import QRows
 from flashlm.kernels import QBundles
 from flashlm.models.base import (
     CausalLM,
@@ -120,7 +121,8 @@ class OPTBlock:
         v = linear(h, self.v_proj, self.v_bias).view(T, a.n_heads, a.head_dim).transpose(0, 1)
         cache.write(self.layer, pos, k, v)
         keys, values = cache.read(self.layer, pos + T)
-        residual = x + linear(attend(q, keys, values, pos, 1.0), self.out_proj, self.out_bias)
+        o = attend(q, keys, values, pos, 1.0, rowwise=isinstance(self.q_proj, QRows))  # int8/q4: see attend
+        residual = x + linear(o, self.out_proj, self.out_bias)
         if self.pre_ln:
             return residual, layer_norm(residual, *self.final_layer_norm)
         residual = layer_norm(residual, *self.self_attn_layer_norm)

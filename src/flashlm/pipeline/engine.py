@@ -15,7 +15,6 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -33,12 +32,14 @@ from flashlm.pipeline.actors import LayerActor
 from flashlm.pipeline.budget import MemoryPlan, check_fits, parse_budget, plan_memory, prefix_share
 from flashlm.pipeline.config import AUTO_SPARSE, EngineConfig
 from flashlm.pipeline.neuron_cache import NeuronCache
+from flashlm.pipeline import prefix_file
 from flashlm.pipeline.prefix_cache import PrefixCache
 from flashlm.pipeline.selection import make_selectors
 from flashlm.pipeline.request_window import RequestWindow
 from flashlm.pipeline.sparse import SparseRunner
 from flashlm.pipeline.streaming import start_exact
 from flashlm.pipeline.request import make_request
+from flashlm.pipeline.tokenizer import load as load_tokenizer
 from flashlm.pipeline.store_model import build_model, check_vocab, held_bytes, model_args, resident_bytes
 from flashlm.pipeline.generation import Decoding, Stream, release_freed_memory
 from flashlm.pipeline.runner import RamRunner, StepClock, TracedSteps
@@ -47,14 +48,6 @@ from flashlm.pipeline.trace import TraceSink
 log = get_logger(__name__)
 T = TypeVar("T")
 DEFAULT_CONTEXT_CAP = 8192
-
-
-def _load_tokenizer(path: Path | None) -> Any | None:
-    if path is None:
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 class Engine:
@@ -73,12 +66,11 @@ class Engine:
                               f"positions (max_position_embeddings); use max_context <= {limit}")
         self.max_context = config.max_context or min(limit, DEFAULT_CONTEXT_CAP)
         self.vocab_size = args.vocab_size
-        mcfg = store.manifest.config
         m = store.manifest
         # the model's own bytes: what holding all of its store in DRAM takes (resident file + FFN
         # bundles), the unit of a fractional memory budget whatever the compute dtype
         self.model_bytes = m.resident.size + m.ffn.file.size
-        eos = mcfg.get("eos_token_id")
+        eos = m.config.get("eos_token_id")
         ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             ids.add(tokenizer.eos_token_id)
@@ -120,7 +112,7 @@ class Engine:
         path = await asyncio.to_thread(resolve_store, model, config.store_dtype, progress)
         store = await asyncio.to_thread(FlashStore.open, path)
         arch, args = model_args(store)  # the config and the FFN layout agree, before anything is allocated
-        tokenizer = await asyncio.to_thread(_load_tokenizer, store.tokenizer_dir)
+        tokenizer = await asyncio.to_thread(load_tokenizer, store.tokenizer_dir)
         await asyncio.to_thread(check_vocab, store, args, tokenizer)
         engine = cls(store, tokenizer, config, arch, args)
         try:
@@ -181,7 +173,7 @@ class Engine:
                 self._runner = TracedSteps(self._exact, clock)
             return
         self.model, resident = await loop.run_in_executor(self._pool, build_model, store, cfg, self._arch, args)
-        prefix_bound = cfg.prefix_bound(kv_bytes, quantised=store.manifest.dtype in QUANT_DTYPES)
+        prefix_bound = cfg.prefix_bound(kv_bytes)
         if cfg.ffn == "ram":
             self._keep_prefixes(prefix_share(prefix_bound, budget, res_bytes + ffn_bytes + kv_bytes))
             self._runner = RamRunner(self.model, self._pool, self._trace)
@@ -345,6 +337,12 @@ class Engine:
 
     async def generate(self, prompt: Any, **kwargs: Any) -> str:
         return "".join([chunk.text async for chunk in self.stream(prompt, **kwargs)])
+
+    async def save_prompt_cache(self, path: str | os.PathLike[str]) -> int:
+        return await prefix_file.save(self, path)  # the kept prefixes to a file; how many (prefix_file)
+
+    async def load_prompt_cache(self, path: str | os.PathLike[str], missing_ok: bool = False) -> int:
+        return await prefix_file.load(self, path, missing_ok)  # keep a file's prefixes (same store); how many
 
     def statistics(self) -> dict[str, Any]:
         """Memory plan, cache and reader counters."""
