@@ -4,13 +4,16 @@ the `StepDriver` that carries them out (one per `SparseRunner`).
 `SparseRunner._layers` is a generator: it computes inline and yields a request whenever it needs
 an actor; the driver sends the actor its message and sends the generator the answer:
 
-| request | the actor gets | answer |
-|---|---|---|
-| `StartPrefetch(layer, ids)` | `Prefetch` (start reading a speculative set) | None, at once |
-| `Ask(layer, ids)` | `Ensure` (place the set, evicting outside the window, read what is missing) | None, once the reads are in flight |
-| `AppendMissing(layer, ids)` | `Ensure(evict=False)` (read the missing into free slots past the used ones: no row moves) | None, at once |
-| `WaitLayer(layer)` | nothing | that layer's last `Ensure`'s `LayerStep`, once every read is committed |
-| `AfterFFN(layer, message)` | the `Touch` or `Tidy` (bookkeeping after the layer's FFN) | None, at once |
+- `StartPrefetch(layer, ids)`: the actor gets `Prefetch` (start reading a speculative set);
+  answered None at once.
+- `Ask(layer, ids)`: `Ensure` (place the set, evicting outside the window, read what is
+  missing); answered None once the reads are in flight.
+- `AppendMissing(layer, ids)`: `Ensure(evict=False)` (read the missing neurons into free slots
+  past the used ones: no row moves); answered None at once.
+- `WaitLayer(layer)`: nothing is sent; answered with that layer's last Ensure's `LayerStep`
+  once every read is committed.
+- `AfterFFN(layer, message)`: the `Touch` or `Tidy` (bookkeeping after the layer's FFN);
+  answered None at once.
 
 The driver runs the generator one of two ways. On the compute thread (compute="thread") the
 whole token runs there back to back, posting to the actors on the loop thread-safely and blocking
