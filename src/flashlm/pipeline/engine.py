@@ -41,7 +41,8 @@ from flashlm.pipeline.streaming import start_exact
 from flashlm.pipeline.request import make_request
 from flashlm.pipeline.tokenizer import load as load_tokenizer
 from flashlm.pipeline.store_model import build_model, check_vocab, held_bytes, model_args, resident_bytes
-from flashlm.pipeline.generation import RamRunner, Stream, release_freed_memory
+from flashlm.pipeline.generation import Decoding, Stream, release_freed_memory
+from flashlm.pipeline.runner import RamRunner, StepClock, TracedSteps
 from flashlm.pipeline.trace import TraceSink
 
 log = get_logger(__name__)
@@ -83,7 +84,7 @@ class Engine:
         self._closed = False
         self._dead: BaseException | None = None
         self._trace: TraceSink | None = None
-        self._ram_token = 0  # token clock of traced steps without the sparse runner
+        self._decoding: Decoding | None = None  # what requests use of the engine, once it is open
         # kept prefixes (the prompt cache): None when off, or where reuse would not be exact
         self.prefix: PrefixCache | None = None
         self._exact: Any = None  # the exact mode's StreamingRunner under a budget below every neuron
@@ -116,6 +117,7 @@ class Engine:
         engine = cls(store, tokenizer, config, arch, args)
         try:
             await engine._start()
+            engine._decoding = engine._decoding_record()
         except BaseException:
             await engine.aclose()
             raise
@@ -165,12 +167,16 @@ class Engine:
             # reuse=False keeps the per-layer caches (the paper's "hybrid" baseline re-reads them)
             self.config = dataclasses.replace(cfg, selection="dense")
             await start_exact(self, budget)
+            if self._trace is not None:  # its steps numbered and traced here, its layers' events on the same clock
+                clock = StepClock(self._trace)
+                self._exact.token_clock = lambda: clock.current
+                self._runner = TracedSteps(self._exact, clock)
             return
         self.model, resident = await loop.run_in_executor(self._pool, build_model, store, cfg, self._arch, args)
         prefix_bound = cfg.prefix_bound(kv_bytes)
         if cfg.ffn == "ram":
             self._keep_prefixes(prefix_share(prefix_bound, budget, res_bytes + ffn_bytes + kv_bytes))
-            self._runner = RamRunner(self.model, self._pool)
+            self._runner = RamRunner(self.model, self._pool, self._trace)
             release_freed_memory()
             return
         held = sum(held_bytes(t) for t in resident.values())
@@ -209,11 +215,8 @@ class Engine:
         actors = [LayerActor(i, c, self._reader) for i, c in enumerate(caches)]
         self._sparse = SparseRunner(self.model, caches, actors, selectors, lookahead=cfg.lookahead,
                                     window=cfg.window, pool=self._pool, reuse=cfg.reuse,
-                                    inline=cfg.compute == "loop", dense=cfg.selection == "dense")
-        if self._trace is not None:
-            self._sparse.trace = self._trace
-            for a in actors:
-                a.trace = self._trace
+                                    compute=cfg.compute, dense=cfg.selection == "dense")
+        self._sparse.set_trace(self._trace)
         self._runner = self._sparse
         release_freed_memory()  # building the selectors freed large transients
         self._supervisor = asyncio.create_task(self._supervise(actors), name="flashlm-actors")
@@ -289,21 +292,19 @@ class Engine:
         """Neither closed nor dead: compute may still be submitted."""
         return not self._closed and self._dead is None
 
-    def step_trace(self) -> tuple[TraceSink, int] | None:
-        """For a step of a runner that does not trace its own (RAM, exact): the sink and the
-        step's token number (the next on the engine's clock); None without a sink or with the
-        sparse runner, which numbers and traces its own steps."""
-        if self._trace is None or self._sparse is not None:
-            return None
-        token = self._ram_token
-        self._ram_token += 1
-        return self._trace, token
-
     def new_window(self) -> RequestWindow | None:
         """A fresh per-request window for the sparse runner (None for the other runners)."""
         if self._sparse is None:
             return None
         return RequestWindow(len(self._sparse.caches), self._sparse.d_ff, self.config.window, self._sparse.capacity)
+
+    def _decoding_record(self) -> Decoding:
+        why = "" if self.config.dtype == "float32" else f" or dtype {self.config.dtype} overflowed (use float32)"
+        return Decoding(runner=self._runner, submit=self.submit, new_cache=self.model.new_cache,
+                        new_window=self.new_window, tokenizer=self.tokenizer, eos_ids=self.eos_ids,
+                        device=self.device, prefix=self.prefix, is_open=lambda: self.is_open,
+                        check_open=self.check_open, trace=self._trace,
+                        nonfinite_hint=f"the store may be damaged (run `flashlm verify {self.store.path}`){why}")
 
     def check_open(self) -> None:
         """EngineDeadError / EngineClosedError unless the engine is open."""
@@ -332,7 +333,7 @@ class Engine:
             prompt, tokenizer=self.tokenizer, vocab_size=self.vocab_size, max_context=self.max_context,
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
         )
-        return Stream(self, request)
+        return Stream(self._decoding, request)
 
     async def generate(self, prompt: Any, **kwargs: Any) -> str:
         return "".join([chunk.text async for chunk in self.stream(prompt, **kwargs)])
