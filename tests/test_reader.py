@@ -39,6 +39,11 @@ try:
     BACKENDS = ["threads", "uring"]
 except ImportError:  # the uring backend is optional; its tests need `pip install uring-api==0.1.0rc5`
     BACKENDS = ["threads", pytest.param("uring", marks=pytest.mark.skip(reason="uring-api not installed"))]
+from flashlm.io.batch_backend import available as batch_available  # noqa: E402
+
+# the batched io_uring backend (C extension, Linux only)
+BACKENDS.append("batch" if batch_available() else
+                pytest.param("batch", marks=pytest.mark.skip(reason="flashlm.io._uring_batch not built")))
 
 PARTS = ("gate", "up", "down")
 

@@ -38,7 +38,7 @@ FULL = dict(sizes=[4, 8, 16, 32, 64, 128, 256], depths=[1, 2, 4, 8, 16, 32, 64],
             plain_bytes=1 << 30, stream_seconds=2.0, stream_rounds=5)
 QUICK = dict(sizes=[16, 32, 64], depths=[1, 32], seconds=0.8, rounds=3, gaps=[1, 2, 4, 8], gap_seconds=0.5,
              gap_rounds=1, tokens=20, bundle_rounds=2, plain_bytes=512 << 20, stream_seconds=1.0, stream_rounds=3)
-BACKENDS = ("threads", "uring")
+BACKENDS = ("threads", "uring", "batch")
 HEADLINE_WORKLOAD = "skewed_window"
 
 
@@ -105,6 +105,7 @@ async def _run(cfg: dict, quick: bool, workdir: Path, fio: str | None, fio_note:
     return {
         "ours_vs_fio_32k_qd32": head[f"{DEFAULT_BACKEND}_vs_fio"] if fio else None,
         "uring_vs_fio_32k_qd32": head.get("uring_vs_fio") if fio else None,
+        "batch_vs_fio_32k_qd32": head.get("batch_vs_fio") if fio else None,
         "cold_vs_fio_seq_1m": stream["cold_vs_fio_seq_1m"],
         "bundle_vs_fio_32k": hw[DEFAULT_BACKEND]["useful_mib_s"] / fio_32["mib_s"] if fio else None,
         "bundle_vs_fio_bundle_size": hw[DEFAULT_BACKEND]["useful_mib_s"] / fio_b["mib_s"] if fio else None,
@@ -229,6 +230,12 @@ def _workloads(rng: np.random.Generator, tokens: int) -> dict[str, tuple[list, s
 
 
 def _backend_ok(name: str) -> bool:
+    if name == "batch":
+        from flashlm.io.batch_backend import available
+
+        if not available():
+            log.warning("bench_io_no_batch", fix="python setup.py build_ext --inplace (Linux)")
+        return available()
     if name != "uring":
         return True
     try:

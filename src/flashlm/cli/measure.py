@@ -20,7 +20,7 @@ async def _bench_io(a: argparse.Namespace) -> int:
 
     result = await run_io_bench(Path(a.out), quick=a.quick, workdir=Path(a.workdir) if a.workdir else None,
                                 fio=not a.no_fio)
-    keys = ("ours_vs_fio_32k_qd32", "uring_vs_fio_32k_qd32", "cold_vs_fio_seq_1m", "bundle_vs_fio_32k", "fio", "fio_note")
+    keys = ("ours_vs_fio_32k_qd32", "uring_vs_fio_32k_qd32", "batch_vs_fio_32k_qd32", "cold_vs_fio_seq_1m", "bundle_vs_fio_32k", "fio", "fio_note")
     print(json.dumps({k: result[k] for k in keys if k in result}))
     return 0
 
