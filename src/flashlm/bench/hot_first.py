@@ -53,10 +53,10 @@ async def greedy(store: Path, budget: float | None, tokens: int) -> dict[str, An
     return out
 
 
-def run(store: Path, out_dir: Path, *, calib_tokens: int, eval_tokens: int, density: float, budget: float,
+def run(store: Path, out_dir: Path, *, copy_name: str | None = None, calib_tokens: int, eval_tokens: int, density: float, budget: float,
         gen_tokens: int, keep: bool) -> dict[str, Any]:
     torch.set_num_threads(1)
-    copy = out_dir / f"{store.name}-hot-first"
+    copy = out_dir / (copy_name or f"{store.name}-hot-first")
     if copy.exists():
         shutil.rmtree(copy)
     shutil.copytree(store, copy)
@@ -94,10 +94,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--density", type=float, default=DEFAULT_DENSITY)
     p.add_argument("--budget", type=float, default=0.5, help="exact mode's memory budget (fraction of the store)")
     p.add_argument("--tokens", type=int, default=24, help="greedy tokens generated")
+    p.add_argument("--copy-name", default=None, help="the copy's directory name (default STORE-hot-first)")
     p.add_argument("--keep", action="store_true", help="keep the reordered copy")
     p.add_argument("--out", default=None, help="JSON file to write")
     a = p.parse_args(argv)
-    report = run(Path(a.store), Path(a.work_dir), calib_tokens=a.calibration_tokens, eval_tokens=a.eval_tokens,
+    report = run(Path(a.store), Path(a.work_dir), copy_name=a.copy_name, calib_tokens=a.calibration_tokens, eval_tokens=a.eval_tokens,
                  density=a.density, budget=a.budget, gen_tokens=a.tokens, keep=a.keep)
     text = json.dumps(report, indent=1)
     if a.out:
