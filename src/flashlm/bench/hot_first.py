@@ -53,8 +53,8 @@ async def greedy(store: Path, budget: float | None, tokens: int) -> dict[str, An
     return out
 
 
-def run(store: Path, out_dir: Path, *, copy_name: str | None = None, calib_tokens: int, eval_tokens: int, density: float, budget: float,
-        gen_tokens: int, keep: bool) -> dict[str, Any]:
+def run(store: Path, out_dir: Path, *, copy_name: str | None = None, calib_tokens: int, eval_tokens: int,
+        density: float, budget: float, gen_tokens: int, keep: bool) -> dict[str, Any]:
     torch.set_num_threads(1)
     copy = out_dir / (copy_name or f"{store.name}-hot-first")
     if copy.exists():
@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keep", action="store_true", help="keep the reordered copy")
     p.add_argument("--out", default=None, help="JSON file to write")
     a = p.parse_args(argv)
-    report = run(Path(a.store), Path(a.work_dir), copy_name=a.copy_name, calib_tokens=a.calibration_tokens, eval_tokens=a.eval_tokens,
-                 density=a.density, budget=a.budget, gen_tokens=a.tokens, keep=a.keep)
+    report = run(Path(a.store), Path(a.work_dir), copy_name=a.copy_name, calib_tokens=a.calibration_tokens,
+                 eval_tokens=a.eval_tokens, density=a.density, budget=a.budget, gen_tokens=a.tokens, keep=a.keep)
     text = json.dumps(report, indent=1)
     if a.out:
         Path(a.out).write_text(text + "\n")
