@@ -12,6 +12,10 @@ from typing import Any
 def cmd_calibrate(a: argparse.Namespace) -> int:
     if a.hot_first:
         return _hot_first(a)
+    if a.density is not None:
+        from flashlm.errors import ConfigError
+
+        raise ConfigError("--density goes with --hot-first (a full calibration fits its selectors at density 0.4)")
     from flashlm.calibration import calibrate
 
     predictors = calibrate(a.store, tokens=a.tokens, text=a.text, progress=not a.quiet)
