@@ -7,9 +7,12 @@ Measured on the 2-vCPU VM (2026-12-07, random 32 KiB O_DIRECT, 32 in flight): CP
 (uring-api, a Python reaper), 6-7 us for fio itself. On this shared machine that CPU time, not
 the disk, is what held the reader to ~0.3 of fio (docs/io.md).
 
-One worker thread takes every pending call's ranges at once, turns each destination part into a
-read (no readv in a batch: like "uring", gaps are never read through, `scatter = False`), keeps
-`in_flight` of them in the kernel until the batch is done, then reports each call. A short read
+Four worker threads, each with its own ring, each take one pending call at a time, turn each
+destination part into a read (no readv in a batch: like "uring", gaps are never read through,
+`scatter = False`), keep `in_flight // 2` of them in the kernel until the call is done, then
+report it. So up to 2 x `in_flight` reads are in the kernel when four calls run at once (unlike
+the other backends' hard cap): what the measured figures (docs/io.md) ran with; a batch is done
+only when its slowest read is, and the other workers keep the disk busy meanwhile. A short read
 is finished with `os.preadv`; an error fails its call. Linux only: without the extension
 `BatchBackend()` raises ConfigError naming the fix.
 """
