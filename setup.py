@@ -36,7 +36,9 @@ setup(
             depends=[f"{CSRC}/kernels.h"],
             include_dirs=[CSRC],
             optional=True,
-        )
+        ),
+        # batched io_uring reads for the bundle reader (flashlm.io.batch_backend); Linux only, optional
+        Extension("flashlm.io._uring_batch", sources=["src/flashlm/io/csrc/uring_batch.c"], optional=True),
     ],
     cmdclass={"build_ext": BuildExt},
 )

@@ -39,6 +39,11 @@ try:
     BACKENDS = ["threads", "uring"]
 except ImportError:  # the uring backend is optional; its tests need `pip install uring-api==0.1.0rc5`
     BACKENDS = ["threads", pytest.param("uring", marks=pytest.mark.skip(reason="uring-api not installed"))]
+from flashlm.io.batch_backend import available as batch_available  # noqa: E402
+
+# the batched io_uring backend (C extension, Linux only)
+BACKENDS.append("batch" if batch_available() else
+                pytest.param("batch", marks=pytest.mark.skip(reason="flashlm.io._uring_batch not built")))
 
 PARTS = ("gate", "up", "down")
 
@@ -499,3 +504,18 @@ async def test_cancel_real_reads_then_read_again(tmp_path, backend):
         await reader.read(3, np.arange(300), dests[3], np.arange(300))
         assert [bytes(r) for r in dests[3]] == expect(path, layout, 3, range(300))
     assert fd_count() == fds and not reader_threads()
+
+
+@pytest.mark.skipif(not batch_available(), reason="flashlm.io._uring_batch not built")
+async def test_the_engine_reads_through_the_batch_backend(llama_store):
+    """EngineConfig(io_backend="batch"): the engine's flash reads go through the C io_uring batches
+    and it generates what the default backend does."""
+    from flashlm import Engine
+
+    prompt = [5, 17, 42, 99, 7, 250, 3]
+    got = {}
+    for backend in ("threads", "batch"):
+        async with await Engine.open(llama_store[1], io_backend=backend, selection="gate", density=0.5) as engine:
+            got[backend] = [c.token_id async for c in engine.stream(prompt, max_tokens=12)]
+            assert engine._reader.backend == backend
+    assert got["batch"] == got["threads"]

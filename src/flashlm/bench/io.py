@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from flashlm.bench import io_workloads as wl
-from flashlm.errors import MissingDependencyError
+from flashlm.bench.io_stream import run_stream_bench
 from flashlm.io.reader import DEFAULT_BACKEND, DEFAULT_MAX_GAP_BYTES, DEFAULT_MIN_READ_BYTES
 from flashlm.log import get_logger
 
@@ -35,18 +35,18 @@ log = get_logger(__name__)
 KIB = 1024
 FULL = dict(sizes=[4, 8, 16, 32, 64, 128, 256], depths=[1, 2, 4, 8, 16, 32, 64], seconds=1.0, rounds=5,
             gaps=[1, 2, 3, 4, 6, 8, 12, 16], gap_seconds=0.6, gap_rounds=2, tokens=40, bundle_rounds=3,
-            plain_bytes=1 << 30)
+            plain_bytes=1 << 30, stream_seconds=2.0, stream_rounds=5)
 QUICK = dict(sizes=[16, 32, 64], depths=[1, 32], seconds=0.8, rounds=3, gaps=[1, 2, 4, 8], gap_seconds=0.5,
-             gap_rounds=1, tokens=20, bundle_rounds=2, plain_bytes=512 << 20)
-BACKENDS = ("threads", "uring")
+             gap_rounds=1, tokens=20, bundle_rounds=2, plain_bytes=512 << 20, stream_seconds=1.0, stream_rounds=3)
+BACKENDS = ("threads", "uring", "batch")
 HEADLINE_WORKLOAD = "skewed_window"
 
 
 async def run_io_bench(out: Path, quick: bool, workdir: Path | None, fio: bool = True) -> dict:
     """Run the benchmark, write JSON to `out` and a plot to `out` with suffix .png; return the JSON.
-    `fio=False`: the reader alone, no fio figures (the ratios are None)."""
+    `fio=False`, or no fio found (`find_fio`): the reader alone, no fio figures (the ratios are None)."""
     cfg = QUICK if quick else FULL
-    fio_path, fio_note = find_fio(required=fio)  # before any file is written
+    fio_path, fio_note = find_fio(fio)
     t_start = time.perf_counter()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -66,6 +66,7 @@ async def run_io_bench(out: Path, quick: bool, workdir: Path | None, fio: bool =
     result["elapsed_s"] = round(time.perf_counter() - t_start, 1)
     out.write_text(json.dumps(result, indent=1) + "\n")
     log.info("bench_io_done", out=str(out), ours_vs_fio_32k_qd32=result["ours_vs_fio_32k_qd32"],
+             cold_vs_fio_seq_1m=result["cold_vs_fio_seq_1m"],
              bundle_vs_fio_32k=result["bundle_vs_fio_32k"], elapsed_s=result["elapsed_s"])
     return result
 
@@ -99,9 +100,13 @@ async def _run(cfg: dict, quick: bool, workdir: Path, fio: str | None, fio_note:
     grid = [await point(s, d, i) for i, (s, d) in enumerate(pairs)]
     gap = await _gaps(cfg, model, model_lay, rng)
     bundles = await _bundles(cfg, quick, fio, backends, plain, model, model_lay, rng)
+    stream = await run_stream_bench(fio, plain, cfg["stream_seconds"], cfg["stream_rounds"])
     hw, fio_b, fio_32 = bundles["workloads"][HEADLINE_WORKLOAD], bundles["fio_bundle_size_qd32"], bundles["fio_32k_qd32"]
     return {
         "ours_vs_fio_32k_qd32": head[f"{DEFAULT_BACKEND}_vs_fio"] if fio else None,
+        "uring_vs_fio_32k_qd32": head.get("uring_vs_fio") if fio else None,
+        "batch_vs_fio_32k_qd32": head.get("batch_vs_fio") if fio else None,
+        "cold_vs_fio_seq_1m": stream["cold_vs_fio_seq_1m"],
         "bundle_vs_fio_32k": hw[DEFAULT_BACKEND]["useful_mib_s"] / fio_32["mib_s"] if fio else None,
         "bundle_vs_fio_bundle_size": hw[DEFAULT_BACKEND]["useful_mib_s"] / fio_b["mib_s"] if fio else None,
         "fio": bool(fio),
@@ -118,6 +123,7 @@ async def _run(cfg: dict, quick: bool, workdir: Path, fio: str | None, fio_note:
         "grid": grid,
         "gap": gap,
         "bundles": bundles,
+        "stream": stream,
         "defaults": {"backend": bundles["best_backend"], "max_gap_bytes": gap["chosen_max_gap_bytes"],
                      "min_read_bytes": DEFAULT_MIN_READ_BYTES, "in_flight": 32,
                      "why_backend": "best geometric mean of useful MiB/s over the bundle workloads",
@@ -224,6 +230,12 @@ def _workloads(rng: np.random.Generator, tokens: int) -> dict[str, tuple[list, s
 
 
 def _backend_ok(name: str) -> bool:
+    if name == "batch":
+        from flashlm.io.batch_backend import available
+
+        if not available():
+            log.warning("bench_io_no_batch", fix="python setup.py build_ext --inplace (Linux)")
+        return available()
     if name != "uring":
         return True
     try:
@@ -234,18 +246,21 @@ def _backend_ok(name: str) -> bool:
     return True
 
 
-def find_fio(required: bool) -> tuple[str | None, str]:
-    """fio's path and a note for the report. Never installs it: a missing fio is a
-    MissingDependencyError saying how to get it, unless the caller said to do without."""
+def find_fio(wanted: bool = True) -> tuple[str | None, str]:
+    """fio's path ($FLASHLM_FIO, else `fio` on PATH) and a note for the report. Never installs it,
+    and a missing fio is never a failure: the reader is measured alone and the note says why."""
+    if not wanted:
+        return None, "--no-fio: fio comparisons skipped"
+    env = os.environ.get("FLASHLM_FIO")
+    if env:
+        if os.path.isfile(env) and os.access(env, os.X_OK):
+            return env, f"fio found at {env} ($FLASHLM_FIO)"
+        return None, f"fio not found: $FLASHLM_FIO={env} is not an executable file; fio comparisons skipped"
     fio = shutil.which("fio")
     if fio:
-        return fio, f"fio found at {fio}"
-    if required:
-        raise MissingDependencyError(
-            "flashlm bench io measures the disk's ceiling with fio, which is not installed (not on PATH): "
-            "install it (Debian/Ubuntu: apt-get install fio; macOS: brew install fio) or pass --no-fio "
-            "to measure the reader alone")
-    return None, "--no-fio: fio comparisons skipped"
+        return fio, f"fio found at {fio} (PATH)"
+    return None, ("fio not found (set $FLASHLM_FIO to its path or put it on PATH; Debian/Ubuntu: apt-get install "
+                  "fio; flashlm never installs it): fio comparisons skipped, the reader measured alone")
 
 
 async def _fio(fio: str, path: Path, bs: int, depth: int, seconds: float, blockalign: int | None = None) -> dict:

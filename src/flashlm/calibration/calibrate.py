@@ -18,6 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import flashlm.calibration.data as data
+from flashlm.calibration.hot_first import ORDER_KEY
 from flashlm.calibration.coactivation import coactivation_order, entering_sets, read_stats
 from flashlm.calibration.neuron_stats import DENSITIES, GRID, STATS_KEY, layer_stats, record_with_residual, stats_keys
 from flashlm.calibration.neuron_stats import NeuronStats
@@ -185,8 +186,11 @@ def _rewrite(store: FlashStore, resident: dict[str, Tensor], rows: list[Tensor],
         )
         layers = tuple(dataclasses.replace(lay, permuted=permuted or old.permuted)
                        for lay, old in zip(written.ffn.layers, m.ffn.layers))
+        extra = {**m.extra, "calibrated": True}
+        if permuted:  # this order replaces a hot-first one: the manifest says which it is
+            extra[ORDER_KEY] = {"by": "co-activation (calibrate)", "objective": predictors["permutation"]["objective"]}
         final = dataclasses.replace(written, ffn=dataclasses.replace(written.ffn, layers=layers),
-                                    predictors=predictors, extra={**m.extra, "calibrated": True})
+                                    predictors=predictors, extra=extra)
         final.validate(str(store.path))
         (tmp / MANIFEST_NAME).write_text(final.to_json())
         Manifest.from_json((tmp / MANIFEST_NAME).read_text(), str(tmp))  # round-trips before it goes live

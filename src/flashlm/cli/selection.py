@@ -10,6 +10,12 @@ from typing import Any
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
+    if a.hot_first:
+        return _hot_first(a)
+    if a.density is not None:
+        from flashlm.errors import ConfigError
+
+        raise ConfigError("--density goes with --hot-first (a full calibration fits its selectors at density 0.4)")
     from flashlm.calibration import calibrate
 
     predictors = calibrate(a.store, tokens=a.tokens, text=a.text, progress=not a.quiet)
@@ -19,6 +25,21 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     else:
         print(f"calibrated {a.store}: selectors {', '.join(sorted(predictors.get('selectors', {})))}; "
               f"default {default}")
+    return 0
+
+
+def _hot_first(a: argparse.Namespace) -> int:
+    from flashlm.calibration.hot_first import DEFAULT_DENSITY, reorder
+
+    density = DEFAULT_DENSITY if a.density is None else a.density
+    rec = reorder(a.store, tokens=a.tokens, text=a.text, density=density, progress=not a.quiet)
+    if a.json:
+        print(json.dumps({"store": a.store, "neuron_order": rec}))
+    else:
+        b, f = rec["prefix_share"]["before"], rec["prefix_share"]["after"]
+        print(f"reordered {a.store} hot-first ({rec['calibration']['tokens']} calibration tokens, {rec['seconds']} s): "
+              "share of activations on each layer's first " +
+              ", ".join(f"{100 * float(k):.0f}% {100 * b[k]:.1f}% -> {100 * f[k]:.1f}%" for k in b))
     return 0
 
 
@@ -76,10 +97,18 @@ def add_calibrate(sub: Any) -> None:
                          "co-activation, and write it all into STORE atomically. Needs the calibrate extra "
                          "(pip install 'flashlm[calibrate]'), or --text FILE.",
                          epilog="examples:\n  flashlm calibrate stores/smollm2\n"
-                         "  flashlm calibrate stores/llama1b --text my-corpus.txt --tokens 32768 --json")
+                         "  flashlm calibrate stores/llama1b --text my-corpus.txt --tokens 32768 --json\n"
+                         "  flashlm calibrate stores/smollm2 --hot-first --tokens 8192")
     cal.add_argument("store", metavar="STORE", help="store directory (changed in place, atomically)")
     cal.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")
     cal.add_argument("--text", default=None, help="a UTF-8 text file to calibrate on instead")
+    cal.add_argument("--hot-first", action="store_true",
+                     help="only reorder each layer's neurons on flash by calibrated activation frequency, most used "
+                     "first (bundles moved as they are; selectors and statistics kept, permuted); recorded in the "
+                     "manifest as extra.neuron_order")
+    cal.add_argument("--density", type=float, default=None,
+                     help="with --hot-first: a neuron counts as activated by a token when in its top DENSITY "
+                     "(default 0.4)")
     cal.add_argument("--quiet", action="store_true", help="no progress bars")
     cal.add_argument("--json", action="store_true", help="print a JSON summary")
     cal.set_defaults(func=cmd_calibrate)

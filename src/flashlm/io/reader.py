@@ -142,7 +142,7 @@ def plan_ranges(ids: np.ndarray, slots: np.ndarray, *, stride: int, base: int, m
 
 
 def make_backend(kind: str | Backend, in_flight: int) -> Backend:
-    """The backend `kind` names ("threads" or "uring"), or `kind` itself when it is one."""
+    """The backend `kind` names ("threads", "uring" or "batch"), or `kind` itself when it is one."""
     if isinstance(kind, Backend):
         return kind
     if kind == "threads":
@@ -151,7 +151,11 @@ def make_backend(kind: str | Backend, in_flight: int) -> Backend:
         from flashlm.io.uring_backend import UringBackend
 
         return UringBackend(in_flight)
-    raise ConfigError(f"unknown read backend {kind!r}: use 'threads' or 'uring'")
+    if kind == "batch":
+        from flashlm.io.batch_backend import BatchBackend
+
+        return BatchBackend(in_flight)
+    raise ConfigError(f"unknown read backend {kind!r}: use 'threads', 'uring' or 'batch'")
 
 
 class BundleReader:
