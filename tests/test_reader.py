@@ -517,5 +517,5 @@ async def test_the_engine_reads_through_the_batch_backend(llama_store):
     for backend in ("threads", "batch"):
         async with await Engine.open(llama_store[1], io_backend=backend, selection="gate", density=0.5) as engine:
             got[backend] = [c.token_id async for c in engine.stream(prompt, max_tokens=12)]
-            assert engine._reader.backend == backend
+            assert engine.reader.backend == backend
     assert got["batch"] == got["threads"]

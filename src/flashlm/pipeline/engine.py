@@ -273,6 +273,11 @@ class Engine:
         return self._exact
 
     @property
+    def reader(self) -> BundleReader | None:
+        """The sparse runner's bundle reader (its backend, its counters), else None."""
+        return self._reader
+
+    @property
     def caches(self) -> list[NeuronCache]:
         """The sparse runner's per-layer neuron caches (empty without one)."""
         return [] if self._sparse is None else list(self._sparse.caches)
