@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 import torch
@@ -246,7 +247,9 @@ def test_the_harness_scores_the_continuation_with_the_prompts_set(stores):
     torch.testing.assert_close(few[:, :23], base[:, :23], rtol=1e-5, atol=1e-5)  # the prompt: full FFN
     assert not torch.allclose(few[:, 23:], base[:, 23:])  # the continuation: the set alone
     r = scored(h, few, 24)
-    assert r["wiki"]["rel"] > 0 and continuation(few, 24).shape == (3, 24)
+    assert continuation(few, 24).shape == (3, 24)
+    assert r["wiki"]["ppl"] == pytest.approx(math.exp(float(few[:2, 23:].double().mean())))
+    assert r["wiki"]["rel"] == pytest.approx(math.exp(float((few[:2, 23:] - base[:2, 23:]).double().mean())) - 1)
     # one sequence alone gets the same set as in the batch: per-sequence selection
     h1 = Harness(dense, None, {"code": texts["code"]})
     one, _ = griffin_nll(h1, 16, 0, None, 24)
