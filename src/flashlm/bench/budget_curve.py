@@ -81,7 +81,8 @@ async def engine_plan(store: Path, fraction: float, max_context: int, settings: 
                 # for the prompt, then the prompt's k per layer (`griffin`)
                 "mode": "griffin" if cfg.selection == "griffin" else "exact" if engine.exact is not None else "caches",
                 "cold_fraction": m.cold_per_layer / m.d_ff if engine.exact is not None else 0.0,
-                **({"cache_gamma": cfg.cache_gamma, "griffin": {"k": m.k, "hot": m.hot, "gamma": m.gamma,
+                **({"cache_gamma": cfg.cache_gamma, "asked_density": cfg.density, "density": m.k / m.d_ff,
+                    "griffin": {"k": m.k, "hot": m.hot, "gamma": m.gamma,
                                                                 "density": m.k / m.d_ff}}
                    if cfg.selection == "griffin" else {}),
                 "parts": {"resident": m.resident_bytes, "selectors": m.selector_bytes, "kv": m.kv_bytes,
@@ -132,6 +133,12 @@ def run_budget_curve(store: str | Path, budgets: tuple[float, ...] = BUDGETS, *,
     for p in plans:
         row = dict(p)
         t0 = time.perf_counter()
+        if p["below_minimum"] and p.get("selection") == "griffin":  # its plan says why (e.g. the density)
+            report["budgets"].append(row)
+            write()
+            if progress:
+                print(f"budget {p['fraction']} griffin {p.get('density', '')}: does not fit ({p['error']})", flush=True)
+            continue
         if p["below_minimum"]:
             left = p["fraction"] * fixed["model_bytes"] - fixed["resident"] - fixed["kv"]
             cap = max(0, min(d_ff, int(left // (fixed["slot"] * fixed["layers"]))))
@@ -191,11 +198,18 @@ def plot_budget_curve(report: dict[str, Any], path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     rows = [r for r in report["budgets"] if not r["below_minimum"]]
     ceil = [r for r in report["budgets"] if r["below_minimum"] and "rel" in r.get("free_selector", {})]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:  # one line per selection run (--selection a,b,...)
+        name = r.get("selection", "") if r.get("mode") == "griffin" else r.get("mode", "")
+        name += f"@{r['asked_density']}" if r.get("asked_density") else ""
+        name += f":{r['cache_gamma']}" if r.get("cache_gamma") else ""
+        groups.setdefault(name, []).append(r)
+    styles = ["-", "--", "-.", ":"]
     for i, text in enumerate(report["dense"]["ppl"]):
         color = f"C{i}"
-        if rows:
-            ax.plot([r["fraction"] for r in rows], [100 * r["rel"][text] for r in rows], marker="o", color=color,
-                    label=f"{text}: the engine")
+        for j, (name, rs) in enumerate(groups.items()):
+            ax.plot([r["fraction"] for r in rs], [100 * r["rel"][text] for r in rs], marker="o", color=color,
+                    ls=styles[j % len(styles)], label=f"{text}: {name or 'the engine'}")
         if ceil:
             ax.plot([r["fraction"] for r in ceil], [100 * r["free_selector"]["rel"][text] for r in ceil], marker="x",
                     ls="--", color=color, label=f"{text}: below its minimum, free-selector ceiling")

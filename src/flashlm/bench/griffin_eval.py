@@ -24,13 +24,15 @@ from flashlm.pipeline.griffin import griffin_scores
 
 
 def parse_modes(text: str | None) -> list[dict[str, Any]]:
-    """--selection auto,griffin,griffin:0.5 -> EngineConfig settings per mode ("griffin:G": griffin
-    with cache-aware masking gamma G). None: the engine's default alone."""
+    """--selection auto,griffin,griffin:0.5,griffin@0.25:0.5 -> EngineConfig settings per mode
+    ("griffin:G": griffin with cache-aware masking gamma G; "griffin@D": at density D rather than
+    every row the budget holds). None: the engine's default alone."""
     if text is None:
         return [{}]
     out: list[dict[str, Any]] = []
     for item in (x.strip() for x in text.split(",") if x.strip()):
         name, _, g = item.partition(":")
+        name, _, dens = name.partition("@")
         if name not in ("auto", "dense", "griffin", "gate", "shadow", "predictor"):
             raise ConfigError(f"--selection {text!r}: {name!r} is not a selection (auto, dense, griffin[:GAMMA], "
                               f"gate, shadow, predictor)")
@@ -43,6 +45,14 @@ def parse_modes(text: str | None) -> list[dict[str, Any]]:
             if name != "griffin" or not 0 < gamma <= 1:
                 raise ConfigError(f"--selection {item!r}: only griffin takes a masking gamma, in (0, 1]")
             mode["cache_gamma"] = gamma
+        if dens:
+            try:
+                density = float(dens)
+            except ValueError:
+                raise ConfigError(f"--selection {item!r}: the density after @ must be a number in (0, 1]") from None
+            if name != "griffin" or not 0 < density <= 1:
+                raise ConfigError(f"--selection {item!r}: only griffin takes a density after @, in (0, 1]")
+            mode["density"] = density
         out.append(mode)
     if not out:
         raise ConfigError(f"--selection {text!r}: name at least one selection")

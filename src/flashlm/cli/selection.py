@@ -60,7 +60,9 @@ def _eval_budgets(a: argparse.Namespace, plot: str | None) -> int:
     d = report["dense"]["ppl"]
     print("dense: ppl " + ", ".join(f"{k} {v:.3f}" for k, v in d.items()))
     for r in report["budgets"]:
-        if r["below_minimum"]:
+        if r["below_minimum"] and "free_selector" not in r:
+            print(f"budget {r['fraction']}: selection {r.get('selection')} does not fit: {r['error']}")
+        elif r["below_minimum"]:
             fr = r["free_selector"]
             print(f"budget {r['fraction']}: below the engine's minimum of {r['minimum_bytes']} B; with a free selector "
                   f"the caches would hold {100 * fr['cache_fraction']:.1f}% of the FFN"

@@ -15,7 +15,7 @@ The plan (`plan_griffin`): the selection buffer holds k rows per layer (all of t
 set: held rows copied, the others read once after the prompt); the rest of the budget is an
 exact-mode plan (`flashlm.pipeline.budget.plan_exact`) for the prompt's step, which computes
 every neuron and streams those not held. k from `density`, or, without one, every row the
-budget can hold beside the exact mode's minimum (its ring shrunk to two 4 MiB slots: the ring
+budget can hold beside the exact mode's minimum (its ring shrunk to two 1 MiB slots: the ring
 is only used by prompts, so its bytes go to the selection).
 """
 
@@ -30,7 +30,7 @@ from torch import Tensor
 
 from flashlm.errors import MemoryBudgetError
 from flashlm.kernels import QBundles, gemv, unpack_bundle
-from flashlm.pipeline.budget import MIN_SLOTS, PAGE_UNIT, STREAM_CHUNK, ExactPlan, plan_exact
+from flashlm.pipeline.budget import MIN_SLOTS, MIN_STREAM_CHUNK, PAGE_UNIT, ExactPlan, plan_exact
 
 GRIFFIN_DENSITY = 0.5  # k / d_ff without a budget or a density: GRIFFIN's own setting
 
@@ -160,7 +160,7 @@ def plan_griffin(*, budget: int | None, density: float | None, gamma: float | No
     No budget: every neuron held (the prompt reads nothing), k from density (default GRIFFIN's 0.5).
     A budget with a density: its k rows first, the exact plan gets the rest (MemoryBudgetError
     naming the density where it does not fit). A budget alone: k = every row left beside exact
-    mode's least (no neuron held, two slots of a 4 MiB read)."""
+    mode's least (no neuron held, two slots of a 1 MiB read)."""
     a = exact_args
     store = a.get("store", "")
     L, d_ff, stride = a["n_layers"], a["d_ff"], a["stride"]
@@ -172,10 +172,16 @@ def plan_griffin(*, budget: int | None, density: float | None, gamma: float | No
     def up(n: int) -> int:
         return max(unit, -(-n // unit) * unit)
 
-    chunk = min(up(-(-STREAM_CHUNK // stride)), up(d_ff))  # plan_exact's read with nothing held
-    slot = -(-chunk * stride // PAGE_UNIT) * PAGE_UNIT + chunk * a["convert_row_bytes"]
-    least = a["resident_bytes"] + a["kv_bytes"] + MIN_SLOTS * slot  # exact mode with nothing held
-    room = (budget - least) // (L * sel_row_bytes) if budget > least else 0
+    def room_beside(read: int) -> tuple[int, int]:
+        """(exact mode's least with nothing held and two slots of `read` bytes, rows per layer left)"""
+        chunk = min(up(-(-read // stride)), up(d_ff))  # plan_exact's read with nothing held
+        slot = -(-chunk * stride // PAGE_UNIT) * PAGE_UNIT + chunk * a["convert_row_bytes"]
+        least = a["resident_bytes"] + a["kv_bytes"] + MIN_SLOTS * slot
+        return least, (budget - least) // (L * sel_row_bytes) if budget > least else 0
+
+    # the prompt's ring at its least, two 1 MiB reads: the ring serves only the prompt's step (its
+    # compute over the prompt's tokens hides the reads), every other byte goes to the set
+    least, room = room_beside(MIN_STREAM_CHUNK)
     if density is not None:
         k = n_selected(d_ff, density)
         if k > room:
