@@ -254,3 +254,26 @@ def test_the_harness_scores_the_continuation_with_the_prompts_set(stores):
     h1 = Harness(dense, None, {"code": texts["code"]})
     one, _ = griffin_nll(h1, 16, 0, None, 24)
     torch.testing.assert_close(one[0], few[2], rtol=1e-4, atol=1e-4)
+
+
+def test_eval_selection_list_is_parsed_into_engine_settings():
+    from flashlm.bench.griffin_eval import parse_modes
+
+    assert parse_modes(None) == [{}]
+    assert parse_modes("auto,griffin,griffin:0.5,griffin@0.25:0.5") == [
+        {"selection": "auto"}, {"selection": "griffin"}, {"selection": "griffin", "cache_gamma": 0.5},
+        {"selection": "griffin", "cache_gamma": 0.5, "density": 0.25}]
+    for bad in ("nope", "auto:0.5", "griffin:2", "griffin@x", "shadow@0.3", ","):
+        with pytest.raises(ConfigError, match="--selection"):
+            parse_modes(bad)
+
+
+def test_run_json_reports_griffins_set(llama_store, capsys):
+    _, store = llama_store
+    import json
+
+    assert main(["run", "--model", str(store), "--selection", "griffin", "--density", "0.5", "--cache-gamma", "0.5",
+                 "-n", "3", "-q", "--raw", "--json", "The quick"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["selection"] == "griffin" and out["griffin"]["k_per_layer"] == 80 and out["griffin"]["gamma"] == 0.5
+    assert out["griffin"]["prompts"] == 1 and out["griffin"]["loads"] == 1
