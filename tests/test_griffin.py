@@ -277,3 +277,43 @@ def test_run_json_reports_griffins_set(llama_store, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["selection"] == "griffin" and out["griffin"]["k_per_layer"] == 80 and out["griffin"]["gamma"] == 0.5
     assert out["griffin"]["prompts"] == 1 and out["griffin"]["loads"] == 1
+
+
+RSS_SCRIPT = """
+import asyncio, json, sys
+import torch, transformers  # imported before the baseline: their RSS is not the engine's
+from flashlm import Engine
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+async def main():
+    base = status("VmRSS:")
+    async with await Engine.open(sys.argv[1], memory_budget=float(sys.argv[2]), selection="griffin") as e:
+        plan = e.memory
+        async for _ in e.stream("Write a haiku about the sea.", max_tokens=24):
+            pass
+        g = e.statistics()["griffin"]
+    peak = status("VmHWM:")  # this process's own peak (see tests/test_streaming.py)
+    print(json.dumps({"base": base, "peak": peak, "budget": plan.budget, "total": plan.total, "k": plan.k,
+                      "selection": plan.selection_bytes, "loads": g["loads"], "rows_read": g["rows_read"]}))
+
+asyncio.run(main())
+"""
+
+
+def test_peak_rss_holds_the_budget_with_the_set_loaded(smollm2_store):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import RSS_ALLOWANCE
+
+    r = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(smollm2_store), "0.6"], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["total"] <= got["budget"] and got["k"] > 0 and got["loads"] == 1 and got["rows_read"] > 0, got
+    assert got["peak"] - got["base"] <= got["budget"] + RSS_ALLOWANCE, {k: v / 2**20 for k, v in got.items()}
