@@ -23,12 +23,19 @@ from typing import Any
 
 from flashlm import Engine
 
-PROMPT = ("Write a Python function that checks whether a string is a palindrome, ignoring case and "
-          "punctuation, and explain how it works.")
+# completed as raw text (token ids, no chat template: an instruct model's template can end the
+# answer at once, and a sparse set's answer earlier still)
+PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg, a "
+          "goldsmith in Mainz, combined movable metal type with an oil-based ink and a screw press. Within")
+
+
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
 
 
 async def _request(engine: Engine, prompt: str, tokens: int) -> dict[str, Any]:
-    chunks = [c async for c in engine.stream(prompt, max_tokens=tokens)]
+    ids = engine.tokenizer.encode(prompt, add_special_tokens=False)
+    chunks = [c async for c in engine.stream(ids, max_tokens=tokens)]
     ms = [c.timings.compute_ms for c in chunks]
     return {"ids": [c.token_id for c in chunks], "prompt_ms": ms[0], "first_ms": ms[1] if len(ms) > 1 else None,
             "decode_ms": ms[2:]}
@@ -59,8 +66,9 @@ async def run(store: str, budget: float | str, *, tokens: int, rounds: int, dens
             out[name] = {"plan_bytes": m.total, "budget_bytes": m.budget, "hot_per_layer": m.hot,
                          "computed_per_layer": getattr(m, "k", m.d_ff), "d_ff": m.d_ff,
                          "prompt_ms": statistics.median(r["prompt_ms"] for r in rs),
-                         "first_answer_ms": statistics.median(r["first_ms"] for r in rs),
-                         "ms_per_token": statistics.median(decode), "mean_ms_per_token": statistics.fmean(decode),
+                         "first_answer_ms": _median([r["first_ms"] for r in rs if r["first_ms"] is not None]),
+                         "answer_tokens": [len(r["ids"]) for r in rs],
+                         "ms_per_token": _median(decode), "mean_ms_per_token": statistics.fmean(decode) if decode else None,
                          "streaming": st.get("streaming"), **({"griffin": st["griffin"]} if "griffin" in st else {})}
         same = [sum(a == b for a, b in zip(x["ids"], y["ids"])) / len(x["ids"])
                 for x, y in zip(runs["exact"], runs["griffin"])]
@@ -68,7 +76,8 @@ async def run(store: str, budget: float | str, *, tokens: int, rounds: int, dens
                       for x, y in zip(runs["exact"], runs["griffin"])]
         out["griffin"]["token_agreement_with_exact"] = same
         out["griffin"]["first_token_that_differs"] = first_diff
-        out["speedup_decode"] = out["exact"]["ms_per_token"] / out["griffin"]["ms_per_token"]
+        g_ms, x_ms = out["griffin"]["ms_per_token"], out["exact"]["ms_per_token"]
+        out["speedup_decode"] = x_ms / g_ms if g_ms and x_ms else None
         out["seconds"] = round(time.perf_counter() - t0, 1)
         return out
     finally:
@@ -84,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--density", type=float, default=None)
     p.add_argument("--gamma", type=float, default=None)
-    p.add_argument("--max-context", type=int, default=512)
+    p.add_argument("--max-context", type=int, default=2048)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     budget: float | str = float(a.budget) if a.budget.replace(".", "", 1).isdigit() else a.budget
@@ -95,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(text + "\n")
     g, x = r["griffin"], r["exact"]
-    print(f"exact {x['ms_per_token']:.1f} ms/token (prompt {x['prompt_ms']:.0f} ms); griffin k={g['computed_per_layer']}"
-          f"/{g['d_ff']} {g['ms_per_token']:.1f} ms/token (prompt {g['prompt_ms']:.0f} ms, first answer step with "
-          f"its load {g['first_answer_ms']:.0f} ms): {r['speedup_decode']:.2f}x")
+    print(f"exact {x['ms_per_token']} ms/token (prompt {x['prompt_ms']:.0f} ms); griffin k={g['computed_per_layer']}"
+          f"/{g['d_ff']} {g['ms_per_token']} ms/token (prompt {g['prompt_ms']:.0f} ms, first answer step with "
+          f"its load {g['first_answer_ms']} ms): {r['speedup_decode']}x; answers {x['answer_tokens']} / "
+          f"{g['answer_tokens']} tokens")
     return 0
 
 

@@ -68,8 +68,8 @@ def read_bundles(fd: int, base: int, stride: int, ids: np.ndarray, out: np.ndarr
 
                 raise CheckpointFormatError(f"ffn.bin is truncated at byte {start + got} (wanted {hi}); "
                                             f"re-convert the store")
-            pos = (ids[g[i:j + 1]] - first) * stride + (lo - start)
-            out[g[i:j + 1]] = tmp[pos[:, None] + np.arange(stride)]
+            span = tmp[lo - start: hi - start].reshape(-1, stride)  # bundles first..last, as read
+            out[g[i:j + 1]] = span[ids[g[i:j + 1]] - first]
             nbytes, reads = nbytes + (end - start), reads + 1
             i = j + 1
     return nbytes, reads
