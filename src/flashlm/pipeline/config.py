@@ -20,9 +20,9 @@ SELECTIONS = ("auto", "dense", "gate", "shadow", "predictor", "griffin")
 # "auto" resolves at open: "dense" unless a density was asked for (then this selection). Under a
 # budget that cannot cache every neuron "dense" is exact mode: the neurons not held are streamed
 # each token (flashlm.pipeline.streaming); the selectors that hold less cost far more accuracy
-# on gated models (docs/budget.md). "auto" never picks "griffin": the prompt's own set is faster than
-# exact mode under the same budget, but cost +259-3,900% perplexity on SmolLM2 and far more than the
-# +5% goal on Qwen2.5-Coder-1.5B at the budgets measured (docs/budget.md, "Griffin under a budget")
+# on gated models (docs/budget.md). "auto" never picks "griffin": the prompt's own set runs ~2x faster
+# a token than exact mode at the same budget, but at 0.5 it cost +165-566% perplexity on
+# Qwen2.5-Coder-1.5B (+13-25% even at 0.75) against a +5% goal (docs/budget.md, "Griffin under a budget")
 AUTO_SPARSE = "shadow"
 DEFAULT_DENSITY = 0.4
 
