@@ -407,6 +407,40 @@ def test_ffn_ungated_with_bias_skips_zero_neurons(backend, fmt):
         assert ((got.double() - want.double()).abs() <= bound).all(), T
 
 
+@pytest.mark.parametrize("fmt", K.FORMATS)
+@pytest.mark.parametrize("gated", [True, False])
+def test_a_call_on_many_tokens_is_bitwise_each_token_alone(backend, fmt, gated):
+    """Batch invariance (the prompt cache needs it: a prompt prefilled in one call must equal
+    decoding it token by token): the fused FFN and the axpy on T tokens give each token bitwise
+    what a call on it alone gives, for T on both sides of the 3-token switch to converted rows,
+    with ReLU neurons that are 0 for some tokens only (the down queue then splits per token), a
+    listed subset of slots, and d with a tail of groups (d = 608: 19 groups, 16 + 3)."""
+    if backend == "torch":
+        pytest.skip("torch path: its matmuls round by batch shape; the C paths promise batch invariance")
+    n, d = 29, 608
+    parts_kind = K.GATED_PARTS if gated else K.UNGATED_PARTS
+    lay, b, parts = make_bundles(fmt, parts_kind, n, d, 7, stride=lay_stride(fmt, d))
+    slots = make_idx(n, n - 4, 5)
+    for T in (2, 3, 9):
+        x = make_x("random", T, d, T)
+        act = K.quantize_activations(x)
+        kw = {} if gated else {"bias": torch.randn(n) * 2, "neuron_ids": slots.clone()}
+        run = K.ffn_gated if gated else K.ffn_ungated
+        fn = "silu" if gated else "relu"
+        many = run(fmt, b, lay, fn, act, slots, torch.zeros(T, d), **kw)
+        alone = torch.cat([run(fmt, b, lay, fn, K.quantize_activations(x[t:t + 1]), slots, torch.zeros(1, d), **kw)
+                           for t in range(T)])
+        assert torch.equal(many, alone), (T, (many - alone).abs().max())
+        if not gated:  # the split path ran: some neuron is 0 for some tokens and not others
+            h = F.relu(K.gemv(fmt, parts[0], act, slots) + kw["bias"][slots.long()])
+            assert ((h == 0).any(0) & (h != 0).any(0)).any()
+        hs = torch.randn(T, slots.numel())
+        hs[:, ::4] = 0
+        many = K.axpy(fmt, parts[-1], hs, torch.zeros(T, d), slots)
+        alone = torch.cat([K.axpy(fmt, parts[-1], hs[t:t + 1], torch.zeros(1, d), slots) for t in range(T)])
+        assert torch.equal(many, alone), (T, (many - alone).abs().max())
+
+
 def test_ffn_gated_all_zero_h_leaves_out_untouched():
     lay, b, _ = make_bundles("q4", K.GATED_PARTS, 6, 64, 0)
     act = K.quantize_activations(torch.zeros(2, 64))

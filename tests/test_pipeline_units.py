@@ -14,10 +14,10 @@ import pytest
 from flashlm.errors import EngineDeadError
 from flashlm.io.format import FFNLayout
 from flashlm.io.reader import BundleReader
-from flashlm.pipeline.actors import Ensure, LayerActor, LayerStep, Prefetch, Touch
+from flashlm.pipeline.actors import Ensure, LayerActor, LayerStep, Prefetch, Tidy, Touch
 from flashlm.pipeline.neuron_cache import NeuronCache
 from flashlm.pipeline.request_window import RequestWindow
-from flashlm.pipeline.step_driver import StepDriver
+from flashlm.pipeline.step_driver import AfterFFN, AppendMissing, Ask, StartPrefetch, StepDriver, WaitLayer
 from test_reader import make_store  # an ffn.bin of float16 bundles, each a known byte pattern
 
 N, HIDDEN, BLOCK, LAYERS = 64, 16, 512, 2
@@ -63,11 +63,10 @@ async def test_ensure_reads_the_missing_neurons_then_hits(parts):
     ids = np.array([3, 9, 40, 41], dtype=np.int64)
     reply, ready = loop.create_future(), loop.create_future()
     await send(actor, Ensure(0, ids, reply, ready))
-    pending, neurons = await ready
+    assert await ready is None  # the reads are in flight
     step = await reply
     assert isinstance(step, LayerStep) and step.hits == 0 and step.needed == 4
     assert step.read_bytes >= 4 * layout.stride and step.spec_read_bytes == 0
-    assert sorted(neurons.tolist()) == ids.tolist() and len(pending) <= 4
     assert cache.n_pending == 0 and cache.n_missing(ids) == 0 and cache.n_held == 4
     assert held_bytes(cache, ids) == [bundle(path, layout, 1, int(i)) for i in ids]
     again = loop.create_future()
@@ -133,26 +132,26 @@ async def test_a_bad_message_fails_its_step_and_the_actor_goes_on(parts):
 def layer_loop(ids: np.ndarray, seen: list):
     """A two-layer step as SparseRunner._layers yields it: prefetch layer 1, ask and wait for
     layer 0, then ask and wait for layer 1; returns what it was answered."""
-    yield "post", 1, Prefetch(0, ids)
-    seen.append((yield "ask", 0, ids))
-    step0 = yield "wait", 0
-    seen.append((yield "ask", 1, ids))
-    step1 = yield "wait", 1
+    seen.append((yield StartPrefetch(1, ids)))
+    seen.append((yield Ask(0, ids)))
+    step0 = yield WaitLayer(0)
+    seen.append((yield Ask(1, ids)))
+    step1 = yield WaitLayer(1)
     return step0, step1
 
 
-@pytest.mark.parametrize("inline", [True, False], ids=["loop", "thread"])
-async def test_the_driver_runs_a_step_through_the_actors(parts, inline):
+@pytest.mark.parametrize("compute", ["loop", "thread"])
+async def test_the_driver_runs_a_step_through_the_actors(parts, compute):
     path, layout, _, caches, actors = parts
     tasks = [asyncio.create_task(a.run()) for a in actors]
     ids = np.array([2, 11, 30], dtype=np.int64)
     with ThreadPoolExecutor(1) as pool:
-        driver = StepDriver(actors, pool, inline=inline)
+        driver = StepDriver(actors, pool, compute=compute)
         seen: list = []
         step0, step1 = await driver.drive(layer_loop(ids, seen), 0)
     assert step0.needed == step1.needed == 3
     assert step0.hits == 0 and step1.hits == 3  # layer 1's set was prefetched
-    assert [sorted(neurons.tolist()) for _, neurons in seen] == [ids.tolist()] * 2
+    assert seen == [None] * 3  # only WaitLayer is answered with something
     assert [a.sent for a in actors] == [1, 2]  # layer 1: the prefetch and the Ensure
     for layer, cache in enumerate(caches):
         assert held_bytes(cache, ids) == [bundle(path, layout, layer, int(i)) for i in ids]
@@ -161,12 +160,51 @@ async def test_the_driver_runs_a_step_through_the_actors(parts, inline):
         assert a.handled == a.sent
 
 
-@pytest.mark.parametrize("inline", [True, False], ids=["loop", "thread"])
-async def test_dead_fails_a_step_waiting_on_an_actor_and_every_later_one(parts, inline):
+def ask_loop(layer: int, ids: np.ndarray):
+    """A step that only ensures `ids` in `layer`'s cache."""
+    yield Ask(layer, ids)
+    return (yield WaitLayer(layer))
+
+
+def append_loop(first: np.ndarray, later: np.ndarray, seen: list, cache: NeuronCache):
+    """Layer 0's append path: AppendMissing, WaitLayer, the FFN (here: a look at where the cache's
+    rows are), then the Tidy after it."""
+    before = cache.slots(first).tolist()
+    yield AppendMissing(0, later)
+    step = yield WaitLayer(0)
+    seen.append((before, cache.slots(first).tolist(), cache.n_missing(later)))  # "the FFN": rows unmoved
+    yield AfterFFN(0, Tidy(5))
+    return step
+
+
+@pytest.mark.parametrize("compute", ["loop", "thread"])
+async def test_append_moves_no_row_until_the_tidy_after_the_ffn(parts, compute):
+    path, layout, _, caches, actors = parts
+    cache = caches[0]
+    tasks = [asyncio.create_task(a.run()) for a in actors]
+    first, later = np.arange(10, dtype=np.int64), np.array([20, 21], dtype=np.int64)
+    with ThreadPoolExecutor(1) as pool:
+        driver = StepDriver(actors, pool, compute=compute)
+        await driver.drive(ask_loop(0, first), 0)
+        # step 5: the first set (used at step 0 only) has left the window of 4 steps
+        seen: list = []
+        step = await driver.drive(append_loop(first, later, seen, cache), 5)
+    before, during, missing = seen[0]
+    assert before == during and missing == 0  # appended past the used rows: the FFN saw no row move
+    assert step.needed == 2 and step.hits == 0 and step.read_bytes >= 2 * layout.stride
+    for a, t in zip(actors, tasks):
+        await stop(a, t)  # the Tidy is handled before the actor stops
+    assert cache.n_missing(first) == 10 and cache.n_missing(later) == 0  # the Tidy evicted the first set
+    assert held_bytes(cache, later) == [bundle(path, layout, 0, int(i)) for i in later]
+    cache.invariants()
+
+
+@pytest.mark.parametrize("compute", ["loop", "thread"])
+async def test_dead_fails_a_step_waiting_on_an_actor_and_every_later_one(parts, compute):
     _, _, _, _, actors = parts  # the actors never run: the asked one never answers
     ids = np.array([1], dtype=np.int64)
     with ThreadPoolExecutor(1) as pool:
-        driver = StepDriver(actors, pool, inline=inline)
+        driver = StepDriver(actors, pool, compute=compute)
         step = asyncio.create_task(driver.drive(layer_loop(ids, []), 0))
         # the prefetch for layer 1, then the Ensure for layer 0: the step now waits on its answer
         assert isinstance(await actors[1].inbox.get(), Prefetch)
@@ -202,3 +240,72 @@ def test_a_window_over_capacity_keeps_the_most_recent_lower_ids_first():
     win.mark(0, np.array([8]))
     assert win.held(0).tolist() == [0, 1, 8]  # 8 (newest), then ties at step 0 by lower id
     assert win.computed(0, win.held(0)).tolist() == [0, 1, 8]
+
+
+# --- the FFN over a cache's rows ----------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["llama-gqa", "opt-pre-ln"])
+def test_the_window_ffn_sums_in_neuron_order_wherever_the_cache_put_the_rows(case):
+    """WindowFFN over a cache whose slots are scattered (evictions, hole fills) gives exactly the
+    block's FFN over the window's rows gathered in neuron order: bit for bit, so a request's tokens
+    do not depend on what the cache held before."""
+    import torch
+
+    from flashlm.io.format import round_up
+    from flashlm.io.store import rows_view
+    from flashlm.pipeline.window_ffn import WindowFFN
+    from test_models import hf_model, ours
+
+    model = ours(hf_model(case))
+    block, rows = model.layers[0], model.layers[0].ffn_rows  # (d_ff, P, d) float32
+    n, p, d = rows.shape
+    stride = round_up(p * d * 4, 64)
+    store = np.zeros((n, stride), dtype=np.uint8)
+    rows_view(store, p, d, "float32")[:] = rows
+    cache = NeuronCache(n, 60, parts=p, hidden=d, stride=stride, store_dtype="float32", window=1)
+    ffn, x = WindowFFN(cache.capacity), torch.randn(3, d, generator=torch.Generator().manual_seed(0))
+    rng = np.random.default_rng(0)
+    for t in range(6):  # window 1: each step evicts the last one's neurons, new ones fill the holes
+        ids = np.sort(rng.choice(n, size=40, replace=False))
+        plan = cache.update(ids, t)
+        cache.raw[plan.slots] = store[plan.missing_ids]  # the reader's job
+        cache.commit(plan)
+        needed = ids[rng.random(ids.size) < 0.7]  # the window's computed part of what is held
+        want = block.ffn(x, rows[torch.from_numpy(needed)], torch.from_numpy(needed))
+        assert torch.equal(ffn(block, cache, x, needed), want), t
+    assert not (np.diff(cache.slots(ids)) == 1).all()  # the last step's rows really were out of order
+
+
+# --- the runner contract ------------------------------------------------------------------
+
+async def test_the_ram_runner_numbers_and_traces_its_own_steps():
+    """forward -> (logits of the last position, no report: nothing is read), each step a
+    token_start and a token event on the runner's own clock, with the request id of its context."""
+    import structlog
+    import torch
+
+    from flashlm.pipeline.runner import RamRunner
+    from flashlm.pipeline.trace import FIELDS, MemorySink
+    from test_models import hf_model, ours
+
+    model = ours(hf_model("llama-gqa"))
+    sink = MemorySink()
+    ids = torch.tensor([5, 6, 7])
+    with ThreadPoolExecutor(1) as pool:
+        runner = RamRunner(model, pool, sink)
+        kv = model.new_cache(8)
+        structlog.contextvars.bind_contextvars(request_id="r1")
+        try:
+            first, report = await runner.forward(ids, kv, None)
+            second, _ = await runner.forward(torch.tensor([8]), kv, None)
+        finally:
+            structlog.contextvars.unbind_contextvars("request_id")
+    with torch.inference_mode():
+        ref = model.forward(torch.tensor([5, 6, 7, 8]), model.new_cache(8))
+    assert report is None and kv.length == 4
+    assert torch.allclose(first, ref[2], atol=1e-5) and torch.allclose(second, ref[3], atol=1e-5)
+    assert [(e["ev"], e["token"]) for e in sink.events] == [("token_start", 0), ("token", 0), ("token_start", 1),
+                                                            ("token", 1)]
+    assert all(set(FIELDS[e["ev"]]) <= set(e) for e in sink.events)
+    assert sink.events[0]["tokens_in"] == 3 and sink.events[1]["read_bytes"] == 0
+    assert {e["rid"] for e in sink.events} == {"r1"}

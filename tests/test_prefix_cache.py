@@ -97,10 +97,7 @@ def test_kept_bytes_never_exceed_the_bound_and_the_least_recently_used_goes_firs
 
 
 def test_config_switch_and_bound():
-    # the default: on for float stores, off for int8/q4 ones (a near-tie could part from a cold start)
-    assert EngineConfig().prefix_cache is None and EngineConfig().prefix_bound(1000) == 1000
-    assert EngineConfig().prefix_bound(1000, quantised=True) == 0
-    assert EngineConfig(prefix_cache=True).prefix_bound(1000, quantised=True) == 1000
+    assert EngineConfig().prefix_cache is True and EngineConfig().prefix_bound(1000) == 1000
     assert EngineConfig(prefix_cache=False).prefix_bound(1000) == 0
     assert EngineConfig(prefix_cache_bytes="1KiB").prefix_bound(1) == 1024
     for bad in (-1, True, 1.5, "lots"):
@@ -295,18 +292,18 @@ def test_server_usage_reports_cached_tokens(llama_store, tmp_path):
     assert text == asyncio.run(cold())
 
 
-async def test_a_quantised_store_keeps_no_prefix_unless_asked(tmp_path):
-    """int8/q4: a batched prefill and one-token steps round apart in the last bits, which the
-    activations' int8 grid can turn into another token at a near-tie, so by default nothing is
-    kept (a request's answer never depends on another's); `prefix_cache=True` turns it on."""
+async def test_a_quantised_store_keeps_prefixes_by_default(tmp_path):
+    """int8/q4: on by default, as on float stores (the kernels and attention are batch invariant,
+    tests/test_batch_invariance.py: reuse gives the cold start's tokens); `--prompt-cache 0`
+    (prefix_cache=False) keeps none."""
     store = tmp_path / "int8"
     convert(save_checkpoint(random_opt(), tmp_path / "ckpt"), store, dtype="int8", progress=False)
     a = ids(10, 3)
     async with await Engine.open(store) as e:
-        assert e.prefix is None and e.memory.prefix_bytes == 0
-        await greedy(e, a)
-        assert (await greedy(e, a + [5]))[1] == 0
-    async with await Engine.open(store, prefix_cache=True) as e:
         assert e.prefix is not None and e.memory.prefix_bytes > 0
         first, _ = await greedy(e, a)
         assert (await greedy(e, a + first + [5]))[1] == len(a) + len(first) - 1
+    async with await Engine.open(store, prefix_cache=False) as e:
+        assert e.prefix is None and e.memory.prefix_bytes == 0
+        await greedy(e, a)
+        assert (await greedy(e, a + [5]))[1] == 0

@@ -42,10 +42,12 @@ def dense(request, tmp_path_factory):
 
 
 def _neuron_outputs(dense, layer, h):
+    """Every neuron's output act(.) and the rows they are summed over (OPT's fc2 bias is added by the
+    block's `combine`, not by the FFN)."""
     rows = dense.rows[layer]
     if dense.gated:
-        return dense.act(h @ rows[:, 0].T) * (h @ rows[:, 1].T), rows[:, 2], None
-    return dense.act(h @ rows[:, 0].T + dense.fc1_bias[layer]), rows[:, 1], dense.model.layers[layer].fc2_bias
+        return dense.act(h @ rows[:, 0].T) * (h @ rows[:, 1].T), rows[:, 2]
+    return dense.act(h @ rows[:, 0].T + dense.fc1_bias[layer]), rows[:, 1]
 
 
 def test_sparse_ffn_over_a_set_equals_dense_restricted_to_it(dense):
@@ -55,10 +57,10 @@ def test_sparse_ffn_over_a_set_equals_dense_restricted_to_it(dense):
         h = torch.randn(5, dense.rows[0].shape[2])
         ids = torch.randperm(d_ff)[: d_ff // 3].sort().values
         sparse = block.ffn(h, dense.rows[layer][ids], ids)
-        a, down, bias = _neuron_outputs(dense, layer, h)
+        a, down = _neuron_outputs(dense, layer, h)
         mask = torch.zeros(d_ff, dtype=torch.bool)
         mask[ids] = True
-        restricted = (a * mask) @ down + (0 if bias is None else bias)
+        restricted = (a * mask) @ down
         torch.testing.assert_close(sparse, restricted, rtol=1e-5, atol=1e-5)
 
 
@@ -67,9 +69,8 @@ def test_masked_ffn_with_every_neuron_is_the_dense_model_exactly(dense):
     ones = torch.ones(dense.rows[0].shape[0], dtype=torch.bool)
 
     def masked(block, h):
-        a, down, bias = _neuron_outputs(dense, block.layer, h)
-        out = (a * ones) @ down
-        return out if bias is None else out + bias
+        a, down = _neuron_outputs(dense, block.layer, h)
+        return (a * ones) @ down
 
     with torch.inference_mode():
         ref = dense.model.forward(ids, dense.model.new_cache(24))
@@ -79,7 +80,7 @@ def test_masked_ffn_with_every_neuron_is_the_dense_model_exactly(dense):
 
 def test_oracle_is_exact_magnitude_and_gate_is_exact_for_opt(dense):
     h = torch.randn(7, dense.rows[0].shape[2])
-    a, _, _ = _neuron_outputs(dense, 0, h)
+    a, _ = _neuron_outputs(dense, 0, h)
     torch.testing.assert_close(OracleSelector(dense.rows[0], dense.act, dense.fc1_bias[0]).scores(h), a.abs())
     gate = GateSelector.from_rows(dense.rows[0], dense.act, dense.fc1_bias[0]).scores(h)
     if not dense.gated:

@@ -17,6 +17,7 @@ from flashlm.errors import ConfigError, EngineDeadError, MemoryBudgetError, Neur
 from flashlm.io.threads_backend import ThreadsBackend
 from flashlm.pipeline.budget import parse_budget
 from flashlm.pipeline.request_window import RequestWindow
+from flashlm.pipeline.trace import MemorySink
 
 PROMPT = [5, 17, 42, 99, 7, 250, 3]
 
@@ -161,12 +162,13 @@ async def test_lazy_eviction_gives_the_same_tokens_with_fewer_reads(stores, arch
 async def test_flash_reads_overlap_the_previous_layers_compute(stores):
     async with await Engine.open(stores["llama"], selection="gate", density=0.3, window=1, eviction="window",
                                  lookahead=1) as engine:
-        engine.sparse.set_recording(True)
+        engine.sparse.set_trace(trace := MemorySink())
         await tokens(engine, 8)
-        reads = [e for a in engine.actors for e in a.events if e.kind == "read" and e.speculative]
-        compute = {(layer, tok): (s, e) for layer, tok, s, e in engine.sparse.compute_events}
+        reads = [e for e in trace.of("read") if e["speculative"]]
+        compute = {(e["layer"], e["token"]): (e["start"], e["end"]) for e in trace.of("compute")}
     assert reads, "speculative reads were issued"
-    overlapped = [r for r in reads if (r.layer - 1, r.token) in compute and r.start < compute[(r.layer - 1, r.token)][1]]
+    overlapped = [r for r in reads if (r["layer"] - 1, r["token"]) in compute
+                  and r["issued"] < compute[(r["layer"] - 1, r["token"])][1]]
     # layer l+1's read began before layer l's FFN compute ended
     assert len(overlapped) == len(reads)
 
@@ -174,12 +176,13 @@ async def test_flash_reads_overlap_the_previous_layers_compute(stores):
 async def test_serial_order_does_not_overlap(stores):
     async with await Engine.open(stores["llama"], selection="gate", density=0.3, window=1, eviction="window",
                                  lookahead=0) as engine:
-        engine.sparse.set_recording(True)
+        engine.sparse.set_trace(trace := MemorySink())
         await tokens(engine, 6)
-        reads = [e for a in engine.actors for e in a.events if e.kind == "read"]
-        compute = {(layer, tok): (s, e) for layer, tok, s, e in engine.sparse.compute_events}
-    assert reads and not any(r.speculative for r in reads)
-    assert all(r.start >= compute[(r.layer - 1, r.token)][1] for r in reads if (r.layer - 1, r.token) in compute)
+        reads = trace.of("read")
+        compute = {(e["layer"], e["token"]): (e["start"], e["end"]) for e in trace.of("compute")}
+    assert reads and not any(r["speculative"] for r in reads)
+    assert all(r["issued"] >= compute[(r["layer"] - 1, r["token"])][1] for r in reads
+               if (r["layer"] - 1, r["token"]) in compute)
 
 
 async def test_speculation_recall_is_reported(stores):

@@ -138,3 +138,30 @@ def test_trace_rotates_and_stays_bounded(tmp_path):
     assert path.stat().st_size <= 64 * 1024 and (tmp_path / "t.jsonl.1").stat().st_size <= 64 * 1024
     assert load(path)[0]["ev"] == "header"  # a rotated file still parses on its own
     assert len(sink._rid) <= 4096
+
+
+def test_exact_mode_numbers_its_steps_and_their_layer_events_alike(llama_store, tmp_path):
+    """The exact mode's runner (a budget below every neuron) is traced on one clock: each step a
+    token_start and a token event, and its per-layer compute events carry that step's number."""
+    import asyncio
+
+    from flashlm.errors import MemoryBudgetError
+
+    _, store = llama_store
+    path = tmp_path / "exact.jsonl"
+
+    async def go():
+        with pytest.raises(MemoryBudgetError) as low:
+            await Engine.open(store, memory_budget=1)
+        async with await Engine.open(store, memory_budget=low.value.minimum, selection="dense",
+                                     trace=str(path)) as engine:
+            assert engine.exact is not None
+            return len(engine.exact.model.layers), [c async for c in await engine.stream([5, 6], max_tokens=3)]
+
+    n_layers, chunks = asyncio.run(go())
+    events = load(path)
+    steps = [e["token"] for e in events if e["ev"] == "token_start"]
+    assert steps == [e["token"] for e in events if e["ev"] == "token"] == list(range(len(chunks)))
+    compute = [e["token"] for e in events if e["ev"] == "compute"]
+    assert compute == [t for t in steps for _ in range(n_layers)]
+    assert {e["rid"] for e in events if e["ev"] in ("token", "compute")} == {events[-1]["rid"]} != {None}

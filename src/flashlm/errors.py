@@ -105,6 +105,10 @@ class TokenizerMissingError(FlashLMError):
     """The store has no tokenizer, so text prompts cannot be encoded."""
 
 
+class PromptCacheFileError(FlashLMError):
+    """A saved prompt cache file cannot be read or written, or belongs to another store."""
+
+
 class EngineClosedError(FlashLMError, RuntimeError):
     """The engine was closed; open a new one."""
 

@@ -120,7 +120,6 @@ def _masked_ffn(dense: DenseModel, sels: list[Selector], run: Run, tally: _Tally
         l = block.layer
         tally.h_last[l] = h[-1:].clone()
         a, down = neuron_outputs(dense, l, h)  # (T, d_ff) neuron outputs
-        out_bias = None if dense.rows[l].shape[1] == 3 else block.fc2_bias
         scores = sels[l].scores(h)
         if run.mass is None:
             d = run.density_of(l)
@@ -142,8 +141,7 @@ def _masked_ffn(dense: DenseModel, sels: list[Selector], run: Run, tally: _Tally
         if inv_perm[l] is not None and new.shape[0]:
             for i, e in enumerate((new, new[:, inv_perm[l]])):
                 tally.runs[i] += float((e & ~F.pad(e[:, :-1], (1, 0))).sum())
-        out = (a * (chosen if run.compute == "token" else cached)) @ down
-        return out if out_bias is None else out + out_bias
+        return (a * (chosen if run.compute == "token" else cached)) @ down  # (OPT's fc2 bias: block.combine)
 
     return ffn
 

@@ -20,6 +20,7 @@ from flashlm import Engine, EngineConfig
 from flashlm.bench.io import machine_info
 from flashlm.bench.trace_report import length, overlap, union
 from flashlm.errors import MemoryBudgetError
+from flashlm.pipeline.trace import MemorySink
 
 PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
 
@@ -33,8 +34,9 @@ async def _measure(model: str, cfg: EngineConfig, tokens: int, warmup: int) -> d
         async for _ in warm:
             pass
         sparse = engine.sparse
+        events = MemorySink()  # the measured request's trace events (reads and waits), kept in memory
         if sparse is not None:
-            sparse.set_recording(True)
+            sparse.set_trace(events)
         chunks = []
         t0 = time.perf_counter()
         async for c in await engine.stream(PROMPT, max_tokens=tokens):
@@ -54,13 +56,11 @@ async def _measure(model: str, cfg: EngineConfig, tokens: int, warmup: int) -> d
             "wall_s": wall,
         }
         if sparse is not None:
-            reads = [e for a in sparse.actors for e in a.events if e.kind == "read"]
-            waits = [e for a in sparse.actors for e in a.events if e.kind == "wait"]
             # flash-read time is exposed where the token step waited on its layer's actor while
             # a read was in flight; the rest of the read time ran behind compute
-            read_spans = union([(e.start, e.end) for e in reads])
+            read_spans = union([(e["issued"], e["completed"]) for e in events.of("read")])
             read_busy = length(read_spans)
-            exposed = overlap(read_spans, union([(w.start, w.end) for w in waits]))
+            exposed = overlap(read_spans, union([(w["start"], w["end"]) for w in events.of("wait")]))
             out["read_busy_ms_per_token"] = read_busy * 1e3 / len(chunks)
             out["exposed_read_ms_per_token"] = exposed * 1e3 / len(chunks)
             out["hidden_io_fraction"] = max(0.0, 1 - exposed / read_busy) if read_busy else None

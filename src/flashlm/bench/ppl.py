@@ -75,7 +75,7 @@ def sequence_nll(model: Any, ids: Tensor, ffn: Callable[[Any, Tensor], Tensor] |
 def neuron_outputs(dense: DenseModel, layer: int, x: Tensor) -> tuple[Tensor, Tensor]:
     """The exact output of every neuron of `layer` for x (N, d): a (N, d_ff) =
     act(gate x) * (up x) (OPT: act(fc1 x + b)), and the rows (d_ff, d) the FFN sums them over
-    (down / fc2): the FFN is a @ rows (plus OPT's fc2 bias)."""
+    (down / fc2): the FFN is a @ rows (OPT's fc2 bias is the block's `combine`'s)."""
     rows = dense.rows[layer]
     if rows.shape[1] == 3:
         return dense.act(x @ rows[:, 0].T) * (x @ rows[:, 1].T), rows[:, 2]

@@ -78,9 +78,12 @@ def sparsity_options(p: argparse.ArgumentParser) -> None:
                    "the budget counts one KV cache of this size")
     g.add_argument("--prompt-cache", default=None, metavar="SIZE",
                    help="bytes the kept prefixes of earlier requests may hold (a later prompt that starts the same "
-                   "way prefills only the rest; docs/prompt-cache.md): a size such as 512MiB turns it on, 0 keeps none "
-                   "(default: one KV cache at --max-context on float stores, off on int8/q4 stores, where a reused "
-                   "prefix can resolve a near-tie otherwise than a cold start)")
+                   "way prefills only the rest, with the same tokens as a cold start; docs/prompt-cache.md): a size "
+                   "such as 512MiB, 0 keeps none (default: one KV cache at --max-context)")
+    g.add_argument("--prompt-cache-file", default=None, metavar="PATH",
+                   help="keep the prompt cache across runs in PATH: read when the engine opens (if PATH exists; "
+                   "it must come from the same store), written when the command ends (run: after the answer; chat "
+                   "and serve: at exit)")
 
 
 def sampling_options(p: argparse.ArgumentParser) -> None:
@@ -112,7 +115,6 @@ def prompt_cache(text: str | None) -> dict[str, Any]:
     size = memory_budget(text)
     if size == 0:
         return {"prefix_cache": False}
-    # a size asks for the cache: on for int8/q4 stores too (docs/prompt-cache.md)
     return {"prefix_cache": True, "prefix_cache_bytes": size if isinstance(size, int | str) else text}
 
 

@@ -31,6 +31,8 @@ async def _run(a: argparse.Namespace) -> int:
     config = engine_config(a)
     prompt: Any = read_stdin() if a.prompt == "-" else a.prompt
     async with await Engine.open(a.model, config, progress=not a.quiet) as engine:
+        if a.prompt_cache_file is not None:
+            await engine.load_prompt_cache(a.prompt_cache_file, missing_ok=True)
         if not a.raw and engine.tokenizer is not None and getattr(engine.tokenizer, "chat_template", None):
             prompt = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
         stream = await engine.stream(prompt, max_tokens=a.max_tokens, temperature=a.temperature,
@@ -59,6 +61,8 @@ async def _run(a: argparse.Namespace) -> int:
             "memory_planned": engine.memory.total if engine.memory is not None else None,
             "peak_rss_bytes": peak_rss_bytes(),
         }
+        if a.prompt_cache_file is not None:
+            await engine.save_prompt_cache(a.prompt_cache_file)
         if "streaming" in (info := engine.statistics()):  # exact mode under a budget: its reads and overlap
             stats["streaming"] = info["streaming"]
         if "griffin" in info:  # selection griffin: its set per layer and the rows read for it
@@ -94,7 +98,8 @@ def cmd_chat(a: argparse.Namespace) -> int:
         resolve_store(a.store)  # a wrong path fails here, in one line, before the screen is taken over
     config = engine_config(a)
     settings = ChatSettings(model=a.store, config=config, max_tokens=a.max_tokens, temperature=a.temperature,
-                            top_p=a.top_p, seed=a.seed, system=a.system, verbose=a.verbose)
+                            top_p=a.top_p, seed=a.seed, system=a.system, verbose=a.verbose,
+                            prompt_cache_file=a.prompt_cache_file)
     app = ChatApp(settings)
     app.run()
     if app.open_failed and app.open_error:  # it was on screen; say it again on the restored terminal

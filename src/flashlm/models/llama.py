@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from flashlm.errors import UnsupportedArchitectureError
+from flashlm.kernels import QRows
 from flashlm.models.base import (
     CausalLM,
     KVCache,
@@ -188,7 +189,8 @@ class LlamaBlock:
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache.write(self.layer, pos, k, v)
         keys, values = cache.read(self.layer, pos + T)
-        o = attend(q, keys, values, pos, self.scaling, self.window)  # (T, H*hd)
+        rowwise = isinstance(self.q_proj, QRows)  # int8/q4: row by row (see attend)
+        o = attend(q, keys, values, pos, self.scaling, self.window, rowwise)  # (T, H*hd)
         return self.post_attention(x, linear(o, self.o_proj, self.o_bias))
 
     def post_attention(self, x: Tensor, attn: Tensor) -> tuple[Tensor, Tensor]:

@@ -85,11 +85,12 @@ def ffn_gated(x: Tensor, rows: Tensor | QBundles, act: Callable[[Tensor], Tensor
 
 
 def ffn_ungated(x: Tensor, rows: Tensor | QBundles, act: Callable[[Tensor], Tensor],
-                fc1_bias: Tensor | None = None, fc2_bias: Tensor | None = None, mask: Tensor | None = None,
+                fc1_bias: Tensor | None = None, mask: Tensor | None = None,
                 slots: Tensor | None = None, neuron_ids: Tensor | None = None) -> Tensor:
-    """Plain MLP (OPT's ReLU) over n neurons: x (T, d), rows (n, 2, d) = [fc1, fc2^T], fc1_bias (n,)
-    one per row. mask and slots as in `ffn_gated`. Quantised bundles take the whole layer's bias
-    (d_ff,) and the neuron id of each row (`neuron_ids`), indexed in the kernel."""
+    """Plain MLP (OPT's ReLU) over n neurons, without fc2's bias (the block's `combine` adds it):
+    x (T, d), rows (n, 2, d) = [fc1, fc2^T], fc1_bias (n,) one per row. mask and slots as in
+    `ffn_gated`. Quantised bundles take the whole layer's bias (d_ff,) and the neuron id of each
+    row (`neuron_ids`), indexed in the kernel."""
     if isinstance(rows, QBundles):
         out = torch.zeros(x.shape[0], rows.layout.d, dtype=torch.float32, device=x.device)
         sl = _slots(rows, mask, slots)
@@ -97,7 +98,7 @@ def ffn_ungated(x: Tensor, rows: Tensor | QBundles, act: Callable[[Tensor], Tens
         q_ffn_ungated(rows.layout.fmt, rows.bundles, rows.layout, ACTIVATION_NAMES[act], _quantized(x), sl, out,
                       bias=None if fc1_bias is None else fc1_bias.float().contiguous(),
                       neuron_ids=None if ids is None else ids.contiguous())
-        return out if fc2_bias is None else out.add_(fc2_bias)
+        return out
     if slots is not None:
         idx = slots.to(device=rows.device, dtype=torch.long)
         rows = rows.index_select(0, idx)
@@ -106,4 +107,4 @@ def ffn_ungated(x: Tensor, rows: Tensor | QBundles, act: Callable[[Tensor], Tens
     h = x @ w1 if fc1_bias is None else torch.addmm(fc1_bias, x, w1)  # (T, n)
     h = act(h) if mask is None else act(h) * mask
     w2 = rows[:, 1]  # (n, d)
-    return h @ w2 if fc2_bias is None else torch.addmm(fc2_bias, h, w2)  # (T, d)
+    return h @ w2  # (T, d)

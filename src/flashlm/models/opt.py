@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from flashlm.errors import PromptTooLongError, UnsupportedArchitectureError
+from flashlm.kernels import QRows
 from flashlm.kernels import QBundles
 from flashlm.models.base import (
     CausalLM,
@@ -120,7 +121,8 @@ class OPTBlock:
         v = linear(h, self.v_proj, self.v_bias).view(T, a.n_heads, a.head_dim).transpose(0, 1)
         cache.write(self.layer, pos, k, v)
         keys, values = cache.read(self.layer, pos + T)
-        residual = x + linear(attend(q, keys, values, pos, 1.0), self.out_proj, self.out_bias)
+        o = attend(q, keys, values, pos, 1.0, rowwise=isinstance(self.q_proj, QRows))  # int8/q4: see attend
+        residual = x + linear(o, self.out_proj, self.out_bias)
         if self.pre_ln:
             return residual, layer_norm(residual, *self.final_layer_norm)
         residual = layer_norm(residual, *self.self_attn_layer_norm)
@@ -128,17 +130,21 @@ class OPTBlock:
 
     def ffn(self, x: Tensor, rows: Tensor, neuron_ids: Tensor | None = None, mask: Tensor | None = None,
             slots: Tensor | None = None) -> Tensor:
-        """fc2(act(fc1(x))) over the neurons in rows (n, 2, d) with physical ids neuron_ids (None: all),
-        those with mask 1 if a mask (n,) is given, only the rows `slots` if given."""
+        """The sum over the neurons in rows (n, 2, d) with physical ids neuron_ids (None: all) of
+        act(fc1 x + fc1 bias) * fc2, those with mask 1 if a mask (n,) is given, only the rows `slots`
+        if given. fc2's bias belongs to no neuron: `combine` adds it, once, so the FFN over a set is
+        the sum of the FFNs over its parts."""
         b1 = self.fc1_bias
         if isinstance(rows, QBundles):  # the kernel indexes the layer's bias by neuron id itself
-            return ffn_ungated(x, rows, self.act, b1, self.fc2_bias, mask, slots, neuron_ids)
+            return ffn_ungated(x, rows, self.act, b1, mask, slots, neuron_ids)
         if b1 is not None and neuron_ids is not None:
             b1 = b1[neuron_ids]
-        return ffn_ungated(x, rows, self.act, b1, self.fc2_bias, mask, slots)
+        return ffn_ungated(x, rows, self.act, b1, mask, slots)
 
     def combine(self, residual: Tensor, ffn_out: Tensor) -> Tensor:
-        y = residual + ffn_out
+        """The layer's output from the FFN's sum over its neurons: fc2's bias added, the residual, the
+        post-LN norm."""
+        y = residual + (ffn_out if self.fc2_bias is None else ffn_out + self.fc2_bias)
         return y if self.pre_ln else layer_norm(y, *self.final_layer_norm)
 
 

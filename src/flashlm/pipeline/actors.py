@@ -5,17 +5,15 @@ An actor takes two kinds of message from its bounded inbox:
   layer's attention output. The actor updates its cache (evict outside the window, append
   the missing neurons) and starts their flash reads, without waiting for them.
 - `Ensure(token, ids, reply, ready, evict)`: the exact set for this token. The actor places
-  and starts reading whatever is still missing, tells `ready` which slots are still pending
-  (reads in flight: the driver may compute the layer's FFN over the other rows meanwhile),
-  waits for every read (its own and the prefetch's), commits the new rows and answers.
-  With evict=False the new neurons are only appended (no row moves), so the driver may
-  compute on the rows it saw before sending, without waiting for `ready`; a `Tidy` after
-  the layer's FFN does the eviction.
+  and starts reading whatever is still missing, sets `ready` once those reads are in flight,
+  waits for every read (its own and the prefetch's), commits the new rows and answers `reply`
+  with the layer's `LayerStep`. With evict=False the new neurons are only appended past the
+  used rows (no row moves), and a `Tidy` after the layer's FFN does the eviction.
 - `Touch(token, ids)` / `Tidy(token)`: bookkeeping after a layer's FFN (see each).
 
 So layer l+1's reads run on the reader's I/O threads while layer l's FFN computes on the
-compute thread: flash latency hides behind compute. Every phase is timestamped into the
-actor's `events` (monotonic clock) so overlap is measured, not assumed.
+compute thread: flash latency hides behind compute. When traced, every phase is an event of
+the trace sink (`flashlm.pipeline.trace`, perf_counter clock), so overlap is measured, not assumed.
 """
 
 from __future__ import annotations
@@ -64,10 +62,8 @@ class Ensure:
     # asyncio futures (driver on the loop) or concurrent.futures ones (driver on the compute
     # thread: answering wakes it directly); the actor only calls done / set_result / set_exception
     reply: asyncio.Future[LayerStep] | Future[LayerStep] = field(compare=False)
-    # set once the reads are in flight: (the cache's pending slots, whose rows are not valid yet;
-    # the neuron of each row [0, num_used)), the cache as it stands then
-    ready: asyncio.Future[tuple[np.ndarray, np.ndarray]] | Future[tuple[np.ndarray, np.ndarray]] | None = field(
-        default=None, compare=False)
+    # set (to None) once the reads are in flight
+    ready: asyncio.Future[None] | Future[None] | None = field(default=None, compare=False)
     evict: bool = True  # False: append only, rows [0, num_used) stay put (see the module doc)
 
 
@@ -82,19 +78,8 @@ class LayerStep:
     read_wait_ms: float  # time the step was blocked on this layer's reads (exposed I/O; set by the driver)
 
 
-@dataclass(frozen=True)
-class Event:
-    layer: int
-    token: int
-    kind: str  # "read" (spec or exact) | "wait"
-    start: float
-    end: float
-    nbytes: int = 0
-    speculative: bool = False
-
-
 class LayerActor:
-    def __init__(self, layer: int, cache: Any, reader: BundleReader, *, record: bool = False) -> None:
+    def __init__(self, layer: int, cache: Any, reader: BundleReader) -> None:
         self.layer = layer
         self.cache = cache
         self.reader = reader
@@ -105,9 +90,7 @@ class LayerActor:
         self.handled = 0
         self._inflight: list[asyncio.Task[tuple[int, bool, Any]]] = []
         self._inflight_token = -1
-        self.record = record
-        self.events: list[Event] = []
-        self.trace: Any = None  # a flashlm.pipeline.trace.TraceSink when the engine traces
+        self.trace: Any = None  # a flashlm.pipeline.trace.TraceSink (or MemorySink) when traced
 
     async def run(self) -> None:
         """The actor's life: until a None message (engine closing) or cancellation."""
@@ -209,11 +192,9 @@ class LayerActor:
             if len(plan.missing_ids):
                 self._start_read(plan, msg.token, speculative=False)
             if msg.ready is not None and not msg.ready.done():
-                # a snapshot: the driver computes on it while this actor may still change the cache
-                # (commit the landed rows; or, if a read fails, drop them, and then the step fails)
-                msg.ready.set_result((self.cache.pending_slots(), self.cache.neurons().copy()))
+                msg.ready.set_result(None)  # the reads are in flight (the step waits for `reply` next)
             spec, exact = await self._settle()
-            # read_wait_ms: the driver fills in when it was blocked (with `ready` it computes meanwhile)
+            # read_wait_ms: the driver fills in how long the step was blocked
             step = LayerStep(plan.hits, len(msg.ids), spec + exact, spec, 0.0)
         except BaseException as e:
             for fut in (msg.ready, msg.reply):
@@ -232,8 +213,6 @@ class LayerActor:
     async def _read(self, plan: Any, token: int, speculative: bool) -> tuple[int, bool, Any]:
         t0 = time.perf_counter()
         stats = await self.reader.read(self.layer, plan.missing_ids, self.cache.raw, plan.slots)
-        if self.record:
-            self.events.append(Event(self.layer, token, "read", t0, time.perf_counter(), stats.bytes_read, speculative))
         if self.trace is not None:
             self.trace.emit("read", token, layer=self.layer, issued=t0, completed=time.perf_counter(),
                             speculative=speculative, bundles=stats.bundles, bytes=stats.bytes_read,

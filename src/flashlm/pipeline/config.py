@@ -70,13 +70,12 @@ class EngineConfig:
     # On: a finished request's KV is kept, keyed by its tokens, and a later prompt that starts the
     # same way prefills only the rest. Only where a token's result does not depend on the request's
     # earlier steps' neuron selections: ffn="ram" or selection "dense" with every neuron cached
-    # (what "auto" picks when they fit); off under a sparse selection and in exact mode.
-    # None (default): on for float stores, where it is exact (the same tokens as a cold start);
-    # off for int8/q4 stores, where a batched prefill and one-token steps round apart in the last
-    # bits and the activations' int8 grid can turn that into another token at a near-tie, so a
-    # kept prefix would make one request's answer depend on another's (docs/prompt-cache.md).
-    # True: on for every store (that caveat accepted); False: off.
-    prefix_cache: bool | None = None
+    # (what "auto" picks when they fit); off under a sparse selection and in exact mode. Exact: on
+    # int8/q4 stores the kernels and attention give a batched prefill's every row bitwise its
+    # one-token step (flashlm.models.base.attend, kernels/csrc/module.c), so a reused prefix gives
+    # the tokens a cold start gives; float stores compute on torch, whose matmuls round by batch
+    # shape (last bits; greedy tokens equal in the tests). docs/prompt-cache.md.
+    prefix_cache: bool = True
     # bytes the kept prefixes may hold (int or "512MiB"); None: one KV cache at max_context. Under a
     # memory budget they get only what the budget has left once every neuron is cached (first to go).
     prefix_cache_bytes: int | str | None = None
@@ -129,7 +128,7 @@ class EngineConfig:
         if not _int(self.lookahead) or self.lookahead not in (0, 1):
             raise ConfigError(f"lookahead must be 0 (serial) or 1 (prefetch one layer ahead), got {self.lookahead!r}")
         for name in ("reuse", "page_cache", "prefix_cache"):
-            if not isinstance(getattr(self, name), bool) and not (name == "prefix_cache" and self.prefix_cache is None):
+            if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if isinstance(self.io_backend, str) and self.io_backend not in ("threads", "uring"):
             raise ConfigError(f"io_backend {self.io_backend!r} must be 'threads' or 'uring'")
@@ -173,10 +172,9 @@ class EngineConfig:
     def effective_density(self) -> float:
         return 1.0 if self.selection == "dense" else (self.density or DEFAULT_DENSITY)
 
-    def prefix_bound(self, kv_bytes: int, quantised: bool = False) -> int:
-        """The kept prefixes' byte bound (0: none kept), given one KV cache's bytes at max_context
-        and whether the store's weights are int8/q4 (the default keeps none there)."""
-        if self.prefix_cache is False or (self.prefix_cache is None and quantised):
+    def prefix_bound(self, kv_bytes: int) -> int:
+        """The kept prefixes' byte bound (0: none kept), given one KV cache's bytes at max_context."""
+        if not self.prefix_cache:
             return 0
         if self.prefix_cache_bytes is None:
             return kv_bytes

@@ -15,7 +15,6 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -33,28 +32,22 @@ from flashlm.pipeline.actors import LayerActor
 from flashlm.pipeline.budget import MemoryPlan, check_fits, parse_budget, plan_memory, prefix_share
 from flashlm.pipeline.config import AUTO_SPARSE, EngineConfig
 from flashlm.pipeline.neuron_cache import NeuronCache
+from flashlm.pipeline import prefix_file
 from flashlm.pipeline.prefix_cache import PrefixCache
 from flashlm.pipeline.selection import make_selectors
 from flashlm.pipeline.request_window import RequestWindow
 from flashlm.pipeline.sparse import SparseRunner
-from flashlm.pipeline.streaming import start_exact
-from flashlm.pipeline.griffin_runner import start_griffin
+from flashlm.pipeline.streaming import start_exact, start_griffin
 from flashlm.pipeline.request import make_request
+from flashlm.pipeline.tokenizer import load as load_tokenizer
 from flashlm.pipeline.store_model import build_model, check_vocab, held_bytes, model_args, resident_bytes
-from flashlm.pipeline.generation import RamRunner, Stream, release_freed_memory
+from flashlm.pipeline.generation import Decoding, Stream, release_freed_memory
+from flashlm.pipeline.runner import RamRunner, StepClock, TracedSteps
 from flashlm.pipeline.trace import TraceSink
 
 log = get_logger(__name__)
 T = TypeVar("T")
 DEFAULT_CONTEXT_CAP = 8192
-
-
-def _load_tokenizer(path: Path | None) -> Any | None:
-    if path is None:
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
 
 
 class Engine:
@@ -73,12 +66,11 @@ class Engine:
                               f"positions (max_position_embeddings); use max_context <= {limit}")
         self.max_context = config.max_context or min(limit, DEFAULT_CONTEXT_CAP)
         self.vocab_size = args.vocab_size
-        mcfg = store.manifest.config
         m = store.manifest
         # the model's own bytes: what holding all of its store in DRAM takes (resident file + FFN
         # bundles), the unit of a fractional memory budget whatever the compute dtype
         self.model_bytes = m.resident.size + m.ffn.file.size
-        eos = mcfg.get("eos_token_id")
+        eos = m.config.get("eos_token_id")
         ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             ids.add(tokenizer.eos_token_id)
@@ -92,7 +84,7 @@ class Engine:
         self._closed = False
         self._dead: BaseException | None = None
         self._trace: TraceSink | None = None
-        self._ram_token = 0  # token clock of traced steps without the sparse runner
+        self._decoding: Decoding | None = None  # what requests use of the engine, once it is open
         # kept prefixes (the prompt cache): None when off, or where reuse would not be exact
         self.prefix: PrefixCache | None = None
         self._exact: Any = None  # the exact mode's StreamingRunner under a budget below every neuron
@@ -120,11 +112,12 @@ class Engine:
         path = await asyncio.to_thread(resolve_store, model, config.store_dtype, progress)
         store = await asyncio.to_thread(FlashStore.open, path)
         arch, args = model_args(store)  # the config and the FFN layout agree, before anything is allocated
-        tokenizer = await asyncio.to_thread(_load_tokenizer, store.tokenizer_dir)
+        tokenizer = await asyncio.to_thread(load_tokenizer, store.tokenizer_dir)
         await asyncio.to_thread(check_vocab, store, args, tokenizer)
         engine = cls(store, tokenizer, config, arch, args)
         try:
             await engine._start()
+            engine._decoding = engine._decoding_record()
         except BaseException:
             await engine.aclose()
             raise
@@ -177,12 +170,16 @@ class Engine:
             # reuse=False keeps the per-layer caches (the paper's "hybrid" baseline re-reads them)
             self.config = dataclasses.replace(cfg, selection="dense")
             await start_exact(self, budget)
+            if self._trace is not None:  # its steps numbered and traced here, its layers' events on the same clock
+                clock = StepClock(self._trace)
+                self._exact.token_clock = lambda: clock.current
+                self._runner = TracedSteps(self._exact, clock)
             return
         self.model, resident = await loop.run_in_executor(self._pool, build_model, store, cfg, self._arch, args)
-        prefix_bound = cfg.prefix_bound(kv_bytes, quantised=store.manifest.dtype in QUANT_DTYPES)
+        prefix_bound = cfg.prefix_bound(kv_bytes)
         if cfg.ffn == "ram":
             self._keep_prefixes(prefix_share(prefix_bound, budget, res_bytes + ffn_bytes + kv_bytes))
-            self._runner = RamRunner(self.model, self._pool)
+            self._runner = RamRunner(self.model, self._pool, self._trace)
             release_freed_memory()
             return
         held = sum(held_bytes(t) for t in resident.values())
@@ -221,11 +218,8 @@ class Engine:
         actors = [LayerActor(i, c, self._reader) for i, c in enumerate(caches)]
         self._sparse = SparseRunner(self.model, caches, actors, selectors, lookahead=cfg.lookahead,
                                     window=cfg.window, pool=self._pool, reuse=cfg.reuse,
-                                    inline=cfg.compute == "loop", dense=cfg.selection == "dense")
-        if self._trace is not None:
-            self._sparse.trace = self._trace
-            for a in actors:
-                a.trace = self._trace
+                                    compute=cfg.compute, dense=cfg.selection == "dense")
+        self._sparse.set_trace(self._trace)
         self._runner = self._sparse
         release_freed_memory()  # building the selectors freed large transients
         self._supervisor = asyncio.create_task(self._supervise(actors), name="flashlm-actors")
@@ -301,23 +295,19 @@ class Engine:
         """Neither closed nor dead: compute may still be submitted."""
         return not self._closed and self._dead is None
 
-    def step_trace(self) -> tuple[TraceSink, int] | None:
-        """For a step of a runner that does not trace its own (RAM, exact): the sink and the
-        step's token number (the next on the engine's clock); None without a sink or with the
-        sparse runner, which numbers and traces its own steps."""
-        if self._trace is None or self._sparse is not None:
-            return None
-        token = self._ram_token
-        self._ram_token += 1
-        return self._trace, token
-
     def new_window(self) -> RequestWindow | None:
-        """A fresh per-request window for the sparse runner, a request's own set for griffin's (None
-        for the other runners)."""
+        """A request's own window (sparse runner) or set (griffin's runner); None for the others."""
         if self._sparse is None:
-            new_state = getattr(self._runner, "new_state", None)
-            return None if new_state is None else new_state()
+            return self._runner.new_state() if hasattr(self._runner, "new_state") else None
         return RequestWindow(len(self._sparse.caches), self._sparse.d_ff, self.config.window, self._sparse.capacity)
+
+    def _decoding_record(self) -> Decoding:
+        why = "" if self.config.dtype == "float32" else f" or dtype {self.config.dtype} overflowed (use float32)"
+        return Decoding(runner=self._runner, submit=self.submit, new_cache=self.model.new_cache,
+                        new_window=self.new_window, tokenizer=self.tokenizer, eos_ids=self.eos_ids,
+                        device=self.device, prefix=self.prefix, is_open=lambda: self.is_open,
+                        check_open=self.check_open, trace=self._trace,
+                        nonfinite_hint=f"the store may be damaged (run `flashlm verify {self.store.path}`){why}")
 
     def check_open(self) -> None:
         """EngineDeadError / EngineClosedError unless the engine is open."""
@@ -346,10 +336,16 @@ class Engine:
             prompt, tokenizer=self.tokenizer, vocab_size=self.vocab_size, max_context=self.max_context,
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
         )
-        return Stream(self, request)
+        return Stream(self._decoding, request)
 
     async def generate(self, prompt: Any, **kwargs: Any) -> str:
         return "".join([chunk.text async for chunk in self.stream(prompt, **kwargs)])
+
+    async def save_prompt_cache(self, path: str | os.PathLike[str]) -> int:
+        return await prefix_file.save(self, path)  # the kept prefixes to a file; how many (prefix_file)
+
+    async def load_prompt_cache(self, path: str | os.PathLike[str], missing_ok: bool = False) -> int:
+        return await prefix_file.load(self, path, missing_ok)  # keep a file's prefixes (same store); how many
 
     def statistics(self) -> dict[str, Any]:
         """Memory plan, cache and reader counters."""

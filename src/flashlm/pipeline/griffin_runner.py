@@ -24,8 +24,8 @@ import torch
 
 from flashlm.io.buffers import PAGE, aligned_empty
 from flashlm.io.store import FlashStore, rows_view
-from flashlm.pipeline.griffin import GriffinPlan, PromptStatistics, plan_griffin, select
-from flashlm.pipeline.sparse import TokenReport
+from flashlm.pipeline.griffin import GriffinPlan, PromptStatistics, select
+from flashlm.pipeline.runner import StepClock, TokenReport
 
 GAP = 8  # neurons between two selected ones read through rather than as a second read
 MAX_READ = 8 * 2**20  # one read's bytes at most
@@ -147,8 +147,11 @@ class GriffinRunner:
     """`forward(ids, kv, selection)`: the request's first step (its prompt) through the exact
     runner, collecting the statistics and fixing the set; later steps over the set alone."""
 
-    def __init__(self, exact: Any, plan: GriffinPlan, store: FlashStore, pool: Any, *, direct: bool = True) -> None:
+    def __init__(self, exact: Any, plan: GriffinPlan, store: FlashStore, pool: Any, *, direct: bool = True,
+                 trace: Any = None) -> None:
         self.exact, self.plan, self._pool = exact, plan, pool
+        self.clock = StepClock(trace)  # numbers and traces its steps; the exact runner's layer events on it
+        exact.token_clock = lambda: self.clock.current
         self.model = exact.model
         self.buffer = SelectionBuffer(store, plan.k, plan.hot, exact.dtype, direct)
         self.decode_tokens = 0
@@ -158,7 +161,12 @@ class GriffinRunner:
         return RequestSelection()
 
     async def forward(self, ids: torch.Tensor, kv: Any, sel: RequestSelection | None) -> tuple[torch.Tensor, TokenReport]:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self._forward, ids, kv, sel)
+        token = self.clock.begin(ids.shape[0])
+        t0 = time.perf_counter()
+        logits, r = await asyncio.get_running_loop().run_in_executor(self._pool, self._forward, ids, kv, sel)
+        self.clock.end(token, t0, read_bytes=r.read_bytes, spec_read_bytes=0, hits=r.hits, needed=r.needed,
+                       read_wait_ms=r.read_wait_ms, compute_ms=r.compute_ms, spec_hits=0, spec_needed=0)
+        return logits, r
 
     def _forward(self, ids: torch.Tensor, kv: Any, sel: RequestSelection | None) -> tuple[torch.Tensor, TokenReport]:
         if sel is None:  # no request state: an exact step
@@ -207,27 +215,3 @@ class GriffinRunner:
                 "loads": b.loads, "load_read_bytes": b.read_bytes, "load_reads": b.reads, "load_ms": b.load_s * 1e3,
                 "rows_read": b.rows_read, "rows_from_hot": b.rows_copied,
                 "held_fraction": b.rows_copied / (b.rows_copied + b.rows_read) if b.loads else None}
-
-
-async def start_griffin(engine: Any, budget: int | None) -> None:
-    """Open selection griffin on `engine`: plan (refused before anything is loaded), build the
-    model and the hot prefixes as exact mode does, start the cold stream."""
-    from flashlm.pipeline.generation import release_freed_memory
-    from flashlm.pipeline.streaming import StreamingRunner, _build, exact_args
-
-    cfg = engine.config
-    a, key = await asyncio.to_thread(exact_args, engine, budget is not None)
-    plan = plan_griffin(budget=budget, density=cfg.density, gamma=cfg.cache_gamma, exact_args=a,
-                        sel_row_bytes=a["hot_row_bytes"])
-    engine.memory = plan
-    model, hot = await asyncio.get_running_loop().run_in_executor(engine._pool, _build, engine, plan.exact, key)
-    engine.model = model
-    direct = not cfg.page_cache
-    exact = StreamingRunner(model, engine.store, plan.exact, hot, engine._pool, direct=direct)
-    if engine._trace is not None:
-        exact.trace = engine._trace
-        exact.token_clock = lambda: engine._ram_token - 1
-    exact.start()
-    engine._exact = exact
-    engine._runner = GriffinRunner(exact, plan, engine.store, engine._pool, direct=direct)
-    release_freed_memory()

@@ -112,9 +112,9 @@ class NeuronCache:
         self.device, self.compute_dtype, self.zero_copy = self._mem.device, self._mem.compute_dtype, self._mem.zero_copy
         self.slot_of = np.full(n_neurons, -1, dtype=np.int64)
         self.neuron_of = np.full(capacity, -1, dtype=np.int64)
-        self._lu = np.full(n_neurons + 1, _NEVER, dtype=np.int64)  # [-1] is the holes' entry
-        self._lu[-1] = _HOLE
-        self.last_used = self._lu[:n_neurons]  # (n_neurons,) view
+        self._last_use = np.full(n_neurons + 1, _NEVER, dtype=np.int64)  # [-1] is the holes' entry
+        self._last_use[-1] = _HOLE
+        self.last_used = self._last_use[:n_neurons]  # (n_neurons,) view
         self._pending = np.zeros(capacity, dtype=bool)
         self.n_pending = 0
         self.num_used = 0
@@ -122,7 +122,7 @@ class NeuronCache:
         self._ids_cache: tuple[int, torch.Tensor] | None = None
         self._version = 0  # bumped whenever the cached neurons or their slots change
         self._holds_all = (-1, False)  # (version, holds_all())
-        self._c = dict(updates=0, hits=0, misses=0, evictions=0, appends=0, hole_fills=0, moves=0, dropped=0)
+        self._counts = dict(updates=0, hits=0, misses=0, evictions=0, appends=0, hole_fills=0, moves=0, dropped=0)
         self._tok_misses = 0
         self._tidy_due = False  # an update(evict=False) left expired neurons for tidy()
         self._hit_rates = HitRates()
@@ -136,7 +136,7 @@ class NeuronCache:
     @property
     def nbytes(self) -> int:
         """Bytes this cache holds: the raw slots, the compute rows when separate, the bookkeeping."""
-        return self._mem.nbytes + self.slot_of.nbytes + self.neuron_of.nbytes + self._lu.nbytes
+        return self._mem.nbytes + self.slot_of.nbytes + self.neuron_of.nbytes + self._last_use.nbytes
 
     # -- the step --------------------------------------------------------------------------------
 
@@ -163,7 +163,7 @@ class NeuronCache:
             return self.mark_cached(ids, token)
         missing = ids[~present]
         m = missing.size
-        lu = self._lu[self.neuron_of[:U]]  # (U,) last use per slot; holes: _HOLE
+        lu = self._last_use[self.neuron_of[:U]]  # (U,) last use per slot; holes: _HOLE
         lu[id_slots[present]] = token
         expired = lu <= token - self.window
         live = lu != _HOLE
@@ -187,7 +187,7 @@ class NeuronCache:
             gone = expired.copy()
             gone[pick] = True
         ev_slots = np.flatnonzero(gone)
-        self._lu[ids] = token
+        self._last_use[ids] = token
         self.slot_of[self.neuron_of[ev_slots]] = -1
         self.neuron_of[ev_slots] = -1
         holes = ev_slots  # sorted
@@ -201,7 +201,7 @@ class NeuronCache:
         self.n_pending += m
         self.num_used = U + m - k
         moved = self._fill(holes[k:])
-        c = self._c
+        c = self._counts
         c["updates"] += 1
         c["hits"] += ids.size - m
         c["misses"] += m
@@ -221,9 +221,9 @@ class NeuronCache:
         sorted, unique and cached, token not before the cache's (the engine's own sets, which
         it just checked: checking again costs more than the marking on the hot path)."""
         self._advance(token)
-        self._lu[ids] = token
-        self._c["updates"] += 1
-        self._c["hits"] += ids.size
+        self._last_use[ids] = token
+        self._counts["updates"] += 1
+        self._counts["hits"] += ids.size
         return CachePlan(_NONE, _NONE, 0, 0, int(ids.size), token)
 
     def holds_all(self) -> bool:
@@ -262,13 +262,13 @@ class NeuronCache:
             return 0, 0
         self._tidy_due = False
         U = self.num_used
-        lu = self._lu[self.neuron_of[:U]]
+        lu = self._last_use[self.neuron_of[:U]]
         gone = np.flatnonzero(lu <= token - self.window)
         if not gone.size:
             return 0, 0
         moved = self._release(gone)
-        self._c["evictions"] += gone.size
-        self._c["moves"] += moved
+        self._counts["evictions"] += gone.size
+        self._counts["moves"] += moved
         self._version += 1
         return int(gone.size), moved
 
@@ -310,7 +310,7 @@ class NeuronCache:
             raise RuntimeError(f"{self.n_pending} cache slots are pending: commit or drop them first")
         self.slot_of[:] = -1
         self.neuron_of[:] = -1
-        self._lu[:-1] = _NEVER
+        self._last_use[:-1] = _NEVER
         self.num_used = 0
         self._version += 1
 
@@ -321,14 +321,10 @@ class NeuronCache:
             return 0
         self._pending[slots] = False
         self.n_pending = 0
-        self._c["moves"] += self._release(slots)
-        self._c["dropped"] += int(slots.size)
+        self._counts["moves"] += self._release(slots)
+        self._counts["dropped"] += int(slots.size)
         self._version += 1
         return int(slots.size)
-
-    def pending_slots(self) -> np.ndarray:
-        """Slots whose reads have not been committed (sorted): their rows are not valid yet."""
-        return np.flatnonzero(self._pending[: self.num_used])
 
     def compute_view(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows[:num_used] (n, P, d), neuron ids (n,) long) on the compute device; no gather.
@@ -357,7 +353,7 @@ class NeuronCache:
     def stats(self) -> CacheStats:
         needed = int(np.count_nonzero(self.last_used == self.token)) if self.token >= 0 else 0
         n, mean, lo, hi, last = self._hit_rates.summary(needed, self._tok_misses)  # the token in progress too
-        return CacheStats(**self._c, bytes_appended=self._c["misses"] * self.stride, num_used=self.num_used,
+        return CacheStats(**self._counts, bytes_appended=self._counts["misses"] * self.stride, num_used=self.num_used,
                           capacity=self.capacity, tokens=n, hit_rate_mean=mean, hit_rate_min=lo,
                           hit_rate_max=hi, hit_rate_last=last)
 

@@ -128,6 +128,10 @@ class PrefixCache:
         self.bytes += prefix.nbytes
         return True
 
+    def entries(self) -> list[Prefix]:
+        """The kept prefixes, least recently used first (the order `offer` rebuilds them in)."""
+        return list(self._kept.values())
+
     def clear(self) -> None:
         self._kept.clear()
         self.bytes = 0

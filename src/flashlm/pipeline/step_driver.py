@@ -1,14 +1,25 @@
-"""How a token step's layer loop reaches the layer actors (`StepDriver`, one per `SparseRunner`).
+"""How a token step's layer loop reaches the layer actors: the requests it makes (below) and
+the `StepDriver` that carries them out (one per `SparseRunner`).
 
-`SparseRunner._layers` is a generator: it computes inline and yields what it needs from the
-actors: ("post", layer, msg): deliver, no answer; ("ask", layer, ids): send Ensure, answer
-(pending slots, row neurons) once the layer's reads are in flight; ("fetch", layer, ids):
-send Ensure(evict=False), no answer (compute thread only); ("wait", layer): answer that
-Ensure's LayerStep once every read is committed. The driver runs it one of two ways. On the
-compute thread (compute="thread") the whole token runs there back to back, posting to the
-actors on the loop thread-safely and blocking only when a layer must wait for its reads (the
-actors answer through thread-safe futures); so the loop (actors, reads, bookkeeping) runs
-beside it, with no thread hop per layer. Inline (compute="loop") every post and ask is awaited.
+`SparseRunner._layers` is a generator: it computes inline and yields a request whenever it needs
+an actor; the driver sends the actor its message and sends the generator the answer:
+
+- `StartPrefetch(layer, ids)`: the actor gets `Prefetch` (start reading a speculative set);
+  answered None at once.
+- `Ask(layer, ids)`: `Ensure` (place the set, evicting outside the window, read what is
+  missing); answered None once the reads are in flight.
+- `AppendMissing(layer, ids)`: `Ensure(evict=False)` (read the missing neurons into free slots
+  past the used ones: no row moves); answered None at once.
+- `WaitLayer(layer)`: nothing is sent; answered with that layer's last Ensure's `LayerStep`
+  once every read is committed.
+- `AfterFFN(layer, message)`: the `Touch` or `Tidy` (bookkeeping after the layer's FFN);
+  answered None at once.
+
+The driver runs the generator one of two ways. On the compute thread (compute="thread") the
+whole token runs there back to back, posting to the actors on the loop thread-safely and blocking
+only on `Ask` and `WaitLayer` (the actors answer through thread-safe futures); so the loop
+(actors, reads, bookkeeping) runs beside it, with no thread hop per layer. On the loop
+(compute="loop") every request is awaited there.
 
 When the actors are gone (a crash, or the engine closed) `dead` fails every step waiting on
 one, and all later ones.
@@ -19,7 +30,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Generator
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,18 +41,66 @@ from flashlm.errors import EngineClosedError, EngineDeadError
 from flashlm.pipeline.actors import Ensure, LayerActor, LayerStep, Prefetch, Tidy, Touch
 
 
+@dataclass(frozen=True)
+class StartPrefetch:
+    """Layer `layer`'s speculative set (predicted one layer early): its actor starts the reads."""
+
+    layer: int
+    ids: np.ndarray = field(compare=False)
+
+
+@dataclass(frozen=True)
+class Ask:
+    """The layer's exact set: its actor places it (evicting outside the window) and starts reading
+    what is missing; the step goes on once the reads are in flight."""
+
+    layer: int
+    ids: np.ndarray = field(compare=False)
+
+
+@dataclass(frozen=True)
+class AppendMissing:
+    """The layer's exact set, the missing neurons appended past the used rows (no row moves, the
+    eviction left for a `Tidy` after the FFN); the step goes on at once."""
+
+    layer: int
+    ids: np.ndarray = field(compare=False)
+
+
+@dataclass(frozen=True)
+class WaitLayer:
+    """Until every read of the layer's `Ask` / `AppendMissing` is committed: its LayerStep."""
+
+    layer: int
+
+
+@dataclass(frozen=True)
+class AfterFFN:
+    """The layer's FFN ran: its cache's bookkeeping now (rows may move while another layer computes)."""
+
+    layer: int
+    message: Touch | Tidy
+
+
+Request = StartPrefetch | Ask | AppendMissing | WaitLayer | AfterFFN
+LayerLoop = Generator[Request, Any, Any]
+Message = Prefetch | Touch | Tidy | Ensure
+
+
 class StepDriver:
-    def __init__(self, actors: list[LayerActor], pool: Any, *, inline: bool) -> None:
+    def __init__(self, actors: list[LayerActor], pool: Any, *, compute: str) -> None:
         self.actors = actors
-        self.inline = inline
+        if compute not in ("thread", "loop"):
+            raise ValueError(f"compute {compute!r}: 'thread' or 'loop'")
+        self.on_loop = compute == "loop"
         self._pool = pool
         self._replies: set[Any] = set()  # asyncio or concurrent futures the actors will answer
         self._replies_lock = threading.Lock()  # the compute thread adds and removes them too
         self._dead: BaseException | None = None
 
-    async def drive(self, layers: Any, token: int) -> Any:
-        """Run the layer loop `layers` (a generator) for step `token` to its end; its return value."""
-        if self.inline:
+    async def drive(self, layers: LayerLoop, token: int) -> Any:
+        """Run the layer loop `layers` for step `token` to its end; its return value."""
+        if self.on_loop:
             return await self._drive_here(layers, token)
         return await self._drive_on_thread(layers, token)
 
@@ -62,56 +123,64 @@ class StepDriver:
         if self._dead is not None:
             raise self._failure()
 
-    async def _post(self, layer: int, msg: Prefetch | Touch | Tidy) -> None:
+    def _register(self, *futures: Any) -> None:
+        with self._replies_lock:
+            self._replies.update(futures)
+
+    def _forget(self, *futures: Any) -> None:
+        with self._replies_lock:
+            self._replies.difference_update(futures)
+
+    @staticmethod
+    def _message(req: StartPrefetch | AfterFFN, token: int) -> Prefetch | Touch | Tidy:
+        return Prefetch(token, req.ids) if isinstance(req, StartPrefetch) else req.message
+
+    # -- on the loop (compute="loop") --------------------------------------------------------
+
+    async def _drive_here(self, layers: LayerLoop, token: int) -> Any:
+        loop = asyncio.get_running_loop()
+        answer: Any = None
+        waiting: tuple[int, asyncio.Future[LayerStep]] | None = None  # the last Ensure's layer and reply
+        while True:
+            try:
+                req = layers.send(answer)
+            except StopIteration as done:
+                return done.value
+            answer = None
+            if isinstance(req, StartPrefetch | AfterFFN):
+                await self._post(req.layer, self._message(req, token))
+            elif isinstance(req, Ask | AppendMissing):
+                reply: asyncio.Future[LayerStep] = loop.create_future()
+                ready = loop.create_future() if isinstance(req, Ask) else None
+                self._register(reply, *([ready] if ready is not None else []))
+                try:
+                    await self._post(req.layer, Ensure(token, req.ids, reply, ready, evict=isinstance(req, Ask)))
+                    if ready is not None:
+                        await ready
+                except BaseException:
+                    reply.cancel()
+                    self._forget(reply)
+                    raise
+                finally:
+                    if ready is not None:
+                        self._forget(ready)
+                waiting = (req.layer, reply)
+            else:
+                assert waiting is not None and waiting[0] == req.layer, (req, waiting)
+                try:
+                    answer = await waiting[1]
+                finally:
+                    self._forget(waiting[1])
+                    waiting = None
+
+    async def _post(self, layer: int, msg: Message) -> None:
         self._check_alive()
         self.actors[layer].sent += 1
         await self.actors[layer].inbox.put(msg)
 
-    async def _ask(self, layer: int, msg_token: int, ids: np.ndarray) -> tuple[Any, asyncio.Future[LayerStep]]:
-        """Send Ensure; return once the layer's reads are in flight: ((its pending slots, the
-        neuron of each row), the future of its LayerStep, for `_answer`)."""
-        self._check_alive()
-        loop = asyncio.get_running_loop()
-        ready: asyncio.Future[tuple[np.ndarray, np.ndarray]] = loop.create_future()
-        reply: asyncio.Future[LayerStep] = loop.create_future()
-        with self._replies_lock:
-            self._replies.update((ready, reply))
-        try:
-            self.actors[layer].sent += 1
-            await self.actors[layer].inbox.put(Ensure(msg_token, ids, reply, ready))
-            return await ready, reply
-        except BaseException:
-            with self._replies_lock:
-                self._replies.discard(reply)
-            reply.cancel()
-            raise
-        finally:
-            with self._replies_lock:
-                self._replies.discard(ready)
+    # -- on the compute thread (compute="thread") ----------------------------------------------
 
-    async def _answer(self, reply: asyncio.Future[LayerStep]) -> LayerStep:
-        try:
-            return await reply
-        finally:
-            with self._replies_lock:
-                self._replies.discard(reply)
-
-    async def _drive_here(self, layers: Any, token: int) -> Any:
-        answer: Any = None
-        reply = None
-        while True:
-            try:
-                op = layers.send(answer)
-            except StopIteration as done:
-                return done.value
-            if op[0] == "post":
-                answer = await self._post(op[1], op[2])
-            elif op[0] == "ask":
-                answer, reply = await self._ask(op[1], token, op[2])
-            else:
-                answer = await self._answer(reply)
-
-    async def _drive_on_thread(self, layers: Any, token: int) -> Any:
+    async def _drive_on_thread(self, layers: LayerLoop, token: int) -> Any:
         loop = asyncio.get_running_loop()
         abort = threading.Event()
         done = loop.run_in_executor(self._pool, self._drive_sync, layers, token, loop, abort)
@@ -125,31 +194,31 @@ class StepDriver:
                 await done
             raise
 
-    def _drive_sync(self, layers: Any, token: int, loop: asyncio.AbstractEventLoop, abort: threading.Event) -> Any:
+    def _drive_sync(self, layers: LayerLoop, token: int, loop: asyncio.AbstractEventLoop,
+                    abort: threading.Event) -> Any:
         answer: Any = None
-        reply = None
-        outbox: list[tuple[LayerActor, Prefetch | Touch | Tidy | Ensure]] = []
+        waiting: tuple[int, Future[LayerStep]] | None = None
+        outbox: list[tuple[LayerActor, Message]] = []
         try:
             while True:
                 if abort.is_set():
                     raise _Aborted
                 try:
-                    op = layers.send(answer)
+                    req = layers.send(answer)
                 except StopIteration as done:
                     return done.value
                 answer = None
-                if op[0] == "post":
-                    self._post_threadsafe(op[1], op[2], loop, outbox)
-                elif op[0] == "ask":
-                    answer, reply = self._ask_threadsafe(op[1], token, op[2], loop, outbox)
-                elif op[0] == "fetch":
-                    reply = self._fetch_threadsafe(op[1], token, op[2], loop, outbox)
+                if isinstance(req, StartPrefetch | AfterFFN):
+                    self._post_threadsafe(req.layer, self._message(req, token), loop, outbox)
+                elif isinstance(req, Ask | AppendMissing):
+                    waiting = (req.layer, self._ensure_threadsafe(req, token, loop, outbox))
                 else:
+                    assert waiting is not None and waiting[0] == req.layer, (req, waiting)
                     try:
-                        answer = reply.result()
+                        answer = waiting[1].result()
                     finally:
-                        with self._replies_lock:
-                            self._replies.discard(reply)
+                        self._forget(waiting[1])
+                        waiting = None
         finally:
             self._flush(outbox, loop)
             layers.close()
@@ -160,8 +229,8 @@ class StepDriver:
     # Ensure does not wait for the outbox (other actors' bookkeeping would run before it).
     OUTBOX = 4
 
-    def _post_threadsafe(self, layer: int, msg: Prefetch | Touch | Tidy | Ensure, loop: asyncio.AbstractEventLoop,
-                         outbox: list[tuple[LayerActor, Prefetch | Touch | Tidy | Ensure]]) -> None:
+    def _post_threadsafe(self, layer: int, msg: Message, loop: asyncio.AbstractEventLoop,
+                         outbox: list[tuple[LayerActor, Message]]) -> None:
         self._check_alive()
         actor = self.actors[layer]
         actor.sent += 1  # counted before delivery: the actor is not quiescent from now on
@@ -177,43 +246,30 @@ class StepDriver:
             if isinstance(msg, Prefetch) or len(outbox) >= self.OUTBOX:
                 self._flush(outbox, loop)
 
-    def _ask_threadsafe(self, layer: int, token: int, ids: np.ndarray, loop: asyncio.AbstractEventLoop,
-                        outbox: list[tuple[LayerActor, Prefetch | Touch | Tidy | Ensure]]) -> tuple[Any, Future[LayerStep]]:
-        """`_ask` from the compute thread, answered through thread-safe futures: the actor's
-        answers wake this thread directly, with no round trip through the loop."""
-        ready: Future[tuple[np.ndarray, np.ndarray]] = Future()
+    def _ensure_threadsafe(self, req: Ask | AppendMissing, token: int, loop: asyncio.AbstractEventLoop,
+                           outbox: list[tuple[LayerActor, Message]]) -> Future[LayerStep]:
+        """Send the Ensure of `req` from the compute thread; for an `Ask` return once the reads are
+        in flight. The actor answers through thread-safe futures: its answers wake this thread
+        directly, with no round trip through the loop. Returns the future of its LayerStep."""
         reply: Future[LayerStep] = Future()
-        with self._replies_lock:
-            self._replies.update((ready, reply))
+        ready: Future[Any] | None = Future() if isinstance(req, Ask) else None
+        self._register(reply, *([ready] if ready is not None else []))
         try:
             # (checks the engine is alive after registering: `dead` either saw these futures or is seen)
-            self._post_threadsafe(layer, Ensure(token, ids, reply, ready), loop, outbox)
-            return ready.result(), reply
+            self._post_threadsafe(req.layer, Ensure(token, req.ids, reply, ready, evict=isinstance(req, Ask)),
+                                  loop, outbox)
+            if ready is not None:
+                ready.result()
         except BaseException:
-            with self._replies_lock:
-                self._replies.discard(reply)
+            self._forget(reply)
             raise
         finally:
-            with self._replies_lock:
-                self._replies.discard(ready)
-
-    def _fetch_threadsafe(self, layer: int, token: int, ids: np.ndarray, loop: asyncio.AbstractEventLoop,
-                          outbox: list[tuple[LayerActor, Prefetch | Touch | Tidy | Ensure]]) -> Future[LayerStep]:
-        """Send Ensure(evict=False) and return at once: the future of its LayerStep (only the
-        compute thread's driver does this: see `SparseRunner.fetch_steps`)."""
-        reply: Future[LayerStep] = Future()
-        with self._replies_lock:
-            self._replies.add(reply)
-        try:
-            self._post_threadsafe(layer, Ensure(token, ids, reply, evict=False), loop, outbox)
-        except BaseException:
-            with self._replies_lock:
-                self._replies.discard(reply)
-            raise
+            if ready is not None:
+                self._forget(ready)
         return reply
 
     @staticmethod
-    def _flush(outbox: list[tuple[LayerActor, Prefetch | Touch | Tidy | Ensure]], loop: asyncio.AbstractEventLoop) -> None:
+    def _flush(outbox: list[tuple[LayerActor, Message]], loop: asyncio.AbstractEventLoop) -> None:
         if outbox:
             batch = outbox.copy()
             outbox.clear()

@@ -275,3 +275,26 @@ async def start_exact(engine: Any, budget: int) -> None:
     runner.start()
     engine._exact = engine._runner = runner
     release_freed_memory()
+
+
+async def start_griffin(engine: Any, budget: int | None) -> None:
+    """Open selection griffin (`flashlm.pipeline.griffin`) on `engine`: plan (refused before anything
+    is loaded), build the model and the hot prefixes as exact mode does, start the cold stream for
+    the prompts' steps."""
+    from flashlm.pipeline.generation import release_freed_memory
+    from flashlm.pipeline.griffin import plan_griffin
+    from flashlm.pipeline.griffin_runner import GriffinRunner
+
+    cfg = engine.config
+    a, key = await asyncio.to_thread(exact_args, engine, budget is not None)
+    plan = plan_griffin(budget=budget, density=cfg.density, gamma=cfg.cache_gamma, exact_args=a,
+                        sel_row_bytes=a["hot_row_bytes"])
+    engine.memory = plan
+    engine.model, hot = await asyncio.get_running_loop().run_in_executor(engine._pool, _build, engine, plan.exact, key)
+    direct = not cfg.page_cache
+    exact = StreamingRunner(engine.model, engine.store, plan.exact, hot, engine._pool, direct=direct)
+    exact.trace = engine._trace
+    exact.start()
+    engine._exact = exact
+    engine._runner = GriffinRunner(exact, plan, engine.store, engine._pool, direct=direct, trace=engine._trace)
+    release_freed_memory()

@@ -140,6 +140,35 @@ class TraceSink:
         self.close()
 
 
+class MemorySink:
+    """The trace sink's interface, keeping the events in memory as the dicts `load` would return:
+    for a bench or a test that reads them back while the engine runs (`SparseRunner.set_trace`).
+    Not bounded: attach it for a measured stretch only."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._rid: dict[int, Any] = {}  # token -> request id
+
+    def begin_token(self, token: int, rid: Any, tokens_in: int) -> None:
+        self._rid[token] = rid
+        self.emit("token_start", token, t=time.perf_counter(), tokens_in=tokens_in)
+
+    def begin_request(self, rid: Any, prompt_tokens: int, cached_tokens: int) -> None:
+        self.events.append({"ev": "request", "token": -1, "rid": rid, "t": time.perf_counter(),
+                            "prompt_tokens": prompt_tokens, "cached_tokens": cached_tokens})
+
+    def emit(self, kind: str, token: int, **fields: Any) -> None:
+        # list.append is atomic: from any thread, no lock
+        self.events.append({"ev": kind, "token": token, "rid": self._rid.get(token), **fields})
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        """The events of one kind ("read", "wait", "compute" ...: FIELDS), in the order emitted."""
+        return [e for e in self.events if e["ev"] == kind]
+
+    def close(self) -> None:
+        pass
+
+
 def _line(event: dict[str, Any]) -> bytes:
     return orjson.dumps(event, default=_plain, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)
 

@@ -68,7 +68,8 @@ def cmd_serve(a: argparse.Namespace, engine_config: Callable[[argparse.Namespace
     config = engine_config(a) if engine_config is not None else None
     settings = ServeSettings(host=a.host, port=a.port, model_name=a.model_name, api_key=a.api_key,
                              max_concurrent=a.max_concurrent, max_queue=a.max_queue,
-                             shutdown_timeout=a.shutdown_timeout, header_timeout=a.header_timeout)
+                             shutdown_timeout=a.shutdown_timeout, header_timeout=a.header_timeout,
+                             prompt_cache_file=a.prompt_cache_file)
     coro = serve(a.model, config, settings, progress=not getattr(a, "quiet", False))
     try:
         import uvloop

@@ -10,6 +10,7 @@ longer than `shutdown_timeout`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import math
 import socket
@@ -63,6 +64,7 @@ class ServeSettings:
     max_queue: int = 32  # requests waiting beyond those; more get 429
     shutdown_timeout: float = 10.0  # seconds a shutdown waits for connections before cancelling them
     header_timeout: float = HEADER_TIMEOUT_S  # seconds a new connection has to send its request's headers
+    prompt_cache_file: str | None = None  # the prompt cache kept here across restarts (read at start, written at exit)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -135,6 +137,17 @@ class _Server(uvicorn.Server):
                      api_key=self._state.api_key is not None)
 
 
+async def _shutdown(engine: Engine, prompt_cache_file: str | None) -> None:
+    """Drained: save the prompt cache if asked (a failure is logged, the shutdown goes on), close."""
+    if prompt_cache_file is not None and engine.is_open:
+        try:
+            n = await engine.save_prompt_cache(prompt_cache_file)
+            log.info("prompt cache saved", file=prompt_cache_file, prefixes=n)
+        except FlashLMError as e:
+            log.error("prompt cache not saved", error=str(e))
+    await engine.aclose()
+
+
 async def serve(model: str, config: Any, settings: ServeSettings, *, progress: bool = True) -> None:
     """Serve `model` (a store directory or a built-in name) until SIGINT/SIGTERM."""
     if not _is_loopback(settings.host) and settings.api_key is None:
@@ -144,11 +157,14 @@ async def serve(model: str, config: Any, settings: ServeSettings, *, progress: b
     engine: Engine | None = None
     try:
         engine = await Engine.open(model, config, progress=progress)
+        if settings.prompt_cache_file is not None:
+            n = await engine.load_prompt_cache(settings.prompt_cache_file, missing_ok=True)
+            log.info("prompt cache restored", file=settings.prompt_cache_file, prefixes=n)
         model_id = settings.model_name or (model if is_builtin(model) else Path(engine.store.path).name)
         state = ServerState(engine, model_id=model_id, aliases=(str(model), str(engine.store.path)),
                             api_key=settings.api_key, max_concurrent=settings.max_concurrent,
                             max_queue=settings.max_queue)
-        app = build_app(state, on_shutdown=engine.aclose)
+        app = build_app(state, on_shutdown=functools.partial(_shutdown, engine, settings.prompt_cache_file))
         config_ = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                                  lifespan="on", ws="none", server_header=False,
                                  http=type("_H11", (_H11WithHeaderTimeout,), {"header_timeout": settings.header_timeout}),

@@ -44,6 +44,7 @@ class ChatSettings:
     seed: int | None = None
     system: str | None = None
     verbose: int = 0
+    prompt_cache_file: str | None = None  # the prompt cache kept here across sessions (read at open, written at exit)
 
     def sampling(self) -> dict[str, Any]:
         return {"max_tokens": self.max_tokens, "temperature": self.temperature, "top_p": self.top_p,
@@ -128,6 +129,11 @@ class ChatApp(App[None]):
         if self._log_handler is not None:
             logging.getLogger("flashlm").removeHandler(self._log_handler)
         if self.engine is not None:
+            if self.settings.prompt_cache_file is not None:
+                try:
+                    await self.engine.save_prompt_cache(self.settings.prompt_cache_file)
+                except FlashLMError as e:  # the screen is going: the log (stderr) says it
+                    logging.getLogger("flashlm").error("%s", e)
             await self.engine.aclose()
 
     # -- helpers --------------------------------------------------------------------------
@@ -181,6 +187,8 @@ class ChatApp(App[None]):
                     self.end_capture_print(view)
             view.stage(f"opening {path} …")
             self.engine = await Engine.open(path, config)
+            if self.settings.prompt_cache_file is not None:
+                await self.engine.load_prompt_cache(self.settings.prompt_cache_file, missing_ok=True)
         except FlashLMError as e:
             self.open_failed, self.open_error = True, f"could not open {name}: {e}"
             await view.remove()

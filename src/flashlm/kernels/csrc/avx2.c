@@ -17,6 +17,7 @@
 #include <immintrin.h>
 
 #define TGT __attribute__((target("avx2,fma,f16c")))
+#define INL inline __attribute__((always_inline))
 
 TGT static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -195,23 +196,27 @@ TGT static void dot4_q4(const fl_block *b, const fl_actrow *a, int64_t G, float 
     out[3] = hsum8(acc3) + tail[3];
 }
 
-/* out[32g + j] += sum_r (c[r] * s[r][g]) * q[r][32g + j] */
-TGT static void axpy4_q8(const fl_block *b, const float c[4], float *out, int64_t G) {
+/* out[32g + j] += sum_r (c[r] * s[r][g]) * q[r][32g + j]. With wf, q[r] is read as floats from
+   wf + r * ws (converted once by the caller, for several tokens): the same operations in the
+   same order, so both give bitwise the same out. */
+TGT static INL void axpy4_q8_any(const fl_block *b, const float *wf, int64_t ws, const float c[4], float *out,
+                                 int64_t G) {
     const int8_t *w0 = (const int8_t *)b->data[0], *w1 = (const int8_t *)b->data[1];
     const int8_t *w2 = (const int8_t *)b->data[2], *w3 = (const int8_t *)b->data[3];
     const __m256 h0 = _mm256_set1_ps(c[0]), h1 = _mm256_set1_ps(c[1]);
     const __m256 h2 = _mm256_set1_ps(c[2]), h3 = _mm256_set1_ps(c[3]);
     float cb[4][8] __attribute__((aligned(32)));
     int64_t g = 0;
-#define CVT8(P) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(P))))
+#define CVT8(R, OFF) \
+    (wf ? _mm256_loadu_ps(wf + (R) * ws + (OFF)) \
+        : _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w##R + (OFF))))))
 #define A8ROW(R, C)                                                  \
     {                                                                \
         const __m256 cf_ = (C);                                        \
-        const int8_t *p = w##R + o;                                  \
-        o0 = _mm256_fmadd_ps(CVT8(p), cf_, o0);                        \
-        o1 = _mm256_fmadd_ps(CVT8(p + 8), cf_, o1);                    \
-        o2 = _mm256_fmadd_ps(CVT8(p + 16), cf_, o2);                   \
-        o3 = _mm256_fmadd_ps(CVT8(p + 24), cf_, o3);                   \
+        o0 = _mm256_fmadd_ps(CVT8(R, o), cf_, o0);                     \
+        o1 = _mm256_fmadd_ps(CVT8(R, o + 8), cf_, o1);                 \
+        o2 = _mm256_fmadd_ps(CVT8(R, o + 16), cf_, o2);                \
+        o3 = _mm256_fmadd_ps(CVT8(R, o + 24), cf_, o3);                \
     }
 #define A8GROUP(C0, C1, C2, C3)                                                              \
     {                                                                                        \
@@ -225,7 +230,7 @@ TGT static void axpy4_q8(const fl_block *b, const float c[4], float *out, int64_
         _mm256_storeu_ps(op + 24, o3);                                                       \
     }
     for (; g + 8 <= G; g += 8) {
-        PF_BLOCK(b, 32 * g, 256, g);
+        if (!wf) PF_BLOCK(b, 32 * g, 256, g);
         _mm256_store_ps(cb[0], _mm256_mul_ps(load8h(b->scale[0] + 2 * g), h0));
         _mm256_store_ps(cb[1], _mm256_mul_ps(load8h(b->scale[1] + 2 * g), h1));
         _mm256_store_ps(cb[2], _mm256_mul_ps(load8h(b->scale[2] + 2 * g), h2));
@@ -246,8 +251,18 @@ TGT static void axpy4_q8(const fl_block *b, const float c[4], float *out, int64_
 #undef CVT8
 }
 
-/* out[32g + j] += sum_r (c[r] * s[r][g]) * q[r][32g + j] + sum_r c[r] * m[r][g] */
-TGT static void axpy4_q4(const fl_block *b, const float c[4], float *out, int64_t G) {
+TGT static void axpy4_q8(const fl_block *b, const float c[4], float *out, int64_t G) {
+    axpy4_q8_any(b, NULL, 0, c, out, G);
+}
+
+TGT static void axpy4_q8f(const float *wf, int64_t ws, const fl_block *b, const float c[4], float *out, int64_t G) {
+    axpy4_q8_any(b, wf, ws, c, out, G);
+}
+
+/* out[32g + j] += sum_r (c[r] * s[r][g]) * q[r][32g + j] + sum_r c[r] * m[r][g]. With wf, q[r] is
+   read as floats in natural order from wf + r * ws: bitwise the same out (see q8). */
+TGT static INL void axpy4_q4_any(const fl_block *b, const float *wf, int64_t ws, const float c[4], float *out,
+                                 int64_t G) {
     const uint8_t *w0 = b->data[0], *w1 = b->data[1], *w2 = b->data[2], *w3 = b->data[3];
     const __m256 h0 = _mm256_set1_ps(c[0]), h1 = _mm256_set1_ps(c[1]);
     const __m256 h2 = _mm256_set1_ps(c[2]), h3 = _mm256_set1_ps(c[3]);
@@ -259,13 +274,26 @@ TGT static void axpy4_q4(const fl_block *b, const float c[4], float *out, int64_
 #define A4ROW(R, C)                                                                         \
     {                                                                                       \
         const __m256 cf_ = (C);                                                               \
-        const uint8_t *p = w##R + 16 * gg;                                                  \
-        const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));       \
-        const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))); \
-        o0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v0, m15)), cf_, o0);         \
-        o1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v1, m15)), cf_, o1);         \
-        o2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4)), cf_, o2);          \
-        o3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4)), cf_, o3);          \
+        __m256 q0, q1, q2, q3;                                                              \
+        if (wf) {                                                                           \
+            const float *f_ = wf + (R) * ws + gg * FL_GROUP;                                \
+            q0 = _mm256_loadu_ps(f_);                                                       \
+            q1 = _mm256_loadu_ps(f_ + 8);                                                   \
+            q2 = _mm256_loadu_ps(f_ + 16);                                                  \
+            q3 = _mm256_loadu_ps(f_ + 24);                                                  \
+        } else {                                                                            \
+            const uint8_t *p = w##R + 16 * gg;                                              \
+            const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));   \
+            const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8))); \
+            q0 = _mm256_cvtepi32_ps(_mm256_and_si256(v0, m15));                             \
+            q1 = _mm256_cvtepi32_ps(_mm256_and_si256(v1, m15));                             \
+            q2 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));                              \
+            q3 = _mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));                              \
+        }                                                                                   \
+        o0 = _mm256_fmadd_ps(q0, cf_, o0);                                                  \
+        o1 = _mm256_fmadd_ps(q1, cf_, o1);                                                  \
+        o2 = _mm256_fmadd_ps(q2, cf_, o2);                                                  \
+        o3 = _mm256_fmadd_ps(q3, cf_, o3);                                                  \
     }
 #define A4GROUP(C0, C1, C2, C3, M)                                                       \
     {                                                                                    \
@@ -280,7 +308,7 @@ TGT static void axpy4_q4(const fl_block *b, const float c[4], float *out, int64_
         _mm256_storeu_ps(op + 24, _mm256_add_ps(o3, mm));                                \
     }
     for (; g + 8 <= G; g += 8) {
-        PF_BLOCK(b, 16 * g, 128, g);
+        if (!wf) PF_BLOCK(b, 16 * g, 128, g);
         _mm256_store_ps(cb[0], _mm256_mul_ps(load8h(b->scale[0] + 2 * g), h0));
         _mm256_store_ps(cb[1], _mm256_mul_ps(load8h(b->scale[1] + 2 * g), h1));
         _mm256_store_ps(cb[2], _mm256_mul_ps(load8h(b->scale[2] + 2 * g), h2));
@@ -306,6 +334,14 @@ TGT static void axpy4_q4(const fl_block *b, const float c[4], float *out, int64_
     }
 #undef A4GROUP
 #undef A4ROW
+}
+
+TGT static void axpy4_q4(const fl_block *b, const float c[4], float *out, int64_t G) {
+    axpy4_q4_any(b, NULL, 0, c, out, G);
+}
+
+TGT static void axpy4_q4f(const float *wf, int64_t ws, const fl_block *b, const float c[4], float *out, int64_t G) {
+    axpy4_q4_any(b, wf, ws, c, out, G);
 }
 
 /* exactly s * q: one rounding, as torch's q.float() * s */
@@ -351,6 +387,7 @@ TGT static void axpy4_f32(const float *w, int64_t ws, const float c[4], float *o
 
 const fl_kernels fl_avx2_kernels = {
     "avx2", quant_row, dot4_q8, dot4_q4, axpy4_q8, axpy4_q4, dequant_q8, dequant_q4, axpy4_f32,
+    axpy4_q8f, axpy4_q4f,
 };
 
 #endif

@@ -212,21 +212,25 @@ TGT static void dot4_q4(const fl_block *b, const fl_actrow *a, int64_t G, float 
 
 /* ---- axpy --------------------------------------------------------------------------------- */
 
-/* out[32g + j] += sum_r (c[r] * s[r][g]) * q[r][32g + j] */
-TGT static void axpy4_q8(const fl_block *b, const float c[4], float *out, int64_t G) {
+/* out[32g + j] += sum_r (c[r] * s[r][g]) * q[r][32g + j]. With wf, q[r] is read as floats from
+   wf + r * ws (the row converted once by the caller, for several tokens) instead of converted
+   here: the same operations in the same order, so both give bitwise the same out. */
+TGT static INL void axpy4_q8_any(const fl_block *b, const float *wf, int64_t ws, const float c[4], float *out,
+                                 int64_t G) {
     const __m512 h[4] = {_mm512_set1_ps(c[0]), _mm512_set1_ps(c[1]), _mm512_set1_ps(c[2]), _mm512_set1_ps(c[3])};
     float cb[4][16] __attribute__((aligned(64)));
     int64_t g = 0;
-#define CVT16(P) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(P))))
+#define LOADQ(R, OFF)                                                                       \
+    (wf ? _mm512_loadu_ps(wf + (R) * ws + (OFF))                                            \
+        : _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)((const int8_t *)b->data[R] + (OFF))))))
 #define A8GROUP(GG, KR)                                                                     \
     {                                                                                       \
         float *op = out + (GG) * FL_GROUP;                                                  \
         __m512 o0 = _mm512_loadu_ps(op), o1 = _mm512_loadu_ps(op + 16);                     \
         for (int r = 0; r < 4; r++) {                                                       \
             const __m512 k_ = (KR);                                                         \
-            const int8_t *p = (const int8_t *)b->data[r] + (GG) * FL_GROUP;                 \
-            o0 = _mm512_fmadd_ps(CVT16(p), k_, o0);                                         \
-            o1 = _mm512_fmadd_ps(CVT16(p + 16), k_, o1);                                    \
+            o0 = _mm512_fmadd_ps(LOADQ(r, (GG) * FL_GROUP), k_, o0);                        \
+            o1 = _mm512_fmadd_ps(LOADQ(r, (GG) * FL_GROUP + 16), k_, o1);                   \
         }                                                                                   \
         _mm512_storeu_ps(op, o0);                                                           \
         _mm512_storeu_ps(op + 16, o1);                                                      \
@@ -235,18 +239,28 @@ TGT static void axpy4_q8(const fl_block *b, const float c[4], float *out, int64_
         PF_SCALES(b, g);
         for (int r = 0; r < 4; r++) _mm512_store_ps(cb[r], _mm512_mul_ps(load16h(b->scale[r] + 2 * g), h[r]));
         for (int k = 0; k < 16; k++) {
-            if (!(k & 1)) PF_LINE(b, 32 * (g + k));
+            if (!(k & 1) && !wf) PF_LINE(b, 32 * (g + k));
             A8GROUP(g + k, _mm512_set1_ps(cb[r][k]))
         }
     }
     for (; g < G; g++) A8GROUP(g, _mm512_set1_ps(c[r] * h2f(b->scale[r] + 2 * g)))
 #undef A8GROUP
-#undef CVT16
+#undef LOADQ
+}
+
+TGT static void axpy4_q8(const fl_block *b, const float c[4], float *out, int64_t G) {
+    axpy4_q8_any(b, NULL, 0, c, out, G);
+}
+
+TGT static void axpy4_q8f(const float *wf, int64_t ws, const fl_block *b, const float c[4], float *out, int64_t G) {
+    axpy4_q8_any(b, wf, ws, c, out, G);
 }
 
 /* out[32g + j] += sum_r (c[r] * s[r][g]) * q[r][32g + j] + sum_r c[r] * m[r][g]. The 16 bytes of
-   a group widen to 16 int32 lanes: the low nibbles are q[0:16], the high ones q[16:32]. */
-TGT static void axpy4_q4(const fl_block *b, const float c[4], float *out, int64_t G) {
+   a group widen to 16 int32 lanes: the low nibbles are q[0:16], the high ones q[16:32]. With wf,
+   q[r] is read as floats in natural order from wf + r * ws: bitwise the same out (see q8). */
+TGT static INL void axpy4_q4_any(const fl_block *b, const float *wf, int64_t ws, const float c[4], float *out,
+                                 int64_t G) {
     const __m512 h[4] = {_mm512_set1_ps(c[0]), _mm512_set1_ps(c[1]), _mm512_set1_ps(c[2]), _mm512_set1_ps(c[3])};
     const __m512i m15 = _mm512_set1_epi32(15);
     float cb[4][16] __attribute__((aligned(64))), mb[16] __attribute__((aligned(64)));
@@ -257,9 +271,17 @@ TGT static void axpy4_q4(const fl_block *b, const float c[4], float *out, int64_
         __m512 o0 = _mm512_loadu_ps(op), o1 = _mm512_loadu_ps(op + 16);                     \
         for (int r = 0; r < 4; r++) {                                                       \
             const __m512 k_ = (KR);                                                         \
-            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b->data[r] + 16 * (GG)))); \
-            o0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, m15)), k_, o0);    \
-            o1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), k_, o1);     \
+            __m512 lo, hi;                                                                  \
+            if (wf) {                                                                       \
+                lo = _mm512_loadu_ps(wf + r * ws + (GG) * FL_GROUP);                        \
+                hi = _mm512_loadu_ps(wf + r * ws + (GG) * FL_GROUP + 16);                   \
+            } else {                                                                        \
+                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(b->data[r] + 16 * (GG)))); \
+                lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, m15));                          \
+                hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));                           \
+            }                                                                               \
+            o0 = _mm512_fmadd_ps(lo, k_, o0);                                               \
+            o1 = _mm512_fmadd_ps(hi, k_, o1);                                               \
         }                                                                                   \
         const __m512 mm = (M);                                                              \
         _mm512_storeu_ps(op, _mm512_add_ps(o0, mm));                                        \
@@ -275,7 +297,7 @@ TGT static void axpy4_q4(const fl_block *b, const float c[4], float *out, int64_
         }
         _mm512_store_ps(mb, m);
         for (int k = 0; k < 16; k++) {
-            if (!(k & 3)) PF_LINE(b, 16 * (g + k));
+            if (!(k & 3) && !wf) PF_LINE(b, 16 * (g + k));
             A4GROUP(g + k, _mm512_set1_ps(cb[r][k]), _mm512_set1_ps(mb[k]))
         }
     }
@@ -287,7 +309,15 @@ TGT static void axpy4_q4(const fl_block *b, const float c[4], float *out, int64_
 #undef A4GROUP
 }
 
-/* ---- dequantise (embeddings, T >= 3 axpy scratch) ------------------------------------------ */
+TGT static void axpy4_q4(const fl_block *b, const float c[4], float *out, int64_t G) {
+    axpy4_q4_any(b, NULL, 0, c, out, G);
+}
+
+TGT static void axpy4_q4f(const float *wf, int64_t ws, const fl_block *b, const float c[4], float *out, int64_t G) {
+    axpy4_q4_any(b, wf, ws, c, out, G);
+}
+
+/* ---- dequantise (embedding rows) --------------------------------------------------------- */
 
 /* exactly s * q: one rounding, as torch's q.float() * s */
 TGT static void dequant_q8(const uint8_t *data, const uint8_t *scale, int64_t G, float *out) {
@@ -338,6 +368,7 @@ TGT static void axpy4_f32(const float *w, int64_t ws, const float c[4], float *o
 
 const fl_kernels fl_avx512_kernels = {
     "avx512", quant_row, dot4_q8, dot4_q4, axpy4_q8, axpy4_q4, dequant_q8, dequant_q4, axpy4_f32,
+    axpy4_q8f, axpy4_q4f,
 };
 
 #endif

@@ -59,6 +59,11 @@ typedef struct {
     void (*dequant_q4)(const uint8_t *data, const uint8_t *scale, const uint8_t *min, int64_t G, float *out);
     /* out (d,) += sum_r c[r] * w[r * wstride : r * wstride + d] */
     void (*axpy4_f32)(const float *w, int64_t wstride, const float c[4], float *out, int64_t d);
+    /* axpy4_q8/q4 with the four rows' q values already converted to float (natural order) at
+       w + r * wstride, the scales (and mins) still read from b: bitwise axpy4_q8/q4's out, so a
+       call on several tokens converts each row once and still rounds as one token does */
+    void (*axpy4_q8f)(const float *w, int64_t wstride, const fl_block *b, const float c[4], float *out, int64_t G);
+    void (*axpy4_q4f)(const float *w, int64_t wstride, const fl_block *b, const float c[4], float *out, int64_t G);
 } fl_kernels;
 
 extern const fl_kernels fl_scalar_kernels;

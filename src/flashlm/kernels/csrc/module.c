@@ -236,8 +236,26 @@ static void drv_gemv(const fl_kernels *K, int fmt, const fl_rows *R, int64_t n, 
 
 /* ---- axpy -------------------------------------------------------------------------------- */
 
-/* out[t] += sum_r c[4t + r] * row r, for t < T. Small T: straight from the quantised rows;
-   larger T: dequantise the four rows once into scratch (4 * d floats) and reuse them. */
+/* A quantised row's q values as floats, natural order (exact: small integers). */
+static void row_to_float(int fmt, const uint8_t *data, int64_t d, float *out) {
+    if (fmt == FL_Q8) {
+        const int8_t *q = (const int8_t *)data;
+        for (int64_t i = 0; i < d; i++) out[i] = (float)q[i];
+        return;
+    }
+    for (int64_t g = 0; g < d / FL_GROUP; g++)
+        for (int j = 0; j < 16; j++) {
+            const uint8_t v = data[16 * g + j];
+            out[FL_GROUP * g + j] = (float)(v & 15);
+            out[FL_GROUP * g + 16 + j] = (float)(v >> 4);
+        }
+}
+
+/* out[t] += sum_r c[4t + r] * row r, for t < T. Every token gets bitwise what a call on it alone
+   gets (a prompt prefilled in one call must equal decoding it token by token: the prompt cache
+   reuses a KV computed one way for prompts a cold start computes the other way). Small T:
+   straight from the quantised rows; larger T: the four rows converted to float once into scratch
+   (4 * d floats), then axpy4_q8f/q4f per token, which round exactly as axpy4_q8/q4 do. */
 static void axpy_block(const fl_kernels *K, int fmt, const fl_block *b, const float *c, int64_t T, int64_t d,
                        float *out, int64_t ostride, float *scratch) {
     const int64_t G = d / FL_GROUP;
@@ -246,13 +264,10 @@ static void axpy_block(const fl_kernels *K, int fmt, const fl_block *b, const fl
         for (int64_t t = 0; t < T; t++) axpy4(b, c + 4 * t, out + t * ostride, G);
         return;
     }
-    for (int r = 0; r < 4; r++) {
-        if (fmt == FL_Q8)
-            K->dequant_q8(b->data[r], b->scale[r], G, scratch + r * d);
-        else
-            K->dequant_q4(b->data[r], b->scale[r], b->min[r], G, scratch + r * d);
-    }
-    for (int64_t t = 0; t < T; t++) K->axpy4_f32(scratch, d, c + 4 * t, out + t * ostride, d);
+    for (int r = 0; r < 4; r++) row_to_float(fmt, b->data[r], d, scratch + r * d);
+    void (*axpy4f)(const float *, int64_t, const fl_block *, const float *, float *, int64_t) =
+        fmt == FL_Q8 ? K->axpy4_q8f : K->axpy4_q4f;
+    for (int64_t t = 0; t < T; t++) axpy4f(scratch, d, b, c + 4 * t, out + t * ostride, G);
 }
 
 typedef struct {
@@ -324,9 +339,99 @@ typedef struct {
     int err;
 } ffn_job;
 
+/* The down (fc2) rows of a call, queued and added four at a time. A row whose h is 0 for every
+   token is not read (ReLU). A call on one token queues only the rows with h != 0, and the sum's
+   rounding depends on which rows share a block of four (q4 adds the four rows' min terms
+   together; the scalar path sums four products before adding them), so each token must see its
+   rows grouped as a call on it alone groups them. While every queued row is nonzero for every
+   token, the tokens share one queue (each block converted once for all of them); from the first
+   row that is zero for some tokens only, each token has its own queue. */
+typedef struct {
+    const fl_kernels *K;
+    int fmt;
+    int64_t T, d, ostride;
+    float *out, *scratch;
+    fl_block b; /* the shared queue */
+    float *c;   /* (T, 4) its coefficients */
+    int n;
+    fl_block *tb; /* per token, once split: (T,) queues, (T, 4) coefficients, (T,) counts */
+    float *tc;
+    int *tn;
+} down_queue;
+
+static void set_row(fl_block *dst, int i, const fl_block *src, int r) {
+    dst->data[i] = src->data[r];
+    dst->scale[i] = src->scale[r];
+    dst->min[i] = src->min[r];
+    dst->pf_data[i] = src->pf_data[r];
+    dst->pf_scale[i] = src->pf_scale[r];
+    dst->pf_min[i] = src->pf_min[r];
+}
+
+static void dq_flush_token(down_queue *q, int64_t t) {
+    void (*axpy4)(const fl_block *, const float *, float *, int64_t) =
+        q->fmt == FL_Q8 ? q->K->axpy4_q8 : q->K->axpy4_q4;
+    for (int i = q->tn[t]; i < 4; i++) { /* pad with the first queued row at coefficient 0 */
+        set_row(&q->tb[t], i, &q->tb[t], 0);
+        q->tc[4 * t + i] = 0.0f;
+    }
+    axpy4(&q->tb[t], q->tc + 4 * t, q->out + t * q->ostride, q->d / FL_GROUP);
+    q->tn[t] = 0;
+}
+
+static void dq_flush_shared(down_queue *q) {
+    for (int i = q->n; i < 4; i++) {
+        set_row(&q->b, i, &q->b, 0);
+        for (int64_t t = 0; t < q->T; t++) q->c[4 * t + i] = 0.0f;
+    }
+    axpy_block(q->K, q->fmt, &q->b, q->c, q->T, q->d, q->out, q->ostride, q->scratch);
+    q->n = 0;
+}
+
+/* Row r of block bd with h[4t + r] for each token. Returns 0, or -1 when out of memory. */
+static int dq_push(down_queue *q, const fl_block *bd, int r, const float *h) {
+    const int64_t T = q->T;
+    int64_t nz = 0;
+    for (int64_t t = 0; t < T; t++) nz += h[4 * t + r] != 0.0f;
+    if (nz == 0) return 0; /* h == 0 exactly for every token: the down row is not read at all */
+    if (!q->tb && nz < T) { /* split: each token takes the shared queue as its own */
+        q->tb = malloc(sizeof(fl_block) * T);
+        q->tc = malloc(sizeof(float) * 4 * T);
+        q->tn = malloc(sizeof(int) * T);
+        if (!q->tb || !q->tc || !q->tn) return -1;
+        for (int64_t t = 0; t < T; t++) {
+            q->tb[t] = q->b;
+            memcpy(q->tc + 4 * t, q->c + 4 * t, sizeof(float) * 4);
+            q->tn[t] = q->n;
+        }
+    }
+    if (!q->tb) {
+        set_row(&q->b, q->n, bd, r);
+        for (int64_t t = 0; t < T; t++) q->c[4 * t + q->n] = h[4 * t + r];
+        if (++q->n == 4) dq_flush_shared(q);
+        return 0;
+    }
+    for (int64_t t = 0; t < T; t++) {
+        if (h[4 * t + r] == 0.0f) continue;
+        set_row(&q->tb[t], q->tn[t], bd, r);
+        q->tc[4 * t + q->tn[t]] = h[4 * t + r];
+        if (++q->tn[t] == 4) dq_flush_token(q, t);
+    }
+    return 0;
+}
+
+static void dq_finish(down_queue *q) {
+    if (!q->tb) {
+        if (q->n) dq_flush_shared(q);
+        return;
+    }
+    for (int64_t t = 0; t < q->T; t++)
+        if (q->tn[t]) dq_flush_token(q, t);
+}
+
 /* Per block of four listed slots: the gate (fc1) and up dots for every token, h, then the down
-   (fc2) rows of the neurons whose h is not all zero go to a queue flushed four at a time. Only
-   the bundles at `slots` are touched. */
+   (fc2) rows of the neurons whose h is not all zero go to the down queue. Only the bundles at
+   `slots` are touched. */
 static void ffn_part(void *p, int tid, int nth) {
     ffn_job *J = p;
     const fl_kernels *K = J->K;
@@ -336,22 +441,15 @@ static void ffn_part(void *p, int tid, int nth) {
     const int32_t *slots = J->slots;
     void (*dot4)(const fl_block *, const fl_actrow *, int64_t, float *) = J->fmt == FL_Q8 ? K->dot4_q8 : K->dot4_q4;
     const fl_rows *Rin = &J->P[0], *Rup = &J->P[1], *Rout = &J->P[2];
-    float *out = tid ? J->priv + (int64_t)(tid - 1) * T * d : J->out;
-    const int64_t ostride = tid ? d : J->ostride;
-    float *hbuf = malloc(sizeof(float) * 4 * T), *pc = malloc(sizeof(float) * 4 * T);
-    float *scratch = T >= 3 ? malloc(sizeof(float) * 4 * d) : NULL;
-    if (!hbuf || !pc || (T >= 3 && !scratch)) {
-        free(hbuf);
-        free(pc);
-        free(scratch);
-        J->err = 1;
-        return;
-    }
+    down_queue q = {K, J->fmt, T, d, tid ? d : J->ostride, tid ? J->priv + (int64_t)(tid - 1) * T * d : J->out,
+                    NULL, {{0}}, NULL, 0, NULL, NULL, NULL};
+    float *hbuf = malloc(sizeof(float) * 4 * T);
+    q.c = malloc(sizeof(float) * 4 * T);
+    q.scratch = T >= 3 ? malloc(sizeof(float) * 4 * d) : NULL;
+    int err = !hbuf || !q.c || (T >= 3 && !q.scratch);
     int64_t j0, j1;
     part_range(nb, tid, nth, &j0, &j1);
-    fl_block pend;
-    int np = 0;
-    for (int64_t j = j0; j < j1; j++) {
+    for (int64_t j = j0; j < j1 && !err; j++) {
         int64_t pos[4];
         for (int r = 0; r < 4; r++) pos[r] = list_pos(slots, j, r, ns);
         fl_block bg, bu, bd;
@@ -374,39 +472,17 @@ static void ffn_part(void *p, int tid, int nth) {
                 hbuf[4 * t + r] = hv;
             }
         }
-        for (int r = 0; r < 4; r++) {
-            if (pos[r] < 0) continue;
-            int zero = 1;
-            for (int64_t t = 0; t < T && zero; t++) zero = hbuf[4 * t + r] == 0.0f;
-            if (zero) continue; /* h == 0 exactly (ReLU): the down row is not read at all */
-            pend.data[np] = bd.data[r];
-            pend.scale[np] = bd.scale[r];
-            pend.min[np] = bd.min[r];
-            pend.pf_data[np] = bd.pf_data[r];
-            pend.pf_scale[np] = bd.pf_scale[r];
-            pend.pf_min[np] = bd.pf_min[r];
-            for (int64_t t = 0; t < T; t++) pc[4 * t + np] = hbuf[4 * t + r];
-            if (++np == 4) {
-                axpy_block(K, J->fmt, &pend, pc, T, d, out, ostride, scratch);
-                np = 0;
-            }
-        }
+        for (int r = 0; r < 4 && !err; r++)
+            if (pos[r] >= 0) err = dq_push(&q, &bd, r, hbuf) != 0;
     }
-    if (np) { /* pad with the first queued row at coefficient 0 */
-        for (int r = np; r < 4; r++) {
-            pend.data[r] = pend.data[0];
-            pend.scale[r] = pend.scale[0];
-            pend.min[r] = pend.min[0];
-            pend.pf_data[r] = pend.pf_data[0];
-            pend.pf_scale[r] = pend.pf_scale[0];
-            pend.pf_min[r] = pend.pf_min[0];
-            for (int64_t t = 0; t < T; t++) pc[4 * t + r] = 0.0f;
-        }
-        axpy_block(K, J->fmt, &pend, pc, T, d, out, ostride, scratch);
-    }
+    if (!err) dq_finish(&q);
+    if (err) J->err = 1;
     free(hbuf);
-    free(pc);
-    free(scratch);
+    free(q.c);
+    free(q.scratch);
+    free(q.tb);
+    free(q.tc);
+    free(q.tn);
 }
 
 static int drv_ffn(const fl_kernels *K, int fmt, int gated, int fn, int64_t d, int64_t ns, const int32_t *slots,

@@ -55,19 +55,30 @@ static void dot4_q4(const fl_block *b, const fl_actrow *a, int64_t G, float out[
     }
 }
 
-static void axpy4_q8(const fl_block *b, const float c[4], float *out, int64_t G) {
+/* With wf, q[r] is read as floats from wf + r * ws (converted once by the caller, for several
+   tokens): the same operations in the same order, so both give bitwise the same out. */
+static inline void axpy4_q8_any(const fl_block *b, const float *wf, int64_t ws, const float c[4], float *out,
+                                int64_t G) {
     for (int64_t g = 0; g < G; g++) {
-        float k[4];
-        for (int r = 0; r < 4; r++) k[r] = c[r] * fl_h2f(b->scale[r] + 2 * g);
-        const int8_t *w0 = (const int8_t *)b->data[0] + g * FL_GROUP, *w1 = (const int8_t *)b->data[1] + g * FL_GROUP;
-        const int8_t *w2 = (const int8_t *)b->data[2] + g * FL_GROUP, *w3 = (const int8_t *)b->data[3] + g * FL_GROUP;
+        float k[4], w[4][FL_GROUP];
+        for (int r = 0; r < 4; r++) {
+            k[r] = c[r] * fl_h2f(b->scale[r] + 2 * g);
+            const int8_t *q = (const int8_t *)b->data[r] + g * FL_GROUP;
+            for (int j = 0; j < FL_GROUP; j++) w[r][j] = wf ? wf[r * ws + g * FL_GROUP + j] : (float)q[j];
+        }
         float *o = out + g * FL_GROUP;
-        for (int j = 0; j < FL_GROUP; j++)
-            o[j] += k[0] * (float)w0[j] + k[1] * (float)w1[j] + k[2] * (float)w2[j] + k[3] * (float)w3[j];
+        for (int j = 0; j < FL_GROUP; j++) o[j] += k[0] * w[0][j] + k[1] * w[1][j] + k[2] * w[2][j] + k[3] * w[3][j];
     }
 }
 
-static void axpy4_q4(const fl_block *b, const float c[4], float *out, int64_t G) {
+static void axpy4_q8(const fl_block *b, const float c[4], float *out, int64_t G) { axpy4_q8_any(b, NULL, 0, c, out, G); }
+
+static void axpy4_q8f(const float *wf, int64_t ws, const fl_block *b, const float c[4], float *out, int64_t G) {
+    axpy4_q8_any(b, wf, ws, c, out, G);
+}
+
+static inline void axpy4_q4_any(const fl_block *b, const float *wf, int64_t ws, const float c[4], float *out,
+                                int64_t G) {
     for (int64_t g = 0; g < G; g++) {
         float k[4], m = 0.0f;
         for (int r = 0; r < 4; r++) {
@@ -79,13 +90,20 @@ static void axpy4_q4(const fl_block *b, const float c[4], float *out, int64_t G)
             float lo = m, hi = m;
             for (int r = 0; r < 4; r++) {
                 const uint8_t v = b->data[r][g * 16 + j];
-                lo += k[r] * (float)(v & 15);
-                hi += k[r] * (float)(v >> 4);
+                const float *f = wf ? wf + r * ws + g * FL_GROUP : NULL;
+                lo += k[r] * (f ? f[j] : (float)(v & 15));
+                hi += k[r] * (f ? f[16 + j] : (float)(v >> 4));
             }
             o[j] += lo;
             o[16 + j] += hi;
         }
     }
+}
+
+static void axpy4_q4(const fl_block *b, const float c[4], float *out, int64_t G) { axpy4_q4_any(b, NULL, 0, c, out, G); }
+
+static void axpy4_q4f(const float *wf, int64_t ws, const fl_block *b, const float c[4], float *out, int64_t G) {
+    axpy4_q4_any(b, wf, ws, c, out, G);
 }
 
 static void dequant_q8(const uint8_t *data, const uint8_t *scale, int64_t G, float *out) {
@@ -114,4 +132,5 @@ static void axpy4_f32(const float *w, int64_t ws, const float c[4], float *out, 
 
 const fl_kernels fl_scalar_kernels = {
     "scalar", quant_row, dot4_q8, dot4_q4, axpy4_q8, axpy4_q4, dequant_q8, dequant_q4, axpy4_f32,
+    axpy4_q8f, axpy4_q4f,
 };
