@@ -30,8 +30,9 @@ import torch
 
 import flashlm.calibration.data as data
 from flashlm.bench.budget_eval import BudgetRun, Harness
+from flashlm.bench.griffin_eval import dense_scored, griffin_nll, scored
 from flashlm.bench.policies import CachePolicy, engine_select
-from flashlm.bench.ppl import eval_texts
+from flashlm.bench.ppl import SEQ, eval_texts
 from flashlm.calibration.record import load_dense
 from flashlm.errors import ConfigError, MemoryBudgetError
 from flashlm.io.store import FlashStore
@@ -76,28 +77,50 @@ async def engine_plan(store: Path, fraction: float, max_context: int, settings: 
                 "plan_bytes": m.total, "capacity": m.capacity, "selection": cfg.selection,
                 "density": cfg.effective_density, "window": cfg.window,
                 # exact mode (a budget below every neuron, selection dense/auto): all computed, the
-                # neurons not held (cold_fraction of each layer) streamed every token
-                "mode": "exact" if engine.exact is not None else "caches",
+                # neurons not held (cold_fraction of each layer) streamed every token; griffin: exact
+                # for the prompt, then the prompt's k per layer (`griffin`)
+                "mode": "griffin" if cfg.selection == "griffin" else "exact" if engine.exact is not None else "caches",
                 "cold_fraction": m.cold_per_layer / m.d_ff if engine.exact is not None else 0.0,
+                **({"cache_gamma": cfg.cache_gamma, "asked_density": cfg.density, "density": m.k / m.d_ff,
+                    "griffin": {"k": m.k, "hot": m.hot, "gamma": m.gamma,
+                                                                "density": m.k / m.d_ff}}
+                   if cfg.selection == "griffin" else {}),
                 "parts": {"resident": m.resident_bytes, "selectors": m.selector_bytes, "kv": m.kv_bytes,
                           "caches": m.cache_bytes}}
 
 
 def run_budget_curve(store: str | Path, budgets: tuple[float, ...] = BUDGETS, *, tokens: int = 1024,
                      max_context: int = 2048, json_path: str | Path | None = None,
-                     progress: bool = True, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+                     progress: bool = True, settings: dict[str, Any] | None = None,
+                     modes: list[dict[str, Any]] | None = None, protocol: str | None = None) -> dict[str, Any]:
+    """`modes`: EngineConfig settings per selection to run at every budget (`griffin_eval.parse_modes`;
+    None: the engine's default). `protocol`: "continuation" (the first half of each sequence is the
+    prompt, the second half scored: the default when griffin runs) or "full" (every token scored)."""
     store = Path(store)
     settings = dict(settings or {})
-    plans = [asyncio.run(engine_plan(store, f, max_context, settings)) for f in budgets]
+    modes = modes or [{}]
+    if protocol is None:
+        protocol = "continuation" if any(m.get("selection") == "griffin" for m in modes) else "full"
+    if protocol not in ("continuation", "full"):
+        raise ConfigError(f"protocol {protocol!r} must be 'continuation' or 'full'")
+    prompt = SEQ // 2 if protocol == "continuation" else None
+    plans = [{**mode, **asyncio.run(engine_plan(store, f, max_context, {**settings, **mode}))}
+             for f in budgets for mode in modes]
     fixed = asyncio.run(fixed_parts(store, max_context))
     fs = FlashStore.open(store)
     dense = load_dense(fs)
     d_ff = dense.rows[0].shape[0]
     torch.set_num_threads(1)
     h = Harness(dense, None, eval_texts(data.tokenizer(fs), tokens))
-    base = h.dense_report()
+    base = dense_scored(h, prompt)
+
+    def measured(nll: Any) -> dict[str, Any]:
+        r = scored(h, nll, prompt)
+        return {"ppl": {k2: r[k2]["ppl"] for k2 in h.names}, "rel": {k2: r[k2]["rel"] for k2 in h.names},
+                "rel_interval": {k2: [r[k2]["rel_lo"], r[k2]["rel_hi"]] for k2 in h.names}}
+
     report: dict[str, Any] = {"store": str(store), "dtype": fs.manifest.dtype, "max_context": max_context,
-                              "settings": settings,
+                              "settings": settings, "protocol": protocol, "scored_from": prompt or 1,
                               "tokens_per_text": {k: v["tokens"] for k, v in base.items()},
                               "model_bytes": fixed["model_bytes"], "fixed_bytes": fixed,
                               "dense": {"ppl": {k: v["ppl"] for k, v in base.items()}}, "budgets": []}
@@ -110,17 +133,23 @@ def run_budget_curve(store: str | Path, budgets: tuple[float, ...] = BUDGETS, *,
     for p in plans:
         row = dict(p)
         t0 = time.perf_counter()
+        if p["below_minimum"] and p.get("selection") == "griffin":  # its plan says why (e.g. the density)
+            report["budgets"].append(row)
+            write()
+            if progress:
+                print(f"budget {p['fraction']} griffin {p.get('density', '')}: does not fit ({p['error']})", flush=True)
+            continue
         if p["below_minimum"]:
             left = p["fraction"] * fixed["model_bytes"] - fixed["resident"] - fixed["kv"]
             cap = max(0, min(d_ff, int(left // (fixed["slot"] * fixed["layers"]))))
             row["free_selector"] = {"kind": "ceiling", "capacity": cap, "cache_fraction": cap / d_ff}
             if cap >= 1:
                 c = cap / d_ff
-                r = h.evaluate(BudgetRun(CachePolicy(select=engine_select(c)), c, selector="oracle",
-                                         label=f"free selector at {p['fraction']}"))
-                row["free_selector"].update({"ppl": {k2: r[k2]["ppl"] for k2 in h.names},
-                                             "rel": {k2: r[k2]["rel"] for k2 in h.names},
-                                             "reads_per_token": r["reads_per_token"]})
+                nll, tally = h.run_nll(BudgetRun(CachePolicy(select=engine_select(c)), c, selector="oracle",
+                                                 label=f"free selector at {p['fraction']}"))
+                got = measured(nll)
+                row["free_selector"].update({"ppl": got["ppl"], "rel": got["rel"],
+                                             "reads_per_token": sum(tally.reads) / len(tally.reads)})
             row["seconds"] = round(time.perf_counter() - t0, 1)
             report["budgets"].append(row)
             write()
@@ -131,7 +160,14 @@ def run_budget_curve(store: str | Path, budgets: tuple[float, ...] = BUDGETS, *,
                       f"{fr['cache_fraction']:.1%} {rel}", flush=True)
             continue
         cap = min(d_ff, p["capacity"])
-        if p["selection"] == "dense" or cap >= d_ff:  # every neuron computed: the dense model itself
+        if p["mode"] == "griffin":  # exact for the prompt, then each layer's k neurons alone
+            g = p["griffin"]
+            nll, share = griffin_nll(h, g["k"], g["hot"], g["gamma"], prompt or SEQ // 2)
+            # nothing is read per token after the prompt; the prompt's step streams the cold part once
+            # and the set's rows not held are read once after it (load_read_fraction of the FFN)
+            row.update({"cache_fraction": g["density"], **measured(nll), "reads_per_token": 0.0,
+                        "prompt_read_fraction": p["cold_fraction"], **share, "computed_per_token": g["density"]})
+        elif p["selection"] == "dense" or cap >= d_ff:  # every neuron computed: the dense model itself
             row.update({"cache_fraction": 1.0 - p.get("cold_fraction", 0.0), "ppl": dict(report["dense"]["ppl"]),
                         "rel": {k: 0.0 for k in base}, "reads_per_token": p.get("cold_fraction", 0.0),
                         "computed_per_token": 1.0})
@@ -140,18 +176,17 @@ def run_budget_curve(store: str | Path, budgets: tuple[float, ...] = BUDGETS, *,
             # the engine's capped cache: the window's exact selections, most recent first (LRU)
             policy = CachePolicy(select=min(1.0, k / cap), window=p["window"], warm=False)
             sel = {"shadow": "shadow_int8", "gate": "oracle"}.get(p["selection"], "oracle")
-            r = h.evaluate(BudgetRun(policy, cap / d_ff, selector=sel, label=f"engine at {p['fraction']}"))
-            row.update({"cache_fraction": cap / d_ff, "selector": sel,
-                        "ppl": {k2: r[k2]["ppl"] for k2 in h.names},
-                        "rel": {k2: r[k2]["rel"] for k2 in h.names},
-                        "rel_interval": {k2: [r[k2]["rel_lo"], r[k2]["rel_hi"]] for k2 in h.names},
-                        "reads_per_token": r["reads_per_token"], "computed_per_token": r["computed_per_token"]})
+            nll, tally = h.run_nll(BudgetRun(policy, cap / d_ff, selector=sel, label=f"engine at {p['fraction']}"))
+            row.update({"cache_fraction": cap / d_ff, "selector": sel, **measured(nll),
+                        "reads_per_token": sum(tally.reads) / len(tally.reads),
+                        "computed_per_token": sum(tally.computed) / len(tally.computed)})
         row["seconds"] = round(time.perf_counter() - t0, 1)
         report["budgets"].append(row)
         write()
         if progress:
             rel = " ".join(f"{k2} {v:+.2%}" for k2, v in row["rel"].items())
-            print(f"budget {p['fraction']}: cache {row['cache_fraction']:.1%} of the FFN, {rel}", flush=True)
+            print(f"budget {p['fraction']} {p.get('selection', '')}{':' + str(p['cache_gamma']) if p.get('cache_gamma') else ''}"
+                  f": {p['mode']}, cache {row['cache_fraction']:.1%} of the FFN, {rel}", flush=True)
     write()
     return report
 
@@ -163,11 +198,18 @@ def plot_budget_curve(report: dict[str, Any], path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     rows = [r for r in report["budgets"] if not r["below_minimum"]]
     ceil = [r for r in report["budgets"] if r["below_minimum"] and "rel" in r.get("free_selector", {})]
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:  # one line per selection run (--selection a,b,...)
+        name = r.get("selection", "") if r.get("mode") == "griffin" else r.get("mode", "")
+        name += f"@{r['asked_density']}" if r.get("asked_density") else ""
+        name += f":{r['cache_gamma']}" if r.get("cache_gamma") else ""
+        groups.setdefault(name, []).append(r)
+    styles = ["-", "--", "-.", ":"]
     for i, text in enumerate(report["dense"]["ppl"]):
         color = f"C{i}"
-        if rows:
-            ax.plot([r["fraction"] for r in rows], [100 * r["rel"][text] for r in rows], marker="o", color=color,
-                    label=f"{text}: the engine")
+        for j, (name, rs) in enumerate(groups.items()):
+            ax.plot([r["fraction"] for r in rs], [100 * r["rel"][text] for r in rs], marker="o", color=color,
+                    ls=styles[j % len(styles)], label=f"{text}: {name or 'the engine'}")
         if ceil:
             ax.plot([r["fraction"] for r in ceil], [100 * r["free_selector"]["rel"][text] for r in ceil], marker="x",
                     ls="--", color=color, label=f"{text}: below its minimum, free-selector ceiling")

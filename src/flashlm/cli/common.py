@@ -56,9 +56,14 @@ def sparsity_options(p: argparse.ArgumentParser) -> None:
     """Which FFN neurons are computed and how much DRAM the engine may use; shared by run and chat."""
     g = p.add_argument_group("sparsity and memory")
     g.add_argument("--ram", action="store_true", help="hold the whole FFN in RAM (default: read neurons from flash)")
-    g.add_argument("--selection", default=None, choices=["auto", "dense", "gate", "shadow", "predictor"],
+    g.add_argument("--selection", default=None, choices=["auto", "dense", "gate", "shadow", "predictor", "griffin"],
                    help="how the neurons to compute are chosen (default auto: every neuron, cached when they all "
-                   "fit, else exact mode streaming the rest; with --density under a budget, shadow)")
+                   "fit, else exact mode streaming the rest; with --density under a budget, shadow). griffin: the "
+                   "prompt computes every neuron and picks each layer's set for the answer (as many as the budget "
+                   "holds, or --density)")
+    g.add_argument("--cache-gamma", type=float, default=None, metavar="G",
+                   help="with --selection griffin: scores of neurons not held in DRAM x G (<1 leans the set to "
+                   "what is held: fewer reads after the prompt)")
     g.add_argument("--density", type=float, default=None, metavar="D",
                    help="fraction of each layer's neurons computed per token (default: the mode's)")
     g.add_argument("--window", type=int, default=None, metavar="K",
@@ -96,7 +101,8 @@ def engine_config(a: argparse.Namespace, **extra: Any) -> Any:
     from flashlm import EngineConfig
 
     sparse = {k: v for k, v in (("selection", a.selection), ("density", a.density), ("window", a.window),
-                                ("eviction", a.eviction)) if v is not None}
+                                ("eviction", a.eviction), ("cache_gamma", getattr(a, "cache_gamma", None)))
+              if v is not None}
     return EngineConfig(device=a.device, num_threads=a.threads, store_dtype=a.store_dtype,
                         ffn="ram" if a.ram else "flash", memory_budget=memory_budget(a.memory_budget), trace=a.trace,
                         max_context=a.max_context, **prompt_cache(getattr(a, "prompt_cache", None)), **sparse, **extra)

@@ -71,21 +71,28 @@ def _eval_budgets(a: argparse.Namespace, plot: str | None) -> int:
         pyplot("the budget plot (--plot, or the PNG next to --json)")  # before the minutes of evaluation
     tokens = a.tokens or (512 if a.quick else 1024)
     settings = {k: v for k, v in (("density", a.density), ("lookahead", a.lookahead)) if v is not None}
+    from flashlm.bench.griffin_eval import parse_modes
+
     report = run_budget_curve(a.store, budgets, tokens=tokens, max_context=a.max_context, json_path=a.json,
-                              progress=not a.quiet, settings=settings)
+                              progress=not a.quiet, settings=settings, modes=parse_modes(a.selection),
+                              protocol=a.protocol)
     if plot is not None:
         plot_budget_curve(report, plot)
     d = report["dense"]["ppl"]
     print("dense: ppl " + ", ".join(f"{k} {v:.3f}" for k, v in d.items()))
     for r in report["budgets"]:
-        if r["below_minimum"]:
+        if r["below_minimum"] and "free_selector" not in r:
+            print(f"budget {r['fraction']}: selection {r.get('selection')} does not fit: {r['error']}")
+        elif r["below_minimum"]:
             fr = r["free_selector"]
             print(f"budget {r['fraction']}: below the engine's minimum of {r['minimum_bytes']} B; with a free selector "
                   f"the caches would hold {100 * fr['cache_fraction']:.1f}% of the FFN"
                   + (": " + ", ".join(f"{k} {100 * v:+.2f}%" for k, v in fr["rel"].items()) if "rel" in fr else ""))
         else:
-            print(f"budget {r['fraction']}: cache {100 * r['cache_fraction']:.1f}% of the FFN, selection "
-                  f"{r['selection']}: " + ", ".join(f"{k} {100 * v:+.2f}%" for k, v in r["rel"].items()))
+            gamma = f" (masking gamma {r['cache_gamma']})" if r.get("cache_gamma") else ""
+            print(f"budget {r['fraction']}: {r['mode']}, {100 * r['cache_fraction']:.1f}% of the FFN computed or "
+                  f"cached, selection {r['selection']}{gamma}: "
+                  + ", ".join(f"{k} {100 * v:+.2f}%" for k, v in r["rel"].items()))
     return 0
 
 
@@ -136,6 +143,12 @@ def add_eval(sub: Any) -> None:
                     help="with --budgets: the KV cache the plan sizes for (default 2048)")
     ev.add_argument("--density", type=float, default=None,
                     help="with --budgets: the engine's selection density (default: its own, 0.4)")
+    ev.add_argument("--selection", default=None, metavar="S,S,...",
+                    help="with --budgets: the selections to run at every budget, e.g. auto,griffin,griffin:0.5 "
+                    "(griffin:G: griffin with cache-aware masking gamma G; default: the engine's own)")
+    ev.add_argument("--protocol", default=None, choices=["continuation", "full"],
+                    help="with --budgets: continuation scores the second half of each sequence, its first half the "
+                    "prompt (default when griffin runs); full scores every token (default otherwise)")
     ev.add_argument("--lookahead", type=int, default=None, choices=[0, 1],
                     help="with --budgets: 0 plans no speculative set (a lower minimum)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")

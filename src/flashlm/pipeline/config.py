@@ -16,11 +16,13 @@ from flashlm.io.format import STORE_DTYPES
 from flashlm.io.writer import TORCH_DTYPES
 
 
-SELECTIONS = ("auto", "dense", "gate", "shadow", "predictor")
+SELECTIONS = ("auto", "dense", "gate", "shadow", "predictor", "griffin")
 # "auto" resolves at open: "dense" unless a density was asked for (then this selection). Under a
 # budget that cannot cache every neuron "dense" is exact mode: the neurons not held are streamed
 # each token (flashlm.pipeline.streaming); the selectors that hold less cost far more accuracy
-# on gated models (docs/budget.md)
+# on gated models (docs/budget.md). "auto" never picks "griffin": the prompt's own set runs ~2x faster
+# a token than exact mode at the same budget, but at 0.5 it cost +165-566% perplexity on
+# Qwen2.5-Coder-1.5B (+13-25% even at 0.75) against a +5% goal (docs/budget.md, "Griffin under a budget")
 AUTO_SPARSE = "shadow"
 DEFAULT_DENSITY = 0.4
 
@@ -46,8 +48,13 @@ class EngineConfig:
     # "auto" (default): every neuron computed, no selector DRAM. With room for every neuron the caches
     # fill once from flash; under a budget that cannot hold them all, exact mode holds a hot prefix
     # per layer and streams the rest each token (docs/budget.md). With a `density`, AUTO_SPARSE.
-    selection: str = "auto"  # "auto" | "dense" (every neuron) | "gate" | "shadow" | "predictor"
+    selection: str = "auto"  # "auto" | "dense" (every neuron) | "gate" | "shadow" | "predictor" | "griffin"
     density: float | None = None  # fraction of each layer's neurons selected per token (None: mode default)
+    # selection "griffin" (flashlm.pipeline.griffin): the prompt's step computes every neuron (exact
+    # mode) and its activations choose each layer's set for the rest of the request; density None:
+    # every row the budget holds (no budget: 0.5). cache_gamma < 1: DIP's cache-aware masking, the
+    # scores of neurons not in the hot prefix x gamma (the set leans to rows held: fewer reads)
+    cache_gamma: float | None = None
     window: int = 8  # tokens a selected neuron stays computed (the paper's sliding window k)
     # "lazy": a neuron that left the window stays cached until its slot is needed (the FFN masks it
     # out); "window": evicted as it leaves the window (the paper's). Same outputs, fewer reads with lazy.
@@ -104,6 +111,14 @@ class EngineConfig:
             raise ConfigError(f"density must be a number in (0, 1], got {self.density!r}")
         if self.selection == "dense" and self.density not in (None, 1, 1.0):
             raise ConfigError("selection 'dense' computes every neuron; choose gate/shadow/predictor for density < 1")
+        if self.cache_gamma is not None and (isinstance(self.cache_gamma, bool) or not isinstance(
+                self.cache_gamma, int | float) or not 0 < self.cache_gamma <= 1):
+            raise ConfigError(f"cache_gamma must be a number in (0, 1] (1: no masking), got {self.cache_gamma!r}")
+        if self.cache_gamma is not None and self.selection != "griffin":
+            raise ConfigError(f"cache_gamma masks griffin's prompt scores; it needs selection 'griffin', "
+                              f"not {self.selection!r}")
+        if self.selection == "griffin" and self.ffn != "flash":
+            raise ConfigError("selection 'griffin' reads its set from the store: it needs ffn='flash' (not --ram)")
         if self.compute not in ("thread", "loop"):
             raise ConfigError(f"compute {self.compute!r} must be 'thread' or 'loop'")
         if not _int(self.window) or self.window < 1:

@@ -37,7 +37,7 @@ from flashlm.pipeline.prefix_cache import PrefixCache
 from flashlm.pipeline.selection import make_selectors
 from flashlm.pipeline.request_window import RequestWindow
 from flashlm.pipeline.sparse import SparseRunner
-from flashlm.pipeline.streaming import start_exact
+from flashlm.pipeline.streaming import start_exact, start_griffin
 from flashlm.pipeline.request import make_request
 from flashlm.pipeline.tokenizer import load as load_tokenizer
 from flashlm.pipeline.store_model import build_model, check_vocab, held_bytes, model_args, resident_bytes
@@ -159,6 +159,9 @@ class Engine:
             check_fits(res_bytes + kv_bytes + (cached * slot_bytes + d_ff * per_row) * len(ffn.layers),
                        f"resident tensors, one KV cache at max_context {self.max_context}, the selectors, {cached} "
                        f"cached neurons per layer", None, store=str(store.path))
+        if cfg.ffn == "flash" and cfg.selection == "griffin":  # the prompt's own statistics (pipeline/griffin.py)
+            await start_griffin(self, budget)
+            return
         if (cfg.ffn == "flash" and budget is not None and cfg.selection in ("dense", "auto") and cfg.reuse
                 and not (cfg.selection == "auto" and cfg.density is not None)
                 and res_bytes + kv_bytes + d_ff * slot_bytes * len(ffn.layers) > budget):
@@ -298,9 +301,9 @@ class Engine:
         return not self._closed and self._dead is None
 
     def new_window(self) -> RequestWindow | None:
-        """A fresh per-request window for the sparse runner (None for the other runners)."""
+        """A request's own window (sparse runner) or set (griffin's runner); None for the others."""
         if self._sparse is None:
-            return None
+            return self._runner.new_state() if hasattr(self._runner, "new_state") else None
         return RequestWindow(len(self._sparse.caches), self._sparse.d_ff, self.config.window, self._sparse.capacity)
 
     def _decoding_record(self) -> Decoding:
@@ -363,6 +366,8 @@ class Engine:
             out["reader"] = asdict(self._reader.stats)
         if self._exact is not None:
             out["streaming"] = self._exact.statistics()
+            if self._runner is not self._exact:  # griffin: the prompt's step in exact mode, its set after
+                out["griffin"] = self._runner.statistics()
         return out
 
     async def aclose(self) -> None:

@@ -111,6 +111,9 @@ class StreamingRunner:
         self.trace: Any = None
         self.token_clock: Any = lambda: -1
         self._biased = any(getattr(b, "fc2_bias", None) is not None for b in model.layers)
+        # observe(block, h, rows, neuron_ids), if set: called with every part of every layer's FFN
+        # (the hot rows, each cold chunk before its slot is released): griffin's prompt statistics
+        self.observe: Any = None
 
     def start(self) -> None:
         if self.stream is not None:
@@ -150,6 +153,8 @@ class StreamingRunner:
                     tc = time.perf_counter()
                     hot = self.hot_rows[block.layer]
                     out = None if hot is None else block.ffn(h, hot, self._hot_ids)
+                    if self.observe is not None and hot is not None:
+                        self.observe(block, h, hot, self._hot_ids)
                     empty = None
                     while taken < n_cold and s.chunks[taken].layer == block.layer:
                         tw = time.perf_counter()
@@ -158,6 +163,8 @@ class StreamingRunner:
                             tr.emit("wait", token, layer=block.layer, start=tw, end=time.perf_counter())
                         rows, nid = self._rows(buf), self._chunk_ids[taken]
                         part = block.ffn(h, rows, nid)
+                        if self.observe is not None:
+                            self.observe(block, h, rows, nid)
                         if out is not None and empty is None and self._biased:
                             # an FFN over no neuron is its output bias (OPT's fc2): count it once
                             empty = block.ffn(h, rows, nid, slots=torch.zeros(0, dtype=torch.int32))
@@ -209,10 +216,18 @@ def exact_plan(engine: Any, budget: int) -> tuple[ExactPlan, str | None]:
     """The exact plan for `engine`'s store at `budget` (MemoryBudgetError below its minimum), and the
     resident key of the token embedding table it keeps on flash (None: kept resident)."""
     from flashlm.pipeline.budget import plan_exact
+
+    a, key = exact_args(engine)
+    return plan_exact(budget=budget, **a), key
+
+
+def exact_args(engine: Any, cap_context: bool = True) -> tuple[dict[str, Any], str | None]:
+    """`plan_exact`'s arguments but the budget for `engine`'s store (the KV cache at BUDGET_CONTEXT_CAP
+    tokens when no max_context is given and `cap_context`), and the flashed embedding's key."""
     from flashlm.pipeline.store_model import resident_bytes
 
     store, cfg, args = engine.store, engine.config, engine._args
-    if cfg.max_context is None:
+    if cfg.max_context is None and cap_context:
         engine.max_context = min(args.max_position_embeddings, BUDGET_CONTEXT_CAP)
     dt = cfg.torch_dtype
     key = flash_embedding_key(store)
@@ -223,11 +238,9 @@ def exact_plan(engine: Any, budget: int) -> tuple[ExactPlan, str | None]:
     item = torch.empty((), dtype=dt).element_size()
     float_row = len(f.parts) * f.hidden_size * item
     same = f.quant_format is not None or TORCH_DTYPES[f.dtype] == dt
-    plan = plan_exact(budget=budget, resident_bytes=res, kv_bytes=kv, n_layers=len(f.layers),
-                      d_ff=max(lay.n_neurons for lay in f.layers), stride=f.stride,
-                      hot_row_bytes=f.stride if f.quant_format else float_row,
-                      convert_row_bytes=0 if same else float_row, store=str(store.path))
-    return plan, key
+    return dict(resident_bytes=res, kv_bytes=kv, n_layers=len(f.layers), d_ff=max(lay.n_neurons for lay in f.layers),
+                stride=f.stride, hot_row_bytes=f.stride if f.quant_format else float_row,
+                convert_row_bytes=0 if same else float_row, store=str(store.path)), key
 
 
 def _build(engine: Any, plan: ExactPlan, key: str | None) -> tuple[Any, list[Any]]:
@@ -261,4 +274,27 @@ async def start_exact(engine: Any, budget: int) -> None:
         runner.token_clock = lambda: engine._ram_token - 1  # generation.py numbers the step before it runs
     runner.start()
     engine._exact = engine._runner = runner
+    release_freed_memory()
+
+
+async def start_griffin(engine: Any, budget: int | None) -> None:
+    """Open selection griffin (`flashlm.pipeline.griffin`) on `engine`: plan (refused before anything
+    is loaded), build the model and the hot prefixes as exact mode does, start the cold stream for
+    the prompts' steps."""
+    from flashlm.pipeline.generation import release_freed_memory
+    from flashlm.pipeline.griffin import plan_griffin
+    from flashlm.pipeline.griffin_runner import GriffinRunner
+
+    cfg = engine.config
+    a, key = await asyncio.to_thread(exact_args, engine, budget is not None)
+    plan = plan_griffin(budget=budget, density=cfg.density, gamma=cfg.cache_gamma, exact_args=a,
+                        sel_row_bytes=a["hot_row_bytes"])
+    engine.memory = plan
+    engine.model, hot = await asyncio.get_running_loop().run_in_executor(engine._pool, _build, engine, plan.exact, key)
+    direct = not cfg.page_cache
+    exact = StreamingRunner(engine.model, engine.store, plan.exact, hot, engine._pool, direct=direct)
+    exact.trace = engine._trace
+    exact.start()
+    engine._exact = exact
+    engine._runner = GriffinRunner(exact, plan, engine.store, engine._pool, direct=direct, trace=engine._trace)
     release_freed_memory()
