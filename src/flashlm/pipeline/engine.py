@@ -42,7 +42,7 @@ from flashlm.pipeline.request import make_request
 from flashlm.pipeline.tokenizer import load as load_tokenizer
 from flashlm.pipeline.store_model import build_model, check_vocab, held_bytes, model_args, resident_bytes
 from flashlm.pipeline.generation import Decoding, Stream, release_freed_memory
-from flashlm.pipeline.runner import RamRunner, StepClock, TracedSteps
+from flashlm.pipeline.runner import RamRunner
 from flashlm.pipeline.trace import TraceSink
 
 log = get_logger(__name__)
@@ -170,10 +170,6 @@ class Engine:
             # reuse=False keeps the per-layer caches (the paper's "hybrid" baseline re-reads them)
             self.config = dataclasses.replace(cfg, selection="dense")
             await start_exact(self, budget)
-            if self._trace is not None:  # its steps numbered and traced here, its layers' events on the same clock
-                clock = StepClock(self._trace)
-                self._exact.token_clock = lambda: clock.current
-                self._runner = TracedSteps(self._exact, clock)
             return
         self.model, resident = await loop.run_in_executor(self._pool, build_model, store, cfg, self._arch, args)
         prefix_bound = cfg.prefix_bound(kv_bytes)
@@ -366,7 +362,7 @@ class Engine:
             out["reader"] = asdict(self._reader.stats)
         if self._exact is not None:
             out["streaming"] = self._exact.statistics()
-            if self._runner is not self._exact:  # griffin: the prompt's step in exact mode, its set after
+            if self.config.selection == "griffin":  # the prompt's step in exact mode, its set after
                 out["griffin"] = self._runner.statistics()
         return out
 

@@ -269,11 +269,14 @@ async def start_exact(engine: Any, budget: int) -> None:
     model, hot = await asyncio.get_running_loop().run_in_executor(engine._pool, _build, engine, plan, key)
     engine.model = model
     runner = StreamingRunner(model, engine.store, plan, hot, engine._pool, direct=not engine.config.page_cache)
-    if engine._trace is not None:
-        runner.trace = engine._trace
-        runner.token_clock = lambda: engine._ram_token - 1  # generation.py numbers the step before it runs
     runner.start()
     engine._exact = engine._runner = runner
+    if engine._trace is not None:  # its steps numbered and traced from outside, its layers' events on that clock
+        from flashlm.pipeline.runner import StepClock, TracedSteps
+
+        runner.trace, clock = engine._trace, StepClock(engine._trace)
+        runner.token_clock = lambda: clock.current
+        engine._runner = TracedSteps(runner, clock)
     release_freed_memory()
 
 
