@@ -22,14 +22,14 @@ from test_prefix_cache import greedy, ids
 @pytest.fixture(scope="module")
 def quant_stores(tmp_path_factory):
     """(family, dtype) -> store: llama (GQA), OPT (ReLU: h exactly 0 for some tokens), Qwen2
-    (windows 5/full/5), each int8 and q4 (hidden sizes a multiple of the groups of 32)."""
+    (windows 5/full/5), each int8, q4 and q4d8 (hidden sizes a multiple of the groups of 32)."""
     models = {"llama": random_llama(hidden_size=64, intermediate_size=192), "opt": random_opt(hidden_size=64, ffn_dim=192),
               "qwen2": hf_model("qwen2-layer-types-tied")}
     out = {}
     for name, model in models.items():
         root = tmp_path_factory.mktemp(name)
         ckpt = save_checkpoint(model, root / "ckpt")
-        for dtype in ("int8", "q4"):
+        for dtype in ("int8", "q4", "q4d8"):
             convert(ckpt, root / dtype, dtype=dtype, progress=False)
             out[name, dtype] = root / dtype
     return out
@@ -55,7 +55,7 @@ def batched_vs_alone(model, tokens: torch.Tensor, split: int) -> tuple[torch.Ten
     return batched, alone
 
 
-@pytest.mark.parametrize("dtype", ["int8", "q4"])
+@pytest.mark.parametrize("dtype", ["int8", "q4", "q4d8"])
 @pytest.mark.parametrize("family", ["llama", "opt", "qwen2"])
 async def test_a_batched_step_is_each_row_alone(quant_stores, family, dtype):
     async with await Engine.open(quant_stores[family, dtype], ffn="ram", prefix_cache=False) as e:

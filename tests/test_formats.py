@@ -14,17 +14,22 @@ from flashlm.kernels import (
     QBundles, available_backends, dequantize_bundles, dequantize_rows, ffn_gated, quantize, quantize_activations,
     use_backend,
 )
-from flashlm.kernels.formats import GATED_PARTS, GROUP, QUANT_DTYPES, BundleLayout, bundle_bytes, data_bytes, row_bytes
+from flashlm.kernels.formats import (
+    GATED_PARTS, GROUP, QUANT_DTYPES, BundleLayout, bundle_bytes, bundle_layout, data_bytes, row_bytes,
+)
 from flashlm.kernels.quantizers import quantize_rows
 
 D, N = 96, 7  # three groups per row
 
 
 def test_the_sizes_written_out():
-    assert GROUP == 32 and QUANT_DTYPES == {"int8": "q8", "q4": "q4"}
+    assert GROUP == 32 and QUANT_DTYPES == {"int8": "q8", "q4": "q4", "q4d8": "q4"}
     assert (data_bytes("q8", 64), row_bytes("q8", 64)) == (64, 64 + 2 * 2)  # int8 values, an fp16 scale a group
     assert (data_bytes("q4", 64), row_bytes("q4", 64)) == (32, 32 + 2 * 2 * 2)  # nibbles, fp16 scale and min
     assert bundle_bytes("q4", 64, 3) == 3 * 40 == BundleLayout("q4", 64).nbytes
+    # q4d8: gate and up as q4 rows, down as a q8 row
+    assert bundle_layout("q4d8", 64, GATED_PARTS).nbytes == 2 * 40 + 68 == bundle_nbytes(3, 64, "q4d8")
+    assert bundle_nbytes(2, 64, "q4d8") == 40 + 68 == bundle_nbytes(2, 64, "q4d8", ("fc1", "fc2"))
 
 
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
@@ -37,14 +42,14 @@ def test_the_quantiser_makes_rows_of_row_bytes(fmt):
 
 @pytest.mark.parametrize("dtype", sorted(QUANT_DTYPES))
 def test_the_store_writer_and_the_kernels_agree(tmp_path, dtype):
-    fmt = QUANT_DTYPES[dtype]
     torch.manual_seed(0)
     layer = torch.randn(N, 3, D)
     m = write_store(tmp_path / "s", model_type="llama", config={"model_type": "llama", "hidden_size": D},
                     dtype=dtype, source={"kind": "test"}, resident={"model.norm.weight": torch.ones(D)},
                     ffn_layers=iter([layer]), n_layers=1, parts=GATED_PARTS, hidden_size=D)
-    layout = BundleLayout(fmt, D, GATED_PARTS)
-    assert m.ffn.bundle_bytes == bundle_nbytes(3, D, dtype) == bundle_bytes(fmt, D, 3) == layout.nbytes
+    layout = bundle_layout(dtype, D, GATED_PARTS)
+    fmt = layout.fmt
+    assert m.ffn.bundle_bytes == bundle_nbytes(3, D, dtype) == sum(row_bytes(f, D) for f in layout.fmts) == layout.nbytes
     raw = np.fromfile(tmp_path / "s" / "ffn.bin", dtype=np.uint8)
     at = m.ffn.layers[0].offset
     disk = torch.from_numpy(raw[at:at + N * m.ffn.stride].reshape(N, m.ffn.stride).copy())
@@ -52,10 +57,11 @@ def test_the_store_writer_and_the_kernels_agree(tmp_path, dtype):
     # each part, read at the kernels' offsets, is the writer's quantiser's rows byte for byte
     bundles = QBundles(disk, layout)
     for p, name in enumerate(GATED_PARTS):
-        want, got = quantize_rows(fmt, layer[:, p]), bundles.part(name)
+        pf = layout.fmts[p]
+        want, got = quantize_rows(pf, layer[:, p]), bundles.part(name)
         assert torch.equal(got.data, want.data) and torch.equal(got.scales, want.scales)
         assert (got.mins is None) == (want.mins is None) and (got.mins is None or torch.equal(got.mins, want.mins))
-        assert torch.equal(dequantize_bundles(bundles)[:, p], dequantize_rows(fmt, want))
+        assert torch.equal(dequantize_bundles(bundles)[:, p], dequantize_rows(pf, want))
     # every backend (the C kernels' own offset arithmetic, and the torch reference's through
     # unpack_bundle) reads the store's padded bundles alike
     x, slots = torch.randn(2, D), torch.tensor([0, 3, 5, 6], dtype=torch.int32)

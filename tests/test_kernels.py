@@ -30,6 +30,9 @@ ALL_C = ("avx512", "avx2", "scalar")  # every C path there is, fastest first
 C_BACKENDS = [b for b in ALL_C if b in K.available_backends()]
 BACKENDS = C_BACKENDS + ["torch"]
 LIPSCHITZ = {"silu": 1.1, "gelu_tanh": 1.13, "gelu": 1.13, "relu": 1.0}
+# bundle formats the fused FFN is tested on: one format for every part, or a store dtype whose
+# bundles mix widths (q4d8: gate and up / fc1 at q4, the down / fc2 part at q8)
+BUNDLE_FMTS = (*K.FORMATS, "q4d8")
 
 
 @pytest.fixture(params=list(ALL_C) + ["torch"])
@@ -105,6 +108,38 @@ def test_q4_bundle_exact_bytes():
     f1, f2 = K.unpack_bundle(lay, b)
     ref = K.quantize("q4", fc1)
     assert torch.equal(f1.data, ref.data) and torch.equal(f1.scales, ref.scales) and torch.equal(f1.mins, ref.mins)
+
+
+def test_q4d8_bundle_exact_bytes():
+    """gate and up at q4, down at q8: the data of the three parts (16 + 16 + 32 bytes), the three
+    parts' scales, then the mins of the two q4 parts only."""
+    gate = torch.cat([torch.arange(16.0) - 1, 14 - torch.arange(16.0)])[None]  # s 1 (0x3C00), m -1 (0xBC00)
+    up = torch.full((1, 32), 2.0)                   # constant: s 0, m 2.0 (0x4000), q 0
+    down = torch.zeros(1, 32); down[0, 1] = -254    # q8: s 2.0 (0x4000), q -127 (0x81) at 1
+    lay = K.bundle_layout("q4d8", 32, K.GATED_PARTS)
+    assert lay.fmt == "q4" and lay.fmts == ("q4", "q4", "q8") and lay.mixed
+    rows = [K.quantize(f, w) for f, w in zip(lay.fmts, (gate, up, down))]
+    b = K.pack_bundle(lay, rows, stride=128)
+    want = bytes(j | ((15 - j) << 4) for j in range(16)) + bytes(16)  # gate data, up data
+    want += bytes([0x00, 0x81] + [0] * 30)                             # down data (q8)
+    want += b"\x00\x3c" + b"\x00\x00" + b"\x00\x40"                   # scales gate, up, down
+    want += b"\x00\xbc" + b"\x00\x40"                                 # mins gate, up
+    assert lay.nbytes == 74 == 2 * (16 + 2 + 2) + (32 + 2) and bytes(b[0, :74].tolist()) == want
+    assert (b[0, 74:] == 0).all()
+    assert [lay.data_offset(p) for p in range(3)] == [0, 16, 32]
+    assert [lay.scale_offset(p) for p in range(3)] == [64, 66, 68]
+    assert [lay.min_offset(p) for p in range(3)] == [70, 72, -1]
+    g2, u2, d2 = K.unpack_bundle(lay, b)
+    assert (g2.fmt, u2.fmt, d2.fmt) == ("q4", "q4", "q8") and d2.mins is None
+    assert torch.equal(d2.data, rows[2].data) and torch.equal(u2.mins, rows[1].mins)
+    # OPT's fc2 is the wide part too; int8 and q4 stores keep one format
+    assert K.bundle_layout("q4d8", 32, K.UNGATED_PARTS).fmts == ("q4", "q8")
+    assert K.bundle_layout("q4", 32, K.GATED_PARTS) == K.BundleLayout("q4", 32)
+    assert K.bundle_layout("int8", 32, K.GATED_PARTS).fmts == ("q8",) * 3
+    with pytest.raises(ValueError, match="q8"):
+        K.pack_bundle(lay, [rows[0], rows[1], K.quantize("q4", down)])
+    with pytest.raises(ValueError, match="part formats"):
+        K.BundleLayout("q4", 32, K.GATED_PARTS, ("q4", "q8"))
 
 
 # ---- data -------------------------------------------------------------------------------------
@@ -301,22 +336,27 @@ def test_dequantize_rows_exact(backend, fmt):
 # ---- fused FFN ---------------------------------------------------------------------------------
 
 
+def bundle_layout(fmt, d, names=K.GATED_PARTS):
+    """One of BUNDLE_FMTS: a kernel format for every part, or a mixed store dtype's layout."""
+    return K.BundleLayout(fmt, d, names) if fmt in K.FORMATS else K.bundle_layout(fmt, d, names)
+
+
 def make_bundles(fmt, names, n, d, seed, kind="random", stride=None):
     ws = [make_w(kind, n, d, seed + p) * 0.3 for p in range(len(names))]
-    lay = K.BundleLayout(fmt, d, names)
-    parts = [K.quantize(fmt, w) for w in ws]
+    lay = bundle_layout(fmt, d, names)
+    parts = [K.quantize(f, w) for f, w in zip(lay.fmts, ws)]
     return lay, K.pack_bundle(lay, parts, stride), parts
 
 
-def composed_gated(fmt, parts, act_fn, act, slots, out):
-    """gemv + act + axpy with the public ops (whatever backend is on)."""
+def composed_gated(parts, act_fn, act, slots, out):
+    """gemv + act + axpy with the public ops (whatever backend is on), each part in its format."""
     gate, up, down = parts
-    g, u = K.gemv(fmt, gate, act, slots), K.gemv(fmt, up, act, slots)
+    g, u = K.gemv(gate.fmt, gate, act, slots), K.gemv(up.fmt, up, act, slots)
     h = ACT_FNS[act_fn](g) * u
-    return K.axpy(fmt, down, h, out, slots), h, g, u
+    return K.axpy(down.fmt, down, h, out, slots), h, g, u
 
 
-@pytest.mark.parametrize("fmt", K.FORMATS)
+@pytest.mark.parametrize("fmt", BUNDLE_FMTS)
 @pytest.mark.parametrize("act_fn", ["silu", "gelu_tanh", "gelu", "relu"])
 def test_ffn_gated_equals_the_composed_ops(backend, fmt, act_fn):
     """Only the activation function's libm/torch rounding and the down rows' summation order
@@ -328,42 +368,44 @@ def test_ffn_gated_equals_the_composed_ops(backend, fmt, act_fn):
         slots = make_idx(n + 3, n, T)
         act = K.quantize_activations(make_x("random", T, d, d))
         out0 = torch.randn(T, d)
-        got = K.ffn_gated(fmt, b, lay, act_fn, act, slots, out0.clone())
-        want, h, g, u = (t.double() for t in composed_gated(fmt, parts, act_fn, act, slots, out0.clone()))
-        A = abs_parts(fmt, parts[2], slots)
+        got = K.ffn_gated(lay.fmt, b, lay, act_fn, act, slots, out0.clone())
+        want, h, g, u = (t.double() for t in composed_gated(parts, act_fn, act, slots, out0.clone()))
+        A = abs_parts(parts[2].fmt, parts[2], slots)
         dh = 16 * EPS * (h.abs() + (g * u).abs())
         bound = dh @ A + (n + 8) * EPS * ((h.abs() + dh) @ A + out0.double().abs())
         assert ((got.double() - want).abs() <= bound).all(), (T, n, d)
-        check_ffn_against_fp64(fmt, parts, act_fn, act, slots, out0, got)
+        check_ffn_against_fp64(parts, act_fn, act, slots, out0, got)
+        ref = K.ffn_gated_ref(lay.fmt, b, lay, act_fn, act, slots, out0.clone())
+        check_ffn_against_fp64(parts, act_fn, act, slots, out0, ref)
 
 
 def lay_stride(fmt, d):
-    return -(-K.BundleLayout(fmt, d).nbytes // 64) * 64 + 64  # padded rows, as in a cache
+    return -(-bundle_layout(fmt, d).nbytes // 64) * 64 + 64  # padded rows, as in a cache
 
 
-def check_ffn_against_fp64(fmt, parts, act_fn, act, slots, out0, got):
+def check_ffn_against_fp64(parts, act_fn, act, slots, out0, got):
     """fp64 truth from x_hat; |dh| <= L |dg| |u| + |act(g)| |du| + L |dg| |du| + 16 eps (|h| + |g u|)
     (L the activation's Lipschitz constant, |dg|, |du| the gemv slack, the last term the fp32
     activation as above), then |dout| <= |dh| @ |W_down| + the axpy slack."""
-    gate, up, down = parts
+    gate, up, down = parts  # each in its own format
     xh = act.dequantize().double()
-    g64 = xh @ K.dequantize_rows_ref(fmt, gate, slots).double().T
-    u64 = xh @ K.dequantize_rows_ref(fmt, up, slots).double().T
+    g64 = xh @ K.dequantize_rows_ref(gate.fmt, gate, slots).double().T
+    u64 = xh @ K.dequantize_rows_ref(up.fmt, up, slots).double().T
     fn = ACT_FNS[act_fn]
     h64 = fn(g64) * u64
     d = gate.d
-    sg = (d + 8) * EPS * (xh.abs() @ abs_parts(fmt, gate, slots).T)
-    su = (d + 8) * EPS * (xh.abs() @ abs_parts(fmt, up, slots).T)
+    sg = (d + 8) * EPS * (xh.abs() @ abs_parts(gate.fmt, gate, slots).T)
+    su = (d + 8) * EPS * (xh.abs() @ abs_parts(up.fmt, up, slots).T)
     L = LIPSCHITZ[act_fn]
     dh = L * sg * u64.abs() + fn(g64).abs() * su + L * sg * su + 16 * EPS * (h64.abs() + (g64 * u64).abs())
-    A = abs_parts(fmt, down, slots)
-    truth = out0.double() + h64 @ K.dequantize_rows_ref(fmt, down, slots).double()
+    A = abs_parts(down.fmt, down, slots)
+    truth = out0.double() + h64 @ K.dequantize_rows_ref(down.fmt, down, slots).double()
     n = slots.numel()
     bound = dh @ A + (n + 8) * EPS * ((h64.abs() + dh) @ A + out0.double().abs())
     assert ((got.double() - truth).abs() <= bound).all()
 
 
-@pytest.mark.parametrize("fmt", K.FORMATS)
+@pytest.mark.parametrize("fmt", BUNDLE_FMTS)
 def test_ffn_gated_never_reads_unlisted_slots(backend, fmt):
     """Unlisted slots are all 0xFF (NaN scales): the output must be finite and equal to the same
     call on a compact copy holding only the listed bundles."""
@@ -375,12 +417,12 @@ def test_ffn_gated_never_reads_unlisted_slots(backend, fmt):
     compact = b[slots.long()].clone()
     for T in (1, 3):
         act = K.quantize_activations(make_x("random", T, d, T))
-        got = K.ffn_gated(fmt, poisoned, lay, "silu", act, slots, torch.zeros(T, d))
-        want = K.ffn_gated(fmt, compact, lay, "silu", act, torch.arange(7, dtype=torch.int32), torch.zeros(T, d))
+        got = K.ffn_gated(lay.fmt, poisoned, lay, "silu", act, slots, torch.zeros(T, d))
+        want = K.ffn_gated(lay.fmt, compact, lay, "silu", act, torch.arange(7, dtype=torch.int32), torch.zeros(T, d))
         assert torch.isfinite(got).all() and torch.equal(got, want)
 
 
-@pytest.mark.parametrize("fmt", K.FORMATS)
+@pytest.mark.parametrize("fmt", BUNDLE_FMTS)
 def test_ffn_ungated_with_bias_skips_zero_neurons(backend, fmt):
     """OPT style: relu(fc1 . x + bias[id]) * fc2. Neurons driven to h = 0 by a very negative bias
     have NaN fc2 rows: the output stays finite because their fc2 row is never accumulated."""
@@ -393,21 +435,21 @@ def test_ffn_ungated_with_bias_skips_zero_neurons(backend, fmt):
         dead = nid[[1, 4, 5, 8]].long()
         bias[dead] = -1e4
         act = K.quantize_activations(make_x("random", T, d, d))
-        want_h = F.relu(K.gemv(fmt, fc1, act, slots) + bias[nid.long()])
+        want_h = F.relu(K.gemv(fc1.fmt, fc1, act, slots) + bias[nid.long()])
         assert (want_h[:, [1, 4, 5, 8]] == 0).all() and (want_h != 0).any(0).sum() > 3
-        want = K.axpy(fmt, fc2, want_h, torch.zeros(T, d), slots)
+        want = K.axpy(fc2.fmt, fc2, want_h, torch.zeros(T, d), slots)
         bad = b.clone()
         fc2_data = lay.data_offset(1)
-        bad[slots[[1, 4, 5, 8]].long(), fc2_data:fc2_data + K.data_bytes(fmt, d)] = 0x7F
+        bad[slots[[1, 4, 5, 8]].long(), fc2_data:fc2_data + K.data_bytes(fc2.fmt, d)] = 0x7F
         bad[slots[[1, 4, 5, 8]].long(), lay.scale_offset(1):lay.scale_offset(1) + 2 * d // 32] = 0xFF  # NaN
-        got = K.ffn_ungated(fmt, bad, lay, "relu", act, slots, torch.zeros(T, d), bias=bias, neuron_ids=nid)
-        A = abs_parts(fmt, fc2, slots)
+        got = K.ffn_ungated(lay.fmt, bad, lay, "relu", act, slots, torch.zeros(T, d), bias=bias, neuron_ids=nid)
+        A = abs_parts(fc2.fmt, fc2, slots)
         bound = (n + 8) * EPS * (want_h.double().abs() @ A) * 2
         assert torch.isfinite(got).all()
         assert ((got.double() - want.double()).abs() <= bound).all(), T
 
 
-@pytest.mark.parametrize("fmt", K.FORMATS)
+@pytest.mark.parametrize("fmt", BUNDLE_FMTS)
 @pytest.mark.parametrize("gated", [True, False])
 def test_a_call_on_many_tokens_is_bitwise_each_token_alone(backend, fmt, gated):
     """Batch invariance (the prompt cache needs it: a prompt prefilled in one call must equal
@@ -427,17 +469,18 @@ def test_a_call_on_many_tokens_is_bitwise_each_token_alone(backend, fmt, gated):
         kw = {} if gated else {"bias": torch.randn(n) * 2, "neuron_ids": slots.clone()}
         run = K.ffn_gated if gated else K.ffn_ungated
         fn = "silu" if gated else "relu"
-        many = run(fmt, b, lay, fn, act, slots, torch.zeros(T, d), **kw)
-        alone = torch.cat([run(fmt, b, lay, fn, K.quantize_activations(x[t:t + 1]), slots, torch.zeros(1, d), **kw)
+        many = run(lay.fmt, b, lay, fn, act, slots, torch.zeros(T, d), **kw)
+        alone = torch.cat([run(lay.fmt, b, lay, fn, K.quantize_activations(x[t:t + 1]), slots, torch.zeros(1, d), **kw)
                            for t in range(T)])
         assert torch.equal(many, alone), (T, (many - alone).abs().max())
         if not gated:  # the split path ran: some neuron is 0 for some tokens and not others
-            h = F.relu(K.gemv(fmt, parts[0], act, slots) + kw["bias"][slots.long()])
+            h = F.relu(K.gemv(parts[0].fmt, parts[0], act, slots) + kw["bias"][slots.long()])
             assert ((h == 0).any(0) & (h != 0).any(0)).any()
         hs = torch.randn(T, slots.numel())
         hs[:, ::4] = 0
-        many = K.axpy(fmt, parts[-1], hs, torch.zeros(T, d), slots)
-        alone = torch.cat([K.axpy(fmt, parts[-1], hs[t:t + 1], torch.zeros(1, d), slots) for t in range(T)])
+        down = parts[-1]
+        many = K.axpy(down.fmt, down, hs, torch.zeros(T, d), slots)
+        alone = torch.cat([K.axpy(down.fmt, down, hs[t:t + 1], torch.zeros(1, d), slots) for t in range(T)])
         assert torch.equal(many, alone), (T, (many - alone).abs().max())
 
 
@@ -452,18 +495,19 @@ def test_ffn_gated_all_zero_h_leaves_out_untouched():
             assert torch.equal(out, want), be
 
 
-def test_backends_agree_on_a_larger_layer():
+@pytest.mark.parametrize("fmt", ["q4", "q4d8"])
+def test_backends_agree_on_a_larger_layer(fmt):
     """Every C path against portable C on a model-sized shape, T = 1 and 5 (the blocking paths)."""
     if len(C_BACKENDS) < 2:
         pytest.skip(f"only {C_BACKENDS} available on this CPU")
-    lay, b, parts = make_bundles("q4", K.GATED_PARTS, 300, 1536, 3)
+    lay, b, parts = make_bundles(fmt, K.GATED_PARTS, 300, 1536, 3)
     slots = make_idx(300, 150, 1)
     for T in (1, 5):
         x = make_x("random", T, 1536, 2)
         outs = []
         for be in C_BACKENDS:
             with K.use_backend(be):
-                outs.append(K.ffn_gated("q4", b, lay, "silu", K.quantize_activations(x), slots, torch.zeros(T, 1536)))
+                outs.append(K.ffn_gated(lay.fmt, b, lay, "silu", K.quantize_activations(x), slots, torch.zeros(T, 1536)))
         for be, o in zip(C_BACKENDS, outs):
             assert (o - outs[-1]).abs().max() <= 1e-4 * outs[-1].abs().max(), be
 
@@ -490,10 +534,11 @@ def test_other_blocking_orders(streams, pf_ahead):
                             got = K.axpy(fmt, rows, h, torch.zeros(T, d), idx).double()
                             want = h.double() @ K.dequantize_rows_ref(fmt, rows, idx).double()
                             assert ((got - want).abs() <= (k + 8) * EPS * (h.double().abs() @ abs_parts(fmt, rows, idx))).all()
-                        lay, b, parts = make_bundles(fmt, K.GATED_PARTS, n + 2, d, 1)
+                    for bf in BUNDLE_FMTS:
+                        lay, b, parts = make_bundles(bf, K.GATED_PARTS, n + 2, d, 1)
                         slots = make_idx(n + 2, n, 0)
-                        got = K.ffn_gated(fmt, b, lay, "silu", act, slots, torch.zeros(T, d))
-                        check_ffn_against_fp64(fmt, parts, "silu", act, slots, torch.zeros(T, d), got)
+                        got = K.ffn_gated(lay.fmt, b, lay, "silu", act, slots, torch.zeros(T, d))
+                        check_ffn_against_fp64(parts, "silu", act, slots, torch.zeros(T, d), got)
     finally:
         ops._ext._tune(*old)
 
@@ -610,7 +655,7 @@ def test_threads_split_rows_within_the_bounds(backend, fmt, split_small_calls):
     act = K.quantize_activations(x)
     idx = make_idx(n, n + 5, 1)
     h = torch.randn(T, idx.numel())
-    lay, b, parts = make_bundles(fmt, K.GATED_PARTS, n + 2, d, 2, stride=lay_stride(fmt, d))
+    bundles = [make_bundles(bf, K.GATED_PARTS, n + 2, d, 2, stride=lay_stride(bf, d)) for bf in (fmt, "q4d8")]
     slots = make_idx(n + 2, n, 0)
     with K.use_threads(1):
         y1, e1 = K.gemv(fmt, rows, act, idx), K.dequantize_rows(fmt, rows, idx)
@@ -622,8 +667,9 @@ def test_threads_split_rows_within_the_bounds(backend, fmt, split_small_calls):
             want = h.double() @ K.dequantize_rows_ref(fmt, rows, idx).double()
             k = idx.numel()
             assert ((got - want).abs() <= (k + 8) * EPS * (h.double().abs() @ abs_parts(fmt, rows, idx))).all(), nth
-            out = K.ffn_gated(fmt, b, lay, "silu", act, slots, torch.zeros(T, d))
-            check_ffn_against_fp64(fmt, parts, "silu", act, slots, torch.zeros(T, d), out)
+            for lay, b, parts in bundles:  # the layout's own format, and q4 with a q8 down part
+                out = K.ffn_gated(lay.fmt, b, lay, "silu", act, slots, torch.zeros(T, d))
+                check_ffn_against_fp64(parts, "silu", act, slots, torch.zeros(T, d), out)
 
 
 def test_threads_setting():

@@ -102,8 +102,9 @@ async def assert_parts_only_at_a_near_tie(store, got: list[int], want: list[int]
     assert float(top.values[0] - top.values[1]) < 2e-2, (i, top)
 
 
-@pytest.mark.parametrize("arch,dtype", [("llama", "float32"), ("llama", "q4"), ("llama", "int8"),
-                                        ("opt", "float32"), ("opt", "q4"), ("gemma3", "float32"), ("gemma3", "q4")])
+@pytest.mark.parametrize("arch,dtype", [("llama", "float32"), ("llama", "q4"), ("llama", "int8"), ("llama", "q4d8"),
+                                        ("opt", "float32"), ("opt", "q4"), ("opt", "q4d8"), ("gemma3", "float32"),
+                                        ("gemma3", "q4")])
 async def test_exact_mode_streams_and_is_token_exact_with_the_model_in_ram(stores, arch, dtype):
     store = stores(arch, dtype)
     want, want_logits = await ram_reference(store, 24)

@@ -59,7 +59,8 @@ def add_convert(sub: Any) -> None:
                    "flashlm pull --list)")
     c.add_argument("out", metavar="OUT", help="store directory to create")
     c.add_argument("--dtype", default="float16", choices=list(STORE_DTYPES),
-                   help="weights on disk: float16, bfloat16, float32, or quantised int8 / q4 (groups of 32)")
+                   help="weights on disk: float16, bfloat16, float32, or quantised int8 / q4 / q4d8 (groups of 32; "
+                        "q4d8: q4 with the FFN's down columns at q8)")
     c.add_argument("--block-size", type=int, default=512, choices=[512, 1024, 2048, 4096],
                    help="bundle padding unit in bytes (the disk's logical block size)")
     c.add_argument("--force", action="store_true", help="replace OUT if it exists")

@@ -30,10 +30,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flashlm.errors import CheckpointFormatError, StoreVersionError
-from flashlm.kernels.formats import GROUP, QUANT_DTYPES, bundle_bytes, kernel_format
+from flashlm.kernels.formats import GROUP, QUANT_DTYPES, bundle_layout, default_parts, kernel_format
 
 FORMAT_NAME = "flashlm-store"
-FORMAT_VERSION = 2  # 2: quantised stores (dtype int8 / q4, `Manifest.quantized`); 1: float stores only
+FORMAT_VERSION = 2  # 2: quantised stores (dtype int8 / q4 / q4d8, `Manifest.quantized`); 1: float stores only
 READABLE_VERSIONS = (1, 2)  # a version-1 store is a float store (no quantised rows)
 MANIFEST_NAME = "manifest.json"
 RESIDENT_NAME = "resident.safetensors"
@@ -54,12 +54,12 @@ DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4}
 STORE_DTYPES = (*DTYPE_SIZES, *QUANT_DTYPES)
 
 
-def bundle_nbytes(parts: int, hidden: int, dtype: str) -> int:
+def bundle_nbytes(parts: int, hidden: int, dtype: str, names: tuple[str, ...] | None = None) -> int:
     """Bytes of real data in a bundle of `parts` parts of `hidden` values (without padding). Float:
-    the parts' rows one after another; quantised: `flashlm.kernels.formats.bundle_bytes`."""
-    fmt = kernel_format(dtype)
-    if fmt is not None:
-        return bundle_bytes(fmt, hidden, parts)
+    the parts' rows one after another; quantised: its `flashlm.kernels.formats.bundle_layout`
+    (`names`, default `default_parts(parts)`, say which part is a q4d8 store's q8 down part)."""
+    if kernel_format(dtype) is not None:
+        return bundle_layout(dtype, hidden, tuple(names or default_parts(parts))).nbytes
     return parts * hidden * DTYPE_SIZES[dtype]
 
 
@@ -120,7 +120,8 @@ class FFNLayout:
 
     @property
     def quant_format(self) -> str | None:
-        """The kernel row format of a quantised store ("q8", "q4"), None for a float store."""
+        """The kernel row format of a quantised store ("q8", "q4"; "q4" for q4d8, whose bundles'
+        down parts are q8: `flashlm.kernels.formats.bundle_layout`), None for a float store."""
         return kernel_format(self.dtype)
 
     @property
@@ -133,7 +134,7 @@ class FFNLayout:
     @property
     def bundle_bytes(self) -> int:
         """Bytes of real data in a bundle (without padding): `bundle_nbytes`."""
-        return bundle_nbytes(len(self.parts), self.hidden_size, self.dtype)
+        return bundle_nbytes(len(self.parts), self.hidden_size, self.dtype, self.parts)
 
     @property
     def stride(self) -> int:

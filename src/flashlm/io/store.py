@@ -31,7 +31,7 @@ from flashlm.io.format import (
     file_sha256,
 )
 from flashlm.io.writer import TORCH_DTYPES
-from flashlm.kernels import GATED_PARTS, BundleLayout, QBundles, QRows, dequantize_bundles, kernel_format
+from flashlm.kernels import QBundles, QRows, bundle_layout, default_parts, dequantize_bundles, kernel_format
 
 FIX = "re-run `flashlm convert` to rebuild the store"
 
@@ -40,11 +40,11 @@ def rows_view(buf: np.ndarray | torch.Tensor, parts: int, hidden: int, dtype: st
               names: tuple[str, ...] | None = None) -> torch.Tensor | QBundles:
     """View (n, stride) bundle bytes without a copy: as (n, parts, hidden) tensors of a float
     `dtype`, or, for a quantised store dtype, as the `QBundles` the kernels compute on
-    (`names`: the parts' names, e.g. ("gate", "up", "down"))."""
+    (`names`: the parts' names, e.g. ("gate", "up", "down"), which also say which parts a mixed
+    dtype such as q4d8 holds wider)."""
     t = torch.from_numpy(buf) if isinstance(buf, np.ndarray) else buf
-    fmt = kernel_format(dtype)
-    if fmt is not None:
-        return QBundles(t, BundleLayout(fmt, hidden, names or GATED_PARTS[:parts]))
+    if kernel_format(dtype) is not None:
+        return QBundles(t, bundle_layout(dtype, hidden, tuple(names or default_parts(parts))))
     itemsize = torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
     used = t[:, : parts * hidden * itemsize]
     return used.view(TORCH_DTYPES[dtype]).view(t.shape[0], parts, hidden)

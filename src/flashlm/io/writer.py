@@ -263,7 +263,7 @@ def write_store(
         resident_path = tmp / RESIDENT_NAME
         write_safetensors(resident_path, items, encode)
 
-        bundle = bundle_nbytes(len(parts), hidden_size, dtype)
+        bundle = bundle_nbytes(len(parts), hidden_size, dtype, tuple(parts))
         stride = round_up(bundle, block_size)
         layers: list[LayerLayout] = []
         crcs: list[int] = []

@@ -24,8 +24,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _HOME = {
-    "formats": ("FORMATS", "GATED_PARTS", "GROUP", "QUANT_DTYPES", "UNGATED_PARTS", "BundleLayout", "bundle_bytes",
-                "data_bytes", "kernel_format", "row_bytes"),
+    "formats": ("FORMATS", "GATED_PARTS", "GROUP", "QUANT_DTYPES", "UNGATED_PARTS", "WIDE_PARTS", "BundleLayout",
+                "bundle_bytes", "bundle_layout", "data_bytes", "default_parts", "kernel_format", "part_formats",
+                "row_bytes"),
     "qtensors": ("QAct", "QBundles", "QRows", "pack_bundle", "unpack_bundle"),
     "quantizers": ("quantize",),
     "ops": ("ACT_ALIASES", "BACKENDS", "NEEDS", "available_backends", "axpy", "backend", "dequantize_bundles",
@@ -38,8 +39,8 @@ _MODULE_OF = {name: module for module, names in _HOME.items() for name in names}
 
 if TYPE_CHECKING:
     from flashlm.kernels.formats import (
-        FORMATS, GATED_PARTS, GROUP, QUANT_DTYPES, UNGATED_PARTS, BundleLayout, bundle_bytes, data_bytes, kernel_format,
-        row_bytes,
+        FORMATS, GATED_PARTS, GROUP, QUANT_DTYPES, UNGATED_PARTS, WIDE_PARTS, BundleLayout, bundle_bytes, bundle_layout,
+        data_bytes, default_parts, kernel_format, part_formats, row_bytes,
     )
     from flashlm.kernels.ops import (
         ACT_ALIASES, BACKENDS, NEEDS, available_backends, axpy, backend, dequantize_bundles, dequantize_rows,

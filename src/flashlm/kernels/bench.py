@@ -149,12 +149,12 @@ def bench_ffn(d: int, d_ff: int, layers: int, passes: int, seed: int, paths: lis
     """A whole SwiGLU layer (d -> d_ff -> d), T = 1: fused ffn_gated over all d_ff bundles vs
     three F.linear calls in fp32 / fp16 on the same (dequantised q4) weights."""
     g = torch.Generator().manual_seed(seed)
-    fp32, fp16, bund = [], [], {"q8": [], "q4": []}
+    fp32, fp16, bund = [], [], {"q8": [], "q4": [], "q4d8": []}  # q4d8: q4 with the down part at q8
     for _ in range(layers):
         gate, up, down_cols = (torch.randn(d_ff, d, generator=g) * 0.02 for _ in range(3))  # down_cols = W_down^T
-        for fmt in ("q8", "q4"):
-            lay = K.BundleLayout(fmt, d)
-            parts = [K.quantize(fmt, w) for w in (gate, up, down_cols)]
+        for fmt in bund:
+            lay = K.BundleLayout(fmt, d) if fmt in K.FORMATS else K.bundle_layout(fmt, d, K.GATED_PARTS)
+            parts = [K.quantize(f, w) for f, w in zip(lay.fmts, (gate, up, down_cols))]
             bund[fmt].append((lay, K.pack_bundle(lay, parts, stride=-(-lay.nbytes // 512) * 512)))
         wg, wu, wdc = (K.dequantize_rows_ref("q4", r) for r in K.unpack_bundle(*bund["q4"][-1]))
         fp32.append((wg, wu, wdc.T.contiguous()))  # nn.Linear layout: down is (d, d_ff)
@@ -181,8 +181,9 @@ def bench_ffn(d: int, d_ff: int, layers: int, passes: int, seed: int, paths: lis
         "ffn fp16 F.linear x3": lambda i: dense(fp16[i], x16),
     }
     nbytes = {"ffn fp32 F.linear x3": 3 * d * d_ff * 4, "ffn fp16 F.linear x3": 3 * d * d_ff * 2}
-    for fmt in ("q8", "q4"):
-        fn = (lambda f: lambda i: K.ffn_gated(f, bund[f][i][1], bund[f][i][0], "silu", act, slots, out))(fmt)
+    for fmt in bund:
+        fn = (lambda f: lambda i: K.ffn_gated(bund[f][i][0].fmt, bund[f][i][1], bund[f][i][0], "silu", act, slots,
+                                              out))(fmt)
         for p in paths:
             for t in threads:
                 key = f"ffn_gated {fmt} | {p} | {t}t"

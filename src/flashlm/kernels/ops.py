@@ -284,7 +284,7 @@ def dequantize_bundles(bundles: QBundles) -> Tensor:
     """(n, P, d) fp32: every part of every bundle dequantised (selectors and statistics need
     the values; the FFN itself computes on the bundles)."""
     parts = unpack_bundle(bundles.layout, bundles.bundles)
-    return torch.stack([dequantize_rows(bundles.layout.fmt, p) for p in parts], dim=1)
+    return torch.stack([dequantize_rows(p.fmt, p) for p in parts], dim=1)
 
 
 def _check_bundles(fmt: str, bundles: Tensor, parts: BundleLayout, act: QAct, slots: Tensor, out: Tensor) -> int:
@@ -311,16 +311,19 @@ def _check_bundles(fmt: str, bundles: Tensor, parts: BundleLayout, act: QAct, sl
     return ns
 
 
-def _part_offsets(parts: BundleLayout, name: str) -> tuple[int, int, int]:
+def _part_args(parts: BundleLayout, name: str) -> tuple[int, int, int, int]:
+    """A part's format and its data, scale and min offsets, as the C driver takes them."""
     p = parts.index(name)
-    return parts.data_offset(p), parts.scale_offset(p), max(parts.min_offset(p), 0)
+    return _FMT[parts.fmts[p]], parts.data_offset(p), parts.scale_offset(p), max(parts.min_offset(p), 0)
 
 
 def ffn_gated(fmt: str, bundles: Tensor, parts: BundleLayout, act_fn: str, act: QAct, slots: Tensor,
               out: Tensor) -> Tensor:
     """out (T, d) += sum over the bundles at slots of act_fn(dot(gate, x)) * dot(up, x) * down.
 
-    parts names the "gate", "up" and "down" parts. Bundles not listed in slots are never read.
+    parts names the "gate", "up" and "down" parts, each in its own format (`parts.fmts`; `fmt` is
+    the layout's, e.g. "q4" for a q4d8 bundle with its down part at q8). Bundles not listed in
+    slots are never read.
     Neurons whose h is exactly 0 for every token skip their down row.
     """
     act_fn = _act_fn(act_fn)
@@ -328,8 +331,8 @@ def ffn_gated(fmt: str, bundles: Tensor, parts: BundleLayout, act_fn: str, act: 
     impl = _impl(bundles.device)
     if not impl:
         return ref.ffn_gated_ref(fmt, bundles, parts, act_fn, act, slots, out)
-    offs = _part_offsets(parts, "gate") + _part_offsets(parts, "up") + _part_offsets(parts, "down")
-    _ext.ffn(impl, _FMT[fmt], 1, _ACT[act_fn], parts.d, ns, slots.data_ptr(), bundles.data_ptr(), bundles.stride(0),
+    offs = _part_args(parts, "gate") + _part_args(parts, "up") + _part_args(parts, "down")
+    _ext.ffn(impl, 1, _ACT[act_fn], parts.d, ns, slots.data_ptr(), bundles.data_ptr(), bundles.stride(0),
              *offs, 0, 0, act.T, *_act_args(act), out.data_ptr(), out.stride(0))
     return out
 
@@ -356,8 +359,8 @@ def ffn_ungated(fmt: str, bundles: Tensor, parts: BundleLayout, act_fn: str, act
     impl = _impl(dev)
     if not impl:
         return ref.ffn_ungated_ref(fmt, bundles, parts, act_fn, act, slots, out, bias, neuron_ids)
-    offs = _part_offsets(parts, "fc1") + (0, 0, 0) + _part_offsets(parts, "fc2")
-    _ext.ffn(impl, _FMT[fmt], 0, _ACT[act_fn], parts.d, ns, slots.data_ptr(), bundles.data_ptr(), bundles.stride(0),
+    offs = _part_args(parts, "fc1") + (0, 0, 0, 0) + _part_args(parts, "fc2")
+    _ext.ffn(impl, 0, _ACT[act_fn], parts.d, ns, slots.data_ptr(), bundles.data_ptr(), bundles.stride(0),
              *offs, 0 if bias is None else bias.data_ptr(), 0 if neuron_ids is None else neuron_ids.data_ptr(),
              act.T, *_act_args(act), out.data_ptr(), out.stride(0))
     return out

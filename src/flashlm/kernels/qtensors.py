@@ -126,7 +126,8 @@ class QAct:
 
 
 def pack_bundle(layout: BundleLayout, parts: Sequence[QRows], stride: int | None = None) -> Tensor:
-    """parts (one QRows of n rows per layout name, in order) -> bundles (n, stride) uint8."""
+    """parts (one QRows of n rows per layout name, in order, each in its layout format) -> bundles
+    (n, stride) uint8."""
     if len(parts) != len(layout.names):
         raise ValueError(f"layout has {len(layout.names)} parts {layout.names}, got {len(parts)} QRows")
     stride = layout.nbytes if stride is None else stride
@@ -136,14 +137,15 @@ def pack_bundle(layout: BundleLayout, parts: Sequence[QRows], stride: int | None
     out = torch.zeros(n, stride, dtype=torch.uint8, device=parts[0].device)
     G2 = 2 * layout.groups
     for p, rows in enumerate(parts):
-        if rows.fmt != layout.fmt or rows.d != layout.d or rows.n != n:
+        fmt = layout.fmts[p]
+        if rows.fmt != fmt or rows.d != layout.d or rows.n != n:
             raise ValueError(f"part {layout.names[p]!r} is {rows.fmt} n={rows.n} d={rows.d}; "
-                             f"the layout needs {layout.fmt} n={n} d={layout.d}")
-        db, o = data_bytes(layout.fmt, layout.d), layout.data_offset(p)
+                             f"the layout needs {fmt} n={n} d={layout.d}")
+        db, o = data_bytes(fmt, layout.d), layout.data_offset(p)
         out[:, o:o + db] = rows.data.view(torch.uint8)
         o = layout.scale_offset(p)
         out[:, o:o + G2] = rows.scales.contiguous().view(torch.uint8)
-        if layout.fmt == "q4":
+        if fmt == "q4":
             o = layout.min_offset(p)
             out[:, o:o + G2] = rows.mins.contiguous().view(torch.uint8)
     return out
@@ -159,19 +161,19 @@ def unpack_bundle(layout: BundleLayout, bundles: Tensor) -> tuple[QRows, ...]:
         raise ValueError(f"bundle rows need an even byte stride and contiguous bytes, got strides {bundles.stride()}")
     if bundles.storage_offset() % 2:
         raise ValueError("bundle rows must start at an even byte offset (fp16 scales inside)")
-    db, G2 = data_bytes(layout.fmt, layout.d), 2 * layout.groups
+    G2 = 2 * layout.groups
     out = []
-    for p in range(len(layout.names)):
-        o = layout.data_offset(p)
+    for p, fmt in enumerate(layout.fmts):
+        o, db = layout.data_offset(p), data_bytes(fmt, layout.d)
         data = bundles[:, o:o + db]
-        data = data.view(torch.int8) if layout.fmt == "q8" else data
+        data = data.view(torch.int8) if fmt == "q8" else data
         o = layout.scale_offset(p)
         scales = bundles[:, o:o + G2].view(torch.float16)
         mins = None
-        if layout.fmt == "q4":
+        if fmt == "q4":
             o = layout.min_offset(p)
             mins = bundles[:, o:o + G2].view(torch.float16)
-        out.append(QRows(layout.fmt, data, scales, mins))
+        out.append(QRows(fmt, data, scales, mins))
     return tuple(out)
 
 

@@ -72,6 +72,7 @@ ACT_FNS = {
 
 
 def _parts(layout: BundleLayout, bundles: Tensor, slots: Tensor, names: tuple[str, ...]) -> list[QRows]:
+    """The named parts' rows at slots, each in its own format (`layout.fmts`)."""
     picked = bundles.index_select(0, slots.long())  # only the listed slots are read
     all_parts = unpack_bundle(layout, picked)
     return [all_parts[layout.index(n)] for n in names]
@@ -81,7 +82,7 @@ def ffn_gated_ref(fmt: str, bundles: Tensor, parts: BundleLayout, act_fn: str, a
                   out: Tensor) -> Tensor:
     """out (T, d) += (act_fn(x_hat @ gate^T) * (x_hat @ up^T)) @ down, over the bundles at slots
     (neurons with h == 0 for every token skip their down row)."""
-    gate, up, down = (dequantize_rows_ref(fmt, r) for r in _parts(parts, bundles, slots, ("gate", "up", "down")))
+    gate, up, down = (dequantize_rows_ref(r.fmt, r) for r in _parts(parts, bundles, slots, ("gate", "up", "down")))
     xh = act.dequantize()
     h = ACT_FNS[act_fn](xh @ gate.T) * (xh @ up.T)  # (T, n)
     return _accumulate(out, h, down)
@@ -90,7 +91,7 @@ def ffn_gated_ref(fmt: str, bundles: Tensor, parts: BundleLayout, act_fn: str, a
 def ffn_ungated_ref(fmt: str, bundles: Tensor, parts: BundleLayout, act_fn: str, act: QAct, slots: Tensor,
                     out: Tensor, bias: Tensor | None = None, neuron_ids: Tensor | None = None) -> Tensor:
     """out (T, d) += act_fn(x_hat @ fc1^T + bias[neuron_ids]) @ fc2, over the bundles at slots."""
-    fc1, fc2 = (dequantize_rows_ref(fmt, r) for r in _parts(parts, bundles, slots, ("fc1", "fc2")))
+    fc1, fc2 = (dequantize_rows_ref(r.fmt, r) for r in _parts(parts, bundles, slots, ("fc1", "fc2")))
     a = act.dequantize() @ fc1.T
     if bias is not None:
         a = a + bias.index_select(0, neuron_ids.long())

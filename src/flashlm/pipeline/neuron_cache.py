@@ -101,7 +101,7 @@ class NeuronCache:
                                     f"neurons); raise the memory budget or lower the density")
         if window < 1:
             raise ConfigError(f"window {window} must be >= 1 token")
-        if store_dtype not in STORE_DTYPES or parts < 1 or hidden < 1 or stride < bundle_nbytes(parts, hidden, store_dtype):
+        if store_dtype not in STORE_DTYPES or parts < 1 or hidden < 1 or stride < bundle_nbytes(parts, hidden, store_dtype, names):
             raise ConfigError(f"stride {stride} cannot hold {parts} x {hidden} {store_dtype!r} values")
         self.n_neurons, self.capacity, self.window = n_neurons, capacity, window
         self.lazy = eviction == "lazy"

@@ -324,12 +324,12 @@ static int drv_axpy(const fl_kernels *K, int fmt, const fl_rows *R, int64_t n, c
 /* ---- fused FFN over bundles ---------------------------------------------------------------- */
 
 typedef struct {
-    int64_t data, scale, min; /* byte offsets of one part inside a bundle */
+    int64_t fmt, data, scale, min; /* one part's format (FL_Q8 / FL_Q4) and byte offsets in a bundle */
 } fl_part;
 
 typedef struct {
     const fl_kernels *K;
-    int fmt, gated, fn;
+    int fmt[3], gated, fn; /* each part's format: a bundle may hold parts of different widths (q4d8) */
     int64_t d, ns, nb, ostride;
     const int32_t *slots, *nid;
     const fl_rows *P;
@@ -439,9 +439,10 @@ static void ffn_part(void *p, int tid, int nth) {
     const int64_t T = A->T, G = A->G, d = J->d, ns = J->ns, nb = J->nb;
     const int gated = J->gated, fn = J->fn;
     const int32_t *slots = J->slots;
-    void (*dot4)(const fl_block *, const fl_actrow *, int64_t, float *) = J->fmt == FL_Q8 ? K->dot4_q8 : K->dot4_q4;
+    void (*dot4_in)(const fl_block *, const fl_actrow *, int64_t, float *) = J->fmt[0] == FL_Q8 ? K->dot4_q8 : K->dot4_q4;
+    void (*dot4_up)(const fl_block *, const fl_actrow *, int64_t, float *) = J->fmt[1] == FL_Q8 ? K->dot4_q8 : K->dot4_q4;
     const fl_rows *Rin = &J->P[0], *Rup = &J->P[1], *Rout = &J->P[2];
-    down_queue q = {K, J->fmt, T, d, tid ? d : J->ostride, tid ? J->priv + (int64_t)(tid - 1) * T * d : J->out,
+    down_queue q = {K, J->fmt[2], T, d, tid ? d : J->ostride, tid ? J->priv + (int64_t)(tid - 1) * T * d : J->out,
                     NULL, {{0}}, NULL, 0, NULL, NULL, NULL};
     float *hbuf = malloc(sizeof(float) * 4 * T);
     q.c = malloc(sizeof(float) * 4 * T);
@@ -462,8 +463,8 @@ static void ffn_part(void *p, int tid, int nth) {
         for (int64_t t = 0; t < T; t++) {
             float g[4], u[4];
             const fl_actrow a = act_row(A, t);
-            dot4(&bg, &a, G, g);
-            if (gated) dot4(&bu, &a, G, u);
+            dot4_in(&bg, &a, G, g);
+            if (gated) dot4_up(&bu, &a, G, u);
             for (int r = 0; r < 4; r++) {
                 float hv = 0.0f;
                 if (pos[r] >= 0)
@@ -485,19 +486,19 @@ static void ffn_part(void *p, int tid, int nth) {
     free(q.tn);
 }
 
-static int drv_ffn(const fl_kernels *K, int fmt, int gated, int fn, int64_t d, int64_t ns, const int32_t *slots,
+static int drv_ffn(const fl_kernels *K, int gated, int fn, int64_t d, int64_t ns, const int32_t *slots,
                    const uint8_t *base, int64_t stride, const fl_part parts[3], const float *bias, const int32_t *nid,
                    const fl_act *A, float *out, int64_t ostride) {
     if (ns <= 0) return 0;
-    const int has_min = fmt == FL_Q4;
     fl_rows P[3];
     for (int p = 0; p < 3; p++) {
         P[p].data = base + parts[p].data;
         P[p].scale = base + parts[p].scale;
-        P[p].min = has_min ? base + parts[p].min : NULL;
+        P[p].min = parts[p].fmt == FL_Q4 ? base + parts[p].min : NULL;
         P[p].dstride = P[p].sstride = P[p].mstride = stride;
     }
-    ffn_job J = {K, fmt, gated, fn, d, ns, n_blocks(ns), ostride, slots, nid, P, bias, A, out, NULL, 0};
+    ffn_job J = {K, {(int)parts[0].fmt, (int)parts[1].fmt, (int)parts[2].fmt}, gated, fn, d, ns, n_blocks(ns),
+                 ostride, slots, nid, P, bias, A, out, NULL, 0};
     /* a block here reads two or three rows per neuron: half the gemv's minimum blocks per thread */
     int nth = threads_for(2 * J.nb);
     if (nth > 1 && !(J.priv = calloc((size_t)(nth - 1) * A->T * d, sizeof(float)))) nth = 1;
@@ -611,22 +612,22 @@ static PyObject *py_axpy(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     Py_RETURN_NONE;
 }
 
-/* ffn(impl, fmt, gated, act_fn, d, nslots, slots, base, stride,
-       in_data, in_scale, in_min, up_data, up_scale, up_min, out_data, out_scale, out_min,
+/* ffn(impl, gated, act_fn, d, nslots, slots, base, stride,
+       in_fmt, in_data, in_scale, in_min, up_fmt, up_data, up_scale, up_min, out_fmt, out_data, out_scale, out_min,
        bias, neuron_ids, T, q, qp, xs, xsp, xsum, out, ostride)
-   gated: the triples are gate, up, down; ungated: fc1, (ignored), fc2. */
+   gated: the quads are gate, up, down; ungated: fc1, (ignored), fc2. Each part has its own format. */
 static PyObject *py_ffn(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    int64_t v[28];
+    int64_t v[30];
     int rc;
-    if (ints(args, nargs, 28, v, "ffn")) return NULL;
+    if (ints(args, nargs, 30, v, "ffn")) return NULL;
     const fl_kernels *K = pick(v[0]);
     if (!K) return NULL;
-    const int gated = (int)v[2];
-    const fl_part parts[3] = {{v[9], v[10], v[11]}, {v[12], v[13], v[14]}, {v[15], v[16], v[17]}};
-    const fl_act A = act_from(v + 21, v[20], v[4]);
+    const int gated = (int)v[1];
+    const fl_part parts[3] = {{v[8], v[9], v[10], v[11]}, {v[12], v[13], v[14], v[15]}, {v[16], v[17], v[18], v[19]}};
+    const fl_act A = act_from(v + 23, v[22], v[3]);
     Py_BEGIN_ALLOW_THREADS;
-    rc = drv_ffn(K, (int)v[1], gated, (int)v[3], v[4], v[5], PTR(const int32_t *, v[6]), PTR(const uint8_t *, v[7]),
-                 v[8], parts, PTR(const float *, v[18]), PTR(const int32_t *, v[19]), &A, PTR(float *, v[26]), v[27]);
+    rc = drv_ffn(K, gated, (int)v[2], v[3], v[4], PTR(const int32_t *, v[5]), PTR(const uint8_t *, v[6]), v[7], parts,
+                 PTR(const float *, v[20]), PTR(const int32_t *, v[21]), &A, PTR(float *, v[28]), v[29]);
     Py_END_ALLOW_THREADS;
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
