@@ -58,6 +58,25 @@ def save_checkpoint(model, path: Path, tokenizer=None) -> Path:
     return path
 
 
+def store_builder(root: Path, models: dict):
+    """get(arch, dtype) -> a store of `models[arch]()` converted to `dtype` under `root`, each
+    checkpoint saved and each store converted once (for a module-scoped fixture)."""
+    from flashlm.convert import convert
+
+    built: dict[tuple[str, str], Path] = {}
+
+    def get(arch: str, dtype: str) -> Path:
+        if (arch, dtype) not in built:
+            ckpt = root / f"{arch}-ckpt"
+            if not ckpt.exists():
+                save_checkpoint(models[arch](), ckpt)
+            convert(ckpt, root / f"{arch}-{dtype}", dtype=dtype, progress=False)
+            built[arch, dtype] = root / f"{arch}-{dtype}"
+        return built[arch, dtype]
+
+    return get
+
+
 def random_llama(seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 

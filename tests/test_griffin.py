@@ -9,10 +9,9 @@ import math
 import pytest
 import torch
 
-from conftest import random_llama, random_opt, save_checkpoint
+from conftest import random_llama, random_opt, store_builder
 from flashlm import Engine
 from flashlm.cli import main
-from flashlm.convert import convert
 from flashlm.errors import ConfigError, MemoryBudgetError
 from flashlm.io.store import FlashStore
 from flashlm.kernels import QBundles, dequantize_bundles
@@ -31,19 +30,7 @@ MODELS = {
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-    root = tmp_path_factory.mktemp("griffin")
-    built: dict[tuple[str, str], object] = {}
-
-    def get(arch: str, dtype: str):
-        if (arch, dtype) not in built:
-            ckpt = root / f"{arch}-ckpt"
-            if not ckpt.exists():
-                save_checkpoint(MODELS[arch](), ckpt)
-            convert(ckpt, root / f"{arch}-{dtype}", dtype=dtype, progress=False)
-            built[arch, dtype] = root / f"{arch}-{dtype}"
-        return built[arch, dtype]
-
-    return get
+    return store_builder(tmp_path_factory.mktemp("griffin"), MODELS)
 
 
 async def griffin_minimum(store, density: float) -> int:

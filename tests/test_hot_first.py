@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import random_llama, random_opt, save_checkpoint
+from conftest import random_llama, random_opt, store_builder
 from flashlm import Engine
 from flashlm.calibration import calibrate
-from flashlm.calibration.hot_first import ORDER_KEY, activation_counts, mean_prefix_share, neuron_order, original_ids, \
+from flashlm.io.format import NEURON_ORDER_KEY
+from flashlm.calibration.hot_first import activation_counts, mean_prefix_share, neuron_order, original_ids, \
     reorder
 from flashlm.calibration.neuron_stats import load_stats
 from flashlm.calibration.record import load_dense
 from flashlm.calibration.train import PredictorSettings
-from flashlm.convert import convert
 from flashlm.errors import MemoryBudgetError
 from flashlm.io.store import FlashStore
 from flashlm.models.base import PERMUTATION_KEY
@@ -59,19 +59,7 @@ def calibration_ids(n=512, seed=0):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hot-first")
-    built: dict[tuple[str, str], Path] = {}
-
-    def get(arch: str, dtype: str) -> Path:
-        if (arch, dtype) not in built:
-            ckpt = root / f"{arch}-ckpt"
-            if not ckpt.exists():
-                save_checkpoint(MODELS[arch](), ckpt)
-            convert(ckpt, root / f"{arch}-{dtype}", dtype=dtype, progress=False)
-            built[arch, dtype] = root / f"{arch}-{dtype}"
-        return built[arch, dtype]
-
-    return get
+    return store_builder(tmp_path_factory.mktemp("hot-first"), MODELS)
 
 
 @pytest.fixture
@@ -110,7 +98,7 @@ async def test_a_reordered_store_computes_the_same_logits_and_tokens(copy, arch,
     rec = reorder(store, ids=calibration_ids(), seq_len=64, progress=False)
     s = FlashStore.open(store)
     assert s.verify() == [] and s.manifest.store_id != old.manifest.store_id
-    assert neuron_order(s.manifest) == rec and s.manifest.extra[ORDER_KEY]["calibration"]["tokens"] == 512
+    assert neuron_order(s.manifest) == rec and s.manifest.extra[NEURON_ORDER_KEY]["calibration"]["tokens"] == 512
     moved = 0
     for layer, lay in enumerate(s.manifest.ffn.layers):
         ids = original_ids(s, layer)
@@ -180,7 +168,7 @@ async def test_calibrated_selectors_and_statistics_follow_the_reorder(copy):
     s = FlashStore.open(store)
     res = s.load_resident()
     assert s.manifest.predictors["selectors"] == preds["selectors"]
-    assert s.manifest.extra[ORDER_KEY]["by"].startswith("activation frequency")
+    assert s.manifest.extra[NEURON_ORDER_KEY]["by"].startswith("activation frequency")
     act = load_dense(s).act
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
     for name in preds["selectors"]:
@@ -200,7 +188,7 @@ async def test_calibrated_selectors_and_statistics_follow_the_reorder(copy):
         assert [c.token_id async for c in engine.stream(PROMPT, max_tokens=12)] == want
     # calibrating again replaces the hot-first order with its own, and the manifest says so
     calibrate(store, ids=calibration_ids(seed=4), **FAST)
-    assert FlashStore.open(store).manifest.extra[ORDER_KEY]["by"].startswith("co-activation")
+    assert FlashStore.open(store).manifest.extra[NEURON_ORDER_KEY]["by"].startswith("co-activation")
 
 
 INTERRUPTED = """
@@ -238,5 +226,5 @@ def test_cli_hot_first_reports_the_prefix_shares(llama_store, tmp_path):
                         "--tokens", "512", "--quiet", "--json"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     rec = json.loads(r.stdout)["neuron_order"]
-    assert rec == FlashStore.open(store).manifest.extra[ORDER_KEY]
+    assert rec == FlashStore.open(store).manifest.extra[NEURON_ORDER_KEY]
     assert rec["prefix_share"]["after"]["0.25"] > rec["prefix_share"]["before"]["0.25"]

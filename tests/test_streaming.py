@@ -10,9 +10,8 @@ import sys
 import pytest
 import torch
 
-from conftest import RSS_ALLOWANCE, random_llama, random_opt, save_checkpoint
+from conftest import RSS_ALLOWANCE, random_llama, random_opt, store_builder
 from flashlm import Engine
-from flashlm.convert import convert
 from flashlm.errors import MemoryBudgetError
 from flashlm.io.store import FlashStore
 from flashlm.pipeline.budget import MIN_SLOTS, STREAM_CHUNK
@@ -49,19 +48,7 @@ MODELS = {
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
-    root = tmp_path_factory.mktemp("streaming")
-    built: dict[tuple[str, str], object] = {}
-
-    def get(arch: str, dtype: str):
-        if (arch, dtype) not in built:
-            ckpt = root / f"{arch}-ckpt"
-            if not ckpt.exists():
-                save_checkpoint(MODELS[arch](), ckpt)
-            convert(ckpt, root / f"{arch}-{dtype}", dtype=dtype, progress=False)
-            built[arch, dtype] = root / f"{arch}-{dtype}"
-        return built[arch, dtype]
-
-    return get
+    return store_builder(tmp_path_factory.mktemp("streaming"), MODELS)
 
 
 async def minimum(store) -> int:

@@ -37,26 +37,24 @@ def parse_modes(text: str | None) -> list[dict[str, Any]]:
             raise ConfigError(f"--selection {text!r}: {name!r} is not a selection (auto, dense, griffin[:GAMMA], "
                               f"gate, shadow, predictor)")
         mode: dict[str, Any] = {"selection": name}
-        if g:
-            try:
-                gamma = float(g)
-            except ValueError:
-                raise ConfigError(f"--selection {item!r}: the masking gamma must be a number in (0, 1]") from None
-            if name != "griffin" or not 0 < gamma <= 1:
-                raise ConfigError(f"--selection {item!r}: only griffin takes a masking gamma, in (0, 1]")
-            mode["cache_gamma"] = gamma
-        if dens:
-            try:
-                density = float(dens)
-            except ValueError:
-                raise ConfigError(f"--selection {item!r}: the density after @ must be a number in (0, 1]") from None
-            if name != "griffin" or not 0 < density <= 1:
-                raise ConfigError(f"--selection {item!r}: only griffin takes a density after @, in (0, 1]")
-            mode["density"] = density
+        for field, value, what in (("cache_gamma", g, "a masking gamma"), ("density", dens, "a density after @")):
+            if value:
+                mode[field] = _griffin_fraction(item, name, value, what)
         out.append(mode)
     if not out:
         raise ConfigError(f"--selection {text!r}: name at least one selection")
     return out
+
+
+def _griffin_fraction(item: str, name: str, text: str, what: str) -> float:
+    """A griffin mode's number (its gamma, or its density after @), in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"--selection {item!r}: {what} must be a number in (0, 1]") from None
+    if name != "griffin" or not 0 < value <= 1:
+        raise ConfigError(f"--selection {item!r}: only griffin takes {what}, in (0, 1]")
+    return value
 
 
 def continuation(nll: Tensor, prompt: int) -> Tensor:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from flashlm.bench import io_workloads as wl
-from flashlm.bench.io_stream import run_stream_bench
+from flashlm.bench.io_stream import fio_read_job, run_stream_bench
 from flashlm.io.reader import DEFAULT_BACKEND, DEFAULT_MAX_GAP_BYTES, DEFAULT_MIN_READ_BYTES
 from flashlm.log import get_logger
 
@@ -269,12 +269,7 @@ async def _fio(fio: str, path: Path, bs: int, depth: int, seconds: float, blocka
            "--ioengine=io_uring", "--direct=1", f"--runtime={int(seconds * 1000)}ms", "--time_based",
            f"--size={path.stat().st_size}", "--norandommap", "--randrepeat=0", "--invalidate=0", "--numjobs=1",
            "--output-format=json"]
-    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    stdout, stderr = await proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError(f"fio failed (rc {proc.returncode}): {stderr.decode()[-500:]}\ncommand: {' '.join(cmd)}")
-    text = stdout.decode()
-    job = json.loads(text[text.index("{"):])["jobs"][0]["read"]
+    job = await fio_read_job(cmd)
     pct = job.get("clat_ns", {}).get("percentile", {})
     return {"mib_s": job["bw_bytes"] / 2**20, "iops": job["iops"],
             "p50_us": pct.get("50.000000", 0) / 1e3, "p99_us": pct.get("99.000000", 0) / 1e3}

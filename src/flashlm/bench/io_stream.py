@@ -60,13 +60,18 @@ async def fio_sequential(fio: str, path: Path, bs: int, depth: int, seconds: flo
     cmd = [fio, "--name=seqread", f"--filename={path}", "--rw=read", f"--bs={bs}", f"--iodepth={depth}",
            "--ioengine=io_uring", "--direct=1", f"--runtime={int(seconds * 1000)}ms", "--time_based",
            f"--size={path.stat().st_size}", "--invalidate=0", "--numjobs=1", "--readonly", "--output-format=json"]
+    job = await fio_read_job(cmd)
+    return {"mib_s": job["bw_bytes"] / MIB, "iops": job["iops"]}
+
+
+async def fio_read_job(cmd: list[str]) -> dict[str, Any]:
+    """Run fio (`cmd`, with --output-format=json) and return its one job's "read" section."""
     proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     stdout, stderr = await proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"fio failed (rc {proc.returncode}): {stderr.decode()[-500:]}\ncommand: {' '.join(cmd)}")
     text = stdout.decode()
-    job = json.loads(text[text.index("{"):])["jobs"][0]["read"]
-    return {"mib_s": job["bw_bytes"] / MIB, "iops": job["iops"]}
+    return json.loads(text[text.index("{"):])["jobs"][0]["read"]
 
 
 async def run_stream_bench(fio: str | None, plain: Path, seconds: float, rounds: int) -> dict[str, Any]:

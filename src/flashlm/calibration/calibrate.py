@@ -18,13 +18,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 import flashlm.calibration.data as data
-from flashlm.calibration.hot_first import ORDER_KEY
 from flashlm.calibration.coactivation import coactivation_order, entering_sets, read_stats
 from flashlm.calibration.neuron_stats import DENSITIES, GRID, STATS_KEY, layer_stats, record_with_residual, stats_keys
 from flashlm.calibration.neuron_stats import NeuronStats
 from flashlm.calibration.record import load_dense
 from flashlm.calibration.train import PredictorSettings, selection_report, train_predictor
-from flashlm.io.format import MANIFEST_NAME, Manifest
+from flashlm.io.format import MANIFEST_NAME, NEURON_ORDER_KEY, Manifest
 from flashlm.io.store import FlashStore
 from flashlm.io.writer import atomic_directory, write_store
 from flashlm.log import get_logger
@@ -35,15 +34,6 @@ from flashlm.version import __version__
 log = get_logger(__name__)
 SELECTOR_PREFIX = SELECTOR_KEY.split("{")[0]  # "flashlm.selector."
 DEFAULT_SELECTION = {"selector": "shadow_int8", "density": 0.4, "window": 8, "rule": "top_k"}
-
-
-def calibration_ids(store: FlashStore, tokens: int, text: str | Path | None) -> tuple[list[int], str]:
-    tok = data.tokenizer(store)
-    if text is None:
-        return data.token_stream(tok, data.wiki_split("calibration"), tokens, tok.eos_token_id), \
-            f"gensim-4.4.0:{data.WIKI_FILE} (calibration split: article i % {data.HELD_OUT_EVERY} != 4)"
-    path = Path(text)
-    return data.token_stream(tok, [path.read_text(encoding="utf-8", errors="replace")], tokens), str(path)
 
 
 def calibrate(
@@ -79,7 +69,7 @@ def calibrate(
     store = FlashStore.open(store_path)
     m = store.manifest
     if ids is None:
-        ids, source_text = calibration_ids(store, tokens, text)
+        ids, source_text = data.calibration_ids(store, tokens, text)
     else:
         source_text = "token ids given by the caller"
     resident = store.load_resident()
@@ -188,7 +178,7 @@ def _rewrite(store: FlashStore, resident: dict[str, Tensor], rows: list[Tensor],
                        for lay, old in zip(written.ffn.layers, m.ffn.layers))
         extra = {**m.extra, "calibrated": True}
         if permuted:  # this order replaces a hot-first one: the manifest says which it is
-            extra[ORDER_KEY] = {"by": "co-activation (calibrate)", "objective": predictors["permutation"]["objective"]}
+            extra[NEURON_ORDER_KEY] = {"by": "co-activation (calibrate)", "objective": predictors["permutation"]["objective"]}
         final = dataclasses.replace(written, ffn=dataclasses.replace(written.ffn, layers=layers),
                                     predictors=predictors, extra=extra)
         final.validate(str(store.path))

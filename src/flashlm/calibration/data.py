@@ -161,3 +161,14 @@ def tokenizer(store: Any) -> Any:
     if store.tokenizer_dir is None:
         raise CalibrationDataError(f"{store.path} has no tokenizer; calibration needs text -> tokens")
     return AutoTokenizer.from_pretrained(str(store.tokenizer_dir))
+
+
+def calibration_ids(store: Any, tokens: int, text: str | Path | None) -> tuple[list[int], str]:
+    """`tokens` ids of calibration text for `store` (the Wikipedia calibration split, or the file
+    `text`) and a line naming where they came from."""
+    tok = tokenizer(store)
+    if text is None:
+        return token_stream(tok, wiki_split("calibration"), tokens, tok.eos_token_id), \
+            f"gensim-4.4.0:{WIKI_FILE} (calibration split: article i % {HELD_OUT_EVERY} != 4)"
+    path = Path(text)
+    return token_stream(tok, [path.read_text(encoding="utf-8", errors="replace")], tokens), str(path)

@@ -35,14 +35,13 @@ from tqdm.auto import tqdm
 from flashlm.calibration.neuron_stats import STATS_KEY
 from flashlm.calibration.record import DenseModel, chunks, forward_with, load_dense
 from flashlm.errors import ConfigError
-from flashlm.io.format import Manifest
+from flashlm.io.format import NEURON_ORDER_KEY, Manifest
 from flashlm.io.relayout import permute_store, raw_resident
 from flashlm.io.store import FlashStore
 from flashlm.models.base import PERMUTATION_KEY
 from flashlm.models.selectors import SELECTOR_KEY, magnitudes, top_mask
 from flashlm.version import __version__
 
-ORDER_KEY = "neuron_order"  # Manifest.extra[ORDER_KEY]: how the store's neurons are ordered
 FRACTIONS = (0.25, 0.5)  # prefix shares reported
 DEFAULT_DENSITY = 0.4  # the engine's default selection density
 SELECTOR_PREFIX = SELECTOR_KEY.split("{")[0]
@@ -143,7 +142,7 @@ def _unknown(key: str) -> Tensor:
 
 def neuron_order(manifest: Manifest) -> dict[str, Any] | None:
     """How a store's neurons are ordered (`extra["neuron_order"]`), None if it does not say."""
-    return manifest.extra.get(ORDER_KEY)
+    return manifest.extra.get(NEURON_ORDER_KEY)
 
 
 def original_ids(store: FlashStore, layer: int) -> np.ndarray:
@@ -157,7 +156,7 @@ def reorder(store_path: str | Path, *, tokens: int = 8192, text: str | Path | No
             _before_commit: Callable[[Path], None] | None = None) -> dict[str, Any]:
     """Order every layer of the store hot-first, in place and atomically. Returns the record
     written to the manifest (`extra["neuron_order"]`)."""
-    from flashlm.calibration.calibrate import calibration_ids
+    from flashlm.calibration.data import calibration_ids
 
     t0 = time.perf_counter()
     store = FlashStore.open(store_path)
@@ -188,6 +187,6 @@ def reorder(store_path: str | Path, *, tokens: int = 8192, text: str | Path | No
     if predictors is not None and (predictors.get("permutation") or {}).get("applied"):
         # calibrate's read figures were for its co-activation order, which this replaces
         predictors = {**predictors, "permutation": {"applied": True, "objective": "hot-first (extra.neuron_order)"}}
-    permute_store(store, orders, resident, extra={**m.extra, ORDER_KEY: record}, predictors=predictors,
+    permute_store(store, orders, resident, extra={**m.extra, NEURON_ORDER_KEY: record}, predictors=predictors,
                   before_commit=_before_commit)
     return record

@@ -40,6 +40,7 @@ RESIDENT_NAME = "resident.safetensors"
 FFN_NAME = "ffn.bin"
 CRC_NAME = "ffn.crc32"  # uint32 little-endian per bundle (its unpadded bytes), layer-major
 TOKENIZER_DIR = "tokenizer"
+NEURON_ORDER_KEY = "neuron_order"  # Manifest.extra[NEURON_ORDER_KEY]: how the store's neurons are ordered
 
 # ffn.bin header: magic, format version, number of layers, block size, store id (16 bytes).
 FFN_MAGIC = b"FLASHLM-FFN\x00"

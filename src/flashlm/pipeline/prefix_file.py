@@ -18,7 +18,6 @@ from the worker is safe.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import torch
 
 from flashlm.errors import PromptCacheFileError
 from flashlm.io.durable import fsync_dir
-from flashlm.io.format import MANIFEST_NAME
+from flashlm.io.format import MANIFEST_NAME, file_sha256
 
 FORMAT = "flashlm-prompt-cache"
 VERSION = "1"
@@ -36,7 +35,7 @@ VERSION = "1"
 
 def store_identity(store_path: str | os.PathLike[str]) -> str:
     """The SHA-256 of a store's manifest.json: the same for the same weights and layout only."""
-    return hashlib.sha256((Path(store_path) / MANIFEST_NAME).read_bytes()).hexdigest()
+    return file_sha256(Path(store_path) / MANIFEST_NAME)
 
 
 def write_prefixes(path: str | os.PathLike[str], prefixes: list[tuple[np.ndarray, torch.Tensor]],
