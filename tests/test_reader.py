@@ -135,13 +135,18 @@ async def test_exact_bytes(tmp_path, backend, direct, dtype, block):
         assert reader.stats.calls == 14
 
 
+# the backends that read a range as one scattering request (gaps through into scratch)
+SCATTERING = [b for b in BACKENDS if (b.values[0] if hasattr(b, "values") else b) in ("threads", "batch")]
+
+
+@pytest.mark.parametrize("backend", SCATTERING)
 @pytest.mark.parametrize("min_read,max_gap", [(0, 0), (1 << 20, 1 << 20), (32 * 1024, 4096)])
-async def test_exact_bytes_coalescing_settings(tmp_path, min_read, max_gap):
+async def test_exact_bytes_coalescing_settings(tmp_path, min_read, max_gap, backend):
     """Reading gaps through (into scratch) never puts gap bytes into dest, whatever the settings."""
     path, layout = make_store(tmp_path)
     rng = np.random.default_rng(7)
     dest = aligned_empty(300, layout.stride)
-    async with BundleReader(path, layout, min_read_bytes=min_read, max_gap_bytes=max_gap) as reader:
+    async with BundleReader(path, layout, backend=backend, min_read_bytes=min_read, max_gap_bytes=max_gap) as reader:
         for _ in range(5):
             ids = rng.choice(300, size=60, replace=False)
             slots = rng.permutation(300)[:60]
@@ -153,6 +158,7 @@ async def test_exact_bytes_coalescing_settings(tmp_path, min_read, max_gap):
                 assert st.bytes_read == st.bytes_requested
             if max_gap == 1 << 20:
                 assert st.ranges == 1 and st.bytes_read > st.bytes_requested
+                assert st.syscalls == 1  # the whole set one preadv / one READV
 
 
 async def test_concurrent_reads_of_many_layers(tmp_path):

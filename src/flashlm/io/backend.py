@@ -124,6 +124,18 @@ class Backend:
         raise NotImplementedError
 
 
+def advance_views(views: list[memoryview], n: int) -> list[memoryview]:
+    """Drop the first n bytes of an iovec list (to resume a short read)."""
+    out = []
+    for v in views:
+        if n >= len(v):
+            n -= len(v)
+        else:
+            out.append(v[n:])
+            n = 0
+    return out
+
+
 def _set_done(fut: asyncio.Future[None] | None) -> None:
     if fut is not None and not fut.done():
         fut.set_result(None)

@@ -1,45 +1,55 @@
 """The "batch" backend of `BundleReader`: whole batches of reads submitted and reaped in C
 (`flashlm.io._uring_batch`, io_uring through raw syscalls, the GIL released), so a read costs
-no Python work of its own: one thread hop per batch, not per read.
+no Python work of its own: one thread hop per batch, not per read. What the reader's "auto"
+picks where the extension is built and the kernel lets the process set up a ring.
 
-Measured on the 2-vCPU VM (2026-12-07, random 32 KiB O_DIRECT, 32 in flight): CPU per read
-31-44 us with the threads backend (one `os.preadv` per worker-thread hop), 13-16 us with "uring"
-(uring-api, a Python reaper), 6-7 us for fio itself. On this shared machine that CPU time, not
-the disk, is what held the reader to ~0.3 of fio (docs/io.md).
+Each range is one READV SQE scattering into its destination rows, its small gaps read through
+into scratch, as the threads backend's one `os.preadv` a range: the same ranges, the same
+syscall count. Measured on the 2-vCPU VM (2026-12-07, random 32 KiB O_DIRECT, 32 in flight):
+CPU per read 31-44 us with the threads backend (one `os.preadv` per worker-thread hop), 15-19 us
+here, 6-9 us for fio itself; on this shared machine that CPU time, not the disk, is what held the
+threads backend to ~0.7 of fio (docs/io.md).
 
-Four worker threads, each with its own ring, each take one pending call at a time, turn each
-destination part into a read (no readv in a batch: like "uring", gaps are never read through,
-`scatter = False`), keep `in_flight // 2` of them in the kernel until the call is done, then
-report it. So up to 2 x `in_flight` reads are in the kernel when four calls run at once (unlike
-the other backends' hard cap): what the measured figures (docs/io.md) ran with; a batch is done
-only when its slowest read is, and the other workers keep the disk busy meanwhile. A short read
-is finished with `os.preadv`; an error fails its call. Linux only: without the extension
-`BatchBackend()` raises ConfigError naming the fix.
+Four worker threads, each with its own ring, each take one pending call at a time, keep
+`in_flight // 2` of its ranges in the kernel until the call is done, then report it. So up to
+2 x `in_flight` reads are in the kernel when four calls run at once (unlike the other backends'
+hard cap): what the measured figures (docs/io.md) ran with; a batch is done only when its
+slowest read is, and the other workers keep the disk busy meanwhile. A short read is finished
+with `os.preadv`; an error fails its range. Linux only: without the extension `BatchBackend()`
+raises ConfigError naming the fix.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import threading
 
 import numpy as np
 
 from flashlm.errors import ConfigError
-from flashlm.io.backend import DIO_ALIGN, Backend, Range, ReadCall, ShortReadError, _set_done
+from flashlm.io.backend import DIO_ALIGN, Backend, Range, ReadCall, ShortReadError, _set_done, advance_views
 
 
+@functools.cache
 def available() -> bool:
+    """The extension is built and this kernel lets the process set up a ring (a container's
+    seccomp profile may refuse io_uring_setup: then the reader's "auto" picks "threads")."""
     try:
-        from flashlm.io import _uring_batch  # noqa: F401
+        from flashlm.io import _uring_batch
     except ImportError:
+        return False
+    try:
+        _uring_batch.Ring(8).close()
+    except OSError:
         return False
     return True
 
 
 class BatchBackend(Backend):
     name = "batch"
-    scatter = False
+    scatter = True
 
     def __init__(self, in_flight: int = 32, workers: int = 4):
         super().__init__(in_flight)
@@ -108,41 +118,41 @@ class BatchBackend(Backend):
         for c, rs in batch:
             if c.abandoned:
                 c.done(len(rs))
-        offs, lens, addrs, owner = [], [], [], []  # owner: (call, range) of each read
+        # one READV a range: its parts scatter into the call's destination rows, its gaps into scratch
+        offs, first, addrs, lens, owner = [], [0], [], [], []
         for call, ranges in live:
             base = np.frombuffer(call.dest, dtype=np.uint8).ctypes.data
+            scratch = np.frombuffer(call.scratch, dtype=np.uint8).ctypes.data
             for r in ranges:
-                off = r.offset
+                offs.append(r.offset)
                 for o, n in r.parts:
-                    assert o >= 0, "batch ranges carry no gap parts"
-                    offs.append(off)
+                    addrs.append(base + o if o >= 0 else scratch)
                     lens.append(n)
-                    addrs.append(base + o)
-                    owner.append((call, r))
-                    off += n
+                first.append(len(addrs))
+                owner.append((call, r))
         if not offs:
             return
-        o_arr, l_arr, a_arr = (np.asarray(x, dtype=np.int64) for x in (offs, lens, addrs))
+        o_arr, f_arr, a_arr, l_arr = (np.asarray(x, dtype=np.int64) for x in (offs, first, addrs, lens))
         res = np.empty(len(offs), dtype=np.int64)
         try:
-            ring.read_batch(self.fd, o_arr, l_arr, a_arr, res, self._depth)
+            ring.readv_batch(self.fd, o_arr, f_arr, a_arr, l_arr, res, self._depth)
         except OSError as e:  # the ring itself failed: every call of the batch gets the error
             for call, ranges in live:
                 call.done(len(ranges), rng=ranges[0], err=e)
             return
-        # per range: ok when every part read whole; finish short reads here, fail errors
+        # per range: ok when read whole; finish short reads here, fail errors
         errs: dict[int, BaseException] = {}
+        extra: dict[int, int] = {}  # syscalls a short range took to finish
         for i, (call, r) in enumerate(owner):
-            got, want = int(res[i]), int(l_arr[i])
-            if got == want or id(r) in errs:
+            got = int(res[i])
+            if got == r.length:
                 continue
             try:
-                self._finish(call, int(o_arr[i]), int(a_arr[i]) - np.frombuffer(call.dest, dtype=np.uint8).ctypes.data,
-                             got, want)
+                extra[id(r)] = self._finish(call, r, got)
             except BaseException as e:  # noqa: BLE001 - reported to the awaiting coroutine
                 errs[id(r)] = e
         for call, ranges in live:
-            nbytes = 0
+            nbytes = syscalls = ok = 0
             for r in ranges:
                 err = errs.get(id(r))
                 if self.dontneed and err is None:
@@ -151,24 +161,27 @@ class BatchBackend(Backend):
                     except OSError as e:
                         err = e
                 if err is not None:
-                    call.done(rng=r, err=err, syscalls=len(r.parts))
+                    call.done(rng=r, err=err, syscalls=1)
                 else:
                     nbytes += r.length
-            ok = len(ranges) - sum(id(r) in errs for r in ranges)
+                    syscalls += 1 + extra.get(id(r), 0)
+                    ok += 1
             if ok:
-                call.done(ok, syscalls=sum(len(r.parts) for r in ranges), nbytes=nbytes)
+                call.done(ok, syscalls=syscalls, nbytes=nbytes)
 
-    def _finish(self, call: ReadCall, offset: int, at: int, got: int, want: int) -> None:
-        """A part that came back short (resume with preadv) or failed (raise)."""
+    def _finish(self, call: ReadCall, r: Range, got: int) -> int:
+        """A range that came back short: resume it with preadv (returns the syscalls it took), or
+        raise when it failed or cannot resume (an EOF, or O_DIRECT's unaligned tail)."""
         if got < 0:
             raise OSError(-got, os.strerror(-got))
+        views, off, want, calls = call.views(r), r.offset, r.length, 0
         while got < want:
-            if got % DIO_ALIGN:
-                raise ShortReadError(offset, got, want)
-            n = os.preadv(self.fd, [call.dest[at + got: at + want]], offset + got)
-            if n <= 0:
-                raise ShortReadError(offset, got, want)
-            got += n
+            if got <= 0 or got % DIO_ALIGN:
+                raise ShortReadError(off, got, want)
+            views, off, want = advance_views(views, got), off + got, want - got
+            got = os.preadv(self.fd, views, off)
+            calls += 1
+        return calls
 
     async def aclose(self) -> None:
         if not self._threads:

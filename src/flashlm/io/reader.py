@@ -5,8 +5,9 @@ preallocated, aligned destination (the neuron cache's slots): no intermediate `b
 Inside, ids are sorted (slot pairing kept), neighbours are coalesced into ranges (exact
 neighbours always; small gaps are read through into scratch memory when a range is still short,
 see `plan_ranges`), and each range is one `os.preadv` whose iovecs point at the destination
-rows (backend "threads", the default; backend "uring" issues one read SQE per destination part,
-see `flashlm.io.uring_backend`). At most `in_flight` reads are in the kernel at once, shared by
+rows (backend "threads": a worker thread's `os.preadv`; "batch", what "auto" picks where it can:
+one READV SQE a range, a call's ranges handed to io_uring in one C call, `flashlm.io.batch_backend`;
+"uring" issues one read SQE per destination part, see `flashlm.io.uring_backend`). At most `in_flight` reads are in the kernel at once, shared by
 every concurrent `read`.
 
 Contract:
@@ -55,17 +56,15 @@ from flashlm.io.threads_backend import ThreadsBackend
 from flashlm.log import get_logger
 
 __all__ = ["BundleReader", "ReadStats", "aligned_empty", "plan_ranges", "slots_as_tensor",
-           "DEFAULT_BACKEND", "DEFAULT_MAX_GAP_BYTES", "DEFAULT_MIN_READ_BYTES"]
+           "DEFAULT_BACKEND", "DEFAULT_MAX_GAP_BYTES", "DEFAULT_MIN_READ_BYTES", "backend_name"]
 
 log = get_logger(__name__)
 
-# `flashlm bench io` ("bundles" in benchmarks/results/io.json): on SmolLM2-shaped bundle reads the
-# two backends are within this shared VM's run-to-run noise of each other. Geometric mean of
-# useful MiB/s over the 4 workloads, threads vs uring: 128 vs 130 (io.json), 184 vs 168 (an
-# earlier full run), 170 vs 145 and 146 vs 170 (quick runs). Threads is the default: it reads
-# through small gaps (uring-api has no readv), which wins on dense sets every time (10% uniform:
-# 185 vs 149, 222 vs 185, 185 vs 167, 198 vs 176), and it needs no extra package.
-DEFAULT_BACKEND = "threads"
+# "auto": the "batch" backend where its extension is built and the kernel allows io_uring, else
+# "threads". Both read a range as one scattering request (through small gaps into scratch); batch
+# hands the kernel a whole call's ranges in one C call where threads pays a Python thread hop per
+# range, the CPU cost that held the reader below fio on 2 vCPUs (docs/io.md, `flashlm bench io`).
+DEFAULT_BACKEND = "auto"
 DEFAULT_MIN_READ_BYTES = 32 * 1024
 # Reading through a gap vs splitting ("gap" in io.json): single 3.5 KiB bundles, 32 in flight,
 # one read over the gap / two reads, in useful MiB/s, at gaps of 1/2/3/4/6/8/12/16 bundles:
@@ -141,10 +140,20 @@ def plan_ranges(ids: np.ndarray, slots: np.ndarray, *, stride: int, base: int, m
     return ranges
 
 
+def backend_name(kind: str) -> str:
+    """The backend a name stands for: "auto" resolved on this machine, any other name itself."""
+    if kind != "auto":
+        return kind
+    from flashlm.io.batch_backend import available
+
+    return "batch" if available() else "threads"
+
+
 def make_backend(kind: str | Backend, in_flight: int) -> Backend:
-    """The backend `kind` names ("threads", "uring" or "batch"), or `kind` itself when it is one."""
+    """The backend `kind` names ("auto", "threads", "uring" or "batch"), or `kind` itself when it is one."""
     if isinstance(kind, Backend):
         return kind
+    kind = backend_name(kind)
     if kind == "threads":
         return ThreadsBackend(in_flight)
     if kind == "uring":
@@ -155,7 +164,7 @@ def make_backend(kind: str | Backend, in_flight: int) -> Backend:
         from flashlm.io.batch_backend import BatchBackend
 
         return BatchBackend(in_flight)
-    raise ConfigError(f"unknown read backend {kind!r}: use 'threads', 'uring' or 'batch'")
+    raise ConfigError(f"unknown read backend {kind!r}: use 'auto', 'threads', 'uring' or 'batch'")
 
 
 class BundleReader:

@@ -12,19 +12,7 @@ import os
 import queue
 import threading
 
-from flashlm.io.backend import DIO_ALIGN, Backend, Range, ReadCall, ShortReadError, _set_done
-
-
-def _advance(views: list[memoryview], n: int) -> list[memoryview]:
-    """Drop the first n bytes of an iovec list (to resume a short read)."""
-    out = []
-    for v in views:
-        if n >= len(v):
-            n -= len(v)
-        else:
-            out.append(v[n:])
-            n = 0
-    return out
+from flashlm.io.backend import DIO_ALIGN, Backend, Range, ReadCall, ShortReadError, _set_done, advance_views
 
 
 class ThreadsBackend(Backend):
@@ -103,7 +91,7 @@ class ThreadsBackend(Backend):
                 break
             if n <= 0 or n > want or n % DIO_ALIGN:
                 raise ShortReadError(off, n, want)
-            views, off, want = _advance(views, n), off + n, want - n
+            views, off, want = advance_views(views, n), off + n, want - n
         if self.dontneed:
             os.posix_fadvise(self.fd, rng.offset, rng.length, os.POSIX_FADV_DONTNEED)
         return calls, got

@@ -63,7 +63,9 @@ class EngineConfig:
     compute: str = "thread"  # "thread": torch runs on a dedicated compute thread; "loop": inline on the event loop
     lookahead: int = 1  # 1: predict layer l+1 from layer l's attention output and prefetch; 0: serial
     memory_budget: int | float | str | None = None  # bytes, "2GiB", or a fraction of the model's bytes
-    io_backend: Any = "threads"  # "threads" (os.preadv workers) | "uring" | "batch" (C io_uring) | a Backend
+    # "auto": "batch" (C io_uring batches) where available, else "threads" (os.preadv workers);
+    # "uring" (uring-api) | a Backend
+    io_backend: Any = "auto"
     in_flight: int = 32  # reads in flight per store
     page_cache: bool = False  # False: O_DIRECT (honest timings); True: buffered reads
     # -- the prompt cache (flashlm.pipeline.prefix_cache; docs/prompt-cache.md) ------------------
@@ -130,10 +132,10 @@ class EngineConfig:
         for name in ("reuse", "page_cache", "prefix_cache"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if isinstance(self.io_backend, str) and self.io_backend not in ("threads", "uring", "batch"):
-            raise ConfigError(f"io_backend {self.io_backend!r} must be 'threads', 'uring' or 'batch'")
+        if isinstance(self.io_backend, str) and self.io_backend not in ("auto", "threads", "uring", "batch"):
+            raise ConfigError(f"io_backend {self.io_backend!r} must be 'auto', 'threads', 'uring' or 'batch'")
         if not isinstance(self.io_backend, str | Backend):
-            raise ConfigError(f"io_backend must be 'threads', 'uring', 'batch' or a flashlm.io.backend.Backend, "
+            raise ConfigError(f"io_backend must be 'auto', 'threads', 'uring', 'batch' or a flashlm.io.backend.Backend, "
                               f"got {self.io_backend!r}")
         if self.prefix_cache_bytes is not None and not (_int(self.prefix_cache_bytes) and self.prefix_cache_bytes >= 0
                                                         or isinstance(self.prefix_cache_bytes, str)):

@@ -14,6 +14,10 @@
  *       offsets, lengths, addrs, results: int64 buffers of n entries; addrs are destination
  *       addresses. Reads all n, at most `depth` in the kernel at once; results[i] = bytes read
  *       or -errno. Returns None; raises OSError only when the ring itself fails.
+ *   Ring.readv_batch(fd, offsets, iov_first, iov_addrs, iov_lens, results, depth)
+ *       one READV per entry: entry i scatters into iovecs iov_first[i] .. iov_first[i+1]-1
+ *       (iov_first has n+1 entries; iov_addrs, iov_lens the iovecs). So a range that reads
+ *       through small gaps into scratch is one request, as the threads backend's preadv is.
  *   Ring.close()
  */
 #define PY_SSIZE_T_CLEAN
@@ -25,6 +29,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 typedef struct {
@@ -109,7 +114,7 @@ static int get_i64(PyObject *o, Py_buffer *b, Py_ssize_t n, const char *what, in
 
 /* Submit and reap until every read is done. Returns 0, or -errno if io_uring_enter failed. */
 static int run_batch(Ring *r, int fd, const int64_t *off, const int64_t *len, const int64_t *addr, int64_t *res,
-                     Py_ssize_t n, unsigned depth) {
+                     Py_ssize_t n, unsigned depth, const struct iovec *iov, const int64_t *iov_first) {
     Py_ssize_t next = 0, done = 0;
     unsigned inflight = 0, unsubmitted = 0;
     if (depth > r->entries) depth = r->entries;
@@ -120,11 +125,17 @@ static int run_batch(Ring *r, int fd, const int64_t *off, const int64_t *len, co
             unsigned i = tail & *r->sq_mask;
             struct io_uring_sqe *s = &r->sqes[i];
             memset(s, 0, sizeof *s);
-            s->opcode = IORING_OP_READ;
             s->fd = fd;
             s->off = (uint64_t)off[next];
-            s->addr = (uint64_t)addr[next];
-            s->len = (uint32_t)len[next];
+            if (iov) {  /* READV: addr points at the entry's iovecs, len counts them */
+                s->opcode = IORING_OP_READV;
+                s->addr = (uint64_t)(uintptr_t)(iov + iov_first[next]);
+                s->len = (uint32_t)(iov_first[next + 1] - iov_first[next]);
+            } else {
+                s->opcode = IORING_OP_READ;
+                s->addr = (uint64_t)addr[next];
+                s->len = (uint32_t)len[next];
+            }
             s->user_data = (uint64_t)next;
             r->sq_array[i] = i;
             tail++;
@@ -178,11 +189,69 @@ static PyObject *Ring_read_batch(Ring *r, PyObject *args) {
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    err = run_batch(r, fd, b_off.buf, b_len.buf, b_addr.buf, b_res.buf, n, depth);
+    err = run_batch(r, fd, b_off.buf, b_len.buf, b_addr.buf, b_res.buf, n, depth, NULL, NULL);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&b_off);
     PyBuffer_Release(&b_len);
     PyBuffer_Release(&b_addr);
+    PyBuffer_Release(&b_res);
+    if (err) {
+        errno = -err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Ring_readv_batch(Ring *r, PyObject *args) {
+    int fd;
+    unsigned depth;
+    PyObject *o_off, *o_first, *o_addr, *o_len, *o_res;
+    if (!PyArg_ParseTuple(args, "iOOOOOI", &fd, &o_off, &o_first, &o_addr, &o_len, &o_res, &depth)) return NULL;
+    if (r->fd < 0) {
+        PyErr_SetString(PyExc_ValueError, "the ring is closed");
+        return NULL;
+    }
+    Py_buffer b_off, b_first, b_addr, b_len, b_res;
+    if (get_i64(o_off, &b_off, -1, "offsets", 0) < 0) return NULL;
+    Py_ssize_t n = b_off.len / 8;
+    if (get_i64(o_first, &b_first, n + 1, "iov_first", 0) < 0) { PyBuffer_Release(&b_off); return NULL; }
+    const int64_t *first = b_first.buf;
+    Py_ssize_t m = first[n];
+    int bad = first[0] != 0;
+    for (Py_ssize_t i = 0; i < n && !bad; i++) bad = first[i + 1] <= first[i] || first[i + 1] - first[i] > 1024;
+    if (bad || m < 0) {
+        PyErr_SetString(PyExc_ValueError, "iov_first must start at 0 and rise by 1 to 1024 an entry");
+        PyBuffer_Release(&b_off); PyBuffer_Release(&b_first);
+        return NULL;
+    }
+    if (get_i64(o_addr, &b_addr, m, "iov_addrs", 0) < 0) { PyBuffer_Release(&b_off); PyBuffer_Release(&b_first); return NULL; }
+    if (get_i64(o_len, &b_len, m, "iov_lens", 0) < 0) {
+        PyBuffer_Release(&b_off); PyBuffer_Release(&b_first); PyBuffer_Release(&b_addr);
+        return NULL;
+    }
+    if (get_i64(o_res, &b_res, n, "results", 1) < 0) {
+        PyBuffer_Release(&b_off); PyBuffer_Release(&b_first); PyBuffer_Release(&b_addr); PyBuffer_Release(&b_len);
+        return NULL;
+    }
+    struct iovec *iov = PyMem_RawMalloc((m ? m : 1) * sizeof *iov);
+    int err = 0;
+    if (!iov) {
+        err = -ENOMEM;
+    } else {
+        const int64_t *a = b_addr.buf, *l = b_len.buf;
+        for (Py_ssize_t j = 0; j < m; j++) {
+            iov[j].iov_base = (void *)(uintptr_t)a[j];
+            iov[j].iov_len = (size_t)l[j];
+        }
+        Py_BEGIN_ALLOW_THREADS
+        err = run_batch(r, fd, b_off.buf, NULL, NULL, b_res.buf, n, depth, iov, first);
+        Py_END_ALLOW_THREADS
+        PyMem_RawFree(iov);
+    }
+    PyBuffer_Release(&b_off);
+    PyBuffer_Release(&b_first);
+    PyBuffer_Release(&b_addr);
+    PyBuffer_Release(&b_len);
     PyBuffer_Release(&b_res);
     if (err) {
         errno = -err;
@@ -199,6 +268,8 @@ static PyObject *Ring_close(Ring *r, PyObject *unused) {
 static PyMethodDef Ring_methods[] = {
     {"read_batch", (PyCFunction)Ring_read_batch, METH_VARARGS,
      "read_batch(fd, offsets, lengths, addrs, results, depth): read every entry, depth in flight"},
+    {"readv_batch", (PyCFunction)Ring_readv_batch, METH_VARARGS,
+     "readv_batch(fd, offsets, iov_first, iov_addrs, iov_lens, results, depth): one READV an entry"},
     {"close", (PyCFunction)Ring_close, METH_NOARGS, "unmap and close the ring"},
     {NULL, NULL, 0, NULL},
 };
