@@ -75,13 +75,13 @@ async def engine_plan(store: Path, fraction: float, max_context: int, settings: 
         m, cfg = engine.memory, engine.config
         return {"fraction": fraction, "below_minimum": False, "budget_bytes": m.budget, "model_bytes": engine.model_bytes,
                 "plan_bytes": m.total, "capacity": m.capacity, "selection": cfg.selection,
-                "density": cfg.effective_density, "window": cfg.window,
+                "density": cfg.effective_density, "window": cfg.research.window,
                 # exact mode (a budget below every neuron, selection dense/auto): all computed, the
                 # neurons not held (cold_fraction of each layer) streamed every token; griffin: exact
                 # for the prompt, then the prompt's k per layer (`griffin`)
                 "mode": "griffin" if cfg.selection == "griffin" else "exact" if engine.exact is not None else "caches",
                 "cold_fraction": m.cold_per_layer / m.d_ff if engine.exact is not None else 0.0,
-                **({"cache_gamma": cfg.cache_gamma, "asked_density": cfg.density, "density": m.k / m.d_ff,
+                **({"cache_gamma": cfg.research.cache_gamma, "asked_density": cfg.density, "density": m.k / m.d_ff,
                     "griffin": {"k": m.k, "hot": m.hot, "gamma": m.gamma,
                                                                 "density": m.k / m.d_ff}}
                    if cfg.selection == "griffin" else {}),

@@ -9,7 +9,6 @@ cache; steps of concurrent requests interleave on the compute thread, one token 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import contextlib
 import os
 from collections.abc import Callable, Sequence
@@ -107,7 +106,7 @@ class Engine:
     ) -> Engine:
         """Open a store directory, or a built-in model name (converted and cached on first use).
         `settings` are EngineConfig fields: alone they make the config; with a `config` they
-        replace those of its fields (`dataclasses.replace`). An unknown one is a ConfigError."""
+        replace those of its fields (`EngineConfig.replace`). An unknown one is a ConfigError."""
         config = EngineConfig.merged(config, settings)
         path = await asyncio.to_thread(resolve_store, model, config.store_dtype, progress)
         store = await asyncio.to_thread(FlashStore.open, path)
@@ -128,9 +127,10 @@ class Engine:
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         cfg, store = self.config, self.store
+        knobs = cfg.research
         if cfg.trace is not None:
             conf = {k: (v if isinstance(v, int | float | str | bool | type(None)) else repr(v))
-                    for k, v in cfg.__dict__.items()}
+                    for k, v in cfg.settings().items()}
             self._trace = TraceSink(cfg.trace, config=conf, model=str(store.path), max_bytes=cfg.trace_max_bytes)
         # What the manifest makes us allocate, bounded before any of it is: resident tensors (their
         # size from the safetensors header), one KV cache, and the FFN rows (ram: exact, so judged by
@@ -148,7 +148,7 @@ class Engine:
         budget = parse_budget(cfg.memory_budget, self.model_bytes)
         slot_bytes = NeuronCache.slot_bytes(ffn, cfg.torch_dtype, self.device)
         # one step pins its exact set and, with lookahead, the speculative one
-        min_capacity = min(d_ff, n_keep(d_ff, cfg.effective_density) * (1 + cfg.lookahead))
+        min_capacity = min(d_ff, n_keep(d_ff, cfg.effective_density) * (1 + knobs.lookahead))
         if cfg.ffn == "ram":
             check_fits(res_bytes + ffn_bytes + kv_bytes, "resident tensors, every FFN row, one KV cache at "
                        f"max_context {self.max_context}", budget, store=str(store.path))
@@ -162,13 +162,13 @@ class Engine:
         if cfg.ffn == "flash" and cfg.selection == "griffin":  # the prompt's own statistics (pipeline/griffin.py)
             await start_griffin(self, budget)
             return
-        if (cfg.ffn == "flash" and budget is not None and cfg.selection in ("dense", "auto") and cfg.reuse
+        if (cfg.ffn == "flash" and budget is not None and cfg.selection in ("dense", "auto") and knobs.reuse
                 and not (cfg.selection == "auto" and cfg.density is not None)
                 and res_bytes + kv_bytes + d_ff * slot_bytes * len(ffn.layers) > budget):
             # a budget that cannot cache every neuron: exact mode streams what it cannot hold
             # (`auto` too: the selectors that hold less lose far more accuracy, docs/budget.md);
             # reuse=False keeps the per-layer caches (the paper's "hybrid" baseline re-reads them)
-            self.config = dataclasses.replace(cfg, selection="dense")
+            self.config = cfg.replace(selection="dense")
             await start_exact(self, budget)
             return
         self.model, resident = await loop.run_in_executor(self._pool, build_model, store, cfg, self._arch, args)
@@ -187,16 +187,15 @@ class Engine:
                 chosen = "dense" if cfg.density is None else AUTO_SPARSE
             except MemoryBudgetError:
                 chosen = AUTO_SPARSE
-            cfg = self.config = dataclasses.replace(cfg, selection=chosen)
+            cfg = self.config = cfg.replace(selection=chosen)
         selectors, selector_bytes = await loop.run_in_executor(
             self._pool, make_selectors, cfg, store, self.model, resident)
-        # one step pins its exact set and, with lookahead, the speculative one
         # Reuse is exact where a token's FFN does not depend on the request's earlier steps: with
         # selection "dense" every neuron is computed every step. A sparse selection's window (the
         # neurons of the last `window` steps, and a prompt's one step selecting for all its tokens)
         # would differ between a cold prompt and one split at a kept prefix: no prefix is kept.
         self.memory = self._plan(held, selector_bytes,
-                                 min(d_ff, n_keep(d_ff, cfg.effective_density) * (1 + cfg.lookahead)), cfg,
+                                 min(d_ff, n_keep(d_ff, cfg.effective_density) * (1 + knobs.lookahead)), cfg,
                                  prefix_bound if cfg.selection == "dense" else 0)
         self._keep_prefixes(self.memory.prefix_bytes)
         if budget is None:  # the whole plan, selectors too, before the caches are allocated
@@ -204,17 +203,17 @@ class Engine:
                        None, store=str(store.path))
         caches = [
             NeuronCache(capacity=min(self.memory.capacity, layer.n_neurons), n_neurons=layer.n_neurons, layout=ffn,
-                        window=cfg.window, eviction=cfg.eviction, dtype=cfg.torch_dtype, device=self.device,
+                        window=knobs.window, eviction=knobs.eviction, dtype=cfg.torch_dtype, device=self.device,
                         pin_memory=self.device.type == "cuda")  # pinned staging: non-blocking H2D copies
             for layer in ffn.layers
         ]
-        self._reader = BundleReader(store.ffn_path, ffn, backend=cfg.io_backend, in_flight=cfg.in_flight,
-                                    page_cache=cfg.page_cache, crcs=store.bundle_crcs())
+        self._reader = BundleReader(store.ffn_path, ffn, backend=knobs.io_backend, in_flight=knobs.in_flight,
+                                    page_cache=knobs.page_cache, crcs=store.bundle_crcs())
         await self._reader.start()
         actors = [LayerActor(i, c, self._reader) for i, c in enumerate(caches)]
-        self._sparse = SparseRunner(self.model, caches, actors, selectors, lookahead=cfg.lookahead,
-                                    window=cfg.window, pool=self._pool, reuse=cfg.reuse,
-                                    compute=cfg.compute, dense=cfg.selection == "dense")
+        self._sparse = SparseRunner(self.model, caches, actors, selectors, lookahead=knobs.lookahead,
+                                    window=knobs.window, pool=self._pool, reuse=knobs.reuse,
+                                    compute=knobs.compute, dense=cfg.selection == "dense")
         self._sparse.set_trace(self._trace)
         self._runner = self._sparse
         release_freed_memory()  # building the selectors freed large transients
@@ -300,7 +299,8 @@ class Engine:
         """A request's own window (sparse runner) or set (griffin's runner); None for the others."""
         if self._sparse is None:
             return self._runner.new_state() if hasattr(self._runner, "new_state") else None
-        return RequestWindow(len(self._sparse.caches), self._sparse.d_ff, self.config.window, self._sparse.capacity)
+        sparse = self._sparse
+        return RequestWindow(len(sparse.caches), sparse.d_ff, self.config.research.window, sparse.capacity)
 
     def _decoding_record(self) -> Decoding:
         why = "" if self.config.dtype == "float32" else f" or dtype {self.config.dtype} overflowed (use float32)"
