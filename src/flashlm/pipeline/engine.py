@@ -26,9 +26,10 @@ from flashlm.io.reader import BundleReader
 from flashlm.io.store import FlashStore
 from flashlm.kernels import set_threads as set_kernel_threads
 from flashlm.log import get_logger
-from flashlm.models.selectors import n_keep
 from flashlm.pipeline.actors import LayerActor
-from flashlm.pipeline.budget import MemoryPlan, check_fits, parse_budget, plan_memory, prefix_share
+from flashlm.pipeline.budget import (
+    MemoryPlan, check_fits, kv_cache_bytes, least_capacity, parse_budget, plan_memory, prefix_share, selector_bytes,
+)
 from flashlm.pipeline.config import AUTO_SPARSE, EngineConfig
 from flashlm.pipeline.neuron_cache import NeuronCache
 from flashlm.pipeline import prefix_file
@@ -144,19 +145,20 @@ class Engine:
         # ffn="ram" holds quantised bundles as stored, float ones in the compute dtype
         row_bytes = ffn.stride if ffn.quant_format else len(ffn.parts) * ffn.hidden_size * itemsize
         ffn_bytes = sum(layer.n_neurons for layer in ffn.layers) * row_bytes
-        kv_bytes = 2 * args.n_layers * self.max_context * args.n_kv_heads * args.head_dim * itemsize
+        kv_bytes = kv_cache_bytes(n_layers=args.n_layers, context=self.max_context, n_kv_heads=args.n_kv_heads,
+                                  head_dim=args.head_dim, itemsize=itemsize)
         budget = parse_budget(cfg.memory_budget, self.model_bytes)
         slot_bytes = NeuronCache.slot_bytes(ffn, cfg.torch_dtype, self.device)
-        # one step pins its exact set and, with lookahead, the speculative one
-        min_capacity = min(d_ff, n_keep(d_ff, cfg.effective_density) * (1 + knobs.lookahead))
+        least = least_capacity(d_ff, cfg.effective_density, knobs.lookahead)
         if cfg.ffn == "ram":
             check_fits(res_bytes + ffn_bytes + kv_bytes, "resident tensors, every FFN row, one KV cache at "
                        f"max_context {self.max_context}", budget, store=str(store.path))
         else:
-            cached = d_ff if budget is None else min_capacity
-            # gate: a compute-dtype copy of each gate row; shadow: at least an int8 one
-            per_row = {"gate": itemsize, "shadow": 1}.get(cfg.selection, 0) * ffn.hidden_size
-            check_fits(res_bytes + kv_bytes + (cached * slot_bytes + d_ff * per_row) * len(ffn.layers),
+            cached = d_ff if budget is None else least
+            kind = cfg.selection if cfg.selection in ("gate", "shadow") else "none"  # at least (predictor: loaded)
+            sel = selector_bytes(kind, n_layers=len(ffn.layers), d_ff=d_ff, d=ffn.hidden_size,
+                                 gated=len(ffn.parts) == 3, itemsize=itemsize)
+            check_fits(res_bytes + kv_bytes + sel + cached * slot_bytes * len(ffn.layers),
                        f"resident tensors, one KV cache at max_context {self.max_context}, the selectors, {cached} "
                        f"cached neurons per layer", None, store=str(store.path))
         if cfg.ffn == "flash" and cfg.selection == "griffin":  # the prompt's own statistics (pipeline/griffin.py)
@@ -188,14 +190,12 @@ class Engine:
             except MemoryBudgetError:
                 chosen = AUTO_SPARSE
             cfg = self.config = cfg.replace(selection=chosen)
-        selectors, selector_bytes = await loop.run_in_executor(
-            self._pool, make_selectors, cfg, store, self.model, resident)
+        selectors, sel_bytes = await loop.run_in_executor(self._pool, make_selectors, cfg, store, self.model, resident)
         # Reuse is exact where a token's FFN does not depend on the request's earlier steps: with
         # selection "dense" every neuron is computed every step. A sparse selection's window (the
         # neurons of the last `window` steps, and a prompt's one step selecting for all its tokens)
         # would differ between a cold prompt and one split at a kept prefix: no prefix is kept.
-        self.memory = self._plan(held, selector_bytes,
-                                 min(d_ff, n_keep(d_ff, cfg.effective_density) * (1 + knobs.lookahead)), cfg,
+        self.memory = self._plan(held, sel_bytes, least_capacity(d_ff, cfg.effective_density, knobs.lookahead), cfg,
                                  prefix_bound if cfg.selection == "dense" else 0)
         self._keep_prefixes(self.memory.prefix_bytes)
         if budget is None:  # the whole plan, selectors too, before the caches are allocated
@@ -222,7 +222,7 @@ class Engine:
     def _keep_prefixes(self, max_bytes: int) -> None:
         self.prefix = PrefixCache(max_bytes) if max_bytes > 0 else None
 
-    def _plan(self, resident_bytes: int, selector_bytes: int, min_capacity: int, cfg: EngineConfig,
+    def _plan(self, resident_bytes: int, sel_bytes: int, min_capacity: int, cfg: EngineConfig,
               prefix_bound: int = 0) -> MemoryPlan:
         """What the engine will hold, against the budget (MemoryBudgetError below the minimum)."""
         ffn, args = self.store.manifest.ffn, self.model.args
@@ -230,8 +230,9 @@ class Engine:
         return plan_memory(
             budget=parse_budget(cfg.memory_budget, self.model_bytes),
             resident_bytes=resident_bytes,
-            selector_bytes=selector_bytes,
-            kv_bytes=2 * args.n_layers * self.max_context * args.n_kv_heads * args.head_dim * itemsize,
+            selector_bytes=sel_bytes,
+            kv_bytes=kv_cache_bytes(n_layers=args.n_layers, context=self.max_context, n_kv_heads=args.n_kv_heads,
+                                    head_dim=args.head_dim, itemsize=itemsize),
             slot_bytes=NeuronCache.slot_bytes(ffn, self.model.dtype, self.device),
             n_layers=len(ffn.layers), d_ff=max(layer.n_neurons for layer in ffn.layers), min_capacity=min_capacity,
             prefix_bound=prefix_bound,
