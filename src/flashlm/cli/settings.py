@@ -9,6 +9,7 @@ checks that they are the same).
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from typing import Any
 
 from flashlm.pipeline.config import RESEARCH, USER, EngineConfig, Research, Setting, describe
@@ -19,8 +20,15 @@ CONFIG_FIELD = "config_field"  # the attribute an option built here carries: the
 def field_of(name: str) -> tuple[type, Setting, Any]:
     """(its record, its Setting, its default) for a flat field name."""
     record = Research if name in RESEARCH else EngineConfig
-    default = next(f.default for f in record.__dataclass_fields__.values() if f.name == name)
-    return record, describe(record, name), default
+    return record, describe(record, name), next(f.default for f in fields(record) if f.name == name)
+
+
+def value_type(name: str) -> type | None:
+    """What the option's text becomes, read off the field's annotation: int or float, else the
+    text itself (a field that takes a string takes "512MiB", "0.5" ... as it is)."""
+    record = Research if name in RESEARCH else EngineConfig
+    kinds = next(f.type for f in fields(record) if f.name == name).split(" | ")
+    return None if "str" in kinds or "Any" in kinds else {"int": int, "float": float}.get(kinds[0])
 
 
 def default_words(name: str) -> str:
@@ -46,18 +54,15 @@ def config_option(g: Any, name: str, *flags: str, default: Any = None, choices: 
     """Add the option that sets EngineConfig field `name` (flat name) to parser or group `g`:
     its flag, metavar, type and choices from the field, unless a command narrows them (`choices`
     a subset of the field's, its own `default`); `note` goes before the field's help."""
-    _, s, field_default = field_of(name)
+    _, s, _ = field_of(name)
     flags = flags or ((s.flag,) if s.flag else ())
     if not flags:
         raise ValueError(f"EngineConfig field {name!r} has no CLI flag; name one")
     if choices is not None and s.choices is not None and not set(choices) <= set(s.choices):
         raise ValueError(f"{flags[0]}: choices {choices} are not all {name}'s {s.choices}")
     if "action" not in kw:
-        kw.setdefault("type", int if isinstance(field_default, int) and not isinstance(field_default, bool)
-                      or name in ("max_context", "num_threads") else
-                      float if name in ("density", "cache_gamma") else None)
-        if kw["type"] is None:
-            del kw["type"]
+        if value_type(name) is not None:
+            kw.setdefault("type", value_type(name))
         if s.metavar:
             kw.setdefault("metavar", s.metavar)
         if (choices or s.choices) and kw.get("metavar") is None:

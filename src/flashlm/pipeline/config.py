@@ -2,7 +2,8 @@
 (`Research`, nested in it), each field declared once with its help, choices and default
 (`Setting`): the CLI builds its options from them (`flashlm.cli.settings`) and README's
 settings table is generated from them. Validated as a record is made, by the rules at the end
-of this module (a Research's fields by Research, the rest and the rules across both by EngineConfig)."""
+of this module (Research's fields by Research; the rest, and the rules across both, by
+EngineConfig)."""
 
 from __future__ import annotations
 
