@@ -1,5 +1,6 @@
-"""The memory-budget study's machinery: budget arithmetic, calibration statistics and
-allocations, and the batched harness (unlimited caches equal dense; capped ones do not)."""
+"""The memory-budget study's machinery: the planner's figures as the benches read them,
+calibration statistics and allocations, and the batched harness (unlimited caches equal dense;
+capped ones do not)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import torch
 
 from flashlm.bench.budget_eval import BudgetRun, Harness, capacities
 from flashlm.bench.ppl import forward_nll, relative
-from flashlm.bench.budget_plan import Shapes, plan, selector_bytes, stride
 from flashlm.bench.policies import ENGINE, PER_TOKEN_TOP, STATIC, CachePolicy
 from flashlm.calibration.neuron_stats import (
     GRID, allocate, allocate_equal, layer_stats, load_stats, neuron_stats, read_stats, record_with_residual,
@@ -18,30 +18,95 @@ from flashlm.calibration.neuron_stats import (
 )
 from flashlm.calibration.record import forward_with, load_dense
 from flashlm.io.store import FlashStore
+from flashlm.pipeline.budget import selector_bytes
 
-QWEN15 = Shapes(vocab=151936, d=1536, n_layers=28, d_ff=8960, n_heads=12, n_kv=2, head_dim=128, tied=False,
-                qkv_bias=True)
+def test_selector_bytes_from_the_shapes_of_the_15b():
+    """The study's selectors, counted from Qwen2.5-1.5B's shapes (28 layers, d 1536, d_ff 8960)."""
+    shapes = dict(n_layers=28, d_ff=8960, d=1536)
+    assert selector_bytes("shadow_int4", **shapes) == 28 * 2 * 8960 * 1536 * 4.5 / 8
+    assert selector_bytes("shadow_int8", **shapes) == selector_bytes("shadow", **shapes) == 28 * 2 * 8960 * 1632
+    assert selector_bytes("gate_int8", **shapes) * 2 == selector_bytes("shadow_int8", **shapes)
+    assert selector_bytes("lowrank_64", **shapes) == 28 * ((1536 + 8960) * 64 + 8960) * 2
+    assert selector_bytes("static", **shapes) == selector_bytes("dense", **shapes) == 0
+    with pytest.raises(ValueError, match="predictor"):
+        selector_bytes("predictor", **shapes)
 
 
-def test_budget_arithmetic_of_the_15b_in_q4():
-    assert stride(QWEN15, 5.0) == 3072  # 3 x 1536 x 5 / 8 = 2880 B, padded to 512
-    p = plan(QWEN15, "q4", 0.5, 2048)
-    assert p["ffn_flash_bytes"] == 28 * 8960 * 3072
-    assert p["head_bytes"] == p["embeddings_flash_bytes"] == 151936 * 1536 * 5 / 8
-    assert p["kv_bytes"] == 28 * 2 * 2 * 128 * 2 * 2048
-    attn = 28 * (1536 * (12 + 4) * 128 + 12 * 128 * 1536) * 5 / 8 + 28 * 16 * 128 * 2
-    assert p["attention_bytes"] == attn
-    store = 2 * 151936 * 1536 * 5 / 8 + attn + 57 * 1536 * 2 + 28 * 8960 * 3072
-    assert p["store_bytes"] == store
-    assert p["cache_fraction"] == pytest.approx((0.5 * store - p["head_bytes"] - attn - 57 * 1536 * 2 - p["kv_bytes"])
-                                                / p["ffn_flash_bytes"])
-    assert 0.35 < p["cache_fraction"] < 0.37 and plan(QWEN15, "q4", 1.0, 2048)["cache_fraction"] == 1.0
-    tied = Shapes(**{**QWEN15.__dict__, "tied": True})
-    assert plan(tied, "q4", 0.5, 2048)["embeddings_flash_bytes"] == 0
-    assert plan(QWEN15, "q4", 0.35, 1 << 20)["cache_fraction"] == 0.0  # a KV cache larger than the budget
-    assert selector_bytes(QWEN15, "shadow_int4") == 28 * 2 * 8960 * 1536 * 4.5 / 8
-    assert selector_bytes(QWEN15, "lowrank_64") == 28 * ((1536 + 8960) * 64 + 8960) * 2
-    assert selector_bytes(QWEN15, "static") == 0
+@pytest.fixture(scope="module")
+def plan_stores(tmp_path_factory):
+    """A gated model whose FFN is most of its bytes (d_ff 320), int8 and float32."""
+    from conftest import random_llama, store_builder
+
+    get = store_builder(tmp_path_factory.mktemp("plan"),
+                        {"llama": lambda: random_llama(3, eos_token_id=None, intermediate_size=320)})
+    return {dt: get("llama", dt) for dt in ("int8", "float32")}
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float32"])
+async def test_the_engine_holds_the_selector_bytes_the_planner_counts(plan_stores, dtype):
+    from flashlm import Engine
+
+    for selection in ("gate", "shadow"):
+        async with await Engine.open(plan_stores[dtype], selection=selection, density=0.5, max_context=32) as engine:
+            f = engine.store.manifest.ffn
+            want = selector_bytes(selection, n_layers=len(f.layers), d_ff=320, d=f.hidden_size, itemsize=4)
+            assert engine.memory.selector_bytes == want > 0, selection
+
+
+def test_the_bench_table_is_the_engines_own_plan(plan_stores, tmp_path):
+    """`python -m flashlm.bench.budget_plan STORE` prints the plan the engine makes at each budget:
+    each row is what `Engine.open` at that budget holds (or the minimum it refuses with, the one
+    `flashlm run --memory-budget` names), and the free-selector ceiling is the planner's."""
+    import asyncio
+    import json
+    import subprocess
+    import sys
+
+    from flashlm import Engine
+    from flashlm.bench import budget_plan
+    from flashlm.errors import MemoryBudgetError
+    from flashlm.pipeline.budget import cache_capacity, parse_budget
+
+    store = plan_stores["int8"]
+    out = tmp_path / "plan.json"
+    r = subprocess.run([sys.executable, "-m", "flashlm.bench.budget_plan", str(store), "--contexts", "32",
+                        "--budgets", "1,0.01", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(x["context"], x["fraction"]) for x in rows] == [(32, 1.0), (32, 0.01)]
+
+    async def opened(fraction: float, **settings):
+        try:
+            async with await Engine.open(store, memory_budget=fraction, max_context=32, **settings) as e:
+                m = e.memory
+                return {"total": m.total, "capacity": m.capacity, "resident": m.resident_bytes, "kv": m.kv_bytes,
+                        "caches": m.cache_bytes, "selectors": m.selector_bytes}
+        except MemoryBudgetError as err:
+            return {"minimum": err.minimum}
+
+    fits, below = rows
+    assert not fits["below_minimum"] and below["below_minimum"]
+    assert asyncio.run(opened(1.0)) == {"total": fits["plan_bytes"], "capacity": fits["capacity"], **fits["parts"]}
+    assert asyncio.run(opened(0.01)) == {"minimum": below["minimum_bytes"]}
+    assert f"| {fits['plan_bytes'] / 1e6:.1f} | {fits['capacity']} of 320 |" in r.stdout
+    assert f"below the minimum, {below['minimum_bytes']} B" in r.stdout
+    cli = subprocess.run([sys.executable, "-m", "flashlm", "run", "--model", str(store), "--memory-budget", "1000",
+                          "--max-context", "32", "-n", "1", "--raw", "hi"], capture_output=True, text=True, timeout=300)
+    assert cli.returncode != 0 and f"minimum {below['minimum_bytes']} B" in cli.stderr, cli.stderr[-1000:]
+    # the ceiling: the engine's dense plan beside the planner's rounding
+    async def dense():
+        async with await Engine.open(store, selection="dense", max_context=32) as e:
+            return e.memory, e.model_bytes
+
+    m, model_bytes = asyncio.run(dense())
+    cap = cache_capacity(parse_budget(1.0, model_bytes), m.resident_bytes + m.kv_bytes, slot_bytes=m.slot_bytes,
+                         n_layers=m.n_layers, d_ff=320)
+    assert fits["free_selector"] == {"capacity": cap, "cache_fraction": cap / 320} and 0 < cap < 320
+    # and the caches' plan under a selection: the engine's, row by row
+    (sparse,) = budget_plan.plan_rows(store, (32,), (0.9,), {"density": 0.2, "lookahead": 0})
+    assert sparse["mode"] == "caches" and sparse["selection"] == "shadow"
+    assert asyncio.run(opened(0.9, density=0.2, lookahead=0)) == {
+        "total": sparse["plan_bytes"], "capacity": sparse["capacity"], **sparse["parts"]}
 
 
 def test_layer_stats_curves_and_frequencies():

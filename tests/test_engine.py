@@ -236,7 +236,7 @@ async def test_open_settings_are_checked_and_merged_with_a_config(llama_store):
         await Engine.open(store, EngineConfig(), windwo=4)
     # settings beside a config replace its fields (they used to be ignored silently)
     async with await Engine.open(store, EngineConfig(window=3, selection="gate"), window=5) as engine:
-        assert (engine.config.window, engine.config.selection) == (5, "gate")
+        assert (engine.config.research.window, engine.config.selection) == (5, "gate")
 
 
 async def test_max_context_above_the_models_limit_is_refused(llama_store):

@@ -144,7 +144,7 @@ async def test_lazy_eviction_gives_the_same_tokens_with_fewer_reads(stores, arch
     async with await Engine.open(stores[arch], eviction="window", **cfg) as paper:
         want = [c async for c in paper.stream(PROMPT, max_tokens=24)]
     async with await Engine.open(stores[arch], **cfg) as engine:  # lazy: the default
-        assert engine.config.eviction == "lazy"
+        assert engine.config.research.eviction == "lazy"
         got = [c async for c in engine.stream(PROMPT, max_tokens=24)]
         for cache in engine.caches:
             cache.invariants()

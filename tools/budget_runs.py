@@ -9,6 +9,7 @@ to the JSON after every run, so a partial plan keeps what it measured.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ import torch
 
 import flashlm.calibration.data as data
 from flashlm.bench.budget_eval import BudgetRun, Harness
-from flashlm.bench.budget_plan import plan as budget_plan, selector_bytes, shapes_of
+from flashlm.bench.budget_curve import fixed_parts, free_capacity
+from flashlm.bench.budget_plan import selector_fraction
 from flashlm.bench.policies import PER_TOKEN_TOP, STATIC, CachePolicy, engine_select
 from flashlm.bench.ppl import eval_texts
 from flashlm.calibration.neuron_stats import read_stats
@@ -25,12 +27,16 @@ from flashlm.calibration.record import load_dense
 from flashlm.io.store import FlashStore
 
 
-def cache_fractions(store: str, context: int = 2048, fmt: str = "q4") -> dict[float, float]:
-    s = shapes_of(store)
-    return {b: budget_plan(s, fmt, b, context)["cache_fraction"] for b in (1.0, 0.75, 0.5, 0.35)}
+def cache_fractions(store: str, context: int = 2048) -> dict[float, float]:
+    """The caches' share of each layer at each budget if selection cost no DRAM: the engine's
+    planner beside what its dense plan holds (`flashlm.bench.budget_curve.free_capacity`)."""
+    fixed = asyncio.run(fixed_parts(Path(store), context))
+    d_ff = max(layer.n_neurons for layer in FlashStore.open(store).manifest.ffn.layers)
+    return {b: free_capacity(fixed, b, d_ff) / d_ff for b in (1.0, 0.75, 0.5, 0.35)}
 
 
 def plans(store: str, context: int, budget: float = 0.5) -> dict[str, list[BudgetRun]]:
+    """`store`: the one whose engine plan sets the cache fraction."""
     cf = cache_fractions(store, context)
     c = cf[budget]
     es = engine_select(c)
@@ -72,9 +78,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--context", type=int, default=2048, help="max_context the KV cache is sized for")
     p.add_argument("--only", default=None, help="comma-separated run indices of the plan")
     p.add_argument("--budget", type=float, default=0.5, help="the budget fraction the plan's cache follows")
+    p.add_argument("--plan-store", default=None, metavar="STORE",
+                   help="the store whose engine plan sets the cache fractions (default: STORE; e.g. its q4 "
+                   "conversion while the harness runs on the float16 one)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    runs = plans(a.store, a.context, a.budget)[a.plan]
+    plan_store = a.plan_store or a.store
+    runs = plans(plan_store, a.context, a.budget)[a.plan]
     if a.only:
         runs = [runs[int(i)] for i in a.only.split(",")]
     store = FlashStore.open(a.store)
@@ -83,15 +93,14 @@ def main(argv: list[str] | None = None) -> None:
     out_path = Path(a.json)
     report: dict[str, Any] = json.loads(out_path.read_text()) if out_path.exists() else {}
     report.update({"store": a.store, "texts": a.texts, "tokens_per_text": a.tokens, "context": a.context,
-                   "cache_fractions": cache_fractions(a.store, a.context), "stats_tokens": int(stats.tokens[0])})
+                   "plan_store": plan_store,
+                   "cache_fractions": cache_fractions(plan_store, a.context), "stats_tokens": int(stats.tokens[0])})
     report.setdefault("runs", [])
     report["dense"] = h.dense_report()
     out_path.write_text(json.dumps(report, indent=1) + "\n")
-    s = shapes_of(a.store)
-    ffn = budget_plan(s, "q4", 1.0, a.context)["ffn_flash_bytes"]
     for run in runs:
         r = h.evaluate(run)
-        r["selector_fraction_q4"] = selector_bytes(s, run.selector) / ffn
+        r["selector_fraction"] = selector_fraction(a.store, run.selector)  # of the store's own FFN bytes
         report["runs"].append(r)
         out_path.write_text(json.dumps(report, indent=1) + "\n")
         texts = " ".join(f"{k} {r[k]['rel']:+.2%}" for k in h.names)

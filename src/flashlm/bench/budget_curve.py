@@ -11,7 +11,7 @@ code (`flashlm.bench.ppl.eval_texts`), against the same store's dense perplexity
 A budget below the engine's minimum is reported with that minimum, and beside it the ceiling
 of what that budget could buy if selection cost no DRAM: the caches get everything the
 resident tensors and the KV cache leave (`free_selector`: capacity = (f x model bytes - resident
-- KV) / (slot bytes x layers)), computed with exact (oracle) selection - the upper bound a
+- KV) / (slot bytes x layers), `free_capacity`), computed with exact (oracle) selection - the upper bound a
 cheaper selector could approach, labelled as such in the JSON (`"kind": "ceiling"`).
 
 The harness computes in float32 over the store's own (dequantised) FFN values; a quantised
@@ -37,6 +37,7 @@ from flashlm.calibration.record import load_dense
 from flashlm.errors import ConfigError, MemoryBudgetError
 from flashlm.io.store import FlashStore
 from flashlm.models.selectors import n_keep
+from flashlm.pipeline.budget import cache_capacity, parse_budget
 
 BUDGETS = (1.0, 0.75, 0.5, 0.35)
 
@@ -62,6 +63,14 @@ async def fixed_parts(store: Path, max_context: int) -> dict[str, int]:
                 "model_bytes": engine.model_bytes}
 
 
+def free_capacity(fixed: dict[str, int], fraction: float, d_ff: int) -> int:
+    """The free-selector ceiling: neurons per layer the caches get at `fraction` of the model's
+    bytes beside `fixed_parts`' resident tensors and KV cache, by the engine's planner."""
+    budget = parse_budget(fraction, fixed["model_bytes"])
+    return cache_capacity(budget, fixed["resident"] + fixed["kv"], slot_bytes=fixed["slot"], n_layers=fixed["layers"],
+                          d_ff=d_ff)
+
+
 async def engine_plan(store: Path, fraction: float, max_context: int, settings: dict[str, Any]) -> dict[str, Any]:
     """What the engine holds at this budget: its plan, selection and density (or its minimum).
     `settings`: other EngineConfig fields (e.g. density, lookahead: they set the minimum)."""
@@ -75,13 +84,13 @@ async def engine_plan(store: Path, fraction: float, max_context: int, settings: 
         m, cfg = engine.memory, engine.config
         return {"fraction": fraction, "below_minimum": False, "budget_bytes": m.budget, "model_bytes": engine.model_bytes,
                 "plan_bytes": m.total, "capacity": m.capacity, "selection": cfg.selection,
-                "density": cfg.effective_density, "window": cfg.window,
+                "density": cfg.effective_density, "window": cfg.research.window,
                 # exact mode (a budget below every neuron, selection dense/auto): all computed, the
                 # neurons not held (cold_fraction of each layer) streamed every token; griffin: exact
                 # for the prompt, then the prompt's k per layer (`griffin`)
                 "mode": "griffin" if cfg.selection == "griffin" else "exact" if engine.exact is not None else "caches",
                 "cold_fraction": m.cold_per_layer / m.d_ff if engine.exact is not None else 0.0,
-                **({"cache_gamma": cfg.cache_gamma, "asked_density": cfg.density, "density": m.k / m.d_ff,
+                **({"cache_gamma": cfg.research.cache_gamma, "asked_density": cfg.density, "density": m.k / m.d_ff,
                     "griffin": {"k": m.k, "hot": m.hot, "gamma": m.gamma,
                                                                 "density": m.k / m.d_ff}}
                    if cfg.selection == "griffin" else {}),
@@ -140,8 +149,7 @@ def run_budget_curve(store: str | Path, budgets: tuple[float, ...] = BUDGETS, *,
                 print(f"budget {p['fraction']} griffin {p.get('density', '')}: does not fit ({p['error']})", flush=True)
             continue
         if p["below_minimum"]:
-            left = p["fraction"] * fixed["model_bytes"] - fixed["resident"] - fixed["kv"]
-            cap = max(0, min(d_ff, int(left // (fixed["slot"] * fixed["layers"]))))
+            cap = free_capacity(fixed, p["fraction"], d_ff)
             row["free_selector"] = {"kind": "ceiling", "capacity": cap, "cache_fraction": cap / d_ff}
             if cap >= 1:
                 c = cap / d_ff

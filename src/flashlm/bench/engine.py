@@ -46,7 +46,7 @@ async def _measure(model: str, cfg: EngineConfig, tokens: int, warmup: int) -> d
         n = max(1, len(decode))
         out: dict[str, Any] = {
             "config": {k: (v if isinstance(v, int | float | str | bool | type(None)) else repr(v))
-                       for k, v in cfg.__dict__.items()},
+                       for k, v in cfg.settings().items()},
             "tokens": len(chunks),
             "token_ids": [c.token_id for c in chunks],
             "ms_per_token": sum(c.timings.latency_ms for c in decode) / n,

@@ -201,7 +201,7 @@ def _result(run: _Run) -> dict[str, Any]:
         "token_ids": run.rounds[-1]["token_ids"],
         "open_s": run.opened_s,
         "config": {k: (v if isinstance(v, int | float | str | bool | type(None)) else repr(v))
-                   for k, v in run.cfg.__dict__.items() if k != "trace"},
+                   for k, v in run.cfg.settings().items() if k != "trace"},
     }
     if run.naive:
         out["resident_read_ms"], out["resident_bytes"] = res_ms, res_bytes

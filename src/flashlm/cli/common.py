@@ -10,7 +10,7 @@ import textwrap
 from collections.abc import Coroutine
 from typing import Any
 
-from flashlm.io.format import STORE_DTYPES
+from flashlm.cli.settings import config_option
 
 
 def run_async(coro: Coroutine[Any, Any, int]) -> int:
@@ -39,47 +39,27 @@ class Parser(argparse.ArgumentParser):
 
 
 def engine_options(p: argparse.ArgumentParser) -> None:
-    """Where the engine runs; shared by run and chat."""
+    """Where the engine runs; shared by run, chat and serve (help from the EngineConfig fields)."""
     g = p.add_argument_group("engine")
-    g.add_argument("--device", default="cpu", help="cpu (default), cuda or mps")
-    g.add_argument("--threads", type=int, default=None, metavar="N", help="compute threads: the quantised kernels' rows split across N, and torch's "
-                   "(default: kernels on the physical cores, torch 1 on <=2 CPUs)")
-    g.add_argument("--store-dtype", default=None, choices=list(STORE_DTYPES),
-                   help="dtype when converting a built-in model on first use (default: the model's own, "
-                   "see flashlm pull --list)")
-    g.add_argument("--trace", default=None, metavar="FILE",
-                   help="write a JSON-lines trace of every token and layer (docs/trace.md); "
-                   "`flashlm trace report FILE` explains it")
+    config_option(g, "device", default="cpu")
+    config_option(g, "num_threads")
+    config_option(g, "store_dtype")
+    config_option(g, "trace")
 
 
 def sparsity_options(p: argparse.ArgumentParser) -> None:
-    """Which FFN neurons are computed and how much DRAM the engine may use; shared by run and chat."""
+    """Which FFN neurons are computed and how much DRAM the engine may use; shared by run, chat
+    and serve (help from the EngineConfig fields)."""
     g = p.add_argument_group("sparsity and memory")
-    g.add_argument("--ram", action="store_true", help="hold the whole FFN in RAM (default: read neurons from flash)")
-    g.add_argument("--selection", default=None, choices=["auto", "dense", "gate", "shadow", "predictor", "griffin"],
-                   help="how the neurons to compute are chosen (default auto: every neuron, cached when they all "
-                   "fit, else exact mode streaming the rest; with --density under a budget, shadow). griffin: the "
-                   "prompt computes every neuron and picks each layer's set for the answer (as many as the budget "
-                   "holds, or --density)")
-    g.add_argument("--cache-gamma", type=float, default=None, metavar="G",
-                   help="with --selection griffin: scores of neurons not held in DRAM x G (<1 leans the set to "
-                   "what is held: fewer reads after the prompt)")
-    g.add_argument("--density", type=float, default=None, metavar="D",
-                   help="fraction of each layer's neurons computed per token (default: the mode's)")
-    g.add_argument("--window", type=int, default=None, metavar="K",
-                   help="a neuron selected in the last K tokens is computed (default 8)")
-    g.add_argument("--eviction", default=None, choices=["lazy", "window"],
-                   help="lazy (default): a neuron that left the window stays cached until its slot is needed; "
-                        "window: evicted as it leaves (the paper's)")
-    g.add_argument("--memory-budget", default=None, metavar="SIZE",
-                   help="DRAM budget: bytes, a size such as 600MiB, or a fraction of the model such as 0.5")
-    g.add_argument("--max-context", type=int, default=None, metavar="N",
-                   help="tokens per request or conversation (default: the model's limit, capped at 8192); "
-                   "the budget counts one KV cache of this size")
-    g.add_argument("--prompt-cache", default=None, metavar="SIZE",
-                   help="bytes the kept prefixes of earlier requests may hold (a later prompt that starts the same "
-                   "way prefills only the rest, with the same tokens as a cold start; docs/prompt-cache.md): a size "
-                   "such as 512MiB, 0 keeps none (default: one KV cache at --max-context)")
+    config_option(g, "ffn", action="store_const", const="ram", note="hold the whole FFN in RAM; ")
+    config_option(g, "selection")
+    config_option(g, "cache_gamma")
+    config_option(g, "density")
+    config_option(g, "window")
+    config_option(g, "eviction")
+    config_option(g, "memory_budget")
+    config_option(g, "max_context")
+    config_option(g, "prefix_cache_bytes", note="the prompt cache: ")
     g.add_argument("--prompt-cache-file", default=None, metavar="PATH",
                    help="keep the prompt cache across runs in PATH: read when the engine opens (if PATH exists; "
                    "it must come from the same store), written when the command ends (run: after the answer; chat "
@@ -104,7 +84,7 @@ def engine_config(a: argparse.Namespace, **extra: Any) -> Any:
                                 ("eviction", a.eviction), ("cache_gamma", getattr(a, "cache_gamma", None)))
               if v is not None}
     return EngineConfig(device=a.device, num_threads=a.threads, store_dtype=a.store_dtype,
-                        ffn="ram" if a.ram else "flash", memory_budget=memory_budget(a.memory_budget), trace=a.trace,
+                        ffn=a.ram or "flash", memory_budget=memory_budget(a.memory_budget), trace=a.trace,
                         max_context=a.max_context, **prompt_cache(getattr(a, "prompt_cache", None)), **sparse, **extra)
 
 

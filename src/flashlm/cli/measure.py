@@ -12,6 +12,7 @@ from typing import Any
 
 from flashlm.builtin import DEFAULT_MODEL
 from flashlm.cli.common import run_async
+from flashlm.cli.settings import config_option
 from flashlm.errors import FlashLMError
 
 
@@ -220,10 +221,9 @@ def add_bench(sub: Any) -> None:
     bd.add_argument("--store", action="append", metavar="DTYPE=DIR", help="use this store for DTYPE (repeatable)")
     bd.add_argument("--tokens", type=int, default=32, help="tokens generated per run (default 32)")
     bd.add_argument("--rounds", type=int, default=3, help="rounds, round-robin over the runs (default 3)")
-    bd.add_argument("--threads", type=int, default=1, help="threads for both (default 1)")
-    bd.add_argument("--max-context", type=int, default=512,
-                    help="flashlm's KV cache size (default 512: llama-bench sizes its own for the prompt and the "
-                    "answer, so both hold about the same)")
+    config_option(bd, "num_threads", default=1, note="for flashlm and llama.cpp both: ")
+    config_option(bd, "max_context", default=512, note="flashlm's KV cache size (llama-bench sizes its own for the "
+                  "prompt and the answer; at 512 both hold about the same): ")
     bd.add_argument("--llama-bench", default=None, metavar="PATH",
                     help="llama.cpp's llama-bench (default: $FLASHLM_HOME/llama.cpp/bin, then PATH)")
     bd.add_argument("--quiet", action="store_true", help="no per-run lines on stderr")
@@ -244,7 +244,7 @@ def add_bench(sub: Any) -> None:
     bpc.add_argument("--rounds", type=int, default=3, help="the median of this many for the new tokens' prefill (default 3)")
     bpc.add_argument("--repeats", type=int, default=3,
                      help="the cached chat this many times, each with its own system tag (default 3)")
-    bpc.add_argument("--ram", action="store_true", help="the servers hold the FFN in RAM (default: flash)")
+    config_option(bpc, "ffn", action="store_const", const="ram", note="the servers hold the whole FFN in RAM; ")
     bpc.add_argument("--out", required=True, metavar="FILE", help="JSON report")
     bpc.set_defaults(func=_bench_prompt_cache)
     bpp = bsub.add_parser("ppl", help="perplexity per store dtype through the engine's kernels (every neuron computed)",
@@ -283,10 +283,10 @@ def add_trace(sub: Any) -> None:
 def _sparse_bench_options(p: argparse.ArgumentParser) -> None:
     """The model and the sparse engine's settings a benchmark runs with."""
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"store or built-in name (default {DEFAULT_MODEL})")
-    p.add_argument("--selection", default="shadow", choices=["gate", "shadow", "predictor"],
-                   help="neuron selection of the sparse runs (default shadow)")
-    p.add_argument("--density", type=float, default=0.4, help="fraction of neurons computed (default 0.4)")
-    p.add_argument("--window", type=int, default=8, help="tokens a neuron stays cached (default 8)")
+    config_option(p, "selection", default="shadow", choices=("gate", "shadow", "predictor"),
+                  note="the sparse runs' selection: ")
+    config_option(p, "density", default=0.4, note="the sparse runs': ")
+    config_option(p, "window", default=8, note="the sparse runs': ")
 
 
 def _paper_options(p: argparse.ArgumentParser) -> None:
@@ -298,7 +298,5 @@ def _paper_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=None, metavar="N",
                    help="measured requests per run, taken round-robin across the runs (default 3; quick 1)")
     p.add_argument("--no-report", action="store_true", help="skip the trace report PNGs of ours' run")
-    p.add_argument("--memory-budget", default=None, metavar="B",
-                   help="Table 3 under a budget instead (a fraction of the store's bytes, e.g. 0.5, or bytes like "
-                   "700MiB): naive, hybrid and dense in RAM without one, ours (the default selection) and exact "
-                   "(--selection dense) under it, side by side")
+    config_option(p, "memory_budget", note="Table 3 under a budget instead: naive, hybrid and dense in RAM without "
+                  "one, ours (the default selection) and exact (--selection dense) under it, side by side. ")

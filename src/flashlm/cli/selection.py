@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from flashlm.cli.settings import config_option
+
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
     if a.hot_first:
@@ -139,17 +141,13 @@ def add_eval(sub: Any) -> None:
                     help="perplexity against the memory budget instead: fractions of the model's store bytes "
                     "(e.g. 1,0.75,0.5,0.35), each run with the cache and selection the engine plans at it; wiki, "
                     "news and code")
-    ev.add_argument("--max-context", type=int, default=2048,
-                    help="with --budgets: the KV cache the plan sizes for (default 2048)")
-    ev.add_argument("--density", type=float, default=None,
-                    help="with --budgets: the engine's selection density (default: its own, 0.4)")
-    ev.add_argument("--selection", default=None, metavar="S,S,...",
-                    help="with --budgets: the selections to run at every budget, e.g. auto,griffin,griffin:0.5 "
-                    "(griffin:G: griffin with cache-aware masking gamma G; default: the engine's own)")
+    config_option(ev, "max_context", default=2048, note="with --budgets, the KV cache the plan sizes for: ")
+    config_option(ev, "density", note="with --budgets: ")
+    config_option(ev, "selection", metavar="S,S,...", note="with --budgets: the selections to run at every budget, "
+                  "comma-separated, e.g. auto,griffin,griffin:0.5 (griffin:G: griffin with cache_gamma G). ")
     ev.add_argument("--protocol", default=None, choices=["continuation", "full"],
                     help="with --budgets: continuation scores the second half of each sequence, its first half the "
                     "prompt (default when griffin runs); full scores every token (default otherwise)")
-    ev.add_argument("--lookahead", type=int, default=None, choices=[0, 1],
-                    help="with --budgets: 0 plans no speculative set (a lower minimum)")
+    config_option(ev, "lookahead", "--lookahead", note="with --budgets: ")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=cmd_eval)

@@ -63,6 +63,53 @@ def prefix_share(bound: int, budget: int | None, held: int) -> int:
     return bound if budget is None else max(0, min(bound, budget - held))
 
 
+def kv_cache_bytes(*, n_layers: int, context: int, n_kv_heads: int, head_dim: int, itemsize: int) -> int:
+    """One request's KV cache: keys and values of every layer for `context` tokens."""
+    return 2 * n_layers * context * n_kv_heads * head_dim * itemsize
+
+
+def least_capacity(d_ff: int, density: float, lookahead: int) -> int:
+    """The fewest cached neurons a layer needs: one step pins its exact set and, with lookahead,
+    the speculative one."""
+    from flashlm.models.selectors import n_keep
+
+    return min(d_ff, n_keep(d_ff, density) * (1 + lookahead))
+
+
+def cache_capacity(budget: int, fixed: int, *, slot_bytes: int, n_layers: int, d_ff: int) -> int:
+    """Cached neurons per layer that what `budget` leaves beside `fixed` bytes buys (at most d_ff)."""
+    return min(d_ff, (budget - fixed) // (slot_bytes * n_layers)) if budget > fixed else 0
+
+
+def selector_bytes(kind: str, *, n_layers: int, d_ff: int, d: int, gated: bool = True, itemsize: int = 4,
+                   bias: bool = False) -> int:
+    """Resident bytes of a selector from the model's shapes: the engine's ("dense"/"auto": none;
+    "gate": the gate rows in the compute dtype, `itemsize`; "shadow": gate and up, or OPT's fc1, as
+    q8 rows, groups of 32 with fp16 scales) and the memory study's ("shadow_intB" / "gate_intB":
+    B bits a weight plus an fp16 scale per 32; "lowrank_R": a rank-R predictor, fp16;
+    "static" / "oracle" / "none": 0, the oracle a reference). `bias`: OPT's fc1 bias, kept beside
+    the engine's gate and shadow. "predictor" has no shapes' count (its rank is the store's):
+    `flashlm.pipeline.selection.make_selectors` measures what it loads."""
+    from flashlm.kernels.formats import row_bytes
+
+    parts = 2 if gated else 1
+    extra = d_ff * itemsize if bias else 0
+    if kind in ("dense", "auto", "static", "oracle", "none"):
+        return 0
+    if kind == "gate":
+        return n_layers * (d_ff * d * itemsize + extra)
+    if kind == "shadow":
+        return n_layers * (parts * d_ff * row_bytes("q8", d) + extra)
+    if kind.startswith(("shadow_int", "gate_int")):
+        bits = int(kind.split("_int")[1])
+        rows = parts if kind.startswith("shadow") else 1
+        return n_layers * rows * d_ff * (d * bits // 8 + d // 32 * 2)
+    if kind.startswith("lowrank_"):
+        r = int(kind.split("_")[1])
+        return n_layers * ((d + d_ff) * r + d_ff) * 2
+    raise ValueError(f"no shapes' count of selector {kind!r}")
+
+
 def plan_memory(*, budget: int | None, resident_bytes: int, selector_bytes: int, kv_bytes: int, slot_bytes: int,
                 n_layers: int, d_ff: int, min_capacity: int, prefix_bound: int = 0) -> MemoryPlan:
     """`prefix_bound`: the kept prefixes' bytes, granted only from what the budget has left with
@@ -70,7 +117,7 @@ def plan_memory(*, budget: int | None, resident_bytes: int, selector_bytes: int,
     fixed = resident_bytes + selector_bytes + kv_bytes
     if budget is None:
         return MemoryPlan(None, resident_bytes, selector_bytes, kv_bytes, slot_bytes, d_ff, n_layers, prefix_bound)
-    capacity = min(d_ff, (budget - fixed) // (slot_bytes * n_layers)) if budget > fixed else 0
+    capacity = cache_capacity(budget, fixed, slot_bytes=slot_bytes, n_layers=n_layers, d_ff=d_ff)
     if capacity < min_capacity:
         minimum = fixed + min_capacity * slot_bytes * n_layers
         raise MemoryBudgetError(

@@ -9,7 +9,6 @@ cache; steps of concurrent requests interleave on the compute thread, one token 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import contextlib
 import os
 from collections.abc import Callable, Sequence
@@ -27,9 +26,10 @@ from flashlm.io.reader import BundleReader
 from flashlm.io.store import FlashStore
 from flashlm.kernels import set_threads as set_kernel_threads
 from flashlm.log import get_logger
-from flashlm.models.selectors import n_keep
 from flashlm.pipeline.actors import LayerActor
-from flashlm.pipeline.budget import MemoryPlan, check_fits, parse_budget, plan_memory, prefix_share
+from flashlm.pipeline.budget import (
+    MemoryPlan, check_fits, kv_cache_bytes, least_capacity, parse_budget, plan_memory, prefix_share, selector_bytes,
+)
 from flashlm.pipeline.config import AUTO_SPARSE, EngineConfig
 from flashlm.pipeline.neuron_cache import NeuronCache
 from flashlm.pipeline import prefix_file
@@ -107,7 +107,7 @@ class Engine:
     ) -> Engine:
         """Open a store directory, or a built-in model name (converted and cached on first use).
         `settings` are EngineConfig fields: alone they make the config; with a `config` they
-        replace those of its fields (`dataclasses.replace`). An unknown one is a ConfigError."""
+        replace those of its fields (`EngineConfig.replace`). An unknown one is a ConfigError."""
         config = EngineConfig.merged(config, settings)
         path = await asyncio.to_thread(resolve_store, model, config.store_dtype, progress)
         store = await asyncio.to_thread(FlashStore.open, path)
@@ -128,9 +128,10 @@ class Engine:
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
         cfg, store = self.config, self.store
+        knobs = cfg.research
         if cfg.trace is not None:
             conf = {k: (v if isinstance(v, int | float | str | bool | type(None)) else repr(v))
-                    for k, v in cfg.__dict__.items()}
+                    for k, v in cfg.settings().items()}
             self._trace = TraceSink(cfg.trace, config=conf, model=str(store.path), max_bytes=cfg.trace_max_bytes)
         # What the manifest makes us allocate, bounded before any of it is: resident tensors (their
         # size from the safetensors header), one KV cache, and the FFN rows (ram: exact, so judged by
@@ -144,31 +145,32 @@ class Engine:
         # ffn="ram" holds quantised bundles as stored, float ones in the compute dtype
         row_bytes = ffn.stride if ffn.quant_format else len(ffn.parts) * ffn.hidden_size * itemsize
         ffn_bytes = sum(layer.n_neurons for layer in ffn.layers) * row_bytes
-        kv_bytes = 2 * args.n_layers * self.max_context * args.n_kv_heads * args.head_dim * itemsize
+        kv_bytes = kv_cache_bytes(n_layers=args.n_layers, context=self.max_context, n_kv_heads=args.n_kv_heads,
+                                  head_dim=args.head_dim, itemsize=itemsize)
         budget = parse_budget(cfg.memory_budget, self.model_bytes)
         slot_bytes = NeuronCache.slot_bytes(ffn, cfg.torch_dtype, self.device)
-        # one step pins its exact set and, with lookahead, the speculative one
-        min_capacity = min(d_ff, n_keep(d_ff, cfg.effective_density) * (1 + cfg.lookahead))
+        least = least_capacity(d_ff, cfg.effective_density, knobs.lookahead)
         if cfg.ffn == "ram":
             check_fits(res_bytes + ffn_bytes + kv_bytes, "resident tensors, every FFN row, one KV cache at "
                        f"max_context {self.max_context}", budget, store=str(store.path))
         else:
-            cached = d_ff if budget is None else min_capacity
-            # gate: a compute-dtype copy of each gate row; shadow: at least an int8 one
-            per_row = {"gate": itemsize, "shadow": 1}.get(cfg.selection, 0) * ffn.hidden_size
-            check_fits(res_bytes + kv_bytes + (cached * slot_bytes + d_ff * per_row) * len(ffn.layers),
+            cached = d_ff if budget is None else least
+            kind = cfg.selection if cfg.selection in ("gate", "shadow") else "none"  # at least (predictor: loaded)
+            sel = selector_bytes(kind, n_layers=len(ffn.layers), d_ff=d_ff, d=ffn.hidden_size,
+                                 gated=len(ffn.parts) == 3, itemsize=itemsize)
+            check_fits(res_bytes + kv_bytes + sel + cached * slot_bytes * len(ffn.layers),
                        f"resident tensors, one KV cache at max_context {self.max_context}, the selectors, {cached} "
                        f"cached neurons per layer", None, store=str(store.path))
         if cfg.ffn == "flash" and cfg.selection == "griffin":  # the prompt's own statistics (pipeline/griffin.py)
             await start_griffin(self, budget)
             return
-        if (cfg.ffn == "flash" and budget is not None and cfg.selection in ("dense", "auto") and cfg.reuse
+        if (cfg.ffn == "flash" and budget is not None and cfg.selection in ("dense", "auto") and knobs.reuse
                 and not (cfg.selection == "auto" and cfg.density is not None)
                 and res_bytes + kv_bytes + d_ff * slot_bytes * len(ffn.layers) > budget):
             # a budget that cannot cache every neuron: exact mode streams what it cannot hold
             # (`auto` too: the selectors that hold less lose far more accuracy, docs/budget.md);
             # reuse=False keeps the per-layer caches (the paper's "hybrid" baseline re-reads them)
-            self.config = dataclasses.replace(cfg, selection="dense")
+            self.config = cfg.replace(selection="dense")
             await start_exact(self, budget)
             return
         self.model, resident = await loop.run_in_executor(self._pool, build_model, store, cfg, self._arch, args)
@@ -187,16 +189,13 @@ class Engine:
                 chosen = "dense" if cfg.density is None else AUTO_SPARSE
             except MemoryBudgetError:
                 chosen = AUTO_SPARSE
-            cfg = self.config = dataclasses.replace(cfg, selection=chosen)
-        selectors, selector_bytes = await loop.run_in_executor(
-            self._pool, make_selectors, cfg, store, self.model, resident)
-        # one step pins its exact set and, with lookahead, the speculative one
+            cfg = self.config = cfg.replace(selection=chosen)
+        selectors, sel_bytes = await loop.run_in_executor(self._pool, make_selectors, cfg, store, self.model, resident)
         # Reuse is exact where a token's FFN does not depend on the request's earlier steps: with
         # selection "dense" every neuron is computed every step. A sparse selection's window (the
         # neurons of the last `window` steps, and a prompt's one step selecting for all its tokens)
         # would differ between a cold prompt and one split at a kept prefix: no prefix is kept.
-        self.memory = self._plan(held, selector_bytes,
-                                 min(d_ff, n_keep(d_ff, cfg.effective_density) * (1 + cfg.lookahead)), cfg,
+        self.memory = self._plan(held, sel_bytes, least_capacity(d_ff, cfg.effective_density, knobs.lookahead), cfg,
                                  prefix_bound if cfg.selection == "dense" else 0)
         self._keep_prefixes(self.memory.prefix_bytes)
         if budget is None:  # the whole plan, selectors too, before the caches are allocated
@@ -204,17 +203,17 @@ class Engine:
                        None, store=str(store.path))
         caches = [
             NeuronCache(capacity=min(self.memory.capacity, layer.n_neurons), n_neurons=layer.n_neurons, layout=ffn,
-                        window=cfg.window, eviction=cfg.eviction, dtype=cfg.torch_dtype, device=self.device,
+                        window=knobs.window, eviction=knobs.eviction, dtype=cfg.torch_dtype, device=self.device,
                         pin_memory=self.device.type == "cuda")  # pinned staging: non-blocking H2D copies
             for layer in ffn.layers
         ]
-        self._reader = BundleReader(store.ffn_path, ffn, backend=cfg.io_backend, in_flight=cfg.in_flight,
-                                    page_cache=cfg.page_cache, crcs=store.bundle_crcs())
+        self._reader = BundleReader(store.ffn_path, ffn, backend=knobs.io_backend, in_flight=knobs.in_flight,
+                                    page_cache=knobs.page_cache, crcs=store.bundle_crcs())
         await self._reader.start()
         actors = [LayerActor(i, c, self._reader) for i, c in enumerate(caches)]
-        self._sparse = SparseRunner(self.model, caches, actors, selectors, lookahead=cfg.lookahead,
-                                    window=cfg.window, pool=self._pool, reuse=cfg.reuse,
-                                    compute=cfg.compute, dense=cfg.selection == "dense")
+        self._sparse = SparseRunner(self.model, caches, actors, selectors, lookahead=knobs.lookahead,
+                                    window=knobs.window, pool=self._pool, reuse=knobs.reuse,
+                                    compute=knobs.compute, dense=cfg.selection == "dense")
         self._sparse.set_trace(self._trace)
         self._runner = self._sparse
         release_freed_memory()  # building the selectors freed large transients
@@ -223,7 +222,7 @@ class Engine:
     def _keep_prefixes(self, max_bytes: int) -> None:
         self.prefix = PrefixCache(max_bytes) if max_bytes > 0 else None
 
-    def _plan(self, resident_bytes: int, selector_bytes: int, min_capacity: int, cfg: EngineConfig,
+    def _plan(self, resident_bytes: int, sel_bytes: int, min_capacity: int, cfg: EngineConfig,
               prefix_bound: int = 0) -> MemoryPlan:
         """What the engine will hold, against the budget (MemoryBudgetError below the minimum)."""
         ffn, args = self.store.manifest.ffn, self.model.args
@@ -231,8 +230,9 @@ class Engine:
         return plan_memory(
             budget=parse_budget(cfg.memory_budget, self.model_bytes),
             resident_bytes=resident_bytes,
-            selector_bytes=selector_bytes,
-            kv_bytes=2 * args.n_layers * self.max_context * args.n_kv_heads * args.head_dim * itemsize,
+            selector_bytes=sel_bytes,
+            kv_bytes=kv_cache_bytes(n_layers=args.n_layers, context=self.max_context, n_kv_heads=args.n_kv_heads,
+                                    head_dim=args.head_dim, itemsize=itemsize),
             slot_bytes=NeuronCache.slot_bytes(ffn, self.model.dtype, self.device),
             n_layers=len(ffn.layers), d_ff=max(layer.n_neurons for layer in ffn.layers), min_capacity=min_capacity,
             prefix_bound=prefix_bound,
@@ -300,7 +300,8 @@ class Engine:
         """A request's own window (sparse runner) or set (griffin's runner); None for the others."""
         if self._sparse is None:
             return self._runner.new_state() if hasattr(self._runner, "new_state") else None
-        return RequestWindow(len(self._sparse.caches), self._sparse.d_ff, self.config.window, self._sparse.capacity)
+        sparse = self._sparse
+        return RequestWindow(len(sparse.caches), sparse.d_ff, self.config.research.window, sparse.capacity)
 
     def _decoding_record(self) -> Decoding:
         why = "" if self.config.dtype == "float32" else f" or dtype {self.config.dtype} overflowed (use float32)"

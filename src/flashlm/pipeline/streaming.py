@@ -268,7 +268,7 @@ async def start_exact(engine: Any, budget: int) -> None:
     engine.memory = plan
     model, hot = await asyncio.get_running_loop().run_in_executor(engine._pool, _build, engine, plan, key)
     engine.model = model
-    runner = StreamingRunner(model, engine.store, plan, hot, engine._pool, direct=not engine.config.page_cache)
+    runner = StreamingRunner(model, engine.store, plan, hot, engine._pool, direct=not engine.config.research.page_cache)
     runner.start()
     engine._exact = engine._runner = runner
     if engine._trace is not None:  # its steps numbered and traced from outside, its layers' events on that clock
@@ -290,11 +290,11 @@ async def start_griffin(engine: Any, budget: int | None) -> None:
 
     cfg = engine.config
     a, key = await asyncio.to_thread(exact_args, engine, budget is not None)
-    plan = plan_griffin(budget=budget, density=cfg.density, gamma=cfg.cache_gamma, exact_args=a,
+    plan = plan_griffin(budget=budget, density=cfg.density, gamma=cfg.research.cache_gamma, exact_args=a,
                         sel_row_bytes=a["hot_row_bytes"])
     engine.memory = plan
     engine.model, hot = await asyncio.get_running_loop().run_in_executor(engine._pool, _build, engine, plan.exact, key)
-    direct = not cfg.page_cache
+    direct = not cfg.research.page_cache
     exact = StreamingRunner(engine.model, engine.store, plan.exact, hot, engine._pool, direct=direct)
     exact.trace = engine._trace
     exact.start()

@@ -189,7 +189,7 @@ class ServerState:
         m = e.store.manifest
         info = {"store": str(e.store.path), "model_type": m.model_type, "dtype": m.dtype, "compute_dtype": e.config.dtype,
                 "device": e.config.device, "ffn": e.config.ffn, "selection": e.config.selection,
-                "density": e.config.effective_density, "window": e.config.window, "max_context": e.max_context,
+                "density": e.config.effective_density, "window": e.config.research.window, "max_context": e.max_context,
                 "chat_template": bool(e.tokenizer is not None and getattr(e.tokenizer, "chat_template", None)),
                 "memory": e.statistics().get("memory")}
         return model_entry(self.model_id, self.created, info)

@@ -115,7 +115,7 @@ def engine_info(engine: Any, model: str) -> dict[str, Any]:
         ffn_line, density_line = "in RAM", "1.00 (dense)"
     else:
         ffn_line = f"flash, {cfg.selection}"
-        density_line = f"{cfg.effective_density:.2f}, k={cfg.window}"
+        density_line = f"{cfg.effective_density:.2f}, k={cfg.research.window}"
     trace = getattr(cfg, "trace", None)
     return {"model": model, "ffn_line": ffn_line, "density_line": density_line, "memory": stats.get("memory"),
             "trace": os.path.basename(os.fspath(trace)) if trace else "off"}
