@@ -166,8 +166,8 @@ class BatchBackend(Backend):
                     nbytes += r.length
                     syscalls += 1 + extra.get(id(r), 0)
                     ok += 1
-            if ok:
-                call.done(ok, syscalls=syscalls, nbytes=nbytes)
+            if ok:  # depth: the most reads of this batch the ring held at once
+                call.done(ok, syscalls=syscalls, nbytes=nbytes, depth=min(len(offs), self._depth))
 
     def _finish(self, call: ReadCall, r: Range, got: int) -> int:
         """A range that came back short: resume it with preadv (returns the syscalls it took), or
