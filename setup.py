@@ -32,7 +32,8 @@ setup(
     ext_modules=[
         Extension(
             "flashlm.kernels._ext",
-            sources=[f"{CSRC}/module.c", f"{CSRC}/pool.c", f"{CSRC}/scalar.c", f"{CSRC}/avx2.c", f"{CSRC}/avx512.c"],
+            sources=[f"{CSRC}/module.c", f"{CSRC}/pool.c", f"{CSRC}/scalar.c", f"{CSRC}/avx2.c", f"{CSRC}/avx512.c",
+                     f"{CSRC}/attn.c"],
             depends=[f"{CSRC}/kernels.h"],
             include_dirs=[CSRC],
             optional=True,

@@ -29,7 +29,7 @@ from flashlm.models.base import (
     rms_norm,
 )
 from flashlm.models.args import Derived, derive, hf_config, hf_size, positive
-from flashlm.models.ops import embedding, ffn_gated, linear
+from flashlm.models.ops import cached_attention, embedding, ffn_gated, linear
 
 _FFN_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -181,16 +181,17 @@ class LlamaBlock:
         h = self.norm(x, self.input_layernorm, eps)
         q = linear(h, self.q_proj, self.q_bias).view(T, a.n_heads, a.head_dim)
         k = linear(h, self.k_proj, self.k_bias).view(T, a.n_kv_heads, a.head_dim)
-        v = linear(h, self.v_proj, self.v_bias).view(T, a.n_kv_heads, a.head_dim).transpose(0, 1)
+        v = linear(h, self.v_proj, self.v_bias).view(T, a.n_kv_heads, a.head_dim)
         if self.q_norm is not None:
             q, k = self.norm(q, self.q_norm, eps), self.norm(k, self.k_norm, eps)
-        q, k = q.transpose(0, 1), k.transpose(0, 1)  # (H, T, hd), (Hkv, T, hd)
         cos, sin = self.rotary(pos, T, x.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache.write(self.layer, pos, k, v)
-        keys, values = cache.read(self.layer, pos + T)
-        rowwise = isinstance(self.q_proj, QRows)  # int8/q4: row by row (see attend)
-        o = attend(q, keys, values, pos, self.scaling, self.window, rowwise)  # (T, H*hd)
+        if isinstance(self.q_proj, QRows) and q.dtype == torch.float32:  # int8/q4: one call, row by row
+            o = cached_attention(q, k, v, cache, self.layer, pos, self.scaling, cos, sin, self.window)
+        else:
+            q, k = apply_rope(q.transpose(0, 1), cos, sin), apply_rope(k.transpose(0, 1), cos, sin)  # (H, T, hd)
+            cache.write(self.layer, pos, k, v.transpose(0, 1))
+            keys, values = cache.read(self.layer, pos + T)
+            o = attend(q, keys, values, pos, self.scaling, self.window)  # (T, H*hd)
         return self.post_attention(x, linear(o, self.o_proj, self.o_bias))
 
     def post_attention(self, x: Tensor, attn: Tensor) -> tuple[Tensor, Tensor]:

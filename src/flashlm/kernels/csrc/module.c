@@ -646,6 +646,31 @@ static PyObject *py_dequant(PyObject *self, PyObject *const *args, Py_ssize_t na
     Py_RETURN_NONE;
 }
 
+/* attn(impl, T, H, Hkv, hd, rd, pos, window, q, k, v, cos, sin, kc, vc, f16, max_len, out, scale):
+   see fl_attn (kernels.h) and attn.c; scale a float, the rest integers */
+static PyObject *py_attn(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    int64_t v[18];
+    int rc;
+    if (nargs != 19) {
+        PyErr_Format(PyExc_TypeError, "attn expects 19 arguments, got %zd", nargs);
+        return NULL;
+    }
+    if (ints(args, 18, 18, v, "attn")) return NULL;
+    const double scale = PyFloat_AsDouble(args[18]);
+    if (scale == -1.0 && PyErr_Occurred()) return NULL;
+    const fl_kernels *K = pick(v[0]);
+    if (!K) return NULL;
+    const fl_attn A = {v[1], v[2], v[3], v[4], v[5], v[6], v[7], (float)scale,
+                       PTR(const float *, v[8]), PTR(const float *, v[9]), PTR(const float *, v[10]),
+                       PTR(const float *, v[11]), PTR(const float *, v[12]), PTR(uint8_t *, v[13]),
+                       PTR(uint8_t *, v[14]), (int)v[15], v[16], PTR(float *, v[17])};
+    Py_BEGIN_ALLOW_THREADS;
+    rc = fl_attn_run(K, &A);
+    Py_END_ALLOW_THREADS;
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_has_avx2(PyObject *self, PyObject *unused) { return PyBool_FromLong(avx2_usable()); }
 
 static PyObject *py_has_avx512(PyObject *self, PyObject *unused) { return PyBool_FromLong(avx512_usable()); }
@@ -698,6 +723,7 @@ static PyMethodDef methods[] = {
     {"axpy", (PyCFunction)(void (*)(void))py_axpy, METH_FASTCALL, "out += h @ W[idx]"},
     {"ffn", (PyCFunction)(void (*)(void))py_ffn, METH_FASTCALL, "fused FFN over bundles"},
     {"dequant", (PyCFunction)(void (*)(void))py_dequant, METH_FASTCALL, "rows -> fp32"},
+    {"attn", (PyCFunction)(void (*)(void))py_attn, METH_FASTCALL, "rotary + KV append + attention of one layer"},
     {"has_avx2", py_has_avx2, METH_NOARGS, "whether the AVX2+FMA+F16C path can run here"},
     {"has_avx512", py_has_avx512, METH_NOARGS, "whether the AVX-512 F/BW/VL/DQ + VNNI path can run here"},
     {"set_threads", (PyCFunction)(void (*)(void))py_set_threads, METH_FASTCALL, "threads per kernel call -> old"},
