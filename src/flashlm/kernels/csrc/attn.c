@@ -134,9 +134,6 @@ static void attn_part(void *p, int tid, int nth) {
     free(qr);
 }
 
-/* multiply-adds below which another thread's wake-up costs more than it saves */
-#define MIN_WORK_PER_THREAD (1 << 15)
-
 int fl_attn_run(const fl_kernels *K, const fl_attn *A) {
     if (A->T <= 0) return 0;
     float *tmp = malloc(sizeof(float) * A->hd);
@@ -145,7 +142,7 @@ int fl_attn_run(const fl_kernels *K, const fl_attn *A) {
     free(tmp);
     const int64_t npairs = A->T * A->H, keys = A->pos + (A->T + 1) / 2; /* a row's keys, on average (no window) */
     const int64_t work = npairs * 2 * keys * A->hd;
-    int64_t nth = work / MIN_WORK_PER_THREAD;
+    int64_t nth = work / (A->min_work > 0 ? A->min_work : 1);
     nth = nth < 1 ? 1 : nth;
     nth = nth > npairs ? npairs : nth;
     nth = nth > fl_pool_size() ? fl_pool_size() : nth;

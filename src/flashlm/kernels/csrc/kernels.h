@@ -98,6 +98,7 @@ typedef struct {
     int f16;                  /* cache element: 0 float32, 1 IEEE half */
     int64_t max_len;
     float *out;               /* (T, H * hd) */
+    int64_t min_work;         /* multiply-adds a thread is given at least (below: fewer threads) */
 } fl_attn;
 int fl_attn_run(const fl_kernels *K, const fl_attn *A); /* 0, or -1 out of memory */
 

@@ -663,7 +663,9 @@ static PyObject *py_attn(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     const fl_attn A = {v[1], v[2], v[3], v[4], v[5], v[6], v[7], (float)scale,
                        PTR(const float *, v[8]), PTR(const float *, v[9]), PTR(const float *, v[10]),
                        PTR(const float *, v[11]), PTR(const float *, v[12]), PTR(uint8_t *, v[13]),
-                       PTR(uint8_t *, v[14]), (int)v[15], v[16], PTR(float *, v[17])};
+                       PTR(uint8_t *, v[14]), (int)v[15], v[16], PTR(float *, v[17]),
+                       /* a block of four rows of d = 512 is 2048 multiply-adds: the same wake-up rule */
+                       (int64_t)g_min_blocks * 2048};
     Py_BEGIN_ALLOW_THREADS;
     rc = fl_attn_run(K, &A);
     Py_END_ALLOW_THREADS;
