@@ -13,6 +13,7 @@ the extension (started on first use, GIL released). The default is the machine's
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from collections.abc import Iterator
@@ -311,6 +312,7 @@ def _check_bundles(fmt: str, bundles: Tensor, parts: BundleLayout, act: QAct, sl
     return ns
 
 
+@functools.lru_cache(maxsize=256)  # a layout's offsets are fixed (frozen): not recomputed per call
 def _part_args(parts: BundleLayout, name: str) -> tuple[int, int, int, int]:
     """A part's format and its data, scale and min offsets, as the C driver takes them."""
     p = parts.index(name)

@@ -29,7 +29,7 @@ from flashlm.models.base import (
     rms_norm,
 )
 from flashlm.models.args import Derived, derive, hf_config, hf_size, positive
-from flashlm.models.ops import cached_attention, embedding, ffn_gated, linear
+from flashlm.models.ops import cached_attention, embedding, ffn_gated, linear, rms_norm_quantized
 
 _FFN_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -174,11 +174,12 @@ class LlamaBlock:
         self.act = act
         self.ffn_rows = rows  # (d_ff, 3, d) or None
         self.ffn_permutation = perm
+        self._fused_norm = isinstance(self.q_proj, QRows) and type(self).norm is rms_norm
 
     def attention(self, x: Tensor, cache: KVCache, pos: int) -> tuple[Tensor, Tensor]:
         """x (T, d) -> the residual after attention and the FFN's input (`post_attention`)."""
         a, T, eps = self.args, x.shape[0], self.args.rms_norm_eps
-        h = self.norm(x, self.input_layernorm, eps)
+        h = self._norm(x, self.input_layernorm, eps)
         q = linear(h, self.q_proj, self.q_bias).view(T, a.n_heads, a.head_dim)
         k = linear(h, self.k_proj, self.k_bias).view(T, a.n_kv_heads, a.head_dim)
         v = linear(h, self.v_proj, self.v_bias).view(T, a.n_kv_heads, a.head_dim)
@@ -197,7 +198,14 @@ class LlamaBlock:
     def post_attention(self, x: Tensor, attn: Tensor) -> tuple[Tensor, Tensor]:
         """The residual x + attn, and the FFN input post_attention_layernorm(residual)."""
         residual = x + attn
-        return residual, self.norm(residual, self.post_attention_layernorm, self.args.rms_norm_eps)
+        return residual, self._norm(residual, self.post_attention_layernorm, self.args.rms_norm_eps)
+
+    def _norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        """`norm`, in one kernel call with the quantisation its reader needs when the weights are
+        quantised (int8/q4) and the norm is the plain float32 RMSNorm."""
+        if self._fused_norm and x.dtype == torch.float32 and weight.dtype == torch.float32:
+            return rms_norm_quantized(x, weight, eps)
+        return self.norm(x, weight, eps)
 
     def ffn(self, x: Tensor, rows: Tensor, neuron_ids: Tensor | None = None, mask: Tensor | None = None,
             slots: Tensor | None = None) -> Tensor:

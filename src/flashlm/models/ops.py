@@ -2,7 +2,8 @@
 projections, heads), `embedding` (token rows) and the FFN over neuron rows (`ffn_gated`,
 `ffn_ungated`). A quantised weight (`QRows`, `QBundles` from a q8/q4 store) runs on
 flashlm.kernels with the token's activations quantised per group of 32; a float one on torch.
-`cached_attention`: the attention step of a model on quantised weights (one kernel call).
+`cached_attention` and `rms_norm_quantized`: the attention step and the RMSNorm of a model on
+quantised weights (one kernel call each).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flashlm.errors import PromptTooLongError
-from flashlm.kernels import QBundles, QRows, attention_step, dequantize_rows, gemv, quantize_activations
+from flashlm.kernels import QBundles, QRows, attention_step, dequantize_rows, gemv, quantize_activations, rms_norm_act
 from flashlm.kernels import ffn_gated as q_ffn_gated
 from flashlm.kernels import ffn_ungated as q_ffn_ungated
 from flashlm.models.base import ACTIVATION_NAMES, KVCache
@@ -56,6 +57,15 @@ def _quantized(x: Tensor):
     act = quantize_activations(x if x.dtype == torch.float32 else x.float())
     _last_act.pair = (x, act)
     return act
+
+
+def rms_norm_quantized(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm (float32, as `flashlm.models.base.rms_norm`) of a block whose weights are quantised:
+    the output and its quantised activation in one kernel call (`flashlm.kernels.rms_norm_act`);
+    the activation is kept for the `linear` or FFN that reads the output next."""
+    h, act = rms_norm_act(x, weight, eps)
+    _last_act.pair = (h, act)
+    return h
 
 
 def _slots(rows: Any, mask: Tensor | None, slots: Tensor | None) -> Tensor:

@@ -162,6 +162,25 @@ static void drv_quant(const fl_kernels *K, const float *x, int64_t xstride, int6
     }
 }
 
+/* RMSNorm then quantise, per row: h = w * (x * (1 / sqrt(mean(x^2) + eps))), the two products
+   rounded separately as transformers' float32 RMSNorm rounds them (the mean is summed in double,
+   so it may differ from torch's float32 reduction in the last bit), then h quantised as above */
+static void drv_rms_quant(const fl_kernels *K, const float *x, int64_t xstride, int64_t T, int64_t d, const float *w,
+                          float eps, float *h, int8_t *q, int8_t *qp, float *xs, float *xsp, float *xsum) {
+    for (int64_t t = 0; t < T; t++) {
+        const float *xr = x + t * xstride;
+        float *hr = h + t * d;
+        double ss = 0.0;
+        for (int64_t i = 0; i < d; i++) ss += (double)xr[i] * xr[i];
+        const float r = 1.0f / sqrtf((float)(ss / (double)d) + eps);
+        for (int64_t i = 0; i < d; i++) {
+            const float n = xr[i] * r;
+            hr[i] = w[i] * n;
+        }
+    }
+    drv_quant(K, h, d, T, d, q, qp, xs, xsp, xsum);
+}
+
 /* ---- threads ------------------------------------------------------------------------------ */
 
 /* A call splits its blocks of four rows into nth contiguous ranges, one per pool thread (pool.c),
@@ -582,6 +601,26 @@ static PyObject *py_quantize_act(PyObject *self, PyObject *const *args, Py_ssize
     Py_RETURN_NONE;
 }
 
+/* rms_quant(impl, x, xstride, T, d, w, h, q, qp, xs, xsp, xsum, eps): eps a float */
+static PyObject *py_rms_quant(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    int64_t v[12];
+    if (nargs != 13) {
+        PyErr_Format(PyExc_TypeError, "rms_quant expects 13 arguments, got %zd", nargs);
+        return NULL;
+    }
+    if (ints(args, 12, 12, v, "rms_quant")) return NULL;
+    const double eps = PyFloat_AsDouble(args[12]);
+    if (eps == -1.0 && PyErr_Occurred()) return NULL;
+    const fl_kernels *K = pick(v[0]);
+    if (!K) return NULL;
+    Py_BEGIN_ALLOW_THREADS;
+    drv_rms_quant(K, PTR(const float *, v[1]), v[2], v[3], v[4], PTR(const float *, v[5]), (float)eps,
+                  PTR(float *, v[6]), PTR(int8_t *, v[7]), PTR(int8_t *, v[8]), PTR(float *, v[9]),
+                  PTR(float *, v[10]), PTR(float *, v[11]));
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
+
 /* gemv(impl, fmt, d, n, data, dstride, scale, sstride, min, mstride, idx, T, q, qp, xs, xsp, xsum, y, ystride) */
 static PyObject *py_gemv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     int64_t v[19];
@@ -721,6 +760,7 @@ static PyObject *py_min_blocks(PyObject *self, PyObject *const *args, Py_ssize_t
 
 static PyMethodDef methods[] = {
     {"quantize_act", (PyCFunction)(void (*)(void))py_quantize_act, METH_FASTCALL, "quantise activation rows"},
+    {"rms_quant", (PyCFunction)(void (*)(void))py_rms_quant, METH_FASTCALL, "RMSNorm rows, then quantise them"},
     {"gemv", (PyCFunction)(void (*)(void))py_gemv, METH_FASTCALL, "y = W[idx] @ x"},
     {"axpy", (PyCFunction)(void (*)(void))py_axpy, METH_FASTCALL, "out += h @ W[idx]"},
     {"ffn", (PyCFunction)(void (*)(void))py_ffn, METH_FASTCALL, "fused FFN over bundles"},

@@ -1,6 +1,7 @@
-"""flashlm.kernels.attention_step: one layer's rotary + KV append + causal GQA attention, on every
-path this CPU has (the others skipped by name), against a float64 reference; the cache it writes
-bit for bit the torch path's; each row of a T-row call bitwise the one-row call; threads."""
+"""The per-layer kernels of a model on quantised weights, on every path this CPU has (the others
+skipped by name): `attention_step` (rotary + KV append + causal GQA attention) against a float64
+reference, the cache it writes bit for bit the torch path's, each row of a T-row call bitwise the
+one-row call, threads; `rms_norm_act` (RMSNorm + activation quantisation) against torch's RMSNorm."""
 
 from __future__ import annotations
 
@@ -157,3 +158,25 @@ def test_argument_validation():
     for change, msg in bad:
         with pytest.raises(ValueError, match=msg):
             attention_step(**{**ok, **change})
+
+
+@pytest.mark.parametrize("d", [64, 576, 1536])
+def test_rms_norm_act_is_torch_rmsnorm_then_quantised(backend, d):
+    """h within one float32 rounding of transformers' RMSNorm (the mean is summed in double: the
+    last bit may differ); the activation exactly quantize_activations(h); rows alone bitwise."""
+    from flashlm.models.base import rms_norm
+
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(5, d, generator=g) * torch.logspace(-3, 3, 5)[:, None]
+    w = torch.randn(d, generator=g)
+    h, act = K.rms_norm_act(x, w, 1e-5)
+    want = rms_norm(x, w, 1e-5)
+    assert torch.allclose(h, want, rtol=4 * 2**-24, atol=0)
+    ref = K.quantize_activations(h)
+    assert all(torch.equal(getattr(act, f), getattr(ref, f)) for f in ("q", "qp", "xs", "xsp", "xsum"))
+    alone = [K.rms_norm_act(x[i:i + 1], w, 1e-5) for i in range(5)]
+    assert torch.equal(torch.cat([a[0] for a in alone]), h)
+    assert torch.equal(torch.cat([a[1].q for a in alone]), act.q)
+    for bad, msg in ((dict(x=x.double()), "x must be a 2-D float32"), (dict(weight=w[:-1]), "weight must be float32")):
+        with pytest.raises(ValueError, match=msg):
+            K.rms_norm_act(**{"x": x, "weight": w, "eps": 1e-5, **bad})
