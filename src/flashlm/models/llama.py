@@ -29,6 +29,7 @@ from flashlm.models.base import (
     rms_norm,
 )
 from flashlm.models.args import Derived, derive, hf_config, hf_size, positive
+from flashlm.models.fused import FusedLayer
 from flashlm.models.ops import cached_attention, embedding, ffn_gated, linear, rms_norm_quantized
 
 _FFN_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$")
@@ -175,6 +176,7 @@ class LlamaBlock:
         self.ffn_rows = rows  # (d_ff, 3, d) or None
         self.ffn_permutation = perm
         self._fused_norm = isinstance(self.q_proj, QRows) and type(self).norm is rms_norm
+        self.fused = FusedLayer.of(self)  # the whole layer in one kernel call, or None
 
     def attention(self, x: Tensor, cache: KVCache, pos: int) -> tuple[Tensor, Tensor]:
         """x (T, d) -> the residual after attention and the FFN's input (`post_attention`)."""

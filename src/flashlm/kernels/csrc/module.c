@@ -8,6 +8,7 @@
 #include <stdlib.h>
 
 #include "kernels.h"
+#include "drivers.h"
 
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2, ACT_RELU = 3 };
 enum { IMPL_SCALAR = 1, IMPL_AVX2 = 2, IMPL_AVX512 = 3 };
@@ -43,17 +44,7 @@ static const fl_kernels *pick(int64_t impl) {
     return NULL;
 }
 
-/* A set of rows: row k lives at data + k * dstride (bytes), and so on. */
-typedef struct {
-    const uint8_t *data, *scale, *min;
-    int64_t dstride, sstride, mstride;
-} fl_rows;
 
-typedef struct {
-    int64_t T, d, G;
-    const int8_t *q, *qp;
-    const float *xs, *xsp, *xsum;
-} fl_act;
 
 static inline fl_actrow act_row(const fl_act *A, int64_t t) {
     fl_actrow a = {A->q + t * A->d, A->qp + t * A->d, A->xs + t * A->G, A->xsp + t * A->G, A->xsum + t * A->G};
@@ -153,7 +144,7 @@ static void permute_act(const int8_t *q, const float *xs, int64_t G, int8_t *qp,
     for (; g < G; g++) xsp[g] = xs[g];
 }
 
-static void drv_quant(const fl_kernels *K, const float *x, int64_t xstride, int64_t T, int64_t d, int8_t *q,
+void drv_quant(const fl_kernels *K, const float *x, int64_t xstride, int64_t T, int64_t d, int8_t *q,
                       int8_t *qp, float *xs, float *xsp, float *xsum) {
     const int64_t G = d / FL_GROUP;
     for (int64_t t = 0; t < T; t++) {
@@ -165,7 +156,7 @@ static void drv_quant(const fl_kernels *K, const float *x, int64_t xstride, int6
 /* RMSNorm then quantise, per row: h = w * (x * (1 / sqrt(mean(x^2) + eps))), the two products
    rounded separately as transformers' float32 RMSNorm rounds them (the mean is summed in double,
    so it may differ from torch's float32 reduction in the last bit), then h quantised as above */
-static void drv_rms_quant(const fl_kernels *K, const float *x, int64_t xstride, int64_t T, int64_t d, const float *w,
+void drv_rms_quant(const fl_kernels *K, const float *x, int64_t xstride, int64_t T, int64_t d, const float *w,
                           float eps, float *h, int8_t *q, int8_t *qp, float *xs, float *xsp, float *xsum) {
     for (int64_t t = 0; t < T; t++) {
         const float *xr = x + t * xstride;
@@ -246,7 +237,7 @@ static void gemv_part(void *p, int tid, int nth) {
     }
 }
 
-static void drv_gemv(const fl_kernels *K, int fmt, const fl_rows *R, int64_t n, const int32_t *idx, const fl_act *A,
+void drv_gemv(const fl_kernels *K, int fmt, const fl_rows *R, int64_t n, const int32_t *idx, const fl_act *A,
                      float *y, int64_t ystride) {
     if (n <= 0) return;
     const gemv_job J = {K, fmt, R, n, n_blocks(n), idx, A, y, ystride};
@@ -342,9 +333,7 @@ static int drv_axpy(const fl_kernels *K, int fmt, const fl_rows *R, int64_t n, c
 
 /* ---- fused FFN over bundles ---------------------------------------------------------------- */
 
-typedef struct {
-    int64_t fmt, data, scale, min; /* one part's format (FL_Q8 / FL_Q4) and byte offsets in a bundle */
-} fl_part;
+
 
 typedef struct {
     const fl_kernels *K;
@@ -505,7 +494,7 @@ static void ffn_part(void *p, int tid, int nth) {
     free(q.tn);
 }
 
-static int drv_ffn(const fl_kernels *K, int gated, int fn, int64_t d, int64_t ns, const int32_t *slots,
+int drv_ffn(const fl_kernels *K, int gated, int fn, int64_t d, int64_t ns, const int32_t *slots,
                    const uint8_t *base, int64_t stride, const fl_part parts[3], const float *bias, const int32_t *nid,
                    const fl_act *A, float *out, int64_t ostride) {
     if (ns <= 0) return 0;
@@ -712,6 +701,54 @@ static PyObject *py_attn(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     Py_RETURN_NONE;
 }
 
+/* layer(d, H, Hkv, hd, rd, window, act_fn, in_norm, post_norm,
+         q: fmt data dstride scale sstride min mstride n bias, k: ..., v: ..., o: ...,
+         ns, slots, base, stride, gate: fmt data scale min, up: ..., down: ...,       <- 61, fixed per layer
+         impl, T, pos, x, xout, cos, sin, kc, vc, f16, max_len,                       <- 11, per call
+         eps, scale)                                                                  <- floats
+   see fl_layer (drivers.h) and layer.c */
+static fl_proj proj_from(const int64_t *v) {
+    fl_proj p = {(int)v[0], {PTR(const uint8_t *, v[1]), PTR(const uint8_t *, v[3]), PTR(const uint8_t *, v[5]),
+                             v[2], v[4], v[6]}, v[7], PTR(const float *, v[8])};
+    return p;
+}
+
+static PyObject *py_layer(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    int64_t v[72];
+    int rc;
+    if (nargs != 74) {
+        PyErr_Format(PyExc_TypeError, "layer expects 74 arguments, got %zd", nargs);
+        return NULL;
+    }
+    if (ints(args, 72, 72, v, "layer")) return NULL;
+    const double eps = PyFloat_AsDouble(args[72]), scale = PyFloat_AsDouble(args[73]);
+    if (PyErr_Occurred()) return NULL;
+    const int64_t *c = v + 61;
+    const fl_kernels *K = pick(c[0]);
+    if (!K) return NULL;
+    fl_layer L = {c[1], v[0], v[1], v[3], PTR(const float *, c[3]), PTR(float *, c[4]), PTR(const float *, v[7]),
+                  PTR(const float *, v[8]), (float)eps, proj_from(v + 9), proj_from(v + 18), proj_from(v + 27),
+                  proj_from(v + 36)};
+    const fl_attn A = {c[1], v[1], v[2], v[3], v[4], c[2], v[5], (float)scale, NULL, NULL, NULL,
+                       PTR(const float *, c[5]), PTR(const float *, c[6]), PTR(uint8_t *, c[7]),
+                       PTR(uint8_t *, c[8]), (int)c[9], c[10], NULL, (int64_t)g_min_blocks * 2048};
+    L.attn = A;
+    L.act_fn = (int)v[6];
+    L.ns = v[45];
+    L.slots = PTR(const int32_t *, v[46]);
+    L.base = PTR(const uint8_t *, v[47]);
+    L.stride = v[48];
+    for (int p = 0; p < 3; p++) {
+        const fl_part part = {v[49 + 4 * p], v[50 + 4 * p], v[51 + 4 * p], v[52 + 4 * p]};
+        L.parts[p] = part;
+    }
+    Py_BEGIN_ALLOW_THREADS;
+    rc = fl_layer_run(K, &L);
+    Py_END_ALLOW_THREADS;
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_has_avx2(PyObject *self, PyObject *unused) { return PyBool_FromLong(avx2_usable()); }
 
 static PyObject *py_has_avx512(PyObject *self, PyObject *unused) { return PyBool_FromLong(avx512_usable()); }
@@ -766,6 +803,7 @@ static PyMethodDef methods[] = {
     {"ffn", (PyCFunction)(void (*)(void))py_ffn, METH_FASTCALL, "fused FFN over bundles"},
     {"dequant", (PyCFunction)(void (*)(void))py_dequant, METH_FASTCALL, "rows -> fp32"},
     {"attn", (PyCFunction)(void (*)(void))py_attn, METH_FASTCALL, "rotary + KV append + attention of one layer"},
+    {"layer", (PyCFunction)(void (*)(void))py_layer, METH_FASTCALL, "one Llama-block layer on quantised weights"},
     {"has_avx2", py_has_avx2, METH_NOARGS, "whether the AVX2+FMA+F16C path can run here"},
     {"has_avx512", py_has_avx512, METH_NOARGS, "whether the AVX-512 F/BW/VL/DQ + VNNI path can run here"},
     {"set_threads", (PyCFunction)(void (*)(void))py_set_threads, METH_FASTCALL, "threads per kernel call -> old"},
