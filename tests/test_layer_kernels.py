@@ -180,3 +180,55 @@ def test_rms_norm_act_is_torch_rmsnorm_then_quantised(backend, d):
     for bad, msg in ((dict(x=x.double()), "x must be a 2-D float32"), (dict(weight=w[:-1]), "weight must be float32")):
         with pytest.raises(ValueError, match=msg):
             K.rms_norm_act(**{"x": x, "weight": w, "eps": 1e-5, **bad})
+
+
+@pytest.fixture(scope="module")
+def llama_family_stores(tmp_path_factory):
+    """Llama (GQA, no biases) and Qwen2 (q/k/v biases, windows 5/full/5, tied), int8 / q4 / q4d8."""
+    from conftest import random_llama, save_checkpoint
+    from flashlm.convert import convert
+    from test_families import hf_model
+
+    out = {}
+    for name, model in {"llama": random_llama(hidden_size=64, intermediate_size=192),
+                        "qwen2": hf_model("qwen2-layer-types-tied")}.items():
+        root = tmp_path_factory.mktemp(name)
+        ckpt = save_checkpoint(model, root / "ckpt")
+        for dtype in ("int8", "q4", "q4d8"):
+            convert(ckpt, root / dtype, dtype=dtype, progress=False)
+            out[name, dtype] = root / dtype
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["int8", "q4", "q4d8"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("kv_dtype", [None, torch.float16])
+async def test_the_fused_layer_is_bitwise_the_separate_calls(llama_family_stores, family, dtype, kv_dtype, backend):
+    """A layer in one C call (flashlm.models.fused) gives the logits and the KV cache the block's
+    separate calls give, bit for bit: a prompt, then decode steps past the windows, on every path."""
+    from flashlm import Engine
+
+    if backend == "torch":
+        pytest.skip("torch path: no C call to fuse (every layer runs its own calls)")
+    async with await Engine.open(llama_family_stores[family, dtype], ffn="ram", prefix_cache=False) as e:
+        model = e.model
+        fused = [b.fused for b in model.layers]
+        assert all(f is not None for f in fused)
+        model.kv_dtype = kv_dtype  # exact mode holds the cache in half precision
+        tokens = torch.randint(3, 300, (14,), generator=torch.Generator().manual_seed(5))
+
+        def run() -> tuple[list[torch.Tensor], torch.Tensor]:
+            cache = model.new_cache(32)
+            with torch.inference_mode():
+                out = [model(tokens[:6], cache)] + [model(tokens[i:i + 1], cache) for i in range(6, 14)]
+            return out, cache.kv[:, :, :, :cache.length]
+
+        got, kv = run()
+        for b in model.layers:
+            b.fused = None
+        want, kv_want = run()
+        for b, f in zip(model.layers, fused):
+            b.fused = f
+        assert kv.dtype == (kv_dtype or torch.float32)
+        assert torch.equal(kv, kv_want)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
