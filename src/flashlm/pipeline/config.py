@@ -72,7 +72,7 @@ class EngineConfig:
     # earlier steps' neuron selections: ffn="ram" or selection "dense" with every neuron cached
     # (what "auto" picks when they fit); off under a sparse selection and in exact mode. Exact: on
     # int8/q4 stores the kernels and attention give a batched prefill's every row bitwise its
-    # one-token step (kernels/csrc/attn.c, layer.c, module.c), so a reused prefix gives
+    # one-token step (flashlm.models.base.attend, kernels/csrc/module.c), so a reused prefix gives
     # the tokens a cold start gives; float stores compute on torch, whose matmuls round by batch
     # shape (last bits; greedy tokens equal in the tests). docs/prompt-cache.md.
     prefix_cache: bool = True
