@@ -32,8 +32,9 @@ setup(
     ext_modules=[
         Extension(
             "flashlm.kernels._ext",
-            sources=[f"{CSRC}/module.c", f"{CSRC}/pool.c", f"{CSRC}/scalar.c", f"{CSRC}/avx2.c", f"{CSRC}/avx512.c"],
-            depends=[f"{CSRC}/kernels.h"],
+            sources=[f"{CSRC}/module.c", f"{CSRC}/pool.c", f"{CSRC}/scalar.c", f"{CSRC}/avx2.c", f"{CSRC}/avx512.c",
+                     f"{CSRC}/attn.c", f"{CSRC}/layer.c"],
+            depends=[f"{CSRC}/kernels.h", f"{CSRC}/drivers.h"],
             include_dirs=[CSRC],
             optional=True,
         ),

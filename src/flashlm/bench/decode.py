@@ -13,7 +13,10 @@ Each measurement is its own process, so its peak RSS is its own (`os.wait4`'s ru
 Runs are taken round-robin over `rounds` rounds, so a noisy moment on a shared machine hits one
 round of every configuration rather than all rounds of one; the report gives each
 configuration's median and the ratio of medians to llama.cpp's. Build llama.cpp with
-`tools/build_llama_cpp.sh`; without the binary its row is skipped with a note.
+`tools/build_llama_cpp.sh`; without the binary its row is skipped with a note. With `profile`,
+each store's decode step is also profiled once, in its own process
+(`python -m flashlm.bench.decode_profile`: the kernels' time against torch's and Python's),
+under "profiles" in the report.
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ def find_llama_bench(explicit: str | None) -> Path | None:
 def run_decode_bench(out: Path, *, model: str, gguf: Path | None, dtypes: tuple[str, ...], tokens: int = 32,
                      rounds: int = 3, threads: int = 1, llama_bench: str | None = None,
                      stores: dict[str, Path] | None = None, progress: bool = True,
-                     max_context: int = 512) -> dict[str, Any]:
+                     max_context: int = 512, profile: bool = False) -> dict[str, Any]:
     """Measure and write the report (see the module doc). `stores` maps a store dtype to an
     existing store; others are the built-in's cached stores (converted on first use)."""
     from flashlm.builtin import model_file
@@ -152,6 +155,10 @@ def run_decode_bench(out: Path, *, model: str, gguf: Path | None, dtypes: tuple[
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in c.results),
             "rounds": c.results,
         }
+    if profile:
+        prof = [sys.executable, "-m", "flashlm.bench.decode_profile", "--tokens", str(tokens), "--threads", str(threads)]
+        report["profiles"] = {dt: json.loads(_timed(prof + [str(stores[dt])], env)[0].strip().splitlines()[-1])
+                              for dt in dtypes}
     ref = report["runs"].get("llama.cpp")
     if ref is not None:
         for r in report["runs"].values():

@@ -86,7 +86,7 @@ def _bench_decode(a: argparse.Namespace) -> int:
     dtypes = tuple(d for d in a.dtypes.split(",") if d)
     r = run_decode_bench(Path(a.out), model=a.model, gguf=Path(a.gguf) if a.gguf else None, dtypes=dtypes,
                          tokens=a.tokens, rounds=a.rounds, threads=a.threads, llama_bench=a.llama_bench,
-                         max_context=a.max_context,
+                         max_context=a.max_context, profile=a.profile,
                          stores=stores, progress=not a.quiet)
     print(json.dumps({name: {k: run.get(k) for k in ("ms_per_token", "peak_rss_bytes", "vs_llama_cpp")}
                       for name, run in r["runs"].items()} | {"notes": r["notes"]}))
@@ -226,6 +226,9 @@ def add_bench(sub: Any) -> None:
                   "prompt and the answer; at 512 both hold about the same): ")
     bd.add_argument("--llama-bench", default=None, metavar="PATH",
                     help="llama.cpp's llama-bench (default: $FLASHLM_HOME/llama.cpp/bin, then PATH)")
+    bd.add_argument("--profile", action="store_true",
+                    help="also a cProfile split of each store's decode step (kernels vs torch vs Python: "
+                    "flashlm.bench.decode_profile), under \"profiles\" in the JSON")
     bd.add_argument("--quiet", action="store_true", help="no per-run lines on stderr")
     bd.add_argument("--out", required=True, metavar="FILE", help="JSON file to write")
     bd.set_defaults(func=_bench_decode)

@@ -8,14 +8,16 @@ compiled extension.
     y = gemv("q4", rows, act, idx)            # (T, len(idx)) = x_hat @ W[idx]^T
     axpy("q4", rows, h, out, idx)             # out (T, d) += h @ W[idx]
     ffn_gated("q4", bundles, layout, "silu", act, slots, out)
+    o = attention_step(q, k, v, k_cache, v_cache, pos, scale, cos, sin)  # rotary + KV append + attention
 
 `backend()` says which path CPU tensors take ("avx512", "avx2", "scalar" or "torch"), `threads()`
 how many threads each call uses (`set_threads(n)`; default the physical cores).
 
 Modules: `formats` (names, sizes and bundle layout: torch-free), `qtensors` (QRows, QBundles,
-QAct), `quantizers` (every weight quantiser), `ops` (the validated ops), `reference` (the torch
-specification of each op). Names are resolved on first use, so `flashlm.kernels.formats` (which
-the store format imports) loads no torch.
+QAct), `quantizers` (every weight quantiser), `ops` (the validated ops), `attention` (a layer's
+attention step over its KV cache), `norm` (RMSNorm and quantisation in one call), `reference`
+(the torch specification of each op). Names are resolved on first use, so
+`flashlm.kernels.formats` (which the store format imports) loads no torch.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _HOME = {
+    "attention": ("attention_step", "attention_step_ref"),
+    "norm": ("rms_norm_act", "rms_norm_act_ref"),
     "formats": ("FORMATS", "GATED_PARTS", "GROUP", "QUANT_DTYPES", "UNGATED_PARTS", "WIDE_PARTS", "BundleLayout",
                 "bundle_bytes", "bundle_layout", "data_bytes", "default_parts", "kernel_format", "part_formats",
                 "row_bytes"),
@@ -38,6 +42,8 @@ _HOME = {
 _MODULE_OF = {name: module for module, names in _HOME.items() for name in names}
 
 if TYPE_CHECKING:
+    from flashlm.kernels.attention import attention_step, attention_step_ref
+    from flashlm.kernels.norm import rms_norm_act, rms_norm_act_ref
     from flashlm.kernels.formats import (
         FORMATS, GATED_PARTS, GROUP, QUANT_DTYPES, UNGATED_PARTS, WIDE_PARTS, BundleLayout, bundle_bytes, bundle_layout,
         data_bytes, default_parts, kernel_format, part_formats, row_bytes,

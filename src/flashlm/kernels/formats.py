@@ -33,6 +33,7 @@ and for q4d8 (down at q8)::
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from typing import Any
@@ -150,7 +151,7 @@ class BundleLayout:
         q4_before = sum(f == "q4" for f in self.fmts[:part])
         return self.scale_offset(len(self.names)) + q4_before * 2 * self.groups
 
-    @property
+    @functools.cached_property  # the layout is frozen; the FFN op checks it every call
     def nbytes(self) -> int:
         """Bytes a bundle uses; a bundle row's stride may be larger (zero padding)."""
         return sum(row_bytes(f, self.d) for f in self.fmts)

@@ -13,6 +13,7 @@ the extension (started on first use, GIL released). The default is the machine's
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from collections.abc import Iterator
@@ -196,14 +197,26 @@ def _act_fn(name: str) -> str:
     return name
 
 
+# The pointers and strides of a QRows or QAct, as the C drivers take them: computed once per
+# object (its tensors are fixed: both are frozen dataclasses) and kept on it, since a decode step
+# passes each weight and activation to the kernels many times.
+
 def _rows_args(rows: QRows) -> tuple[int, ...]:
-    mins = rows.mins
-    return (rows.data.data_ptr(), rows.data.stride(0), rows.scales.data_ptr(), rows.scales.stride(0) * 2,
-            0 if mins is None else mins.data_ptr(), 0 if mins is None else mins.stride(0) * 2)
+    args = rows.__dict__.get("_c_args")
+    if args is None:
+        mins = rows.mins
+        args = (rows.data.data_ptr(), rows.data.stride(0), rows.scales.data_ptr(), rows.scales.stride(0) * 2,
+                0 if mins is None else mins.data_ptr(), 0 if mins is None else mins.stride(0) * 2)
+        object.__setattr__(rows, "_c_args", args)
+    return args
 
 
 def _act_args(act: QAct) -> tuple[int, ...]:
-    return (act.q.data_ptr(), act.qp.data_ptr(), act.xs.data_ptr(), act.xsp.data_ptr(), act.xsum.data_ptr())
+    args = act.__dict__.get("_c_args")
+    if args is None:
+        args = (act.q.data_ptr(), act.qp.data_ptr(), act.xs.data_ptr(), act.xsp.data_ptr(), act.xsum.data_ptr())
+        object.__setattr__(act, "_c_args", args)
+    return args
 
 
 # ---- ops -------------------------------------------------------------------------------------
@@ -311,6 +324,7 @@ def _check_bundles(fmt: str, bundles: Tensor, parts: BundleLayout, act: QAct, sl
     return ns
 
 
+@functools.lru_cache(maxsize=256)  # a layout's offsets are fixed (frozen): not recomputed per call
 def _part_args(parts: BundleLayout, name: str) -> tuple[int, int, int, int]:
     """A part's format and its data, scale and min offsets, as the C driver takes them."""
     p = parts.index(name)

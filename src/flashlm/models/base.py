@@ -306,29 +306,18 @@ class KVCache:
         self.length = n
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, pos: int, scale: float, window: int | None = None,
-           rowwise: bool = False) -> Tensor:
-    """Causal attention of T queries at positions pos..pos+T over keys [0, pos+T).
+def attend(q: Tensor, k: Tensor, v: Tensor, pos: int, scale: float, window: int | None = None) -> Tensor:
+    """Causal attention of T queries at positions pos..pos+T over keys [0, pos+T), in one torch
+    call (float weights; a model on quantised weights attends row by row in the kernels:
+    `flashlm.models.ops.cached_attention`).
 
     q (n_heads, T, hd); k, v (n_kv_heads, pos+T, hd) with n_heads a multiple of n_kv_heads.
     window: the query at position p sees only keys (p - window, p] (sliding-window attention,
     transformers' `sliding_window`); the cache may hold older keys, they are not looked at.
-    rowwise: each query row attended alone over the keys it sees, exactly as a one-token step
-    attends it (one causal call over T queries reduces in another order, last bits apart). Where
-    every other op is per token (int8/q4: the kernels), a prompt prefilled in one step is then
-    bitwise the same as decoding it, which the prompt cache needs (docs/prompt-cache.md).
     Returns (T, n_heads * hd).
     """
     n_heads, T, hd = q.shape
     gqa = k.shape[0] != n_heads
-    if rowwise and T > 1:
-        rows = []
-        for i in range(T):
-            p = pos + i
-            s = 0 if window is None else max(0, p + 1 - window)  # the oldest key position p sees
-            rows.append(F.scaled_dot_product_attention(q[None, :, i:i + 1], k[None, :, s:p + 1], v[None, :, s:p + 1],
-                                                       scale=scale, enable_gqa=gqa))
-        return torch.cat(rows, dim=2)[0].transpose(0, 1).reshape(T, n_heads * hd)
     start = 0 if window is None else max(0, pos + 1 - window)  # the oldest key the first query sees
     if start:
         k, v = k[:, start:], v[:, start:]  # (n_kv_heads, pos+T-start, hd) views
@@ -385,10 +374,15 @@ class CausalLM:
                 rows: Sequence[tuple[Any, Tensor | None]] | None = None) -> Tensor:
         """Logits (T, vocab) (or (1, vocab) with last_only) of ids (T,) following the cached tokens.
         Each layer's FFN runs over its built-in dense rows, or over `rows[l]` = (rows, neuron ids)
-        when given (every neuron of the layer, in any order: the sparse engine's full caches)."""
+        when given (every neuron of the layer, in any order: the sparse engine's full caches).
+        Over its own rows a layer with a `fused` call (flashlm.models.fused) runs as one kernel call."""
         pos = cache.length
         x = self.embed(ids, pos)
         for block in self.layers:
+            fused = getattr(block, "fused", None) if rows is None else None
+            if fused is not None and (y := fused(x, cache, pos)) is not None:
+                x = y
+                continue
             ffn_rows, ids_l = (block.ffn_rows, None) if rows is None else rows[block.layer]
             if ffn_rows is None:
                 raise ValueError(f"layer {block.layer} was built without dense FFN rows; run it with block.ffn")

@@ -29,7 +29,8 @@ from flashlm.models.base import (
     rms_norm,
 )
 from flashlm.models.args import Derived, derive, hf_config, hf_size, positive
-from flashlm.models.ops import embedding, ffn_gated, linear
+from flashlm.models.fused import FusedLayer
+from flashlm.models.ops import cached_attention, embedding, ffn_gated, linear, rms_norm_quantized
 
 _FFN_KEY = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight$")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -174,29 +175,39 @@ class LlamaBlock:
         self.act = act
         self.ffn_rows = rows  # (d_ff, 3, d) or None
         self.ffn_permutation = perm
+        self._fused_norm = isinstance(self.q_proj, QRows) and type(self).norm is rms_norm
+        self.fused = FusedLayer.of(self)  # the whole layer in one kernel call, or None
 
     def attention(self, x: Tensor, cache: KVCache, pos: int) -> tuple[Tensor, Tensor]:
         """x (T, d) -> the residual after attention and the FFN's input (`post_attention`)."""
         a, T, eps = self.args, x.shape[0], self.args.rms_norm_eps
-        h = self.norm(x, self.input_layernorm, eps)
+        h = self._norm(x, self.input_layernorm, eps)
         q = linear(h, self.q_proj, self.q_bias).view(T, a.n_heads, a.head_dim)
         k = linear(h, self.k_proj, self.k_bias).view(T, a.n_kv_heads, a.head_dim)
-        v = linear(h, self.v_proj, self.v_bias).view(T, a.n_kv_heads, a.head_dim).transpose(0, 1)
+        v = linear(h, self.v_proj, self.v_bias).view(T, a.n_kv_heads, a.head_dim)
         if self.q_norm is not None:
             q, k = self.norm(q, self.q_norm, eps), self.norm(k, self.k_norm, eps)
-        q, k = q.transpose(0, 1), k.transpose(0, 1)  # (H, T, hd), (Hkv, T, hd)
         cos, sin = self.rotary(pos, T, x.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cache.write(self.layer, pos, k, v)
-        keys, values = cache.read(self.layer, pos + T)
-        rowwise = isinstance(self.q_proj, QRows)  # int8/q4: row by row (see attend)
-        o = attend(q, keys, values, pos, self.scaling, self.window, rowwise)  # (T, H*hd)
+        if isinstance(self.q_proj, QRows) and q.dtype == torch.float32:  # int8/q4: one call, row by row
+            o = cached_attention(q, k, v, cache, self.layer, pos, self.scaling, cos, sin, self.window)
+        else:
+            q, k = apply_rope(q.transpose(0, 1), cos, sin), apply_rope(k.transpose(0, 1), cos, sin)  # (H, T, hd)
+            cache.write(self.layer, pos, k, v.transpose(0, 1))
+            keys, values = cache.read(self.layer, pos + T)
+            o = attend(q, keys, values, pos, self.scaling, self.window)  # (T, H*hd)
         return self.post_attention(x, linear(o, self.o_proj, self.o_bias))
 
     def post_attention(self, x: Tensor, attn: Tensor) -> tuple[Tensor, Tensor]:
         """The residual x + attn, and the FFN input post_attention_layernorm(residual)."""
         residual = x + attn
-        return residual, self.norm(residual, self.post_attention_layernorm, self.args.rms_norm_eps)
+        return residual, self._norm(residual, self.post_attention_layernorm, self.args.rms_norm_eps)
+
+    def _norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        """`norm`, in one kernel call with the quantisation its reader needs when the weights are
+        quantised (int8/q4) and the norm is the plain float32 RMSNorm."""
+        if self._fused_norm and x.dtype == torch.float32 and weight.dtype == torch.float32:
+            return rms_norm_quantized(x, weight, eps)
+        return self.norm(x, weight, eps)
 
     def ffn(self, x: Tensor, rows: Tensor, neuron_ids: Tensor | None = None, mask: Tensor | None = None,
             slots: Tensor | None = None) -> Tensor:

@@ -2,6 +2,8 @@
 projections, heads), `embedding` (token rows) and the FFN over neuron rows (`ffn_gated`,
 `ffn_ungated`). A quantised weight (`QRows`, `QBundles` from a q8/q4 store) runs on
 flashlm.kernels with the token's activations quantised per group of 32; a float one on torch.
+`cached_attention` and `rms_norm_quantized`: the attention step and the RMSNorm of a model on
+quantised weights (one kernel call each).
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flashlm.kernels import QBundles, QRows, dequantize_rows, gemv, quantize_activations
+from flashlm.errors import PromptTooLongError
+from flashlm.kernels import QBundles, QRows, attention_step, dequantize_rows, gemv, quantize_activations, rms_norm_act
 from flashlm.kernels import ffn_gated as q_ffn_gated
 from flashlm.kernels import ffn_ungated as q_ffn_ungated
-from flashlm.models.base import ACTIVATION_NAMES
+from flashlm.models.base import ACTIVATION_NAMES, KVCache
 
 
 def linear(x: Tensor, w: Tensor | QRows, b: Tensor | None = None) -> Tensor:
@@ -54,6 +57,15 @@ def _quantized(x: Tensor):
     act = quantize_activations(x if x.dtype == torch.float32 else x.float())
     _last_act.pair = (x, act)
     return act
+
+
+def rms_norm_quantized(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm (float32, as `flashlm.models.base.rms_norm`) of a block whose weights are quantised:
+    the output and its quantised activation in one kernel call (`flashlm.kernels.rms_norm_act`);
+    the activation is kept for the `linear` or FFN that reads the output next."""
+    h, act = rms_norm_act(x, weight, eps)
+    _last_act.pair = (h, act)
+    return h
 
 
 def _slots(rows: Any, mask: Tensor | None, slots: Tensor | None) -> Tensor:
@@ -108,3 +120,21 @@ def ffn_ungated(x: Tensor, rows: Tensor | QBundles, act: Callable[[Tensor], Tens
     h = act(h) if mask is None else act(h) * mask
     w2 = rows[:, 1]  # (n, d)
     return h @ w2  # (T, d)
+
+
+def cached_attention(q: Tensor, k: Tensor, v: Tensor, cache: KVCache, layer: int, pos: int, scale: float,
+                     cos: Tensor | None = None, sin: Tensor | None = None, window: int | None = None) -> Tensor:
+    """The attention of a block on quantised weights: q (T, H, hd), k and v (T, Hkv, hd) float32
+    before rotary; cos, sin (T, rotary_dim) or None. Rotates q and k, writes k and v into `cache`'s
+    `layer` at pos..pos+T and attends each row over the keys its position sees
+    (`flashlm.kernels.attention_step`: one C call on CPU). Every row is computed as a one-token
+    step computes it, so a prompt prefilled in one step is bitwise the same as decoding it, which
+    the prompt cache needs (docs/prompt-cache.md): where every other op is per token (int8/q4),
+    the whole step is. Returns (T, H * hd) float32."""
+    end = pos + q.shape[0]
+    if end > cache.max_len:
+        raise PromptTooLongError(
+            f"the KV cache holds {cache.max_len} tokens but position {end - 1} was written; "
+            f"allocate new_cache(max_len >= {end})"
+        )
+    return attention_step(q, k, v, cache.kv[layer, 0], cache.kv[layer, 1], pos, scale, cos, sin, window)

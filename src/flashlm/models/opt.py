@@ -23,7 +23,7 @@ from flashlm.models.base import (
     permutation,
 )
 from flashlm.models.args import Derived, derive, hf_config, hf_size, positive
-from flashlm.models.ops import embedding, ffn_ungated, linear
+from flashlm.models.ops import cached_attention, embedding, ffn_ungated, linear
 
 _FFN_KEY = re.compile(r"^model\.decoder\.layers\.(\d+)\.fc[12]\.weight$")
 POSITION_OFFSET = 2  # OPT's learned position table starts at row 2
@@ -116,12 +116,15 @@ class OPTBlock:
         a, T = self.args, x.shape[0]
         h = layer_norm(x, *self.self_attn_layer_norm) if self.pre_ln else x
         # transformers scales q after the projection and calls attention with scale 1.0: same order here
-        q = (linear(h, self.q_proj, self.q_bias) * self.scaling).view(T, a.n_heads, a.head_dim).transpose(0, 1)
-        k = linear(h, self.k_proj, self.k_bias).view(T, a.n_heads, a.head_dim).transpose(0, 1)  # (H, T, hd)
-        v = linear(h, self.v_proj, self.v_bias).view(T, a.n_heads, a.head_dim).transpose(0, 1)
-        cache.write(self.layer, pos, k, v)
-        keys, values = cache.read(self.layer, pos + T)
-        o = attend(q, keys, values, pos, 1.0, rowwise=isinstance(self.q_proj, QRows))  # int8/q4: see attend
+        q = (linear(h, self.q_proj, self.q_bias) * self.scaling).view(T, a.n_heads, a.head_dim)
+        k = linear(h, self.k_proj, self.k_bias).view(T, a.n_heads, a.head_dim)  # (T, H, hd)
+        v = linear(h, self.v_proj, self.v_bias).view(T, a.n_heads, a.head_dim)
+        if isinstance(self.q_proj, QRows) and q.dtype == torch.float32:  # int8/q4: one call, row by row
+            o = cached_attention(q, k, v, cache, self.layer, pos, 1.0)
+        else:
+            cache.write(self.layer, pos, k.transpose(0, 1), v.transpose(0, 1))
+            keys, values = cache.read(self.layer, pos + T)
+            o = attend(q.transpose(0, 1), keys, values, pos, 1.0)
         residual = x + linear(o, self.out_proj, self.out_bias)
         if self.pre_ln:
             return residual, layer_norm(residual, *self.final_layer_norm)

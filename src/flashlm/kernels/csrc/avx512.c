@@ -366,9 +366,57 @@ TGT static void axpy4_f32(const float *w, int64_t ws, const float c[4], float *o
     }
 }
 
+/* attention over fp32 / fp16 keys and values: 16 lanes, a masked load for the tail (head dims
+   that are not a multiple of 16: 80, 96 ...), so every n takes the vector path */
+TGT static float dot_f32(const float *a, const float *b, int64_t n) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+    }
+    for (; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+TGT static float dot_f16(const float *a, const uint16_t *b, int64_t n) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(b + i))), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16),
+                             _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(b + i + 16))), s1);
+    }
+    for (; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, b + i)), s0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+TGT static void axpy_f32(float c, const float *x, float *y, int64_t n) {
+    const __m512 cv = _mm512_set1_ps(c);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(cv, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
+    }
+}
+
+TGT static void axpy_f16(float c, const uint16_t *x, float *y, int64_t n) {
+    const __m512 cv = _mm512_set1_ps(c);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = n - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - i)) - 1);
+        const __m512 xv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, x + i));
+        _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(cv, xv, _mm512_maskz_loadu_ps(m, y + i)));
+    }
+}
+
 const fl_kernels fl_avx512_kernels = {
     "avx512", quant_row, dot4_q8, dot4_q4, axpy4_q8, axpy4_q4, dequant_q8, dequant_q4, axpy4_f32,
-    axpy4_q8f, axpy4_q4f,
+    axpy4_q8f, axpy4_q4f, dot_f32, dot_f16, axpy_f32, axpy_f16,
 };
 
 #endif

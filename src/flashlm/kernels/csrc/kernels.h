@@ -64,6 +64,12 @@ typedef struct {
        call on several tokens converts each row once and still rounds as one token does */
     void (*axpy4_q8f)(const float *w, int64_t wstride, const fl_block *b, const float c[4], float *out, int64_t G);
     void (*axpy4_q4f)(const float *w, int64_t wstride, const fl_block *b, const float c[4], float *out, int64_t G);
+    /* attention over a KV cache (attn.c), keys and values fp32 or IEEE half: sum_i a[i] * b[i],
+       and y[i] += c * x[i], over n values (any n) */
+    float (*dot_f32)(const float *a, const float *b, int64_t n);
+    float (*dot_f16)(const float *a, const uint16_t *b, int64_t n);
+    void (*axpy_f32)(float c, const float *x, float *y, int64_t n);
+    void (*axpy_f16)(float c, const uint16_t *x, float *y, int64_t n);
 } fl_kernels;
 
 extern const fl_kernels fl_scalar_kernels;
@@ -81,6 +87,20 @@ int fl_pool_run(fl_task fn, void *arg, int nth);
 int fl_pool_set_size(int n); /* threads per call, 1..FL_MAX_THREADS; returns the old size */
 int fl_pool_size(void);
 #define FL_MAX_THREADS 256
+
+/* attn(...): rotary + KV append + causal attention of T query rows over one layer's cache (attn.c) */
+typedef struct {
+    int64_t T, H, Hkv, hd, rd, pos, window; /* rd: rotary dims (0: no rotary); window 0: full */
+    float scale;
+    const float *q, *k, *v;   /* (T, H, hd), (T, Hkv, hd), (T, Hkv, hd) contiguous, before rotary */
+    const float *cos, *sin;   /* (T, rd) for positions pos..pos+T, or NULL */
+    uint8_t *kc, *vc;         /* the layer's keys and values: (Hkv, max_len, hd) contiguous */
+    int f16;                  /* cache element: 0 float32, 1 IEEE half */
+    int64_t max_len;
+    float *out;               /* (T, H * hd) */
+    int64_t min_work;         /* multiply-adds a thread is given at least (below: fewer threads) */
+} fl_attn;
+int fl_attn_run(const fl_kernels *K, const fl_attn *A); /* 0, or -1 out of memory */
 
 /* IEEE half -> float without F16C (exact, subnormals included). */
 static inline float fl_h2f(const uint8_t *p) {

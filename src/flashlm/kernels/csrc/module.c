@@ -8,6 +8,7 @@
 #include <stdlib.h>
 
 #include "kernels.h"
+#include "drivers.h"
 
 enum { ACT_SILU = 0, ACT_GELU_TANH = 1, ACT_GELU = 2, ACT_RELU = 3 };
 enum { IMPL_SCALAR = 1, IMPL_AVX2 = 2, IMPL_AVX512 = 3 };
@@ -43,17 +44,7 @@ static const fl_kernels *pick(int64_t impl) {
     return NULL;
 }
 
-/* A set of rows: row k lives at data + k * dstride (bytes), and so on. */
-typedef struct {
-    const uint8_t *data, *scale, *min;
-    int64_t dstride, sstride, mstride;
-} fl_rows;
 
-typedef struct {
-    int64_t T, d, G;
-    const int8_t *q, *qp;
-    const float *xs, *xsp, *xsum;
-} fl_act;
 
 static inline fl_actrow act_row(const fl_act *A, int64_t t) {
     fl_actrow a = {A->q + t * A->d, A->qp + t * A->d, A->xs + t * A->G, A->xsp + t * A->G, A->xsum + t * A->G};
@@ -153,13 +144,32 @@ static void permute_act(const int8_t *q, const float *xs, int64_t G, int8_t *qp,
     for (; g < G; g++) xsp[g] = xs[g];
 }
 
-static void drv_quant(const fl_kernels *K, const float *x, int64_t xstride, int64_t T, int64_t d, int8_t *q,
+void drv_quant(const fl_kernels *K, const float *x, int64_t xstride, int64_t T, int64_t d, int8_t *q,
                       int8_t *qp, float *xs, float *xsp, float *xsum) {
     const int64_t G = d / FL_GROUP;
     for (int64_t t = 0; t < T; t++) {
         K->quant_row(x + t * xstride, d, q + t * d, xs + t * G, xsum + t * G);
         permute_act(q + t * d, xs + t * G, G, qp + t * d, xsp + t * G);
     }
+}
+
+/* RMSNorm then quantise, per row: h = w * (x * (1 / sqrt(mean(x^2) + eps))), the two products
+   rounded separately as transformers' float32 RMSNorm rounds them (the mean is summed in double,
+   so it may differ from torch's float32 reduction in the last bit), then h quantised as above */
+void drv_rms_quant(const fl_kernels *K, const float *x, int64_t xstride, int64_t T, int64_t d, const float *w,
+                          float eps, float *h, int8_t *q, int8_t *qp, float *xs, float *xsp, float *xsum) {
+    for (int64_t t = 0; t < T; t++) {
+        const float *xr = x + t * xstride;
+        float *hr = h + t * d;
+        double ss = 0.0;
+        for (int64_t i = 0; i < d; i++) ss += (double)xr[i] * xr[i];
+        const float r = 1.0f / sqrtf((float)(ss / (double)d) + eps);
+        for (int64_t i = 0; i < d; i++) {
+            const float n = xr[i] * r;
+            hr[i] = w[i] * n;
+        }
+    }
+    drv_quant(K, h, d, T, d, q, qp, xs, xsp, xsum);
 }
 
 /* ---- threads ------------------------------------------------------------------------------ */
@@ -227,7 +237,7 @@ static void gemv_part(void *p, int tid, int nth) {
     }
 }
 
-static void drv_gemv(const fl_kernels *K, int fmt, const fl_rows *R, int64_t n, const int32_t *idx, const fl_act *A,
+void drv_gemv(const fl_kernels *K, int fmt, const fl_rows *R, int64_t n, const int32_t *idx, const fl_act *A,
                      float *y, int64_t ystride) {
     if (n <= 0) return;
     const gemv_job J = {K, fmt, R, n, n_blocks(n), idx, A, y, ystride};
@@ -323,9 +333,7 @@ static int drv_axpy(const fl_kernels *K, int fmt, const fl_rows *R, int64_t n, c
 
 /* ---- fused FFN over bundles ---------------------------------------------------------------- */
 
-typedef struct {
-    int64_t fmt, data, scale, min; /* one part's format (FL_Q8 / FL_Q4) and byte offsets in a bundle */
-} fl_part;
+
 
 typedef struct {
     const fl_kernels *K;
@@ -486,7 +494,7 @@ static void ffn_part(void *p, int tid, int nth) {
     free(q.tn);
 }
 
-static int drv_ffn(const fl_kernels *K, int gated, int fn, int64_t d, int64_t ns, const int32_t *slots,
+int drv_ffn(const fl_kernels *K, int gated, int fn, int64_t d, int64_t ns, const int32_t *slots,
                    const uint8_t *base, int64_t stride, const fl_part parts[3], const float *bias, const int32_t *nid,
                    const fl_act *A, float *out, int64_t ostride) {
     if (ns <= 0) return 0;
@@ -582,6 +590,26 @@ static PyObject *py_quantize_act(PyObject *self, PyObject *const *args, Py_ssize
     Py_RETURN_NONE;
 }
 
+/* rms_quant(impl, x, xstride, T, d, w, h, q, qp, xs, xsp, xsum, eps): eps a float */
+static PyObject *py_rms_quant(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    int64_t v[12];
+    if (nargs != 13) {
+        PyErr_Format(PyExc_TypeError, "rms_quant expects 13 arguments, got %zd", nargs);
+        return NULL;
+    }
+    if (ints(args, 12, 12, v, "rms_quant")) return NULL;
+    const double eps = PyFloat_AsDouble(args[12]);
+    if (eps == -1.0 && PyErr_Occurred()) return NULL;
+    const fl_kernels *K = pick(v[0]);
+    if (!K) return NULL;
+    Py_BEGIN_ALLOW_THREADS;
+    drv_rms_quant(K, PTR(const float *, v[1]), v[2], v[3], v[4], PTR(const float *, v[5]), (float)eps,
+                  PTR(float *, v[6]), PTR(int8_t *, v[7]), PTR(int8_t *, v[8]), PTR(float *, v[9]),
+                  PTR(float *, v[10]), PTR(float *, v[11]));
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
+
 /* gemv(impl, fmt, d, n, data, dstride, scale, sstride, min, mstride, idx, T, q, qp, xs, xsp, xsum, y, ystride) */
 static PyObject *py_gemv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     int64_t v[19];
@@ -646,6 +674,81 @@ static PyObject *py_dequant(PyObject *self, PyObject *const *args, Py_ssize_t na
     Py_RETURN_NONE;
 }
 
+/* attn(impl, T, H, Hkv, hd, rd, pos, window, q, k, v, cos, sin, kc, vc, f16, max_len, out, scale):
+   see fl_attn (kernels.h) and attn.c; scale a float, the rest integers */
+static PyObject *py_attn(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    int64_t v[18];
+    int rc;
+    if (nargs != 19) {
+        PyErr_Format(PyExc_TypeError, "attn expects 19 arguments, got %zd", nargs);
+        return NULL;
+    }
+    if (ints(args, 18, 18, v, "attn")) return NULL;
+    const double scale = PyFloat_AsDouble(args[18]);
+    if (scale == -1.0 && PyErr_Occurred()) return NULL;
+    const fl_kernels *K = pick(v[0]);
+    if (!K) return NULL;
+    const fl_attn A = {v[1], v[2], v[3], v[4], v[5], v[6], v[7], (float)scale,
+                       PTR(const float *, v[8]), PTR(const float *, v[9]), PTR(const float *, v[10]),
+                       PTR(const float *, v[11]), PTR(const float *, v[12]), PTR(uint8_t *, v[13]),
+                       PTR(uint8_t *, v[14]), (int)v[15], v[16], PTR(float *, v[17]),
+                       /* a block of four rows of d = 512 is 2048 multiply-adds: the same wake-up rule */
+                       (int64_t)g_min_blocks * 2048};
+    Py_BEGIN_ALLOW_THREADS;
+    rc = fl_attn_run(K, &A);
+    Py_END_ALLOW_THREADS;
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* layer(d, H, Hkv, hd, rd, window, act_fn, in_norm, post_norm,
+         q: fmt data dstride scale sstride min mstride n bias, k: ..., v: ..., o: ...,
+         ns, slots, base, stride, gate: fmt data scale min, up: ..., down: ...,       <- 61, fixed per layer
+         impl, T, pos, x, xout, cos, sin, kc, vc, f16, max_len,                       <- 11, per call
+         eps, scale)                                                                  <- floats
+   see fl_layer (drivers.h) and layer.c */
+static fl_proj proj_from(const int64_t *v) {
+    fl_proj p = {(int)v[0], {PTR(const uint8_t *, v[1]), PTR(const uint8_t *, v[3]), PTR(const uint8_t *, v[5]),
+                             v[2], v[4], v[6]}, v[7], PTR(const float *, v[8])};
+    return p;
+}
+
+static PyObject *py_layer(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    int64_t v[72];
+    int rc;
+    if (nargs != 74) {
+        PyErr_Format(PyExc_TypeError, "layer expects 74 arguments, got %zd", nargs);
+        return NULL;
+    }
+    if (ints(args, 72, 72, v, "layer")) return NULL;
+    const double eps = PyFloat_AsDouble(args[72]), scale = PyFloat_AsDouble(args[73]);
+    if (PyErr_Occurred()) return NULL;
+    const int64_t *c = v + 61;
+    const fl_kernels *K = pick(c[0]);
+    if (!K) return NULL;
+    fl_layer L = {c[1], v[0], v[1], v[3], PTR(const float *, c[3]), PTR(float *, c[4]), PTR(const float *, v[7]),
+                  PTR(const float *, v[8]), (float)eps, proj_from(v + 9), proj_from(v + 18), proj_from(v + 27),
+                  proj_from(v + 36)};
+    const fl_attn A = {c[1], v[1], v[2], v[3], v[4], c[2], v[5], (float)scale, NULL, NULL, NULL,
+                       PTR(const float *, c[5]), PTR(const float *, c[6]), PTR(uint8_t *, c[7]),
+                       PTR(uint8_t *, c[8]), (int)c[9], c[10], NULL, (int64_t)g_min_blocks * 2048};
+    L.attn = A;
+    L.act_fn = (int)v[6];
+    L.ns = v[45];
+    L.slots = PTR(const int32_t *, v[46]);
+    L.base = PTR(const uint8_t *, v[47]);
+    L.stride = v[48];
+    for (int p = 0; p < 3; p++) {
+        const fl_part part = {v[49 + 4 * p], v[50 + 4 * p], v[51 + 4 * p], v[52 + 4 * p]};
+        L.parts[p] = part;
+    }
+    Py_BEGIN_ALLOW_THREADS;
+    rc = fl_layer_run(K, &L);
+    Py_END_ALLOW_THREADS;
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyObject *py_has_avx2(PyObject *self, PyObject *unused) { return PyBool_FromLong(avx2_usable()); }
 
 static PyObject *py_has_avx512(PyObject *self, PyObject *unused) { return PyBool_FromLong(avx512_usable()); }
@@ -694,10 +797,13 @@ static PyObject *py_min_blocks(PyObject *self, PyObject *const *args, Py_ssize_t
 
 static PyMethodDef methods[] = {
     {"quantize_act", (PyCFunction)(void (*)(void))py_quantize_act, METH_FASTCALL, "quantise activation rows"},
+    {"rms_quant", (PyCFunction)(void (*)(void))py_rms_quant, METH_FASTCALL, "RMSNorm rows, then quantise them"},
     {"gemv", (PyCFunction)(void (*)(void))py_gemv, METH_FASTCALL, "y = W[idx] @ x"},
     {"axpy", (PyCFunction)(void (*)(void))py_axpy, METH_FASTCALL, "out += h @ W[idx]"},
     {"ffn", (PyCFunction)(void (*)(void))py_ffn, METH_FASTCALL, "fused FFN over bundles"},
     {"dequant", (PyCFunction)(void (*)(void))py_dequant, METH_FASTCALL, "rows -> fp32"},
+    {"attn", (PyCFunction)(void (*)(void))py_attn, METH_FASTCALL, "rotary + KV append + attention of one layer"},
+    {"layer", (PyCFunction)(void (*)(void))py_layer, METH_FASTCALL, "one Llama-block layer on quantised weights"},
     {"has_avx2", py_has_avx2, METH_NOARGS, "whether the AVX2+FMA+F16C path can run here"},
     {"has_avx512", py_has_avx512, METH_NOARGS, "whether the AVX-512 F/BW/VL/DQ + VNNI path can run here"},
     {"set_threads", (PyCFunction)(void (*)(void))py_set_threads, METH_FASTCALL, "threads per kernel call -> old"},

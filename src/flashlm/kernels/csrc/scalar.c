@@ -130,7 +130,34 @@ static void axpy4_f32(const float *w, int64_t ws, const float c[4], float *out, 
         out[k] += c[0] * w[k] + c[1] * w[ws + k] + c[2] * w[2 * ws + k] + c[3] * w[3 * ws + k];
 }
 
+/* attention: four partial sums (as a 4-lane vector would keep them), added pairwise at the end */
+static float dot_f32(const float *a, const float *b, int64_t n) {
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        for (int l = 0; l < 4; l++) s[l] += a[i + l] * b[i + l];
+    for (; i < n; i++) s[0] += a[i] * b[i];
+    return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+static float dot_f16(const float *a, const uint16_t *b, int64_t n) {
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4)
+        for (int l = 0; l < 4; l++) s[l] += a[i + l] * fl_h2f((const uint8_t *)(b + i + l));
+    for (; i < n; i++) s[0] += a[i] * fl_h2f((const uint8_t *)(b + i));
+    return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
+static void axpy_f32(float c, const float *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += c * x[i];
+}
+
+static void axpy_f16(float c, const uint16_t *x, float *y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += c * fl_h2f((const uint8_t *)(x + i));
+}
+
 const fl_kernels fl_scalar_kernels = {
     "scalar", quant_row, dot4_q8, dot4_q4, axpy4_q8, axpy4_q4, dequant_q8, dequant_q4, axpy4_f32,
-    axpy4_q8f, axpy4_q4f,
+    axpy4_q8f, axpy4_q4f, dot_f32, dot_f16, axpy_f32, axpy_f16,
 };
