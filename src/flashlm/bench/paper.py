@@ -222,9 +222,7 @@ async def _trace_overhead(model: str, cfg: EngineConfig, *, tokens: int, warmup:
 
         def attach(s: Any) -> None:
             if sparse is not None:
-                sparse.trace = s
-                for a in sparse.actors:
-                    a.trace = s
+                sparse.set_trace(s)  # its actors' too
 
         for i in range(2 * rounds):
             traced = i % 2 == (i // 2) % 2  # on/off, off/on, ...: neither always goes first

@@ -12,14 +12,18 @@ an actor; the driver sends the actor its message and sends the generator the ans
   past the used ones: no row moves); answered None at once.
 - `WaitLayer(layer)`: nothing is sent; answered with that layer's last Ensure's `LayerStep`
   once every read is committed.
-- `AfterFFN(layer, message)`: the `Touch` or `Tidy` (bookkeeping after the layer's FFN);
-  answered None at once.
+- `AfterFFN(layer, message)`: the `Touch`, `Tidy`, `Mark` or `Clear` (bookkeeping after the
+  layer's FFN); answered None at once.
 
 The driver runs the generator one of two ways. On the compute thread (compute="thread") the
 whole token runs there back to back, posting to the actors on the loop thread-safely and blocking
 only on `Ask` and `WaitLayer` (the actors answer through thread-safe futures); so the loop
 (actors, reads, bookkeeping) runs beside it, with no thread hop per layer. On the loop
 (compute="loop") every request is awaited there.
+
+The driver counts what it sends each actor (the actor counts what it handled) and answers the
+layer loop's questions about an actor from the two (`idle`, `quiescent`). A `Mark` moves no row:
+it waits in the outbox for the step's end (on the compute thread) and leaves the actor quiescent.
 
 When the actors are gone (a crash, or the engine closed) `dead` fails every step waiting on
 one, and all later ones.
@@ -38,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from flashlm.errors import EngineClosedError, EngineDeadError
-from flashlm.pipeline.actors import Ensure, LayerActor, LayerStep, Prefetch, Tidy, Touch
+from flashlm.pipeline.actors import Clear, Ensure, LayerActor, LayerStep, Mark, Message, Prefetch, Tidy, Touch
 
 
 @dataclass(frozen=True)
@@ -79,12 +83,11 @@ class AfterFFN:
     """The layer's FFN ran: its cache's bookkeeping now (rows may move while another layer computes)."""
 
     layer: int
-    message: Touch | Tidy
+    message: Touch | Tidy | Mark | Clear
 
 
 Request = StartPrefetch | Ask | AppendMissing | WaitLayer | AfterFFN
 LayerLoop = Generator[Request, Any, Any]
-Message = Prefetch | Touch | Tidy | Ensure
 
 
 class StepDriver:
@@ -97,6 +100,23 @@ class StepDriver:
         self._replies: set[Any] = set()  # asyncio or concurrent futures the actors will answer
         self._replies_lock = threading.Lock()  # the compute thread adds and removes them too
         self._dead: BaseException | None = None
+        # Messages posted to each actor (written by the thread driving the step: one step at a
+        # time), every kind and apart those that may change its cache's slots (all but Mark).
+        self._sent = [0] * len(actors)
+        self._changes = [0] * len(actors)
+
+    def sent(self, layer: int) -> int:
+        """How many messages this driver has posted to layer `layer`'s actor."""
+        return self._sent[layer]
+
+    def idle(self, layer: int) -> bool:
+        """Layer `layer`'s actor has handled every message that may change its cache's slots."""
+        return self.actors[layer].idle(self._changes[layer])
+
+    def quiescent(self, layer: int) -> bool:
+        """`idle`, and no read of that actor in flight or uncommitted: its cache's slots stay as
+        they are until this driver sends it more work."""
+        return self.actors[layer].quiescent(self._changes[layer])
 
     async def drive(self, layers: LayerLoop, token: int) -> Any:
         """Run the layer loop `layers` for step `token` to its end; its return value."""
@@ -132,7 +152,7 @@ class StepDriver:
             self._replies.difference_update(futures)
 
     @staticmethod
-    def _message(req: StartPrefetch | AfterFFN, token: int) -> Prefetch | Touch | Tidy:
+    def _message(req: StartPrefetch | AfterFFN, token: int) -> Prefetch | Touch | Tidy | Mark | Clear:
         return Prefetch(token, req.ids) if isinstance(req, StartPrefetch) else req.message
 
     # -- on the loop (compute="loop") --------------------------------------------------------
@@ -173,9 +193,16 @@ class StepDriver:
                     self._forget(waiting[1])
                     waiting = None
 
+    def _count(self, layer: int, msg: Message) -> None:
+        """One more message for `layer`'s actor, counted before delivery: from now on the actor
+        is not quiescent (unless it is a Mark)."""
+        self._sent[layer] += 1
+        if not isinstance(msg, Mark):
+            self._changes[layer] += 1
+
     async def _post(self, layer: int, msg: Message) -> None:
         self._check_alive()
-        self.actors[layer].sent += 1
+        self._count(layer, msg)
         await self.actors[layer].inbox.put(msg)
 
     # -- on the compute thread (compute="thread") ----------------------------------------------
@@ -223,18 +250,19 @@ class StepDriver:
             self._flush(outbox, loop)
             layers.close()
 
-    # Bookkeeping (Touch) waits in an outbox for a few layers: each wake-up of the loop from
-    # this thread costs a context switch, and on a small machine the two threads share a core.
-    # A Prefetch goes at once (its reads should start now), taking the outbox with it. An
-    # Ensure does not wait for the outbox (other actors' bookkeeping would run before it).
+    # Bookkeeping (Touch, Tidy) waits in an outbox for a few layers: each wake-up of the loop
+    # from this thread costs a context switch, and on a small machine the two threads share a
+    # core. A Mark waits for the step's end (it changes no slot, nothing waits for it). A
+    # Prefetch goes at once (its reads should start now), taking the outbox with it. An Ensure
+    # does not wait for the outbox (other actors' bookkeeping would run before it).
     OUTBOX = 4
 
     def _post_threadsafe(self, layer: int, msg: Message, loop: asyncio.AbstractEventLoop,
                          outbox: list[tuple[LayerActor, Message]]) -> None:
         self._check_alive()
         actor = self.actors[layer]
-        actor.sent += 1  # counted before delivery: the actor is not quiescent from now on
-        if actor.sent - actor.handled > actor.inbox.maxsize:  # a full inbox pushes back on the compute thread
+        self._count(layer, msg)
+        if actor.backlog(self._sent[layer]) > actor.inbox.maxsize:  # a full inbox pushes back on the compute thread
             self._flush(outbox, loop)
             asyncio.run_coroutine_threadsafe(actor.inbox.put(msg), loop).result()
         elif isinstance(msg, Ensure):  # at once, and ahead of other actors' bookkeeping
@@ -243,7 +271,7 @@ class StepDriver:
             loop.call_soon_threadsafe(actor.inbox.put_nowait, msg)
         else:
             outbox.append((actor, msg))  # room for certain: put_nowait cannot fail
-            if isinstance(msg, Prefetch) or len(outbox) >= self.OUTBOX:
+            if isinstance(msg, Prefetch) or (not isinstance(msg, Mark) and len(outbox) >= self.OUTBOX):
                 self._flush(outbox, loop)
 
     def _ensure_threadsafe(self, req: Ask | AppendMissing, token: int, loop: asyncio.AbstractEventLoop,
