@@ -250,7 +250,10 @@ def cached_loop(layer: int, ids: np.ndarray, token: int, seen: list, driver: Ste
 
 
 @pytest.mark.parametrize("compute", ["loop", "thread"])
-async def test_the_driver_counts_marks_apart_and_delivers_them(parts, compute):
+async def test_the_driver_holds_marks_and_sends_them_ahead_of_the_next_message(parts, compute):
+    """A cached layer's Mark leaves its actor quiescent and is held: HOLD steps' marks go as one
+    Marks at the step's end, fewer go ahead of the actor's next message (so its cache sees every
+    mark before it changes)."""
     _, layout, reader, _, _ = parts
     caches = [NeuronCache(N, 24, layout=layout, window=4, eviction="lazy") for _ in range(LAYERS)]
     actors = [LayerActor(i, c, reader) for i, c in enumerate(caches)]
@@ -258,16 +261,26 @@ async def test_the_driver_counts_marks_apart_and_delivers_them(parts, compute):
     ids = np.array([2, 11, 30], dtype=np.int64)
     with ThreadPoolExecutor(1) as pool:
         driver = StepDriver(actors, pool, compute=compute)
+        hold = driver.HOLD
         await driver.drive(ask_loop(1, ids), 0)
         seen: list = []
-        for t in range(1, 4):
+        for t in range(1, hold):
             await driver.drive(cached_loop(1, ids, t, seen, driver), t)
-    assert seen == [True] * 6  # a Mark outstanding leaves the layer quiescent
-    assert driver.sent(1) == 4 and driver.sent(0) == 0
+        assert driver.sent(1) == 1  # held
+        await driver.drive(cached_loop(1, ids, hold, seen, driver), hold)
+        assert driver.sent(1) == 2  # the HOLD-th: all of them, one Marks
+        for t in range(hold + 1, hold + 3):
+            await driver.drive(cached_loop(1, ids, t, seen, driver), t)
+        assert driver.sent(1) == 2
+        await driver.drive(ask_loop(1, np.array([2, 40], dtype=np.int64)), hold + 3)
+        assert driver.sent(1) == 4  # the two held marks, then the Ensure
+        assert driver.sent(0) == 0
+    assert seen == [True] * 2 * (hold + 2)  # a Mark held or outstanding leaves the layer quiescent
     for a, t in zip(actors, tasks):
-        await stop(a, t)  # every Mark is delivered by the step's end, handled before the actor stops
+        await stop(a, t)
     assert actors[1].backlog(4) == 0
-    assert caches[1].stats().hits == 9 and caches[1].stats().misses == 3  # three marks of three cached neurons
+    st = caches[1].stats()
+    assert st.misses == 4 and st.hits == 3 * (hold + 2) + 1  # every mark reached the cache before the Ensure
 
 
 @pytest.mark.parametrize("compute", ["loop", "thread"])

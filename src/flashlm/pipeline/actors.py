@@ -9,7 +9,7 @@ An actor takes these messages from its bounded inbox, in order:
   waits for every read (its own and the prefetch's), commits the new rows and answers `reply`
   with the layer's `LayerStep`. With evict=False the new neurons are only appended past the
   used rows (no row moves), and a `Tidy` after the layer's FFN does the eviction.
-- `Touch`, `Tidy`, `Mark`, `Clear`: bookkeeping after a layer's FFN (see each).
+- `Touch`, `Tidy`, `Mark` (or several, `Marks`), `Clear`: bookkeeping after a layer's FFN (see each).
 
 So layer l+1's reads run on the reader's I/O threads while layer l's FFN computes on the
 compute thread: flash latency hides behind compute. When traced, every phase is an event of
@@ -61,6 +61,14 @@ class Mark:
 
     token: int
     ids: np.ndarray
+
+
+@dataclass(frozen=True)
+class Marks:
+    """Several steps' Marks for one actor, oldest first: the driver holds a cached layer's marks
+    and sends them ahead of the actor's next message, or when many (`StepDriver.HOLD`)."""
+
+    marks: tuple[Mark, ...]
 
 
 @dataclass(frozen=True)
@@ -123,6 +131,9 @@ class LayerActor:
                 try:
                     if isinstance(msg, Mark):
                         self._mark(msg)
+                    elif isinstance(msg, Marks):
+                        for m in msg.marks:
+                            self._mark(m)
                     elif isinstance(msg, Prefetch):
                         await self._prefetch(msg)
                     elif isinstance(msg, Touch):
@@ -134,7 +145,7 @@ class LayerActor:
                     else:
                         await self._ensure(msg)
                 finally:
-                    if not isinstance(msg, Mark):
+                    if not isinstance(msg, Mark | Marks):
                         self._changes += 1
                     self._handled += 1
         finally:
@@ -296,4 +307,4 @@ class LayerActor:
         return sum(r[0] for r in results if r[1]), sum(r[0] for r in results if not r[1])
 
 
-Message = Prefetch | Touch | Tidy | Mark | Clear | Ensure
+Message = Prefetch | Touch | Tidy | Mark | Marks | Clear | Ensure
