@@ -177,6 +177,13 @@ static inline int threads_for(int64_t nb) {
     return m < n ? (m < 1 ? 1 : (int)m) : n;
 }
 
+/* Block j of a job's rows (0: none, skip it) with the prefetch of the block ahead aimed. */
+static inline int take_block(const fl_rows *R, const int32_t *idx, int64_t j, int64_t nb, int64_t n, fl_block *b) {
+    if (!block_at(R, idx, j, n, b)) return 0;
+    aim_prefetch(R, idx, j, nb, n, b);
+    return 1;
+}
+
 static inline void part_range(int64_t nb, int tid, int nth, int64_t *j0, int64_t *j1) {
     *j0 = nb * tid / nth;
     *j1 = nb * (tid + 1) / nth;
@@ -213,8 +220,7 @@ static void gemv_part(void *p, int tid, int nth) {
     part_range(J->nb, tid, nth, &j0, &j1);
     fl_block b;
     for (int64_t j = j0; j < j1; j++) {
-        if (!block_at(J->R, J->idx, j, J->n, &b)) continue;
-        aim_prefetch(J->R, J->idx, j, J->nb, J->n, &b);
+        if (!take_block(J->R, J->idx, j, J->nb, J->n, &b)) continue;
         for (int64_t t = 0; t < A->T; t++) {
             float o[4];
             const fl_actrow a = act_row(A, t);
@@ -297,8 +303,7 @@ static void axpy_part(void *p, int tid, int nth) {
     part_range(J->nb, tid, nth, &j0, &j1);
     fl_block b;
     for (int64_t j = j0; j < j1; j++) {
-        if (!block_at(J->R, J->idx, j, J->n, &b)) continue;
-        aim_prefetch(J->R, J->idx, j, J->nb, J->n, &b);
+        if (!take_block(J->R, J->idx, j, J->nb, J->n, &b)) continue;
         for (int r = 0; r < 4; r++) {
             const int64_t k = list_pos(J->idx, j, r, J->n);
             for (int64_t t = 0; t < T; t++) c[4 * t + r] = k >= 0 ? J->h[t * J->hstride + k] : 0.0f;
@@ -569,12 +574,17 @@ static fl_rows rows_from(const int64_t *v) {
     return R;
 }
 
+/* The opening of each kernel entry point: its N int64 arguments into v, v[0] naming the
+   implementation (K); a bad argument returns NULL with the error set. */
+#define KERNEL_ARGS(N, NAME)                        \
+    int64_t v[N];                                   \
+    if (ints(args, nargs, N, v, NAME)) return NULL; \
+    const fl_kernels *K = pick(v[0]);               \
+    if (!K) return NULL
+
 /* quantize_act(impl, x, xstride, T, d, q, qp, xs, xsp, xsum) */
 static PyObject *py_quantize_act(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    int64_t v[10];
-    if (ints(args, nargs, 10, v, "quantize_act")) return NULL;
-    const fl_kernels *K = pick(v[0]);
-    if (!K) return NULL;
+    KERNEL_ARGS(10, "quantize_act");
     Py_BEGIN_ALLOW_THREADS;
     drv_quant(K, PTR(const float *, v[1]), v[2], v[3], v[4], PTR(int8_t *, v[5]), PTR(int8_t *, v[6]),
               PTR(float *, v[7]), PTR(float *, v[8]), PTR(float *, v[9]));
@@ -584,10 +594,7 @@ static PyObject *py_quantize_act(PyObject *self, PyObject *const *args, Py_ssize
 
 /* gemv(impl, fmt, d, n, data, dstride, scale, sstride, min, mstride, idx, T, q, qp, xs, xsp, xsum, y, ystride) */
 static PyObject *py_gemv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    int64_t v[19];
-    if (ints(args, nargs, 19, v, "gemv")) return NULL;
-    const fl_kernels *K = pick(v[0]);
-    if (!K) return NULL;
+    KERNEL_ARGS(19, "gemv");
     const fl_rows R = rows_from(v + 4);
     const fl_act A = act_from(v + 12, v[11], v[2]);
     Py_BEGIN_ALLOW_THREADS;
@@ -598,11 +605,8 @@ static PyObject *py_gemv(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 
 /* axpy(impl, fmt, d, n, data, dstride, scale, sstride, min, mstride, idx, T, h, hstride, out, ostride) */
 static PyObject *py_axpy(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    int64_t v[16];
     int rc;
-    if (ints(args, nargs, 16, v, "axpy")) return NULL;
-    const fl_kernels *K = pick(v[0]);
-    if (!K) return NULL;
+    KERNEL_ARGS(16, "axpy");
     const fl_rows R = rows_from(v + 4);
     Py_BEGIN_ALLOW_THREADS;
     rc = drv_axpy(K, (int)v[1], &R, v[3], PTR(const int32_t *, v[10]), v[2], v[11], PTR(const float *, v[12]), v[13],
@@ -617,11 +621,8 @@ static PyObject *py_axpy(PyObject *self, PyObject *const *args, Py_ssize_t nargs
        bias, neuron_ids, T, q, qp, xs, xsp, xsum, out, ostride)
    gated: the quads are gate, up, down; ungated: fc1, (ignored), fc2. Each part has its own format. */
 static PyObject *py_ffn(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    int64_t v[30];
     int rc;
-    if (ints(args, nargs, 30, v, "ffn")) return NULL;
-    const fl_kernels *K = pick(v[0]);
-    if (!K) return NULL;
+    KERNEL_ARGS(30, "ffn");
     const int gated = (int)v[1];
     const fl_part parts[3] = {{v[8], v[9], v[10], v[11]}, {v[12], v[13], v[14], v[15]}, {v[16], v[17], v[18], v[19]}};
     const fl_act A = act_from(v + 23, v[22], v[3]);
@@ -635,10 +636,7 @@ static PyObject *py_ffn(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 /* dequant(impl, fmt, d, n, data, dstride, scale, sstride, min, mstride, idx, out, ostride) */
 static PyObject *py_dequant(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    int64_t v[13];
-    if (ints(args, nargs, 13, v, "dequant")) return NULL;
-    const fl_kernels *K = pick(v[0]);
-    if (!K) return NULL;
+    KERNEL_ARGS(13, "dequant");
     const fl_rows R = rows_from(v + 4);
     Py_BEGIN_ALLOW_THREADS;
     drv_dequant(K, (int)v[1], &R, v[3], PTR(const int32_t *, v[10]), v[2], PTR(float *, v[11]), v[12]);
