@@ -243,7 +243,8 @@ def test_each_cache_has_one_writer_its_actor():
     `set_trace` is the actor's own method. (A cache's unit tests drive it directly: the
     mutator check covers src/ and tools/, the actor check tests too.)"""
     owners = {SRC / "pipeline" / "neuron_cache.py", SRC / "pipeline" / "actors.py"}
-    code = [f for f in sorted(SRC.rglob("*.py")) if f not in owners] + sorted((SRC.parent.parent / "tools").glob("*.py"))
+    code = [*(f for f in sorted(SRC.rglob("*.py")) if f not in owners),
+            *sorted((SRC.parent.parent / "tools").glob("*.py"))]
     bad = [h for f in code for h in cache_writes(f.read_text(), f.name)]
     assert not bad, bad
     attrs = actor_attributes()

@@ -4,8 +4,8 @@ Our real models are small; the paper's is OPT-6.7B. This writes an `ffn.bin` wit
 FFN geometry (32 layers, d_model 4096, d_ff 16384, fp16; one bundle = fc1 row + fc2 column =
 16 KiB; 8.6 GB) filled with random bytes, and replays neuron-selection sequences on it through
 the real `BundleReader` (O_DIRECT, 32 in flight, coalescing) and the real `NeuronCache`s, each
-behind its `LayerActor` (update / commit: the paper's memory management). No model compute runs. Every output is
-labelled `"simulated": true`.
+behind its `LayerActor` (update / commit: the paper's memory management). No model compute
+runs. Every output is labelled `"simulated": true`.
 
 How a selection sequence is made (docs/scale.md):
 - per layer, each neuron has a fixed "hotness" (lognormal: some neurons fire far more often);
