@@ -19,6 +19,7 @@
 #define TGT __attribute__((target("avx2,fma,f16c")))
 #define INL inline __attribute__((always_inline))
 
+#define X86_INL inline
 #include "x86.h"
 
 TGT static inline __m256 load8h(const uint8_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }

@@ -25,6 +25,7 @@
 #define TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 #define INL inline __attribute__((always_inline))
 
+#define X86_INL INL
 #include "x86.h"
 
 /* Prefetch of the block ahead (see fl_block), spread through the loops: one line of each of its

@@ -177,13 +177,6 @@ static inline int threads_for(int64_t nb) {
     return m < n ? (m < 1 ? 1 : (int)m) : n;
 }
 
-/* Block j of a job's rows (0: none, skip it) with the prefetch of the block ahead aimed. */
-static inline int take_block(const fl_rows *R, const int32_t *idx, int64_t j, int64_t nb, int64_t n, fl_block *b) {
-    if (!block_at(R, idx, j, n, b)) return 0;
-    aim_prefetch(R, idx, j, nb, n, b);
-    return 1;
-}
-
 static inline void part_range(int64_t nb, int tid, int nth, int64_t *j0, int64_t *j1) {
     *j0 = nb * tid / nth;
     *j1 = nb * (tid + 1) / nth;
@@ -220,7 +213,8 @@ static void gemv_part(void *p, int tid, int nth) {
     part_range(J->nb, tid, nth, &j0, &j1);
     fl_block b;
     for (int64_t j = j0; j < j1; j++) {
-        if (!take_block(J->R, J->idx, j, J->nb, J->n, &b)) continue;
+        if (!block_at(J->R, J->idx, j, J->n, &b)) continue;
+        aim_prefetch(J->R, J->idx, j, J->nb, J->n, &b);
         for (int64_t t = 0; t < A->T; t++) {
             float o[4];
             const fl_actrow a = act_row(A, t);
@@ -303,7 +297,8 @@ static void axpy_part(void *p, int tid, int nth) {
     part_range(J->nb, tid, nth, &j0, &j1);
     fl_block b;
     for (int64_t j = j0; j < j1; j++) {
-        if (!take_block(J->R, J->idx, j, J->nb, J->n, &b)) continue;
+        if (!block_at(J->R, J->idx, j, J->n, &b)) continue;
+        aim_prefetch(J->R, J->idx, j, J->nb, J->n, &b);
         for (int r = 0; r < 4; r++) {
             const int64_t k = list_pos(J->idx, j, r, J->n);
             for (int64_t t = 0; t < T; t++) c[4 * t + r] = k >= 0 ? J->h[t * J->hstride + k] : 0.0f;
