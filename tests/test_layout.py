@@ -127,16 +127,14 @@ def reaches(path: Path, names: set[str]) -> list[str]:
 
 
 def test_nothing_outside_the_engine_names_its_privates():
-    """generation.py, the benches, tools and tests use the engine's public API (runner, sparse,
-    caches, actors, trace, submit, new_window, check_open ...), never a private `engine._x`.
-    Outside the check: pipeline/streaming.py, whose `start_exact` is still the engine's own
-    start-up helper for exact mode (it sets the engine's runner)."""
+    """Everything but engine.py (generation.py, exact mode's start-up in streaming.py, the benches,
+    tools and tests) uses the engine's public API (runner, sparse, caches, actors, trace, submit,
+    new_window, check_open ...) or what the engine passes in, never a private `engine._x`."""
     privates = engine_privates()
     assert {"_sparse", "_runner", "_exact", "_trace", "_decoding", "_start"} <= privates, privates
-    engine_side = {SRC / "pipeline" / "engine.py", SRC / "pipeline" / "streaming.py"}
-    files = [*(f for f in sorted(SRC.rglob("*.py")) if f not in engine_side),
+    files = [*(f for f in sorted(SRC.rglob("*.py")) if f != SRC / "pipeline" / "engine.py"),
              *sorted((SRC.parent.parent / "tools").glob("*.py")), *sorted(Path(__file__).parent.glob("*.py"))]
-    assert SRC / "pipeline" / "generation.py" in files
+    assert SRC / "pipeline" / "generation.py" in files and SRC / "pipeline" / "streaming.py" in files
     bad = [hit for f in files for hit in reaches(f, privates)]
     assert not bad, bad
 
@@ -161,4 +159,95 @@ def test_only_the_cache_and_its_actor_touch_the_slot_arrays():
     in test_neuron_cache.py inspect them too)."""
     owners = {SRC / "pipeline" / "neuron_cache.py", SRC / "pipeline" / "actors.py"}
     bad = [hit for f in sorted(SRC.rglob("*.py")) if f not in owners for hit in reaches(f, SLOT_ARRAYS)]
+    assert not bad, bad
+
+
+CACHE_MUTATORS = {"update", "mark_cached", "tidy", "commit", "clear", "drop_pending"}
+DISTINCT_MUTATORS = {"mark_cached", "tidy", "drop_pending"}  # names no other class here uses
+
+
+def bound_names(tree: ast.AST, kind: str, cls: str) -> set[str]:
+    """Names a file binds to a `kind` (cache, actor): loop or comprehension targets over something
+    named *kind*, and names assigned a `cls`(...)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.For | ast.AsyncFor | ast.comprehension) and kind in ast.unparse(node.iter).lower():
+            names.update(n.id for n in ast.walk(node.target) if isinstance(n, ast.Name))
+        elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and cls in ast.unparse(node.value.func):
+            names.update(n.id for t in node.targets for n in ast.walk(t) if isinstance(n, ast.Name))
+    return names
+
+
+def looks_like(recv: ast.expr, kind: str, bound: set[str]) -> bool:
+    return kind in ast.unparse(recv).lower() or (isinstance(recv, ast.Name) and recv.id in bound)
+
+
+def cache_writes(source: str, name: str = "<src>") -> list[str]:
+    """Calls of a NeuronCache's mutating methods on something that is a cache (named *cache*, or
+    bound to one: `cache_names`), or of a mutator no other class has, on anything but self."""
+    tree = ast.parse(source, name)
+    bound = bound_names(tree, "cache", "NeuronCache")
+    hits = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        recv, meth = node.func.value, node.func.attr
+        if meth not in CACHE_MUTATORS or (isinstance(recv, ast.Name) and recv.id in ("self", "cls")):
+            continue
+        if meth in DISTINCT_MUTATORS or looks_like(recv, "cache", bound):
+            hits.append((node.lineno, f"{name}:{node.lineno} {ast.unparse(recv)}.{meth}()"))
+    return [h for _, h in sorted(hits)]
+
+
+def actor_attributes() -> set[str]:
+    """The attributes a LayerActor assigns itself (`self.x = ...` anywhere in the class)."""
+    tree = ast.parse((SRC / "pipeline" / "actors.py").read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "LayerActor")
+    return {n.attr for n in ast.walk(cls) if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store)
+            and isinstance(n.value, ast.Name) and n.value.id == "self"}
+
+
+def attribute_writes(source: str, names: set[str], name: str = "<src>") -> list[str]:
+    """`x.attr = ...` (or +=, or a tuple target) for an attr in `names`, x not self or cls: a
+    private one on anything, a public one (layer, cache, inbox ...: common names) on something
+    that is an actor (named *actor*, or bound to one)."""
+    tree = ast.parse(source, name)
+    bound = bound_names(tree, "actor", "LayerActor")
+    return [f"{name}:{n.lineno} {ast.unparse(n)}" for n in ast.walk(tree)
+            if isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store) and n.attr in names
+            and not (isinstance(n.value, ast.Name) and n.value.id in ("self", "cls"))
+            and (n.attr.startswith("_") or looks_like(n.value, "actor", bound))]
+
+
+def test_the_cache_and_actor_checks_see_what_they_look_for():
+    from flashlm.pipeline.neuron_cache import NeuronCache
+
+    assert all(callable(getattr(NeuronCache, m, None)) for m in CACHE_MUTATORS)
+    bad = ("cache.update(ids, 0)\nself.caches[1].clear()\nfor c in runner.caches:\n    c.commit(plan)\n"
+           "plans = [c.update(s, t) for c in caches]\nnc = NeuronCache(8, 4)\nnc.drop_pending()\n"
+           "actor.tidy(3)\nd.update(x=1)\nself.update(ids, 0)\nh.commit()\n")
+    assert [h.split(" ")[1] for h in cache_writes(bad)] == [
+        "cache.update()", "self.caches[1].clear()", "c.commit()", "c.update()", "nc.drop_pending()", "actor.tidy()"]
+    attrs = actor_attributes()
+    assert {"inbox", "cache", "_handled", "_changes", "_trace"} <= attrs, attrs
+    writes = ("actor.inbox = q\nself.actors[0]._handled += 1\na._trace, b = s, 1\nself._trace = s\n"
+              "x = a._handled\nfor b in engine.actors:\n    b.cache = None\ne.layer = 3\n")
+    assert [h.split(" ", 1)[1] for h in attribute_writes(writes, attrs)] == [
+        "actor.inbox", "self.actors[0]._handled", "a._trace", "b.cache"]
+
+
+def test_each_cache_has_one_writer_its_actor():
+    """Only neuron_cache.py and actors.py change a NeuronCache (update, mark, tidy, commit, clear,
+    drop); the compute side sends its actor a message and asks narrow questions. Nothing but the
+    actor writes an actor's state: the sender counts what it sent in its own attributes, and
+    `set_trace` is the actor's own method. (A cache's unit tests drive it directly: the
+    mutator check covers src/ and tools/, the actor check tests too.)"""
+    owners = {SRC / "pipeline" / "neuron_cache.py", SRC / "pipeline" / "actors.py"}
+    code = [*(f for f in sorted(SRC.rglob("*.py")) if f not in owners),
+            *sorted((SRC.parent.parent / "tools").glob("*.py"))]
+    bad = [h for f in code for h in cache_writes(f.read_text(), f.name)]
+    assert not bad, bad
+    attrs = actor_attributes()
+    bad = [h for f in [*code, *sorted(Path(__file__).parent.glob("*.py"))]
+           for h in attribute_writes(f.read_text(), attrs, f.name)]
     assert not bad, bad

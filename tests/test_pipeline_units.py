@@ -14,7 +14,7 @@ import pytest
 from flashlm.errors import EngineDeadError
 from flashlm.io.format import FFNLayout
 from flashlm.io.reader import BundleReader
-from flashlm.pipeline.actors import Ensure, LayerActor, LayerStep, Prefetch, Tidy, Touch
+from flashlm.pipeline.actors import Clear, Ensure, LayerActor, LayerStep, Mark, Prefetch, Tidy, Touch
 from flashlm.pipeline.neuron_cache import NeuronCache
 from flashlm.pipeline.request_window import RequestWindow
 from flashlm.pipeline.step_driver import AfterFFN, AppendMissing, Ask, StartPrefetch, StepDriver, WaitLayer
@@ -39,8 +39,7 @@ async def parts(tmp_path):
 
 
 async def send(actor: LayerActor, msg) -> None:
-    actor.sent += 1  # as the step driver counts them
-    await actor.inbox.put(msg)
+    await actor.inbox.put(msg)  # (the step driver also counts what it sent; these tests count by hand)
 
 
 async def stop(actor: LayerActor, task: asyncio.Task) -> None:
@@ -73,7 +72,8 @@ async def test_ensure_reads_the_missing_neurons_then_hits(parts):
     await send(actor, Ensure(1, ids, again))
     assert await again == LayerStep(4, 4, 0, 0, 0.0)  # all cached: nothing read
     await stop(actor, task)
-    assert actor.idle() and actor.quiescent()
+    assert actor.backlog(2) == 0 and actor.idle(2) and actor.quiescent(2)
+    assert not actor.idle(3)  # a third message would be outstanding
     cache.invariants()
 
 
@@ -108,6 +108,48 @@ async def test_touch_marks_a_cached_set_and_evicts_outside_the_window(parts):
     assert (await last).hits == 2
     assert cache.n_held == 2 and cache.n_missing(np.arange(2, 10)) == 8
     await stop(actor, task)
+    cache.invariants()
+
+
+async def test_a_mark_moves_no_row_and_leaves_the_actor_quiescent(parts):
+    """A Mark (lazy cache, every neuron cached) only marks the set used: while it waits in the inbox
+    the actor counts as quiescent (its slots cannot change), and once handled the marked neurons
+    are the recently used ones that a later eviction keeps."""
+    path, layout, reader, _, _ = parts
+    cache = NeuronCache(N, 6, layout=layout, window=1, eviction="lazy")
+    actor = LayerActor(0, cache, reader)
+    task = asyncio.create_task(actor.run())
+    first = asyncio.get_running_loop().create_future()
+    await send(actor, Ensure(0, np.arange(6, dtype=np.int64), first))
+    await first
+    slots = cache.slots(np.arange(6)).tolist()
+    await stop(actor, task)  # not running: the next messages wait in the inbox
+    await send(actor, Mark(1, np.array([0, 1, 2], dtype=np.int64)))
+    assert actor.backlog(2) == 1 and actor.idle(1) and actor.quiescent(1)
+    assert cache.slots(np.arange(6)).tolist() == slots
+    task = asyncio.create_task(actor.run())
+    later = asyncio.get_running_loop().create_future()
+    await send(actor, Ensure(2, np.array([40, 41, 42], dtype=np.int64), later))
+    step = await later  # room for 3 new: the LRU three go (3, 4, 5: used at step 0), not the marked ones
+    # (unmarked, all six were last used at step 0: the ties would go lower ids first, 0, 1, 2)
+    assert step.hits == 0 and cache.n_missing(np.array([0, 1, 2, 40, 41, 42])) == 0
+    assert cache.n_missing(np.array([3, 4, 5])) == 3
+    assert held_bytes(cache, [0, 1, 2, 40]) == [bundle(path, layout, 0, i) for i in (0, 1, 2, 40)]
+    await stop(actor, task)
+    assert actor.backlog(3) == 0 and actor.quiescent(2)
+    cache.invariants()
+
+
+async def test_clear_empties_the_cache(parts):
+    _, _, _, caches, actors = parts
+    actor, cache = actors[0], caches[0]
+    task = asyncio.create_task(actor.run())
+    reply = asyncio.get_running_loop().create_future()
+    await send(actor, Ensure(0, np.arange(5, dtype=np.int64), reply))
+    await reply
+    await send(actor, Clear(0))
+    await stop(actor, task)
+    assert cache.n_held == 0 and cache.n_missing(np.arange(5)) == 5 and actor.quiescent(2)
     cache.invariants()
 
 
@@ -152,12 +194,12 @@ async def test_the_driver_runs_a_step_through_the_actors(parts, compute):
     assert step0.needed == step1.needed == 3
     assert step0.hits == 0 and step1.hits == 3  # layer 1's set was prefetched
     assert seen == [None] * 3  # only WaitLayer is answered with something
-    assert [a.sent for a in actors] == [1, 2]  # layer 1: the prefetch and the Ensure
+    assert [driver.sent(layer) for layer in (0, 1)] == [1, 2]  # layer 1: the prefetch and the Ensure
     for layer, cache in enumerate(caches):
         assert held_bytes(cache, ids) == [bundle(path, layout, layer, int(i)) for i in ids]
-    for a, t in zip(actors, tasks):
+    for layer, (a, t) in enumerate(zip(actors, tasks)):
         await stop(a, t)
-        assert a.handled == a.sent
+        assert a.backlog(driver.sent(layer)) == 0 and driver.quiescent(layer)
 
 
 def ask_loop(layer: int, ids: np.ndarray):
@@ -197,6 +239,48 @@ async def test_append_moves_no_row_until_the_tidy_after_the_ffn(parts, compute):
     assert cache.n_missing(first) == 10 and cache.n_missing(later) == 0  # the Tidy evicted the first set
     assert held_bytes(cache, later) == [bundle(path, layout, 0, int(i)) for i in later]
     cache.invariants()
+
+
+def cached_loop(layer: int, ids: np.ndarray, token: int, seen: list, driver: StepDriver):
+    """A cached layer's step on a lazy cache: the FFN (here: a look) then the Mark after it; the
+    layer is asked whether it is quiescent before and after the Mark is sent."""
+    seen.append(driver.quiescent(layer))
+    yield AfterFFN(layer, Mark(token, ids))
+    seen.append(driver.quiescent(layer))
+
+
+@pytest.mark.parametrize("compute", ["loop", "thread"])
+async def test_the_driver_holds_marks_and_sends_them_ahead_of_the_next_message(parts, compute):
+    """A cached layer's Mark leaves its actor quiescent and is held: HOLD steps' marks go as one
+    Marks at the step's end, fewer go ahead of the actor's next message (so its cache sees every
+    mark before it changes)."""
+    _, layout, reader, _, _ = parts
+    caches = [NeuronCache(N, 24, layout=layout, window=4, eviction="lazy") for _ in range(LAYERS)]
+    actors = [LayerActor(i, c, reader) for i, c in enumerate(caches)]
+    tasks = [asyncio.create_task(a.run()) for a in actors]
+    ids = np.array([2, 11, 30], dtype=np.int64)
+    with ThreadPoolExecutor(1) as pool:
+        driver = StepDriver(actors, pool, compute=compute)
+        hold = driver.HOLD
+        await driver.drive(ask_loop(1, ids), 0)
+        seen: list = []
+        for t in range(1, hold):
+            await driver.drive(cached_loop(1, ids, t, seen, driver), t)
+        assert driver.sent(1) == 1  # held
+        await driver.drive(cached_loop(1, ids, hold, seen, driver), hold)
+        assert driver.sent(1) == 2  # the HOLD-th: all of them, one Marks
+        for t in range(hold + 1, hold + 3):
+            await driver.drive(cached_loop(1, ids, t, seen, driver), t)
+        assert driver.sent(1) == 2
+        await driver.drive(ask_loop(1, np.array([2, 40], dtype=np.int64)), hold + 3)
+        assert driver.sent(1) == 4  # the two held marks, then the Ensure
+        assert driver.sent(0) == 0
+    assert seen == [True] * 2 * (hold + 2)  # a Mark held or outstanding leaves the layer quiescent
+    for a, t in zip(actors, tasks):
+        await stop(a, t)
+    assert actors[1].backlog(4) == 0
+    st = caches[1].stats()
+    assert st.misses == 4 and st.hits == 3 * (hold + 2) + 1  # every mark reached the cache before the Ensure
 
 
 @pytest.mark.parametrize("compute", ["loop", "thread"])

@@ -222,9 +222,7 @@ async def _trace_overhead(model: str, cfg: EngineConfig, *, tokens: int, warmup:
 
         def attach(s: Any) -> None:
             if sparse is not None:
-                sparse.trace = s
-                for a in sparse.actors:
-                    a.trace = s
+                sparse.set_trace(s)  # its actors' too
 
         for i in range(2 * rounds):
             traced = i % 2 == (i // 2) % 2  # on/off, off/on, ...: neither always goes first
@@ -349,14 +347,19 @@ def _pct(fraction: float | None) -> str:
     return _f(None if fraction is None else 100 * fraction)
 
 
-def markdown(r: dict[str, Any]) -> str:
+def how_measured(r: dict[str, Any], subject: str) -> str:
+    """A report's first sentences (this one's and the budget bench's): the machine, `subject` (what
+    ran), how the runs were measured."""
     m = r["machine"]
+    return (f"Machine: {m.get('cpu')} ({m.get('cpu_count')} vCPU), {m.get('mem_total_gib')} GiB RAM, "
+            f"{m.get('workdir_fs')} on {m.get('workdir_device')}, kernel {m.get('kernel')}; {m.get('time')}. "
+            f"{subject}, {r['tokens_measured']} tokens measured after {r['warmup_tokens']} warm-up, {r['rounds']} "
+            "round(s) round-robin across the runs (ms/token: median of the rounds), page cache defeated (O_DIRECT).")
+
+
+def markdown(r: dict[str, Any]) -> str:
     lines = [f"# flashlm bench: the paper's Tables 2 and 3 on this machine{' (quick)' if r['quick'] else ''}", "",
-             f"Machine: {m.get('cpu')} ({m.get('cpu_count')} vCPU), {m.get('mem_total_gib')} GiB RAM, "
-             f"{m.get('workdir_fs')} on {m.get('workdir_device')}, kernel {m.get('kernel')}; {m.get('time')}. "
-             f"Model {r['model']}, {r['tokens_measured']} tokens measured after {r['warmup_tokens']} warm-up, "
-             f"{r['rounds']} round(s) round-robin across the runs (ms/token: median of the rounds), "
-             f"page cache defeated (O_DIRECT). Selection {r['selection']}, density {r['density']}, window "
+             how_measured(r, f"Model {r['model']}") + f" Selection {r['selection']}, density {r['density']}, window "
              f"k={r['window']}. Paper: OPT-6.7B on an M1 Max CPU (ratios carry over, absolute times do not).", "",
              "## Table 2: I/O per token as techniques are added", "",
              "| technique | I/O ms/token (reads in flight) | exposed I/O ms | MB/token | GB/s | ms/token | paper I/O ms | "

@@ -32,7 +32,8 @@ from typing import Any
 from flashlm import EngineConfig
 from flashlm.bench import pyplot
 from flashlm.bench.engine import PROMPT, token_agreement
-from flashlm.bench.paper import RAW_PROMPT, PAPER_TABLE3, _machine, _measure, _open, _result, _Run, _f, _pct
+from flashlm.bench.paper import (RAW_PROMPT, PAPER_TABLE3, _machine, _measure, _open, _result, _Run, _f, _pct,
+                                 how_measured)
 from flashlm.errors import ConfigError
 
 def _counters(run: _Run) -> dict[str, float] | None:
@@ -188,12 +189,8 @@ def _plot(r: dict[str, Any], path: Path) -> Path:
 
 
 def markdown(r: dict[str, Any]) -> str:
-    m = r["machine"]
     lines = [f"# flashlm bench: Table 3 at memory budget {r['memory_budget']}{' (quick)' if r['quick'] else ''}", "",
-             f"Machine: {m.get('cpu')} ({m.get('cpu_count')} vCPU), {m.get('mem_total_gib')} GiB RAM; {m.get('time')}. "
-             f"Store {r['store']}, {r['tokens_measured']} tokens measured after {r['warmup_tokens']} warm-up, "
-             f"{r['rounds']} round(s) round-robin (ms/token: median), page cache defeated (O_DIRECT). The budget "
-             "applies to ours and exact.", "",
+             how_measured(r, f"Store {r['store']}") + " The budget applies to ours and exact.", "",
              "| run | mode | ms/token | MB read/token | read ms/token (in flight) | waited ms | hidden | vs naive | "
              "vs hybrid |", "|---|---|---|---|---|---|---|---|---|"]
     naive, hybrid = r["naive"]["ms_per_token"], r["hybrid"]["ms_per_token"]

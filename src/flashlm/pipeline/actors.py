@@ -1,6 +1,6 @@
-"""Layer actors: one long-lived task per FFN layer, owning that layer's neuron cache.
+"""Layer actors: one long-lived task per FFN layer, the only writer of that layer's neuron cache.
 
-An actor takes two kinds of message from its bounded inbox:
+An actor takes these messages from its bounded inbox, in order:
 - `Prefetch(token, ids)`: a *speculative* set, predicted one layer early from the previous
   layer's attention output. The actor updates its cache (evict outside the window, append
   the missing neurons) and starts their flash reads, without waiting for them.
@@ -9,11 +9,16 @@ An actor takes two kinds of message from its bounded inbox:
   waits for every read (its own and the prefetch's), commits the new rows and answers `reply`
   with the layer's `LayerStep`. With evict=False the new neurons are only appended past the
   used rows (no row moves), and a `Tidy` after the layer's FFN does the eviction.
-- `Touch(token, ids)` / `Tidy(token)`: bookkeeping after a layer's FFN (see each).
+- `Touch`, `Tidy`, `Mark` (or several, `Marks`), `Clear`: bookkeeping after a layer's FFN (see each).
 
 So layer l+1's reads run on the reader's I/O threads while layer l's FFN computes on the
 compute thread: flash latency hides behind compute. When traced, every phase is an event of
 the trace sink (`flashlm.pipeline.trace`, perf_counter clock), so overlap is measured, not assumed.
+
+The sender (the step driver) counts what it sent; the actor counts what it handled, and answers
+questions about the two (`backlog`, `idle`, `quiescent`): each counter has one writer, so the
+compute thread may ask while the actor runs on the loop. A `Mark` moves no row, so it is counted
+apart: a cache with only marks outstanding is as quiescent as one with none.
 """
 
 from __future__ import annotations
@@ -46,6 +51,32 @@ class Touch:
 
     token: int
     ids: np.ndarray
+
+
+@dataclass(frozen=True)
+class Mark:
+    """The step computed on this token's set, every neuron of it cached in a lazy cache (the
+    steady state): mark the set used at `token`. Nothing to place, so nothing is evicted and no
+    row moves: the step does not wait for it, and it does not make the actor unquiet."""
+
+    token: int
+    ids: np.ndarray
+
+
+@dataclass(frozen=True)
+class Marks:
+    """Several steps' Marks for one actor, oldest first: the driver holds a cached layer's marks
+    and sends them ahead of the actor's next message, or when many (`StepDriver.HOLD`)."""
+
+    marks: tuple[Mark, ...]
+
+
+@dataclass(frozen=True)
+class Clear:
+    """Forget every cached neuron after this token's FFN (no reuse across tokens: the "hybrid"
+    baseline). Sent once the layer's reads are committed."""
+
+    token: int
 
 
 @dataclass(frozen=True)
@@ -83,74 +114,99 @@ class LayerActor:
         self.layer = layer
         self.cache = cache
         self.reader = reader
-        self.inbox: asyncio.Queue[Prefetch | Touch | Tidy | Ensure | None] = asyncio.Queue(maxsize=4)
-        # Messages the driver sent / this actor finished: each counter is written by one thread
-        # only (the driver may post from the compute thread), so `quiescent` is safe to ask there.
-        self.sent = 0
-        self.handled = 0
+        self.inbox: asyncio.Queue[Message | None] = asyncio.Queue(maxsize=4)
+        # Messages this actor finished, written here only (the sender counts what it sent): every
+        # kind, and apart those that may change the cache's slots (all but Mark). One int each,
+        # so the compute thread's questions read a consistent value while the actor runs.
+        self._handled = 0
+        self._changes = 0
         self._inflight: list[asyncio.Task[tuple[int, bool, Any]]] = []
         self._inflight_token = -1
-        self.trace: Any = None  # a flashlm.pipeline.trace.TraceSink (or MemorySink) when traced
+        self._trace: Any = None  # a flashlm.pipeline.trace.TraceSink (or MemorySink) when traced
 
     async def run(self) -> None:
         """The actor's life: until a None message (engine closing) or cancellation."""
         try:
             while (msg := await self.inbox.get()) is not None:
                 try:
-                    if isinstance(msg, Prefetch):
+                    if isinstance(msg, Mark):
+                        self._mark(msg)
+                    elif isinstance(msg, Marks):
+                        for m in msg.marks:
+                            self._mark(m)
+                    elif isinstance(msg, Prefetch):
                         await self._prefetch(msg)
                     elif isinstance(msg, Touch):
                         await self._touch(msg)
                     elif isinstance(msg, Tidy):
-                        await self._tidy(msg)
+                        self._tidy(msg)
+                    elif isinstance(msg, Clear):
+                        self._clear(msg)
                     else:
                         await self._ensure(msg)
                 finally:
-                    self.handled += 1
+                    if not isinstance(msg, Mark | Marks):
+                        self._changes += 1
+                    self._handled += 1
         finally:
             for task in self._inflight:
                 task.cancel()
             if self._inflight:
                 await asyncio.gather(*self._inflight, return_exceptions=True)
 
-    def idle(self) -> bool:
-        """Every message sent is handled: until the driver sends the next one, only reads in
-        flight write into the cache (into pending slots' staging bytes)."""
-        return self.sent == self.handled
+    def set_trace(self, sink: Any) -> None:
+        """Emit this actor's events to `sink` (a TraceSink or MemorySink), or to nowhere (None)."""
+        self._trace = sink
 
-    def quiescent(self) -> bool:
-        """Every message sent is handled, no read in flight or uncommitted: the cache will not
-        change until the driver sends the next message."""
-        return self.sent == self.handled and not self._inflight and self.cache.n_pending == 0
+    def backlog(self, sent: int) -> int:
+        """Of the `sent` messages the sender posted, how many are not handled yet."""
+        return sent - self._handled
 
-    def touch(self, msg: Touch, *, cached: bool = False) -> Any:
-        """A Touch's cache update, done here and now. The driver calls it itself (no message,
-        cached=True) when this actor is quiescent and the update cannot move a row: every
-        neuron cached (it checked) and lazy eviction, so it only marks them used; nothing else
-        touches the cache meanwhile, since only the driver sends this actor work."""
-        t0, u0 = time.perf_counter(), self.cache.num_used
-        plan = self.cache.mark_cached(msg.ids, msg.token) if cached else self.cache.update(msg.ids, msg.token)
-        if self.trace is not None:  # the step did not wait: everything was cached
-            self.trace.emit("wait", msg.token, layer=self.layer, start=t0, end=t0)
-            self._trace_update(plan, msg, t0, u0, speculative=False)
-        return plan
+    def idle(self, changes: int) -> bool:
+        """The `changes` messages sent that may change the cache's slots (all but Mark) are
+        handled: until the sender sends another, only reads in flight write into the cache
+        (into pending slots' staging bytes), and the used rows stay where they are."""
+        return self._changes == changes
+
+    def quiescent(self, changes: int) -> bool:
+        """`idle`, and no read in flight or uncommitted: the cache's slots will not change until
+        the sender sends another message that may change them."""
+        return self._changes == changes and not self._inflight and self.cache.n_pending == 0
+
+    def _mark(self, msg: Mark) -> None:
+        try:
+            t0 = time.perf_counter()
+            plan = self.cache.mark_cached(msg.ids, msg.token)
+            if self._trace is not None:
+                self._trace_update(plan, msg, t0, self.cache.num_used, speculative=False)
+        except Exception as e:  # noqa: BLE001 - bookkeeping of a finished step: the next update marks anyway
+            log.warning("cache marking failed", layer=self.layer, token=msg.token, error=repr(e))
 
     async def _touch(self, msg: Touch) -> None:
         try:
             await self._heal(msg.token)
-            plan = self.touch(msg)
+            t0, u0 = time.perf_counter(), self.cache.num_used
+            plan = self.cache.update(msg.ids, msg.token)
+            if self._trace is not None:
+                self._trace_update(plan, msg, t0, u0, speculative=False)
             if len(plan.missing_ids):  # cannot happen after a quiescent check; read them anyway
                 self._start_read(plan, msg.token, speculative=False)
                 await self._settle()
         except Exception as e:  # noqa: BLE001 - bookkeeping of a finished step: the next step heals
             log.warning("cache bookkeeping failed", layer=self.layer, token=msg.token, error=repr(e))
 
-    async def _tidy(self, msg: Tidy) -> None:
+    def _clear(self, msg: Clear) -> None:
+        try:
+            self.cache.clear()
+        except Exception as e:  # noqa: BLE001 - the next step's update places what it needs anyway
+            log.warning("cache clear failed", layer=self.layer, token=msg.token, error=repr(e))
+
+    def _tidy(self, msg: Tidy) -> None:
         try:
             t0 = time.perf_counter()
             evicted, moved = self.cache.tidy(msg.token)
-            if self.trace is not None:  # an update that evicts only (requested 0)
-                self.trace.emit("cache", msg.token, layer=self.layer, phase="update", start=t0,
+            if self._trace is not None:  # an update that evicts only (requested 0)
+                self._trace.emit("cache", msg.token, layer=self.layer, phase="update", start=t0,
                                 end=time.perf_counter(), speculative=False, requested=0, hits=0, missing=0,
                                 evicted=evicted, appended=0, hole_fills=0, moved=moved, num_used=self.cache.num_used)
         except Exception as e:  # noqa: BLE001 - bookkeeping of a finished step: the next update evicts anyway
@@ -175,7 +231,7 @@ class LayerActor:
         except Exception as e:  # noqa: BLE001 - speculation is optional: the exact step decides
             log.debug("prefetch skipped", layer=self.layer, token=msg.token, error=repr(e))
             return
-        if self.trace is not None:
+        if self._trace is not None:
             self._trace_update(plan, msg, t0, u0, speculative=True)
         if len(plan.missing_ids):
             self._start_read(plan, msg.token, speculative=True)
@@ -187,7 +243,7 @@ class LayerActor:
             # the speculative reads may still be landing.
             t_up, u0 = time.perf_counter(), self.cache.num_used
             plan = self.cache.update(msg.ids, msg.token, evict=msg.evict)
-            if self.trace is not None:
+            if self._trace is not None:
                 self._trace_update(plan, msg, t_up, u0, speculative=False)
             if len(plan.missing_ids):
                 self._start_read(plan, msg.token, speculative=False)
@@ -213,18 +269,18 @@ class LayerActor:
     async def _read(self, plan: Any, token: int, speculative: bool) -> tuple[int, bool, Any]:
         t0 = time.perf_counter()
         stats = await self.reader.read(self.layer, plan.missing_ids, self.cache.raw, plan.slots)
-        if self.trace is not None:
-            self.trace.emit("read", token, layer=self.layer, issued=t0, completed=time.perf_counter(),
+        if self._trace is not None:
+            self._trace.emit("read", token, layer=self.layer, issued=t0, completed=time.perf_counter(),
                             speculative=speculative, bundles=stats.bundles, bytes=stats.bytes_read,
                             bytes_requested=stats.bytes_requested, ranges=stats.ranges, syscalls=stats.syscalls,
                             depth=stats.max_in_flight)
         return stats.bytes_read, speculative, plan
 
-    def _trace_update(self, plan: Any, msg: Prefetch | Touch | Ensure, t0: float, u0: int, speculative: bool) -> None:
+    def _trace_update(self, plan: Any, msg: Prefetch | Touch | Mark | Ensure, t0: float, u0: int, speculative: bool) -> None:
         """One `cache.update`: the paper's memory management (evict, move rows, place new ones)."""
         m = len(plan.missing_ids)
         appended = int(np.count_nonzero(plan.slots >= u0))  # placed past the old end; the rest filled holes
-        self.trace.emit("cache", msg.token, layer=self.layer, phase="update", start=t0, end=time.perf_counter(),
+        self._trace.emit("cache", msg.token, layer=self.layer, phase="update", start=t0, end=time.perf_counter(),
                         speculative=speculative, requested=len(msg.ids), hits=plan.hits, missing=m,
                         evicted=plan.evicted, appended=appended, hole_fills=m - appended, moved=plan.moved,
                         num_used=self.cache.num_used)
@@ -243,9 +299,12 @@ class LayerActor:
         t0 = time.perf_counter()
         for _, _, plan in results:
             self.cache.commit(plan)
-        if self.trace is not None:
+        if self._trace is not None:
             n = sum(len(p.missing_ids) for _, _, p in results)
-            self.trace.emit("cache", results[0][2].token, layer=self.layer, phase="commit", start=t0,
+            self._trace.emit("cache", results[0][2].token, layer=self.layer, phase="commit", start=t0,
                             end=time.perf_counter(), speculative=None, requested=n, hits=0, missing=0, evicted=0,
                             appended=0, hole_fills=0, moved=0, num_used=self.cache.num_used)
         return sum(r[0] for r in results if r[1]), sum(r[0] for r in results if not r[1])
+
+
+Message = Prefetch | Touch | Tidy | Mark | Marks | Clear | Ensure

@@ -37,7 +37,7 @@ from flashlm.pipeline.prefix_cache import PrefixCache
 from flashlm.pipeline.selection import make_selectors
 from flashlm.pipeline.request_window import RequestWindow
 from flashlm.pipeline.sparse import SparseRunner
-from flashlm.pipeline.streaming import start_exact, start_griffin
+from flashlm.pipeline.streaming import ExactSetup, start_exact, start_griffin
 from flashlm.pipeline.request import make_request
 from flashlm.pipeline.tokenizer import load as load_tokenizer
 from flashlm.pipeline.store_model import build_model, check_vocab, held_bytes, model_args, resident_bytes
@@ -127,12 +127,12 @@ class Engine:
 
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
-        cfg, store = self.config, self.store
-        knobs = cfg.research
+        cfg, store, knobs = self.config, self.store, self.config.research
         if cfg.trace is not None:
             conf = {k: (v if isinstance(v, int | float | str | bool | type(None)) else repr(v))
-                    for k, v in cfg.settings().items()}
-            self._trace = TraceSink(cfg.trace, config=conf, model=str(store.path), max_bytes=cfg.trace_max_bytes)
+                    for k, v in cfg.settings().items()}  # (the sink's open truncates an earlier trace: off the loop)
+            self._trace = await asyncio.to_thread(TraceSink, cfg.trace, config=conf, model=str(store.path),
+                                                  max_bytes=cfg.trace_max_bytes)
         # What the manifest makes us allocate, bounded before any of it is: resident tensors (their
         # size from the safetensors header), one KV cache, and the FFN rows (ram: exact, so judged by
         # the budget here), or the least the selectors and caches take (flash: judged by the
@@ -161,17 +161,17 @@ class Engine:
             check_fits(res_bytes + kv_bytes + sel + cached * slot_bytes * len(ffn.layers),
                        f"resident tensors, one KV cache at max_context {self.max_context}, the selectors, {cached} "
                        f"cached neurons per layer", None, store=str(store.path))
-        if cfg.ffn == "flash" and cfg.selection == "griffin":  # the prompt's own statistics (pipeline/griffin.py)
-            await start_griffin(self, budget)
-            return
-        if (cfg.ffn == "flash" and budget is not None and cfg.selection in ("dense", "auto") and knobs.reuse
-                and not (cfg.selection == "auto" and cfg.density is not None)
-                and res_bytes + kv_bytes + d_ff * slot_bytes * len(ffn.layers) > budget):
+        griffin = cfg.ffn == "flash" and cfg.selection == "griffin"  # the prompt's own statistics (pipeline/griffin.py)
+        if griffin or (cfg.ffn == "flash" and budget is not None and cfg.selection in ("dense", "auto") and knobs.reuse
+                       and not (cfg.selection == "auto" and cfg.density is not None)
+                       and res_bytes + kv_bytes + d_ff * slot_bytes * len(ffn.layers) > budget):
             # a budget that cannot cache every neuron: exact mode streams what it cannot hold
             # (`auto` too: the selectors that hold less lose far more accuracy, docs/budget.md);
             # reuse=False keeps the per-layer caches (the paper's "hybrid" baseline re-reads them)
-            self.config = cfg.replace(selection="dense")
-            await start_exact(self, budget)
+            self.config = cfg if griffin else cfg.replace(selection="dense")
+            self.model, self.memory, self.max_context, self._exact, self._runner = await (  # an ExactStarted
+                start_griffin if griffin else start_exact)(ExactSetup(
+                store, self.config, self._arch, args, self._pool, self.device, self._trace, self.max_context), budget)
             return
         self.model, resident = await loop.run_in_executor(self._pool, build_model, store, cfg, self._arch, args)
         prefix_bound = cfg.prefix_bound(kv_bytes)

@@ -21,8 +21,8 @@ neurons take the lowest holes first; holes still left below the new end are fill
 the last rows down; the rest of the incoming neurons are appended at the end. (The paper
 deletes first and appends after; filling holes with incoming reads first moves fewer rows and
 is what keeps in-flight slots in place, see below.) The FFN runs over rows[:num_used] with no
-gather. The "paired" alternative (incoming neurons into evicted slots, leftover holes
-zero-filled), measured no faster, was removed.
+gather. (Putting incoming neurons into the evicted slots and zero-filling the holes left, the
+"paired" policy, measures no faster and computes over more rows.)
 
 Pending slots and two phases (speculation). Between `update` and `commit` a plan's slots are
 *pending*: their bytes are undefined until the read lands, so `compute_view` refuses to run

@@ -40,7 +40,7 @@ def normalize_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:
 def check_text(text: str, what: str) -> None:
     """`text` is valid Unicode the tokenizer can take: no lone surrogate (what invalid UTF-8
     becomes when Python decodes it with surrogateescape, as it does stdin and argv, or what a
-    JSON body's "\\ud800" is). The tokenizer used to fail on one with a TypeError traceback."""
+    JSON body's "\\ud800" is). The tokenizer fails on one with a TypeError traceback."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -55,7 +55,7 @@ def encode_prompt(prompt: Any, tokenizer: Any | None, vocab_size: int) -> list[i
         check_text(prompt, "prompt")
         _need(tokenizer, "a text prompt")
         return list(tokenizer.encode(prompt))
-    if isinstance(prompt, bytes | bytearray | memoryview):  # a Sequence of ints: was taken as token ids
+    if isinstance(prompt, bytes | bytearray | memoryview):  # a Sequence of ints: it would pass as token ids
         raise InvalidRequestError(f"prompt must be a str, a list of messages or a list of token ids, got "
                                   f"{type(prompt).__name__}: decode bytes to str first")
     if isinstance(prompt, Sequence) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):

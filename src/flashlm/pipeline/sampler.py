@@ -23,7 +23,7 @@ class SamplingParams:
             raise InvalidRequestError(f"temperature must be a number in [0, 100] (0 = greedy), got {t!r}")
         if isinstance(p, bool) or not isinstance(p, int | float) or not math.isfinite(p) or not 0 < p <= 1:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {p!r}")
-        # torch's generator takes a 64-bit seed: a larger one used to fail later, unnamed, mid-stream
+        # torch's generator takes a 64-bit seed: a larger one would fail later, unnamed, mid-stream
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not -(2**63) <= self.seed < 2**64):
             raise InvalidRequestError(f"seed must be an int in [-2**63, 2**64) or None, got {self.seed!r}")
@@ -44,7 +44,7 @@ class Sampler:
         if p.temperature == 0:
             return int(torch.argmax(logits))
         # Shift by the max first (softmax is shift-invariant) and keep t a normal float32: a tiny
-        # temperature such as 1e-300 used to give inf - inf (or 0 / 0) = nan and crash multinomial.
+        # temperature such as 1e-300 would give inf - inf (or 0 / 0) = nan and crash multinomial.
         x = logits.float()
         t = max(p.temperature, torch.finfo(torch.float32).tiny)
         probs = torch.softmax((x - x.max()) / t, dim=-1)

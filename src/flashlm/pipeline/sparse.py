@@ -6,14 +6,17 @@ window at once: `_prefill_token_by_token`) -> `_step` (one token: numbered, trac
 -> `_layers` (the layer loop, a generator of step requests that `flashlm.pipeline.step_driver`
 carries to the actors) -> per layer one of three paths:
 - `_layer_cached`: every neuron of the window cached and the actor quiescent (the steady state):
-  the FFN runs at once, the bookkeeping (evict, compact) is sent after it, while later layers compute;
+  the FFN runs at once, the bookkeeping (mark; or evict, compact) is sent after it, while later
+  layers compute;
 - `_layer_append`: reads to do and room to append them (compute on its thread): the exact set is
   sent without waiting for the actor's first answer, the eviction after the FFN;
 - `_layer_ensure`: otherwise: the actor places the set and starts its reads, the step waits.
 Per layer l: attention, the exact selection for layer l and the speculative selection for layer
 l+1 (from the same hidden state, one layer early); layer l+1's actor gets the speculative set
 and starts reading at once, so flash reads run behind compute: layer l+1's behind layer l's FFN.
-The FFN always sums the request's window in neuron order, in one call
+The runner writes no cache: each actor is its cache's only writer, and the runner asks narrow
+questions (the driver's `quiescent` / `idle`, the cache's `holds_all`, `n_missing`, `can_append`,
+`slots`). The FFN always sums the request's window in neuron order, in one call
 (`flashlm.pipeline.window_ffn`), so the result never depends on where the cache put a row or
 which rows it happened to hold already.
 
@@ -36,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from flashlm.pipeline.actors import LayerActor, LayerStep, Tidy, Touch
+from flashlm.pipeline.actors import Clear, LayerActor, LayerStep, Mark, Tidy, Touch
 from flashlm.pipeline.request_window import RequestWindow
 from flashlm.pipeline.runner import StepClock, TokenReport
 from flashlm.pipeline.step_driver import AfterFFN, AppendMissing, Ask, LayerLoop, StartPrefetch, StepDriver, WaitLayer
@@ -98,7 +101,7 @@ class SparseRunner:
         to nowhere (None)."""
         self.clock.trace = sink
         for a in self.actors:
-            a.trace = sink
+            a.set_trace(sink)
 
     def dead(self, error: BaseException) -> None:
         """The actors are gone (crashed, or the engine closed: EngineClosedError): fail every
@@ -135,9 +138,6 @@ class SparseRunner:
             logits, steps, spec_hits, spec_needed = await self._driver.drive(self._layers(ids, kv, win, token), token)
             kv.advance(ids.shape[0])
         win.step += 1
-        if not self.reuse:
-            for cache in self.caches:
-                cache.clear()
         wait = sum(s.read_wait_ms for s in steps)
         report = TokenReport(
             read_bytes=sum(s.read_bytes for s in steps),
@@ -157,8 +157,8 @@ class SparseRunner:
     def _resident(self) -> bool:
         """Selection dense, caches kept, and every layer's cache holds every neuron with nothing
         in flight or uncommitted (then nothing can change it: dense selection never evicts)."""
-        return self.dense and self.reuse and all(c.holds_all() and a.quiescent()
-                                                 for c, a in zip(self.caches, self.actors))
+        return self.dense and self.reuse and all(c.holds_all() and self._driver.quiescent(layer)
+                                                 for layer, c in enumerate(self.caches))
 
     async def _dense_step(self, ids: torch.Tensor, kv: Any) -> torch.Tensor:
         self.resident_steps += 1
@@ -192,7 +192,7 @@ class SparseRunner:
                 spec_hits, spec_needed = spec_hits + hit, spec_needed + exact.size
             if spec is not None:  # layer l+1's reads start now, while layer l computes
                 win.mark(layer + 1, spec, speculative=True)
-                if not (self.actors[layer + 1].quiescent() and not self.caches[layer + 1].n_missing(spec)):
+                if not (self._driver.quiescent(layer + 1) and not self.caches[layer + 1].n_missing(spec)):
                     yield StartPrefetch(layer + 1, spec)  # (all cached: nothing to read)
             predicted = spec
             win.mark(layer, exact)
@@ -205,6 +205,8 @@ class SparseRunner:
                 step, after = yield from self._layer_append(layer, held, token)
             else:
                 step, after = yield from self._layer_ensure(layer, held, token)
+            if not self.reuse:  # no reuse across tokens: the layer's cache is emptied after its FFN
+                after = AfterFFN(layer, Clear(token))
             steps.append(step)
             if deferred is not None:  # the previous layer's FFN is done: its cache may move rows now
                 yield deferred
@@ -220,24 +222,25 @@ class SparseRunner:
 
     def _path(self, layer: int, held: np.ndarray) -> str:
         """Which of the three paths layer `layer` takes for the window's `held` neurons."""
-        cache, actor = self.caches[layer], self.actors[layer]
-        quiet = actor.quiescent()  # asked first: then the cache cannot change until this step sends work
+        cache = self.caches[layer]
+        quiet = self._driver.quiescent(layer)  # asked first: then the cache cannot change until this step sends work
         missing = 0 if quiet and cache.holds_all() else cache.n_missing(held)
         if self.reuse and quiet and not missing:
             return "cached"
-        if not self.on_loop and self.reuse and actor.idle() and cache.can_append(missing):
+        if not self.on_loop and self.reuse and self._driver.idle(layer) and cache.can_append(missing):
             return "append"
         return "ensure"
 
     def _layer_cached(self, layer: int, held: np.ndarray, token: int) -> tuple[LayerStep, AfterFFN | None]:
         """Everything cached and nothing touches this cache until the step says so: the FFN runs
         now, the bookkeeping after it. With lazy eviction that only marks the set used (no eviction,
-        no row moves), so it is done here at once, without a message."""
+        no row moves: a `Mark`, which the step never waits for)."""
         n = int(held.size)
-        if self.caches[layer].lazy:
-            self.actors[layer].touch(Touch(token, held), cached=True)
-            return LayerStep(n, n, 0, 0, 0.0), None
-        return LayerStep(n, n, 0, 0, 0.0), AfterFFN(layer, Touch(token, held))
+        if self.trace is not None:  # the step did not wait: everything was cached
+            t = time.perf_counter()
+            self.trace.emit("wait", token, layer=layer, start=t, end=t)
+        msg = Mark(token, held) if self.caches[layer].lazy else Touch(token, held)
+        return LayerStep(n, n, 0, 0, 0.0), AfterFFN(layer, msg)
 
     def _layer_append(self, layer: int, held: np.ndarray, token: int) -> LayerLoop:
         """Reads to start and room to append them: the set goes to the actor without waiting for its

@@ -93,8 +93,8 @@ def _full_name(key: str, resident: dict[str, torch.Tensor], n_layers: int) -> st
 
 def check_vocab(store: FlashStore, args: Any, tokenizer: Any | None) -> None:
     """The manifest's vocab_size and eos ids agree with the embedding table and the tokenizer.
-    A manifest re-checksummed with `vocab_size` 100 or an `eos_token_id` of 10**9 used to run
-    silently (ids beyond the vocabulary sampled, EOS never seen): refused at open, by name."""
+    A manifest re-checksummed with `vocab_size` 100 or an `eos_token_id` of 10**9 would run
+    silently (ids beyond the vocabulary sampled, EOS never seen): it is refused at open, by name."""
     vocab = args.vocab_size
     eos = store.manifest.config.get("eos_token_id")
     for i in eos if isinstance(eos, list) else [] if eos is None else [eos]:

@@ -21,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -200,7 +201,7 @@ class StreamingRunner:
                 **(stream_figures(self.stream.stats, self.tokens) if self.stream else {"tokens": self.tokens})}
 
 
-# -- opening exact mode (from Engine._start) -------------------------------------------------
+# -- opening exact mode (from Engine._start: it passes an ExactSetup, takes the ExactStarted) -------------------------------------------------
 
 # Under a budget with no max_context given, the KV cache is planned for this many tokens, not the
 # engine's usual cap of 8192: at 8192 the 1.5B's fp16 KV cache is 224 MiB, 17% of its q4 store.
@@ -212,92 +213,114 @@ def kv_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float16 if dtype == torch.float32 else dtype
 
 
-def exact_plan(engine: Any, budget: int) -> tuple[ExactPlan, str | None]:
-    """The exact plan for `engine`'s store at `budget` (MemoryBudgetError below its minimum), and the
-    resident key of the token embedding table it keeps on flash (None: kept resident)."""
+@dataclass(frozen=True)
+class ExactSetup:
+    """What exact mode's and griffin's start-up need of the engine (`Engine._start` passes its own)."""
+
+    store: FlashStore
+    config: Any  # the EngineConfig
+    arch: Any  # the model's architecture module and its ModelArgs (`store_model.model_args`)
+    args: Any
+    pool: Any  # the compute thread's executor
+    device: torch.device
+    trace: Any  # the engine's TraceSink, or None
+    max_context: int  # the engine's, before a budget caps it (BUDGET_CONTEXT_CAP)
+
+
+class ExactStarted(NamedTuple):
+    """What the start-up made; the engine takes each as its own (unpacking it in this order)."""
+
+    model: Any
+    plan: Any  # ExactPlan, or the GriffinPlan (the engine's `memory`)
+    max_context: int  # the KV cache's planned length
+    exact: StreamingRunner
+    runner: Any  # what the engine's steps run: `exact` (TracedSteps when traced) or the GriffinRunner
+
+
+def exact_plan(setup: ExactSetup, budget: int) -> tuple[ExactPlan, str | None, int]:
+    """The exact plan for the store at `budget` (MemoryBudgetError below its minimum), the resident
+    key of the token embedding table it keeps on flash (None: kept resident), and the max_context."""
     from flashlm.pipeline.budget import plan_exact
 
-    a, key = exact_args(engine)
-    return plan_exact(budget=budget, **a), key
+    a, key, max_context = exact_args(setup)
+    return plan_exact(budget=budget, **a), key, max_context
 
 
-def exact_args(engine: Any, cap_context: bool = True) -> tuple[dict[str, Any], str | None]:
-    """`plan_exact`'s arguments but the budget for `engine`'s store (the KV cache at BUDGET_CONTEXT_CAP
-    tokens when no max_context is given and `cap_context`), and the flashed embedding's key."""
+def exact_args(setup: ExactSetup, cap_context: bool = True) -> tuple[dict[str, Any], str | None, int]:
+    """`plan_exact`'s arguments but the budget for the store (the KV cache at BUDGET_CONTEXT_CAP
+    tokens when no max_context is given and `cap_context`), the flashed embedding's key, and the
+    max_context the KV cache is planned for."""
     from flashlm.pipeline.store_model import resident_bytes
 
-    store, cfg, args = engine.store, engine.config, engine._args
+    store, cfg, args, max_context = setup.store, setup.config, setup.args, setup.max_context
     if cfg.max_context is None and cap_context:
-        engine.max_context = min(args.max_position_embeddings, BUDGET_CONTEXT_CAP)
+        max_context = min(args.max_position_embeddings, BUDGET_CONTEXT_CAP)
     dt = cfg.torch_dtype
     key = flash_embedding_key(store)
     res = resident_bytes(store, dt) - (embedding_bytes(store, key, dt) if key else 0)
     kv_item = torch.empty((), dtype=kv_dtype_for(dt)).element_size()
-    kv = 2 * args.n_layers * engine.max_context * args.n_kv_heads * args.head_dim * kv_item
+    kv = 2 * args.n_layers * max_context * args.n_kv_heads * args.head_dim * kv_item
     f = store.manifest.ffn
     item = torch.empty((), dtype=dt).element_size()
     float_row = len(f.parts) * f.hidden_size * item
     same = f.quant_format is not None or TORCH_DTYPES[f.dtype] == dt
     return dict(resident_bytes=res, kv_bytes=kv, n_layers=len(f.layers), d_ff=max(lay.n_neurons for lay in f.layers),
                 stride=f.stride, hot_row_bytes=f.stride if f.quant_format else float_row,
-                convert_row_bytes=0 if same else float_row, store=str(store.path)), key
+                convert_row_bytes=0 if same else float_row, store=str(store.path)), key, max_context
 
 
-def _build(engine: Any, plan: ExactPlan, key: str | None) -> tuple[Any, list[Any]]:
+def _build(setup: ExactSetup, plan: ExactPlan, key: str | None) -> tuple[Any, list[Any]]:
     """The model without FFN rows and, with `key`, without its embedding table (on flash), and the
     hot prefixes (compute thread)."""
     from flashlm.pipeline.store_model import build
 
-    store, cfg = engine.store, engine.config
-    dev, dt = engine.device, cfg.torch_dtype
+    store, dev, dt = setup.store, setup.device, setup.config.torch_dtype
     resident = {k: (v.to(dev, dt) if isinstance(v, torch.Tensor) and v.is_floating_point() else v.to(dev))
                 for k, v in load_resident_without(store, key).items()}
     if key is not None:
         resident[key] = FlashEmbedding(store, key, dt, dev)
-    model = build(store, engine._arch, engine._args, resident, [None] * len(store.manifest.ffn.layers))
+    model = build(store, setup.arch, setup.args, resident, [None] * len(store.manifest.ffn.layers))
     model.kv_dtype = kv_dtype_for(dt)
     return model, load_hot(store, plan.hot, dt, dev)
 
 
-async def start_exact(engine: Any, budget: int) -> None:
-    """Open exact mode on `engine`: plan (refused below the minimum before anything is loaded),
-    build, load the hot prefixes, start the cold stream."""
+async def start_exact(setup: ExactSetup, budget: int) -> ExactStarted:
+    """Open exact mode: plan (refused below the minimum before anything is loaded), build, load the
+    hot prefixes, start the cold stream."""
     from flashlm.pipeline.generation import release_freed_memory
 
-    plan, key = await asyncio.to_thread(exact_plan, engine, budget)
-    engine.memory = plan
-    model, hot = await asyncio.get_running_loop().run_in_executor(engine._pool, _build, engine, plan, key)
-    engine.model = model
-    runner = StreamingRunner(model, engine.store, plan, hot, engine._pool, direct=not engine.config.research.page_cache)
+    plan, key, max_context = await asyncio.to_thread(exact_plan, setup, budget)
+    model, hot = await asyncio.get_running_loop().run_in_executor(setup.pool, _build, setup, plan, key)
+    runner = StreamingRunner(model, setup.store, plan, hot, setup.pool, direct=not setup.config.research.page_cache)
     runner.start()
-    engine._exact = engine._runner = runner
-    if engine._trace is not None:  # its steps numbered and traced from outside, its layers' events on that clock
+    steps: Any = runner
+    if setup.trace is not None:  # its steps numbered and traced from outside, its layers' events on that clock
         from flashlm.pipeline.runner import StepClock, TracedSteps
 
-        runner.trace, clock = engine._trace, StepClock(engine._trace)
-        runner.token_clock = lambda: clock.current
-        engine._runner = TracedSteps(runner, clock)
+        clock = StepClock(setup.trace)
+        runner.trace, runner.token_clock = setup.trace, lambda: clock.current
+        steps = TracedSteps(runner, clock)
     release_freed_memory()
+    return ExactStarted(model, plan, max_context, runner, steps)
 
 
-async def start_griffin(engine: Any, budget: int | None) -> None:
-    """Open selection griffin (`flashlm.pipeline.griffin`) on `engine`: plan (refused before anything
-    is loaded), build the model and the hot prefixes as exact mode does, start the cold stream for
+async def start_griffin(setup: ExactSetup, budget: int | None) -> ExactStarted:
+    """Open selection griffin (`flashlm.pipeline.griffin`): plan (refused before anything is
+    loaded), build the model and the hot prefixes as exact mode does, start the cold stream for
     the prompts' steps."""
     from flashlm.pipeline.generation import release_freed_memory
     from flashlm.pipeline.griffin import plan_griffin
     from flashlm.pipeline.griffin_runner import GriffinRunner
 
-    cfg = engine.config
-    a, key = await asyncio.to_thread(exact_args, engine, budget is not None)
+    cfg = setup.config
+    a, key, max_context = await asyncio.to_thread(exact_args, setup, budget is not None)
     plan = plan_griffin(budget=budget, density=cfg.density, gamma=cfg.research.cache_gamma, exact_args=a,
                         sel_row_bytes=a["hot_row_bytes"])
-    engine.memory = plan
-    engine.model, hot = await asyncio.get_running_loop().run_in_executor(engine._pool, _build, engine, plan.exact, key)
+    model, hot = await asyncio.get_running_loop().run_in_executor(setup.pool, _build, setup, plan.exact, key)
     direct = not cfg.research.page_cache
-    exact = StreamingRunner(engine.model, engine.store, plan.exact, hot, engine._pool, direct=direct)
-    exact.trace = engine._trace
+    exact = StreamingRunner(model, setup.store, plan.exact, hot, setup.pool, direct=direct)
+    exact.trace = setup.trace
     exact.start()
-    engine._exact = exact
-    engine._runner = GriffinRunner(exact, plan, engine.store, engine._pool, direct=direct, trace=engine._trace)
+    runner = GriffinRunner(exact, plan, setup.store, setup.pool, direct=direct, trace=setup.trace)
     release_freed_memory()
+    return ExactStarted(model, plan, max_context, exact, runner)

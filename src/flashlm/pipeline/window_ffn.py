@@ -4,7 +4,7 @@
 The sum runs over the window's neurons in ascending id order, in one call, whatever slots the
 cache put them in and whichever it held already. Float sums are not associative: summing in the
 cache's slot order (which earlier and concurrent requests decide), or in parts split by which rows
-happened to be cached, made a request's tokens depend on what ran before it (issue 30: greedy
+happened to be cached, would make a request's tokens depend on what ran before it (issue 30: greedy
 answers under a budget changed after another prompt). So every row of the window is committed
 before this runs; computing over the cached rows while the others are read measured no faster end
 to end on this VM (docs/sparsity.md, "Waiting for a layer's own reads").
@@ -37,7 +37,7 @@ class WindowFFN:
         if isinstance(rows, QBundles):  # the kernel sums the bundles in the order listed
             return block.ffn(ffn_in, rows, neuron_ids, slots=torch.from_numpy(slots.astype(np.int32)).to(dev))
         # float rows: gathered in neuron order into one buffer kept for the purpose (a fresh gather
-        # of ~10 MB a layer was kept by glibc: +60-75 MiB RSS on SmolLM2 under a budget)
+        # of ~10 MB a layer is kept by glibc: +60-75 MiB RSS on SmolLM2 under a budget)
         buf = self._gather
         if buf is None or buf.device != dev or buf.dtype != rows.dtype or buf.shape[1:] != rows.shape[1:]:
             buf = self._gather = torch.empty((self.max_capacity, *rows.shape[1:]), dtype=rows.dtype, device=dev)

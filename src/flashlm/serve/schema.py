@@ -109,6 +109,12 @@ class _Fields:
         self.left.discard(key)
         return self.obj.get(key)
 
+    def required(self, key: str, what: str) -> Any:
+        """The field `key`, which must be there (400 missing_required_parameter saying it takes `what`)."""
+        if key not in self.obj:
+            raise bad_request(f"{self.name(key)} is required: {what}", self.name(key), "missing_required_parameter")
+        return self.take(key)
+
     def check_neutral(self, table: dict[str, tuple[Callable[[Any], bool], str]]) -> None:
         for key in sorted(self.left & table.keys()):
             ok, why = table[key]
@@ -210,10 +216,7 @@ def parse_chat(body: Any) -> ParsedRequest:
     """A `POST /v1/chat/completions` body."""
     f = _Fields(body, "")
     model = _model(f)
-    if "messages" not in f.obj:
-        raise bad_request("messages is required: an array of {role, content} objects", "messages",
-                          "missing_required_parameter")
-    messages = f.take("messages")
+    messages = f.required("messages", "an array of {role, content} objects")
     if not isinstance(messages, list):
         raise wrong_type("messages", "an array of messages", messages)
     if not messages:
@@ -275,10 +278,7 @@ def parse_completion(body: Any) -> ParsedRequest:
     """A `POST /v1/completions` body: raw text (no chat template) or token ids."""
     f = _Fields(body, "")
     model = _model(f)
-    if "prompt" not in f.obj:
-        raise bad_request("prompt is required: a string or an array of token ids", "prompt",
-                          "missing_required_parameter")
-    prompt = _prompt(f.take("prompt"))
+    prompt = _prompt(f.required("prompt", "a string or an array of token ids"))
     max_tokens = _int(f, "max_tokens", 1)
     f.check_neutral(_NEUTRAL_COMPLETION)
     req = _common(f, "completion", model, prompt, 16 if max_tokens is None else max_tokens)  # OpenAI's default: 16

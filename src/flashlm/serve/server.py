@@ -70,7 +70,7 @@ class ServeSettings:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port {self.port} is not in [0, 65535]")
         if self.api_key is not None and not self.api_key.strip():
-            # an empty key used to count as auth on (and silence the warning below) while accepting
+            # an empty key would count as auth on (and silence the warning below) while accepting
             # `Authorization: Bearer ` with nothing after it
             raise ConfigError("--api-key must not be empty (nor FLASHLM_API_KEY): pass a key, or unset it to "
                               "serve without one")

@@ -19,18 +19,8 @@
 #define TGT __attribute__((target("avx2,fma,f16c")))
 #define INL inline __attribute__((always_inline))
 
-TGT static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-TGT static inline float h2f(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-    return _cvtsh_ss(h);
-}
+#define X86_INL inline
+#include "x86.h"
 
 TGT static inline __m256 load8h(const uint8_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 
@@ -64,8 +54,7 @@ TGT static void quant_row(const float *x, int64_t d, int8_t *q, float *xs, float
         const float s = _mm_cvtss_f32(m4) / 127.0f;
         xs[g] = s;
         if (s == 0.0f) {
-            memset(q + g * FL_GROUP, 0, FL_GROUP);
-            xsum[g] = 0.0f;
+            zero_group(q, xsum, g);
             continue;
         }
         /* x / s (a true division, as torch does), converted with the default round-half-even */
@@ -251,13 +240,7 @@ TGT static INL void axpy4_q8_any(const fl_block *b, const float *wf, int64_t ws,
 #undef CVT8
 }
 
-TGT static void axpy4_q8(const fl_block *b, const float c[4], float *out, int64_t G) {
-    axpy4_q8_any(b, NULL, 0, c, out, G);
-}
-
-TGT static void axpy4_q8f(const float *wf, int64_t ws, const fl_block *b, const float c[4], float *out, int64_t G) {
-    axpy4_q8_any(b, wf, ws, c, out, G);
-}
+FL_AXPY4_ENTRIES(TGT, q8)
 
 /* out[32g + j] += sum_r (c[r] * s[r][g]) * q[r][32g + j] + sum_r c[r] * m[r][g]. With wf, q[r] is
    read as floats in natural order from wf + r * ws: bitwise the same out (see q8). */
@@ -336,13 +319,7 @@ TGT static INL void axpy4_q4_any(const fl_block *b, const float *wf, int64_t ws,
 #undef A4ROW
 }
 
-TGT static void axpy4_q4(const fl_block *b, const float c[4], float *out, int64_t G) {
-    axpy4_q4_any(b, NULL, 0, c, out, G);
-}
-
-TGT static void axpy4_q4f(const float *wf, int64_t ws, const fl_block *b, const float c[4], float *out, int64_t G) {
-    axpy4_q4_any(b, wf, ws, c, out, G);
-}
+FL_AXPY4_ENTRIES(TGT, q4)
 
 /* exactly s * q: one rounding, as torch's q.float() * s */
 TGT static void dequant_q8(const uint8_t *data, const uint8_t *scale, int64_t G, float *out) {

@@ -25,6 +25,9 @@
 #define TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
 #define INL inline __attribute__((always_inline))
 
+#define X86_INL INL
+#include "x86.h"
+
 /* Prefetch of the block ahead (see fl_block), spread through the loops: one line of each of its
    rows per 64 bytes read here, at the offset being read, and its scales (and mins) once per 16
    groups. A burst of all lines at the start of 16 groups was 1.3-3x slower on gathered rows. */
@@ -43,21 +46,16 @@
             }                                                                         \
     } while (0)
 
-TGT static INL float h2f(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-    return _cvtsh_ss(h);
-}
-
 TGT static INL __m512 load16h(const uint8_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
 
 TGT static INL __m128 load4h(const uint8_t *p) { return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)p)); }
 
-TGT static INL float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+/* NR accumulators and NR scalar tails of a dot kernel, zeroed */
+TGT static INL void zero_acc(__m512 *acc, float *tail, const int NR) {
+    for (int r = 0; r < NR; r++) {
+        acc[r] = _mm512_setzero_ps();
+        tail[r] = 0.0f;
+    }
 }
 
 TGT static void quant_row(const float *x, int64_t d, int8_t *q, float *xs, float *xsum) {
@@ -68,8 +66,7 @@ TGT static void quant_row(const float *x, int64_t d, int8_t *q, float *xs, float
         const float s = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1))) / 127.0f;
         xs[g] = s;
         if (s == 0.0f) {
-            memset(q + g * FL_GROUP, 0, FL_GROUP);
-            xsum[g] = 0.0f;
+            zero_group(q, xsum, g);
             continue;
         }
         /* x / s (a true division, as torch does), converted with the default round-half-even */
@@ -93,10 +90,7 @@ TGT static INL void dotn_q8(const uint8_t *const *w, const uint8_t *const *sc, c
     const __m512i lane2 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     __m512 acc[8];
     float tail[8];
-    for (int r = 0; r < NR; r++) {
-        acc[r] = _mm512_setzero_ps();
-        tail[r] = 0.0f;
-    }
+    zero_acc(acc, tail, NR);
     int64_t g = 0;
     for (; g + 16 <= G; g += 16) {
         PF_SCALES(pf0, g);
@@ -143,10 +137,7 @@ TGT static INL void dotn_q4(const uint8_t *const *w, const uint8_t *const *sc, c
     const __m512i lane4 = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
     __m512 acc[8];
     float tail[8];
-    for (int r = 0; r < NR; r++) {
-        acc[r] = _mm512_setzero_ps();
-        tail[r] = 0.0f;
-    }
+    zero_acc(acc, tail, NR);
     int64_t g = 0;
 #define Q4CHUNK(K, CEXP)                                                                               \
     {                                                                                                  \
@@ -248,13 +239,7 @@ TGT static INL void axpy4_q8_any(const fl_block *b, const float *wf, int64_t ws,
 #undef LOADQ
 }
 
-TGT static void axpy4_q8(const fl_block *b, const float c[4], float *out, int64_t G) {
-    axpy4_q8_any(b, NULL, 0, c, out, G);
-}
-
-TGT static void axpy4_q8f(const float *wf, int64_t ws, const fl_block *b, const float c[4], float *out, int64_t G) {
-    axpy4_q8_any(b, wf, ws, c, out, G);
-}
+FL_AXPY4_ENTRIES(TGT, q8)
 
 /* out[32g + j] += sum_r (c[r] * s[r][g]) * q[r][32g + j] + sum_r c[r] * m[r][g]. The 16 bytes of
    a group widen to 16 int32 lanes: the low nibbles are q[0:16], the high ones q[16:32]. With wf,
@@ -309,13 +294,7 @@ TGT static INL void axpy4_q4_any(const fl_block *b, const float *wf, int64_t ws,
 #undef A4GROUP
 }
 
-TGT static void axpy4_q4(const fl_block *b, const float c[4], float *out, int64_t G) {
-    axpy4_q4_any(b, NULL, 0, c, out, G);
-}
-
-TGT static void axpy4_q4f(const float *wf, int64_t ws, const fl_block *b, const float c[4], float *out, int64_t G) {
-    axpy4_q4_any(b, wf, ws, c, out, G);
-}
+FL_AXPY4_ENTRIES(TGT, q4)
 
 /* ---- dequantise (embedding rows) --------------------------------------------------------- */
 

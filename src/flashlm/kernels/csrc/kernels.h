@@ -82,6 +82,17 @@ extern const fl_kernels fl_avx512_kernels;
    i = 0 on the calling thread, and returns when all are done. Workers start on first use and
    wait for work spinning briefly, then sleeping; a call that finds the pool busy (another
    thread's call in flight) runs with nth = 1 on its own thread. Returns the nth used. */
+/* A kernel file's two axpy4 entry points of format FMT: its axpy4_FMT_any without a float row
+   (wf NULL) and with one; TGT_ is the file's target attribute (empty for scalar.c). */
+#define FL_AXPY4_ENTRIES(TGT_, FMT)                                                                        \
+    TGT_ static void axpy4_##FMT(const fl_block *b, const float c[4], float *out, int64_t G) {             \
+        axpy4_##FMT##_any(b, NULL, 0, c, out, G);                                                          \
+    }                                                                                                      \
+    TGT_ static void axpy4_##FMT##f(const float *wf, int64_t ws, const fl_block *b, const float c[4], float *out, \
+                                    int64_t G) {                                                           \
+        axpy4_##FMT##_any(b, wf, ws, c, out, G);                                                           \
+    }
+
 typedef void (*fl_task)(void *arg, int tid, int nth);
 int fl_pool_run(fl_task fn, void *arg, int nth);
 int fl_pool_set_size(int n); /* threads per call, 1..FL_MAX_THREADS; returns the old size */

@@ -577,12 +577,17 @@ static fl_rows rows_from(const int64_t *v) {
     return R;
 }
 
+/* The opening of each kernel entry point: its N int64 arguments into v, v[0] naming the
+   implementation (K); a bad argument returns NULL with the error set. */
+#define KERNEL_ARGS(N, NAME)                        \
+    int64_t v[N];                                   \
+    if (ints(args, nargs, N, v, NAME)) return NULL; \
+    const fl_kernels *K = pick(v[0]);               \
+    if (!K) return NULL
+
 /* quantize_act(impl, x, xstride, T, d, q, qp, xs, xsp, xsum) */
 static PyObject *py_quantize_act(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    int64_t v[10];
-    if (ints(args, nargs, 10, v, "quantize_act")) return NULL;
-    const fl_kernels *K = pick(v[0]);
-    if (!K) return NULL;
+    KERNEL_ARGS(10, "quantize_act");
     Py_BEGIN_ALLOW_THREADS;
     drv_quant(K, PTR(const float *, v[1]), v[2], v[3], v[4], PTR(int8_t *, v[5]), PTR(int8_t *, v[6]),
               PTR(float *, v[7]), PTR(float *, v[8]), PTR(float *, v[9]));
@@ -612,10 +617,7 @@ static PyObject *py_rms_quant(PyObject *self, PyObject *const *args, Py_ssize_t 
 
 /* gemv(impl, fmt, d, n, data, dstride, scale, sstride, min, mstride, idx, T, q, qp, xs, xsp, xsum, y, ystride) */
 static PyObject *py_gemv(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    int64_t v[19];
-    if (ints(args, nargs, 19, v, "gemv")) return NULL;
-    const fl_kernels *K = pick(v[0]);
-    if (!K) return NULL;
+    KERNEL_ARGS(19, "gemv");
     const fl_rows R = rows_from(v + 4);
     const fl_act A = act_from(v + 12, v[11], v[2]);
     Py_BEGIN_ALLOW_THREADS;
@@ -626,11 +628,8 @@ static PyObject *py_gemv(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 
 /* axpy(impl, fmt, d, n, data, dstride, scale, sstride, min, mstride, idx, T, h, hstride, out, ostride) */
 static PyObject *py_axpy(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    int64_t v[16];
     int rc;
-    if (ints(args, nargs, 16, v, "axpy")) return NULL;
-    const fl_kernels *K = pick(v[0]);
-    if (!K) return NULL;
+    KERNEL_ARGS(16, "axpy");
     const fl_rows R = rows_from(v + 4);
     Py_BEGIN_ALLOW_THREADS;
     rc = drv_axpy(K, (int)v[1], &R, v[3], PTR(const int32_t *, v[10]), v[2], v[11], PTR(const float *, v[12]), v[13],
@@ -645,11 +644,8 @@ static PyObject *py_axpy(PyObject *self, PyObject *const *args, Py_ssize_t nargs
        bias, neuron_ids, T, q, qp, xs, xsp, xsum, out, ostride)
    gated: the quads are gate, up, down; ungated: fc1, (ignored), fc2. Each part has its own format. */
 static PyObject *py_ffn(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    int64_t v[30];
     int rc;
-    if (ints(args, nargs, 30, v, "ffn")) return NULL;
-    const fl_kernels *K = pick(v[0]);
-    if (!K) return NULL;
+    KERNEL_ARGS(30, "ffn");
     const int gated = (int)v[1];
     const fl_part parts[3] = {{v[8], v[9], v[10], v[11]}, {v[12], v[13], v[14], v[15]}, {v[16], v[17], v[18], v[19]}};
     const fl_act A = act_from(v + 23, v[22], v[3]);
@@ -663,10 +659,7 @@ static PyObject *py_ffn(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 
 /* dequant(impl, fmt, d, n, data, dstride, scale, sstride, min, mstride, idx, out, ostride) */
 static PyObject *py_dequant(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    int64_t v[13];
-    if (ints(args, nargs, 13, v, "dequant")) return NULL;
-    const fl_kernels *K = pick(v[0]);
-    if (!K) return NULL;
+    KERNEL_ARGS(13, "dequant");
     const fl_rows R = rows_from(v + 4);
     Py_BEGIN_ALLOW_THREADS;
     drv_dequant(K, (int)v[1], &R, v[3], PTR(const int32_t *, v[10]), v[2], PTR(float *, v[11]), v[12]);

@@ -71,11 +71,7 @@ static inline void axpy4_q8_any(const fl_block *b, const float *wf, int64_t ws, 
     }
 }
 
-static void axpy4_q8(const fl_block *b, const float c[4], float *out, int64_t G) { axpy4_q8_any(b, NULL, 0, c, out, G); }
-
-static void axpy4_q8f(const float *wf, int64_t ws, const fl_block *b, const float c[4], float *out, int64_t G) {
-    axpy4_q8_any(b, wf, ws, c, out, G);
-}
+FL_AXPY4_ENTRIES(, q8)
 
 static inline void axpy4_q4_any(const fl_block *b, const float *wf, int64_t ws, const float c[4], float *out,
                                 int64_t G) {
@@ -100,11 +96,7 @@ static inline void axpy4_q4_any(const fl_block *b, const float *wf, int64_t ws, 
     }
 }
 
-static void axpy4_q4(const fl_block *b, const float c[4], float *out, int64_t G) { axpy4_q4_any(b, NULL, 0, c, out, G); }
-
-static void axpy4_q4f(const float *wf, int64_t ws, const fl_block *b, const float c[4], float *out, int64_t G) {
-    axpy4_q4_any(b, wf, ws, c, out, G);
-}
+FL_AXPY4_ENTRIES(, q4)
 
 static void dequant_q8(const uint8_t *data, const uint8_t *scale, int64_t G, float *out) {
     const int8_t *q = (const int8_t *)data;
