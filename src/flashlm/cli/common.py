@@ -56,13 +56,15 @@ def sparsity_options(p: argparse.ArgumentParser) -> None:
     """Which FFN neurons are computed and how much DRAM the engine may use; shared by run and chat."""
     g = p.add_argument_group("sparsity and memory")
     g.add_argument("--ram", action="store_true", help="hold the whole FFN in RAM (default: read neurons from flash)")
-    g.add_argument("--selection", default=None, choices=["auto", "dense", "gate", "shadow", "predictor", "griffin"],
+    g.add_argument("--selection", default=None, choices=["auto", "dense", "gate", "shadow", "predictor", "griffin",
+                                                               "sign"],
                    help="how the neurons to compute are chosen (default auto: every neuron, cached when they all "
                    "fit, else exact mode streaming the rest; with --density under a budget, shadow). griffin: the "
                    "prompt computes every neuron and picks each layer's set for the answer (as many as the budget "
-                   "holds, or --density)")
+                   "holds, or --density). sign: per token the top --density (default 0.5) by 1-bit copies of gate "
+                   "and up (`flashlm calibrate STORE --sign` first)")
     g.add_argument("--cache-gamma", type=float, default=None, metavar="G",
-                   help="with --selection griffin: scores of neurons not held in DRAM x G (<1 leans the set to "
+                   help="with --selection griffin or sign: scores of neurons not held in DRAM x G (<1 leans the set to "
                    "what is held: fewer reads after the prompt)")
     g.add_argument("--density", type=float, default=None, metavar="D",
                    help="fraction of each layer's neurons computed per token (default: the mode's)")

@@ -10,6 +10,8 @@ from typing import Any
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
+    if a.sign:
+        return _sign(a)
     if a.hot_first:
         return _hot_first(a)
     if a.density is not None:
@@ -25,6 +27,22 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     else:
         print(f"calibrated {a.store}: selectors {', '.join(sorted(predictors.get('selectors', {})))}; "
               f"default {default}")
+    return 0
+
+
+def _sign(a: argparse.Namespace) -> int:
+    from flashlm.errors import ConfigError
+    from flashlm.pipeline.sign_file import write_sign
+
+    if a.hot_first or a.density is not None:
+        raise ConfigError("--sign writes only the sign bits; run --hot-first first, as its own command (a reorder "
+                          "makes the bits stale)")
+    entry = write_sign(a.store, progress=not a.quiet)
+    if a.json:
+        print(json.dumps({"store": a.store, "sign": entry}))
+    else:
+        print(f"wrote {entry['path']} into {a.store}: sign bits of gate and up, {entry['resident_bytes']} B "
+              f"({entry['resident_bytes'] / 2**20:.1f} MiB) held by selection sign")
     return 0
 
 
@@ -105,7 +123,8 @@ def add_calibrate(sub: Any) -> None:
                          "(pip install 'flashlm[calibrate]'), or --text FILE.",
                          epilog="examples:\n  flashlm calibrate stores/smollm2\n"
                          "  flashlm calibrate stores/llama1b --text my-corpus.txt --tokens 32768 --json\n"
-                         "  flashlm calibrate stores/smollm2 --hot-first --tokens 8192")
+                         "  flashlm calibrate stores/smollm2 --hot-first --tokens 8192\n"
+                         "  flashlm calibrate stores/smollm2 --sign")
     cal.add_argument("store", metavar="STORE", help="store directory (changed in place, atomically)")
     cal.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")
     cal.add_argument("--text", default=None, help="a UTF-8 text file to calibrate on instead")
@@ -113,6 +132,9 @@ def add_calibrate(sub: Any) -> None:
                      help="only reorder each layer's neurons on flash by calibrated activation frequency, most used "
                      "first (bundles moved as they are; selectors and statistics kept, permuted); recorded in the "
                      "manifest as extra.neuron_order")
+    cal.add_argument("--sign", action="store_true",
+                     help="only write the sign selector's file (1 bit per gate and up weight, a scale per row) into "
+                     "the store, named by the manifest; for --selection sign. After any --hot-first reorder")
     cal.add_argument("--density", type=float, default=None,
                      help="with --hot-first: a neuron counts as activated by a token when in its top DENSITY "
                      "(default 0.4)")

@@ -16,7 +16,7 @@ from flashlm.io.format import STORE_DTYPES
 from flashlm.io.writer import TORCH_DTYPES
 
 
-SELECTIONS = ("auto", "dense", "gate", "shadow", "predictor", "griffin")
+SELECTIONS = ("auto", "dense", "gate", "shadow", "predictor", "griffin", "sign")
 # "auto" resolves at open: "dense" unless a density was asked for (then this selection). Under a
 # budget that cannot cache every neuron "dense" is exact mode: the neurons not held are streamed
 # each token (flashlm.pipeline.streaming); the selectors that hold less cost far more accuracy
@@ -48,12 +48,15 @@ class EngineConfig:
     # "auto" (default): every neuron computed, no selector DRAM. With room for every neuron the caches
     # fill once from flash; under a budget that cannot hold them all, exact mode holds a hot prefix
     # per layer and streams the rest each token (docs/budget.md). With a `density`, AUTO_SPARSE.
-    selection: str = "auto"  # "auto" | "dense" (every neuron) | "gate" | "shadow" | "predictor" | "griffin"
+    selection: str = "auto"  # "auto" | "dense" (every neuron) | "gate" | "shadow" | "predictor" | "griffin" | "sign"
     density: float | None = None  # fraction of each layer's neurons selected per token (None: mode default)
     # selection "griffin" (flashlm.pipeline.griffin): the prompt's step computes every neuron (exact
     # mode) and its activations choose each layer's set for the rest of the request; density None:
     # every row the budget holds (no budget: 0.5). cache_gamma < 1: DIP's cache-aware masking, the
-    # scores of neurons not in the hot prefix x gamma (the set leans to rows held: fewer reads)
+    # scores of neurons not in the hot prefix x gamma (the set leans to rows held: fewer reads).
+    # selection "sign" (flashlm.pipeline.sign_runner): the prompt's step exact, then per token the
+    # top density (None: 0.5) of each layer by 1-bit sign copies of gate and up (`flashlm calibrate
+    # STORE --sign`), held rows from DRAM, the rest read; cache_gamma masks its scores the same way
     cache_gamma: float | None = None
     window: int = 8  # tokens a selected neuron stays computed (the paper's sliding window k)
     # "lazy": a neuron that left the window stays cached until its slot is needed (the FFN masks it
@@ -114,11 +117,12 @@ class EngineConfig:
         if self.cache_gamma is not None and (isinstance(self.cache_gamma, bool) or not isinstance(
                 self.cache_gamma, int | float) or not 0 < self.cache_gamma <= 1):
             raise ConfigError(f"cache_gamma must be a number in (0, 1] (1: no masking), got {self.cache_gamma!r}")
-        if self.cache_gamma is not None and self.selection != "griffin":
-            raise ConfigError(f"cache_gamma masks griffin's prompt scores; it needs selection 'griffin', "
+        if self.cache_gamma is not None and self.selection not in ("griffin", "sign"):
+            raise ConfigError(f"cache_gamma masks griffin's or sign's scores; it needs selection 'griffin' or 'sign', "
                               f"not {self.selection!r}")
-        if self.selection == "griffin" and self.ffn != "flash":
-            raise ConfigError("selection 'griffin' reads its set from the store: it needs ffn='flash' (not --ram)")
+        if self.selection in ("griffin", "sign") and self.ffn != "flash":
+            raise ConfigError(f"selection {self.selection!r} reads its set from the store: it needs ffn='flash' "
+                              f"(not --ram)")
         if self.compute not in ("thread", "loop"):
             raise ConfigError(f"compute {self.compute!r} must be 'thread' or 'loop'")
         if not _int(self.window) or self.window < 1:

@@ -37,7 +37,7 @@ from flashlm.pipeline.prefix_cache import PrefixCache
 from flashlm.pipeline.selection import make_selectors
 from flashlm.pipeline.request_window import RequestWindow
 from flashlm.pipeline.sparse import SparseRunner
-from flashlm.pipeline.streaming import start_exact, start_griffin
+from flashlm.pipeline.streaming import start_exact, start_griffin, start_sign
 from flashlm.pipeline.request import make_request
 from flashlm.pipeline.tokenizer import load as load_tokenizer
 from flashlm.pipeline.store_model import build_model, check_vocab, held_bytes, model_args, resident_bytes
@@ -159,8 +159,8 @@ class Engine:
             check_fits(res_bytes + kv_bytes + (cached * slot_bytes + d_ff * per_row) * len(ffn.layers),
                        f"resident tensors, one KV cache at max_context {self.max_context}, the selectors, {cached} "
                        f"cached neurons per layer", None, store=str(store.path))
-        if cfg.ffn == "flash" and cfg.selection == "griffin":  # the prompt's own statistics (pipeline/griffin.py)
-            await start_griffin(self, budget)
+        if cfg.ffn == "flash" and cfg.selection in ("griffin", "sign"):  # pipeline/griffin.py, sign_runner.py
+            await (start_griffin if cfg.selection == "griffin" else start_sign)(self, budget)
             return
         if (cfg.ffn == "flash" and budget is not None and cfg.selection in ("dense", "auto") and cfg.reuse
                 and not (cfg.selection == "auto" and cfg.density is not None)
@@ -362,8 +362,8 @@ class Engine:
             out["reader"] = asdict(self._reader.stats)
         if self._exact is not None:
             out["streaming"] = self._exact.statistics()
-            if self.config.selection == "griffin":  # the prompt's step in exact mode, its set after
-                out["griffin"] = self._runner.statistics()
+            if self.config.selection in ("griffin", "sign"):  # the prompt's step in exact mode, their sets after
+                out[self.config.selection] = self._runner.statistics()
         return out
 
     async def aclose(self) -> None:
@@ -388,7 +388,7 @@ class Engine:
             await self._reader.aclose()
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
         if self._exact is not None:
-            await asyncio.to_thread(self._exact.close)
+            await asyncio.to_thread(getattr(self._runner, "close", self._exact.close))  # (sign's closes both)
         if self._trace is not None:
             await asyncio.to_thread(self._trace.close)
 

@@ -301,3 +301,10 @@ async def start_griffin(engine: Any, budget: int | None) -> None:
     engine._exact = exact
     engine._runner = GriffinRunner(exact, plan, engine.store, engine._pool, direct=direct, trace=engine._trace)
     release_freed_memory()
+
+
+async def start_sign(engine: Any, budget: int | None) -> None:
+    """Open selection sign (`flashlm.pipeline.sign_runner`) on `engine`."""
+    from flashlm.pipeline.sign_runner import start_sign as start
+
+    await start(engine, budget)
