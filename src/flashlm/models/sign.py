@@ -9,9 +9,10 @@ Scores (gated): |act(a_g s_g.x) * (a_u s_u.x)|, the estimate of the neuron's out
 docs/budget.md); OPT: |act(a s.x + b)|. In the store's physical neuron order, like every
 selector (`flashlm.models.selectors`).
 
-`raw` has two ways to the same numbers: for one token a 256-entry table per byte of input (the
-sum of x over each bit pattern, gathered by the row's bytes), for a batch the signs unpacked to
-a float matrix. Pure torch, no files.
+`raw` has three ways to the same numbers (to float rounding): the C kernel's bit-masked sums
+(`flashlm.kernels.sign`: AVX-512 / AVX2 / scalar) where it is built; else, for one token, a
+256-entry table per byte of input (the sum of x over each bit pattern, gathered by the row's
+bytes); else the signs unpacked to a float matrix. Torch but the optional kernel; no files.
 """
 
 from __future__ import annotations
@@ -61,6 +62,10 @@ def _sign_dot_table(bits: Tensor, x: Tensor) -> Tensor:
 
 def sign_dot(bits: Tensor, x: Tensor) -> Tensor:
     """s.x for every row: (m, d/8) uint8, (T, d) -> (T, m) float32."""
+    from flashlm.kernels.sign import dot
+
+    if dot is not None and bits.device.type == "cpu" and x.device.type == "cpu":
+        return dot(bits, x)
     if x.shape[0] == 1:
         return _sign_dot_table(bits, x)
     return sign_dot_reference(bits, x)
