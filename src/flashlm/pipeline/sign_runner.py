@@ -246,29 +246,3 @@ class SignRunner:
                 "score_ms_per_token": self.score_s * 1e3 / t if t else None,
                 "read_wait_ms_per_token": self.read_wait_s * 1e3 / t if t else None}
 
-
-async def start_sign(engine: Any, budget: int | None) -> None:
-    """Open selection sign on `engine`: the sign file's entry and the plan first (refused before
-    anything is loaded), then the model and hot prefixes as exact mode builds them, the bits, the
-    cold stream for the prompts' steps."""
-    import asyncio
-
-    from flashlm.pipeline.generation import release_freed_memory
-    from flashlm.pipeline.sign_file import load_sign, sign_bytes_of
-    from flashlm.pipeline.streaming import StreamingRunner, _build, exact_args
-
-    cfg, store = engine.config, engine.store
-    nbytes = sign_bytes_of(store)  # SignFileError (named, with the fix) when the store has no sign file
-    a, key = await asyncio.to_thread(exact_args, engine, budget is not None)
-    plan = plan_sign(budget=budget, density=cfg.density, gamma=cfg.cache_gamma, exact_args=a, sign_bytes=nbytes)
-    engine.memory = plan
-    loop = asyncio.get_running_loop()
-    engine.model, hot = await loop.run_in_executor(engine._pool, _build, engine, plan.exact, key)
-    selectors, _ = await loop.run_in_executor(engine._pool, load_sign, store, engine.model.layers)
-    direct = not cfg.page_cache
-    exact = StreamingRunner(engine.model, store, plan.exact, hot, engine._pool, direct=direct)
-    exact.trace = engine._trace
-    exact.start()
-    engine._exact = exact
-    engine._runner = SignRunner(exact, plan, selectors, store, engine._pool, direct=direct, trace=engine._trace)
-    release_freed_memory()

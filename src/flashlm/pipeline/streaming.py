@@ -304,7 +304,25 @@ async def start_griffin(engine: Any, budget: int | None) -> None:
 
 
 async def start_sign(engine: Any, budget: int | None) -> None:
-    """Open selection sign (`flashlm.pipeline.sign_runner`) on `engine`."""
-    from flashlm.pipeline.sign_runner import start_sign as start
+    """Open selection sign (`flashlm.pipeline.sign_runner`) on `engine`: the sign file's entry and
+    the plan first (refused before anything is loaded), then the model and hot prefixes as exact
+    mode builds them, the bits, the cold stream for the prompts' steps."""
+    from flashlm.pipeline.generation import release_freed_memory
+    from flashlm.pipeline.sign_file import load_sign, sign_bytes_of
+    from flashlm.pipeline.sign_runner import SignRunner, plan_sign
 
-    await start(engine, budget)
+    cfg, store = engine.config, engine.store
+    nbytes = sign_bytes_of(store)  # SignFileError (named, with the fix) when the store has no sign file
+    a, key = await asyncio.to_thread(exact_args, engine, budget is not None)
+    plan = plan_sign(budget=budget, density=cfg.density, gamma=cfg.cache_gamma, exact_args=a, sign_bytes=nbytes)
+    engine.memory = plan
+    loop = asyncio.get_running_loop()
+    engine.model, hot = await loop.run_in_executor(engine._pool, _build, engine, plan.exact, key)
+    selectors, _ = await loop.run_in_executor(engine._pool, load_sign, store, engine.model.layers)
+    direct = not cfg.page_cache
+    exact = StreamingRunner(engine.model, store, plan.exact, hot, engine._pool, direct=direct)
+    exact.trace = engine._trace
+    exact.start()
+    engine._exact = exact
+    engine._runner = SignRunner(exact, plan, selectors, store, engine._pool, direct=direct, trace=engine._trace)
+    release_freed_memory()
