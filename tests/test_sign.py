@@ -31,6 +31,8 @@ N = 12
 MODELS = {
     "llama": lambda: random_llama(41, eos_token_id=None, intermediate_size=256, num_hidden_layers=4),
     "opt": lambda: random_opt(42, eos_token_id=None, ffn_dim=256, num_hidden_layers=4),
+    # wider and deeper: a budget where exact mode and sign both stream
+    "wide": lambda: random_llama(43, eos_token_id=None, hidden_size=128, intermediate_size=1024, num_hidden_layers=6),
 }
 
 
@@ -264,3 +266,34 @@ def test_the_harness_computes_each_continuation_token_over_its_sign_set(stores):
     assert masked["held_fraction"] > info["held_fraction"] and masked["read_fraction"] < info["read_fraction"]
     assert parse_modes("sign,sign:0.5,sign@0.3") == [
         {"selection": "sign"}, {"selection": "sign", "cache_gamma": 0.5}, {"selection": "sign", "density": 0.3}]
+
+
+async def test_the_speed_bench_runs_sign_beside_exact_mode_and_griffin(stores):
+    from flashlm.bench import griffin_speed
+
+    store = stores("wide", "q4")
+    budget = await minimum(store, selection="sign")  # (exact mode streams there too: a bigger hot prefix)
+
+    class Ids:  # the bench encodes its raw-text prompt; this store has no tokenizer
+        @staticmethod
+        def encode(text, add_special_tokens=False):
+            return PROMPT
+
+    real_open = Engine.open
+
+    async def open_with_ids(*args, **kwargs):
+        engine = await real_open(*args, **kwargs)
+        engine.tokenizer = Ids()
+        return engine
+
+    griffin_speed.Engine.open = open_with_ids
+    try:
+        r = await griffin_speed.run(str(store), budget, tokens=5, rounds=1, density=None, gamma=None,
+                                    max_context=64, modes=("griffin", "sign"))
+    finally:
+        griffin_speed.Engine.open = real_open
+    for mode in ("exact", "griffin", "sign"):
+        assert r[mode]["answer_tokens"] == [5] and r[mode]["ms_per_token"] > 0
+        assert r[mode]["hot_per_layer"] < r[mode]["d_ff"]
+    assert r["sign"]["computed_per_layer"] == 512 and r["sign"]["sign"]["decode_tokens"] == 3 + 4  # the warm-up's too
+    assert r["sign"]["speedup_vs_exact"] > 0 and r["speedup_decode"] == r["griffin"]["speedup_vs_exact"]

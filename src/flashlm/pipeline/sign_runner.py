@@ -107,8 +107,8 @@ def plan_sign(*, budget: int | None, density: float | None, gamma: float | None,
         raise MemoryBudgetError(
             f"{store + ': ' if store else ''}memory budget {budget} B is below the minimum {need} B "
             f"({need / 2**20:.1f} MiB) of selection sign: its bits {sign_bytes} B ({sign_bytes / 2**20:.1f} MiB) + "
-            f"one layer's cold rows {scratch} B + exact mode's least for the prompt ({e}); raise the budget, or "
-            f"lower max_context", minimum=need) from None
+            f"one layer's cold rows {scratch} B + exact mode's least for the prompt {e.minimum} B (resident, KV "
+            f"cache, a stream ring); raise the budget, or lower max_context or the density", minimum=need) from None
     return SignPlan(exact, k, sign_bytes, scratch, budget, gamma)
 
 
