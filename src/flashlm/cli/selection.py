@@ -166,11 +166,12 @@ def add_eval(sub: Any) -> None:
     ev.add_argument("--density", type=float, default=None,
                     help="with --budgets: the engine's selection density (default: its own, 0.4)")
     ev.add_argument("--selection", default=None, metavar="S,S,...",
-                    help="with --budgets: the selections to run at every budget, e.g. auto,griffin,griffin:0.5 "
-                    "(griffin:G: griffin with cache-aware masking gamma G; default: the engine's own)")
+                    help="with --budgets: the selections to run at every budget, e.g. auto,griffin,griffin:0.5,sign "
+                    "(NAME:G: cache-aware masking gamma G, NAME@D: density D, for griffin and sign; default: the "
+                    "engine's own)")
     ev.add_argument("--protocol", default=None, choices=["continuation", "full"],
                     help="with --budgets: continuation scores the second half of each sequence, its first half the "
-                    "prompt (default when griffin runs); full scores every token (default otherwise)")
+                    "prompt (default when griffin or sign runs); full scores every token (default otherwise)")
     ev.add_argument("--lookahead", type=int, default=None, choices=[0, 1],
                     help="with --budgets: 0 plans no speculative set (a lower minimum)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
