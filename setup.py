@@ -1,4 +1,5 @@
-"""Build of the optional C extension flashlm.kernels._ext; everything else is in pyproject.toml.
+"""Build of the optional C extensions flashlm.kernels._ext (and _sign, the sign selector's scores);
+everything else is in pyproject.toml.
 
 Plain C, no torch headers. The AVX2 and AVX-512 paths use per-function target attributes (no
 -march=native), so one build runs on any x86-64 and picks its path at run time. pool.c (the
@@ -38,6 +39,8 @@ setup(
             include_dirs=[CSRC],
             optional=True,
         ),
+        # the sign selector's scores (flashlm.kernels.sign): one file, its own run-time dispatch
+        Extension("flashlm.kernels._sign", sources=[f"{CSRC}/sign.c"], optional=True),
         # batched io_uring reads for the bundle reader (flashlm.io.batch_backend); Linux only, optional
         Extension("flashlm.io._uring_batch", sources=["src/flashlm/io/csrc/uring_batch.c"], optional=True),
     ],

@@ -33,6 +33,7 @@ from flashlm.bench.budget_eval import BudgetRun, Harness
 from flashlm.bench.griffin_eval import dense_scored, griffin_nll, scored
 from flashlm.bench.policies import CachePolicy, engine_select
 from flashlm.bench.ppl import SEQ, eval_texts
+from flashlm.bench.sign_eval import sign_nll, sign_selectors
 from flashlm.calibration.record import load_dense
 from flashlm.errors import ConfigError, MemoryBudgetError
 from flashlm.io.store import FlashStore
@@ -40,6 +41,7 @@ from flashlm.models.selectors import n_keep
 from flashlm.pipeline.budget import cache_capacity, parse_budget
 
 BUDGETS = (1.0, 0.75, 0.5, 0.35)
+SET_MODES = ("griffin", "sign")  # exact for a request's prompt, then a set of k neurons per layer
 
 
 def parse_budgets(text: str) -> tuple[float, ...]:
@@ -88,12 +90,12 @@ async def engine_plan(store: Path, fraction: float, max_context: int, settings: 
                 # exact mode (a budget below every neuron, selection dense/auto): all computed, the
                 # neurons not held (cold_fraction of each layer) streamed every token; griffin: exact
                 # for the prompt, then the prompt's k per layer (`griffin`)
-                "mode": "griffin" if cfg.selection == "griffin" else "exact" if engine.exact is not None else "caches",
+                "mode": cfg.selection if cfg.selection in SET_MODES else "exact" if engine.exact is not None else "caches",
                 "cold_fraction": m.cold_per_layer / m.d_ff if engine.exact is not None else 0.0,
+                # griffin / sign: exact for the prompt, then k per layer (the prompt's set; each token's)
                 **({"cache_gamma": cfg.research.cache_gamma, "asked_density": cfg.density, "density": m.k / m.d_ff,
-                    "griffin": {"k": m.k, "hot": m.hot, "gamma": m.gamma,
-                                                                "density": m.k / m.d_ff}}
-                   if cfg.selection == "griffin" else {}),
+                    cfg.selection: {"k": m.k, "hot": m.hot, "gamma": m.gamma, "density": m.k / m.d_ff}}
+                   if cfg.selection in SET_MODES else {}),
                 "parts": {"resident": m.resident_bytes, "selectors": m.selector_bytes, "kv": m.kv_bytes,
                           "caches": m.cache_bytes}}
 
@@ -109,7 +111,7 @@ def run_budget_curve(store: str | Path, budgets: tuple[float, ...] = BUDGETS, *,
     settings = dict(settings or {})
     modes = modes or [{}]
     if protocol is None:
-        protocol = "continuation" if any(m.get("selection") == "griffin" for m in modes) else "full"
+        protocol = "continuation" if any(m.get("selection") in SET_MODES for m in modes) else "full"
     if protocol not in ("continuation", "full"):
         raise ConfigError(f"protocol {protocol!r} must be 'continuation' or 'full'")
     prompt = SEQ // 2 if protocol == "continuation" else None
@@ -139,14 +141,16 @@ def run_budget_curve(store: str | Path, budgets: tuple[float, ...] = BUDGETS, *,
             Path(json_path).parent.mkdir(parents=True, exist_ok=True)
             Path(json_path).write_text(json.dumps(report, indent=1) + "\n")
 
+    sels = None  # the sign selectors, built once if a sign mode runs
     for p in plans:
         row = dict(p)
         t0 = time.perf_counter()
-        if p["below_minimum"] and p.get("selection") == "griffin":  # its plan says why (e.g. the density)
+        if p["below_minimum"] and p.get("selection") in SET_MODES:  # its plan says why (e.g. the density)
             report["budgets"].append(row)
             write()
             if progress:
-                print(f"budget {p['fraction']} griffin {p.get('density', '')}: does not fit ({p['error']})", flush=True)
+                print(f"budget {p['fraction']} {p['selection']} {p.get('density', '')}: does not fit ({p['error']})",
+                      flush=True)
             continue
         if p["below_minimum"]:
             cap = free_capacity(fixed, p["fraction"], d_ff)
@@ -175,6 +179,12 @@ def run_budget_curve(store: str | Path, budgets: tuple[float, ...] = BUDGETS, *,
             # and the set's rows not held are read once after it (load_read_fraction of the FFN)
             row.update({"cache_fraction": g["density"], **measured(nll), "reads_per_token": 0.0,
                         "prompt_read_fraction": p["cold_fraction"], **share, "computed_per_token": g["density"]})
+        elif p["mode"] == "sign":  # exact for the prompt, then each token's own top k by the sign bits
+            g = p["sign"]
+            sels = sels or sign_selectors(h)
+            nll, info = sign_nll(h, sels, g["k"], g["hot"], g["gamma"], prompt or SEQ // 2)
+            row.update({"cache_fraction": 1.0 - p["cold_fraction"], **measured(nll),
+                        "reads_per_token": info.pop("read_fraction"), **info, "computed_per_token": g["density"]})
         elif p["selection"] == "dense" or cap >= d_ff:  # every neuron computed: the dense model itself
             row.update({"cache_fraction": 1.0 - p.get("cold_fraction", 0.0), "ppl": dict(report["dense"]["ppl"]),
                         "rel": {k: 0.0 for k in base}, "reads_per_token": p.get("cold_fraction", 0.0),
@@ -208,7 +218,7 @@ def plot_budget_curve(report: dict[str, Any], path: str | Path) -> None:
     ceil = [r for r in report["budgets"] if r["below_minimum"] and "rel" in r.get("free_selector", {})]
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:  # one line per selection run (--selection a,b,...)
-        name = r.get("selection", "") if r.get("mode") == "griffin" else r.get("mode", "")
+        name = r.get("selection", "") if r.get("mode") in SET_MODES else r.get("mode", "")
         name += f"@{r['asked_density']}" if r.get("asked_density") else ""
         name += f":{r['cache_gamma']}" if r.get("cache_gamma") else ""
         groups.setdefault(name, []).append(r)

@@ -24,18 +24,19 @@ from flashlm.pipeline.griffin import griffin_scores
 
 
 def parse_modes(text: str | None) -> list[dict[str, Any]]:
-    """--selection auto,griffin,griffin:0.5,griffin@0.25:0.5 -> EngineConfig settings per mode
-    ("griffin:G": griffin with cache-aware masking gamma G; "griffin@D": at density D rather than
-    every row the budget holds). None: the engine's default alone."""
+    """--selection auto,griffin,griffin:0.5,griffin@0.25:0.5,sign,sign:0.5 -> EngineConfig settings per
+    mode ("griffin:G": griffin with cache-aware masking gamma G; "griffin@D": at density D rather than
+    every row the budget holds; sign takes both too, its density default 0.5). None: the engine's
+    default alone."""
     if text is None:
         return [{}]
     out: list[dict[str, Any]] = []
     for item in (x.strip() for x in text.split(",") if x.strip()):
         name, _, g = item.partition(":")
         name, _, dens = name.partition("@")
-        if name not in ("auto", "dense", "griffin", "gate", "shadow", "predictor"):
-            raise ConfigError(f"--selection {text!r}: {name!r} is not a selection (auto, dense, griffin[:GAMMA], "
-                              f"gate, shadow, predictor)")
+        if name not in ("auto", "dense", "griffin", "sign", "gate", "shadow", "predictor"):
+            raise ConfigError(f"--selection {text!r}: {name!r} is not a selection (auto, dense, griffin[@D][:GAMMA], "
+                              f"sign[@D][:GAMMA], gate, shadow, predictor)")
         mode: dict[str, Any] = {"selection": name}
         for field, value, what in (("cache_gamma", g, "a masking gamma"), ("density", dens, "a density after @")):
             if value:
@@ -47,13 +48,13 @@ def parse_modes(text: str | None) -> list[dict[str, Any]]:
 
 
 def _griffin_fraction(item: str, name: str, text: str, what: str) -> float:
-    """A griffin mode's number (its gamma, or its density after @), in (0, 1]."""
+    """A griffin or sign mode's number (its gamma, or its density after @), in (0, 1]."""
     try:
         value = float(text)
     except ValueError:
         raise ConfigError(f"--selection {item!r}: {what} must be a number in (0, 1]") from None
-    if name != "griffin" or not 0 < value <= 1:
-        raise ConfigError(f"--selection {item!r}: only griffin takes {what}, in (0, 1]")
+    if name not in ("griffin", "sign") or not 0 < value <= 1:
+        raise ConfigError(f"--selection {item!r}: only griffin and sign take {what}, in (0, 1]")
     return value
 
 

@@ -65,8 +65,9 @@ async def _run(a: argparse.Namespace) -> int:
             await engine.save_prompt_cache(a.prompt_cache_file)
         if "streaming" in (info := engine.statistics()):  # exact mode under a budget: its reads and overlap
             stats["streaming"] = info["streaming"]
-        if "griffin" in info:  # selection griffin: its set per layer and the rows read for it
-            stats["griffin"] = info["griffin"]
+        for mode in ("griffin", "sign"):  # its set per layer and the rows read for it
+            if mode in info:
+                stats[mode] = info[mode]
         if a.json:
             print(json.dumps({"text": "".join(parts), "token_ids": [c.token_id for c in chunks], **stats}))
         else:

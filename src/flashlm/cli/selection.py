@@ -12,6 +12,8 @@ from flashlm.cli.settings import config_option
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
+    if a.sign:
+        return _sign(a)
     if a.hot_first:
         return _hot_first(a)
     if a.density is not None:
@@ -27,6 +29,22 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     else:
         print(f"calibrated {a.store}: selectors {', '.join(sorted(predictors.get('selectors', {})))}; "
               f"default {default}")
+    return 0
+
+
+def _sign(a: argparse.Namespace) -> int:
+    from flashlm.errors import ConfigError
+    from flashlm.pipeline.sign_file import write_sign
+
+    if a.hot_first or a.density is not None:
+        raise ConfigError("--sign writes only the sign bits; run --hot-first first, as its own command (a reorder "
+                          "makes the bits stale)")
+    entry = write_sign(a.store, progress=not a.quiet)
+    if a.json:
+        print(json.dumps({"store": a.store, "sign": entry}))
+    else:
+        print(f"wrote {entry['path']} into {a.store}: sign bits of gate and up, {entry['resident_bytes']} B "
+              f"({entry['resident_bytes'] / 2**20:.1f} MiB) held by selection sign")
     return 0
 
 
@@ -107,7 +125,8 @@ def add_calibrate(sub: Any) -> None:
                          "(pip install 'flashlm[calibrate]'), or --text FILE.",
                          epilog="examples:\n  flashlm calibrate stores/smollm2\n"
                          "  flashlm calibrate stores/llama1b --text my-corpus.txt --tokens 32768 --json\n"
-                         "  flashlm calibrate stores/smollm2 --hot-first --tokens 8192")
+                         "  flashlm calibrate stores/smollm2 --hot-first --tokens 8192\n"
+                         "  flashlm calibrate stores/smollm2 --sign")
     cal.add_argument("store", metavar="STORE", help="store directory (changed in place, atomically)")
     cal.add_argument("--tokens", type=int, default=16384, help="calibration tokens (default 16384)")
     cal.add_argument("--text", default=None, help="a UTF-8 text file to calibrate on instead")
@@ -115,6 +134,9 @@ def add_calibrate(sub: Any) -> None:
                      help="only reorder each layer's neurons on flash by calibrated activation frequency, most used "
                      "first (bundles moved as they are; selectors and statistics kept, permuted); recorded in the "
                      "manifest as extra.neuron_order")
+    cal.add_argument("--sign", action="store_true",
+                     help="only write the sign selector's file (1 bit per gate and up weight, a scale per row) into "
+                     "the store, named by the manifest; for --selection sign. After any --hot-first reorder")
     cal.add_argument("--density", type=float, default=None,
                      help="with --hot-first: a neuron counts as activated by a token when in its top DENSITY "
                      "(default 0.4)")
@@ -144,10 +166,11 @@ def add_eval(sub: Any) -> None:
     config_option(ev, "max_context", default=2048, note="with --budgets, the KV cache the plan sizes for: ")
     config_option(ev, "density", note="with --budgets: ")
     config_option(ev, "selection", metavar="S,S,...", note="with --budgets: the selections to run at every budget, "
-                  "comma-separated, e.g. auto,griffin,griffin:0.5 (griffin:G: griffin with cache_gamma G). ")
+                  "comma-separated, e.g. auto,griffin,griffin:0.5,sign (NAME:G: cache-aware masking gamma G, NAME@D: "
+                  "density D, for griffin and sign). ")
     ev.add_argument("--protocol", default=None, choices=["continuation", "full"],
                     help="with --budgets: continuation scores the second half of each sequence, its first half the "
-                    "prompt (default when griffin runs); full scores every token (default otherwise)")
+                    "prompt (default when griffin or sign runs); full scores every token (default otherwise)")
     config_option(ev, "lookahead", "--lookahead", note="with --budgets: ")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
     ev.set_defaults(func=cmd_eval)

@@ -25,13 +25,14 @@ if TYPE_CHECKING:
 COMPUTE_DTYPES = tuple(sorted(DTYPE_SIZES))
 
 
-SELECTIONS = ("auto", "dense", "gate", "shadow", "predictor", "griffin")
+SELECTIONS = ("auto", "dense", "gate", "shadow", "predictor", "griffin", "sign")
 # "auto" resolves at open: "dense" unless a density was asked for (then this selection). Under a
 # budget that cannot cache every neuron "dense" is exact mode: the neurons not held are streamed
 # each token (flashlm.pipeline.streaming); the selectors that hold less cost far more accuracy
 # on gated models (docs/budget.md). "auto" never picks "griffin": the prompt's own set runs ~2x faster
 # a token than exact mode at the same budget, but at 0.5 it cost +165-566% perplexity on
-# Qwen2.5-Coder-1.5B (+13-25% even at 0.75) against a +5% goal (docs/budget.md, "Griffin under a budget")
+# Qwen2.5-Coder-1.5B (+13-25% even at 0.75) against a +5% goal (docs/budget.md, "Griffin under a budget");
+# nor "sign": on Qwen2.5-Coder-0.5B at density 0.5 +63-286%, and slower than exact mode (docs/budget.md)
 AUTO_SPARSE = "shadow"
 DEFAULT_DENSITY = 0.4
 
@@ -94,9 +95,9 @@ class Research:
                               choices=("auto", "threads", "uring", "batch"))
     in_flight: int = setting(32, "reads in flight per store, in [1, 256]")
     page_cache: bool = setting(False, "False: O_DIRECT reads (honest timings); True: buffered reads")
-    # a research knob, not a user's: it tunes one selection's scores (griffin's) and is off by default
+    # a research knob, not a user's: it tunes two selections' scores (griffin's, sign's) and is off by default
     cache_gamma: float | None = setting(
-        None, "with selection griffin: the scores of neurons not held in DRAM x G, in (0, 1] (DIP's cache-aware "
+        None, "with selection griffin or sign: the scores of neurons not held in DRAM x G, in (0, 1] (DIP's cache-aware "
         "masking: < 1 leans the set to what is held, fewer reads after the prompt)", default_text="None: off",
         flag="--cache-gamma", metavar="G")
 
@@ -138,10 +139,11 @@ class EngineConfig:
         "auto", "how the neurons to compute are chosen: auto (every neuron, cached when they all fit, else exact mode "
         "streaming the rest; with a density under a budget, shadow), dense (every neuron), gate, shadow, predictor "
         "(needs flashlm calibrate), griffin (the prompt computes every neuron and picks each layer's set for the "
-        "answer: as many as the budget holds, or the density)", choices=SELECTIONS, flag="--selection")
+        "answer: as many as the budget holds, or the density), sign (per token, the top density of each layer by "
+        "1-bit sign copies of gate and up: needs flashlm calibrate --sign)", choices=SELECTIONS, flag="--selection")
     density: float | None = setting(
         None, "fraction of each layer's neurons selected per token, in (0, 1]",
-        default_text=f"the mode's: {DEFAULT_DENSITY}, 1 for dense, griffin every row the budget holds",
+        default_text=f"the mode's: {DEFAULT_DENSITY}, 1 for dense, griffin every row the budget holds, sign 0.5",
         flag="--density", metavar="D")
     memory_budget: int | float | str | None = setting(
         None, "DRAM budget: bytes, a size such as 600MiB, or a fraction of the model's bytes in its store (resident "
@@ -281,11 +283,11 @@ def _check_user(c: EngineConfig) -> None:
         raise ConfigError(f"density must be a number in (0, 1], got {c.density!r}")
     if c.selection == "dense" and c.density not in (None, 1, 1.0):
         raise ConfigError("selection 'dense' computes every neuron; choose gate/shadow/predictor for density < 1")
-    if c.research.cache_gamma is not None and c.selection != "griffin":
-        raise ConfigError(f"cache_gamma masks griffin's prompt scores; it needs selection 'griffin', "
+    if c.research.cache_gamma is not None and c.selection not in ("griffin", "sign"):
+        raise ConfigError(f"cache_gamma masks griffin's or sign's scores; it needs selection 'griffin' or 'sign', "
                           f"not {c.selection!r}")
-    if c.selection == "griffin" and c.ffn != "flash":
-        raise ConfigError("selection 'griffin' reads its set from the store: it needs ffn='flash' (not --ram)")
+    if c.selection in ("griffin", "sign") and c.ffn != "flash":
+        raise ConfigError(f"selection {c.selection!r} reads its set from the store: it needs ffn='flash' (not --ram)")
     if not isinstance(c.prefix_cache, bool):
         raise ConfigError(f"prefix_cache must be True or False, got {c.prefix_cache!r}")
     if c.prefix_cache_bytes is not None and not (_int(c.prefix_cache_bytes) and c.prefix_cache_bytes >= 0

@@ -37,7 +37,7 @@ from flashlm.pipeline.prefix_cache import PrefixCache
 from flashlm.pipeline.selection import make_selectors
 from flashlm.pipeline.request_window import RequestWindow
 from flashlm.pipeline.sparse import SparseRunner
-from flashlm.pipeline.streaming import ExactSetup, start_exact, start_griffin
+from flashlm.pipeline.streaming import ExactSetup, start_exact, start_griffin, start_sign
 from flashlm.pipeline.request import make_request
 from flashlm.pipeline.tokenizer import load as load_tokenizer
 from flashlm.pipeline.store_model import build_model, check_vocab, held_bytes, model_args, resident_bytes
@@ -161,16 +161,16 @@ class Engine:
             check_fits(res_bytes + kv_bytes + sel + cached * slot_bytes * len(ffn.layers),
                        f"resident tensors, one KV cache at max_context {self.max_context}, the selectors, {cached} "
                        f"cached neurons per layer", None, store=str(store.path))
-        griffin = cfg.ffn == "flash" and cfg.selection == "griffin"  # the prompt's own statistics (pipeline/griffin.py)
-        if griffin or (cfg.ffn == "flash" and budget is not None and cfg.selection in ("dense", "auto") and knobs.reuse
-                       and not (cfg.selection == "auto" and cfg.density is not None)
-                       and res_bytes + kv_bytes + d_ff * slot_bytes * len(ffn.layers) > budget):
+        sparse = cfg.ffn == "flash" and cfg.selection in ("griffin", "sign")  # pipeline/griffin.py, sign_runner.py
+        if sparse or (cfg.ffn == "flash" and budget is not None and cfg.selection in ("dense", "auto") and knobs.reuse
+                      and not (cfg.selection == "auto" and cfg.density is not None)
+                      and res_bytes + kv_bytes + d_ff * slot_bytes * len(ffn.layers) > budget):
             # a budget that cannot cache every neuron: exact mode streams what it cannot hold
             # (`auto` too: the selectors that hold less lose far more accuracy, docs/budget.md);
             # reuse=False keeps the per-layer caches (the paper's "hybrid" baseline re-reads them)
-            self.config = cfg if griffin else cfg.replace(selection="dense")
-            self.model, self.memory, self.max_context, self._exact, self._runner = await (  # an ExactStarted
-                start_griffin if griffin else start_exact)(ExactSetup(
+            self.config = cfg if sparse else cfg.replace(selection="dense")
+            start = {"griffin": start_griffin, "sign": start_sign}.get(cfg.selection, start_exact)
+            self.model, self.memory, self.max_context, self._exact, self._runner = await start(ExactSetup(
                 store, self.config, self._arch, args, self._pool, self.device, self._trace, self.max_context), budget)
             return
         self.model, resident = await loop.run_in_executor(self._pool, build_model, store, cfg, self._arch, args)
@@ -363,8 +363,8 @@ class Engine:
             out["reader"] = asdict(self._reader.stats)
         if self._exact is not None:
             out["streaming"] = self._exact.statistics()
-            if self.config.selection == "griffin":  # the prompt's step in exact mode, its set after
-                out["griffin"] = self._runner.statistics()
+            if self.config.selection in ("griffin", "sign"):  # the prompt's step in exact mode, their sets after
+                out[self.config.selection] = self._runner.statistics()
         return out
 
     async def aclose(self) -> None:
@@ -389,7 +389,7 @@ class Engine:
             await self._reader.aclose()
         await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
         if self._exact is not None:
-            await asyncio.to_thread(self._exact.close)
+            await asyncio.to_thread(getattr(self._runner, "close", self._exact.close))  # (sign's closes both)
         if self._trace is not None:
             await asyncio.to_thread(self._trace.close)
 

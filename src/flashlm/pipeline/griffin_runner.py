@@ -42,22 +42,28 @@ class RequestSelection:
         self.ids: list[torch.Tensor] | None = None
 
 
-def read_bundles(fd: int, base: int, stride: int, ids: np.ndarray, out: np.ndarray, direct: bool) -> tuple[int, int]:
+def read_bundles(fd: int, base: int, stride: int, ids: np.ndarray, out: np.ndarray, direct: bool,
+                 tmp: np.ndarray | None = None) -> tuple[int, int]:
     """Bundles `ids` (ascending) of a layer whose bundle 0 is at byte `base` into out (len(ids),
     stride): neighbours closer than GAP read through, each read page-aligned (O_DIRECT) and at most
-    MAX_READ. (bytes read, reads)."""
+    MAX_READ. `tmp`: a page-aligned buffer to read through, its size less 2 pages the longest read
+    (default: a new one of MAX_READ + 2 pages; a caller reading every token passes its own).
+    (bytes read, reads)."""
     if ids.size == 0:
         return 0, 0
     cut = np.flatnonzero(np.diff(ids) > GAP) + 1
     groups = np.split(np.arange(ids.size), cut)
-    tmp = aligned_empty(1, MAX_READ + 2 * PAGE)[0]
+    tmp = aligned_empty(1, MAX_READ + 2 * PAGE)[0] if tmp is None else tmp
+    limit = tmp.nbytes - 2 * PAGE
+    if limit < stride:
+        raise ValueError(f"a read-through buffer of {tmp.nbytes} B cannot hold one {stride} B bundle and 2 pages")
     nbytes = reads = 0
     for g in groups:
         i = 0
         while i < g.size:  # split a long run into reads of at most MAX_READ
             first = ids[g[i]]
             j = i
-            while j + 1 < g.size and (ids[g[j + 1]] - first + 1) * stride + PAGE <= MAX_READ:
+            while j + 1 < g.size and (ids[g[j + 1]] - first + 1) * stride + PAGE <= limit:
                 j += 1
             lo, hi = base + int(first) * stride, base + (int(ids[g[j]]) + 1) * stride
             start, end = lo - lo % PAGE, -(-hi // PAGE) * PAGE

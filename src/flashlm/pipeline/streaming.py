@@ -324,3 +324,28 @@ async def start_griffin(setup: ExactSetup, budget: int | None) -> ExactStarted:
     runner = GriffinRunner(exact, plan, setup.store, setup.pool, direct=direct, trace=setup.trace)
     release_freed_memory()
     return ExactStarted(model, plan, max_context, exact, runner)
+
+
+async def start_sign(setup: ExactSetup, budget: int | None) -> ExactStarted:
+    """Open selection sign (`flashlm.pipeline.sign_runner`): the sign file's entry and the plan
+    first (refused before anything is loaded), then the model and hot prefixes as exact mode
+    builds them, the bits, the cold stream for the prompts' steps."""
+    from flashlm.pipeline.generation import release_freed_memory
+    from flashlm.pipeline.sign_file import load_sign, sign_bytes_of
+    from flashlm.pipeline.sign_runner import SignRunner, plan_sign
+
+    cfg, store = setup.config, setup.store
+    nbytes = sign_bytes_of(store)  # SignFileError (named, with the fix) when the store has no sign file
+    a, key, max_context = await asyncio.to_thread(exact_args, setup, budget is not None)
+    plan = plan_sign(budget=budget, density=cfg.density, gamma=cfg.research.cache_gamma, exact_args=a,
+                     sign_bytes=nbytes)
+    loop = asyncio.get_running_loop()
+    model, hot = await loop.run_in_executor(setup.pool, _build, setup, plan.exact, key)
+    selectors, _ = await loop.run_in_executor(setup.pool, load_sign, store, model.layers)
+    direct = not cfg.research.page_cache
+    exact = StreamingRunner(model, store, plan.exact, hot, setup.pool, direct=direct)
+    exact.trace = setup.trace
+    exact.start()
+    runner = SignRunner(exact, plan, selectors, store, setup.pool, direct=direct, trace=setup.trace)
+    release_freed_memory()
+    return ExactStarted(model, plan, max_context, exact, runner)
