@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load
+from tqdm.auto import tqdm
 
 from flashlm.errors import CheckpointFormatError, ConfigError
 from flashlm.io.durable import fsync_dir
@@ -57,14 +58,12 @@ def write_sign(store_path: str | os.PathLike[str], *, progress: bool = False) ->
     m = store.manifest
     tensors: dict[str, torch.Tensor] = {}
     nbytes = 0
-    for layer in range(len(m.ffn.layers)):
+    for layer in tqdm(range(len(m.ffn.layers)), desc="sign bits", unit="layer", disable=not progress):
         rows = store.layer_float_rows(store.read_layer(layer))  # checked against the layer's sha256
         sel = SignSelector.from_rows(rows, torch.relu)  # (neither the activation nor OPT's fc1 bias is stored)
         tensors.update(state_keys(NAME, layer, sel.state()))
         nbytes += sel.nbytes
         del rows
-        if progress:
-            print(f"sign bits: layer {layer + 1}/{len(m.ffn.layers)}", flush=True)
     tmp = store.path / f".sign-{os.getpid()}.partial"
     try:
         write_safetensors(tmp, tensors.items())
