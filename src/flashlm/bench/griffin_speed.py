@@ -91,10 +91,11 @@ async def run(store: str, budget: float | str, *, tokens: int, rounds: int, dens
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flashlm.bench.griffin_speed", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m flashlm.bench.griffin_speed",
+                                description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("store")
-    p.add_argument("--budget", default="0.5")
-    p.add_argument("--tokens", type=int, default=24)
+    p.add_argument("--budget", default="0.5", help="memory budget for every engine (default 0.5 of the store)")
+    p.add_argument("--tokens", type=int, default=24, help="tokens generated per request (default 24)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--modes", default="griffin", help="sparse selections to run beside exact mode, e.g. griffin,sign")
     p.add_argument("--density", type=float, default=None)
