@@ -34,7 +34,7 @@ setup(
         Extension(
             "flashlm.kernels._ext",
             sources=[f"{CSRC}/module.c", f"{CSRC}/pool.c", f"{CSRC}/scalar.c", f"{CSRC}/avx2.c", f"{CSRC}/avx512.c",
-                     f"{CSRC}/attn.c", f"{CSRC}/layer.c"],
+                     f"{CSRC}/drivers.c", f"{CSRC}/attn.c", f"{CSRC}/layer.c"],
             depends=[f"{CSRC}/kernels.h", f"{CSRC}/drivers.h", f"{CSRC}/x86.h"],
             include_dirs=[CSRC],
             optional=True,

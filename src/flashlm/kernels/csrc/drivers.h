@@ -1,5 +1,5 @@
-/* The drivers of module.c (row blocking, threads, the loop over tokens) that other files of
- * the extension call: layer.c runs a whole decode layer through them. They trust their inputs. */
+/* The drivers (drivers.c: row blocking, threads, the loop over tokens) that module.c's binding
+ * and layer.c's decoder layer call. They trust their inputs. */
 #ifndef FLASHLM_DRIVERS_H
 #define FLASHLM_DRIVERS_H
 
@@ -21,7 +21,11 @@ typedef struct {
     int64_t fmt, data, scale, min; /* one part's format (FL_Q8 / FL_Q4) and byte offsets in a bundle */
 } fl_part;
 
-/* x (T, d) rows -> quantised activations (see quantize_act in module.c) */
+/* tuning the binding sets (module.c: tune, min_blocks): interleaved row streams, blocks of
+   prefetch ahead, the least blocks a thread of the pool takes */
+extern int g_streams, g_pf_ahead, g_min_blocks;
+
+/* x (T, d) rows -> quantised activations (see permute_act in drivers.c) */
 void drv_quant(const fl_kernels *K, const float *x, int64_t xstride, int64_t T, int64_t d, int8_t *q, int8_t *qp,
                float *xs, float *xsp, float *xsum);
 /* RMSNorm of x into h (T, d), then h quantised */
@@ -30,6 +34,12 @@ void drv_rms_quant(const fl_kernels *K, const float *x, int64_t xstride, int64_t
 /* y (T, n) = rows R (or R[idx]) . x_hat */
 void drv_gemv(const fl_kernels *K, int fmt, const fl_rows *R, int64_t n, const int32_t *idx, const fl_act *A,
               float *y, int64_t ystride);
+/* out (T, d) += sum_i h[t, i] x row i of R (or R[idx[i]]), dequantised; 0, or -1 out of memory */
+int drv_axpy(const fl_kernels *K, int fmt, const fl_rows *R, int64_t n, const int32_t *idx, int64_t d,
+             int64_t T, const float *h, int64_t hstride, float *out, int64_t ostride);
+/* out (n, d) rows = the rows of R (or R[idx]) as float32 */
+void drv_dequant(const fl_kernels *K, int fmt, const fl_rows *R, int64_t n, const int32_t *idx, int64_t d,
+                 float *out, int64_t ostride);
 /* out (T, d) += the FFN over the bundles at slots; 0, or -1 out of memory */
 int drv_ffn(const fl_kernels *K, int gated, int fn, int64_t d, int64_t ns, const int32_t *slots, const uint8_t *base,
             int64_t stride, const fl_part parts[3], const float *bias, const int32_t *nid, const fl_act *A, float *out,
