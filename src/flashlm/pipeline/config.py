@@ -153,7 +153,7 @@ class EngineConfig:
     # request's earlier steps' neuron selections: ffn="ram" or selection "dense" with every neuron
     # cached (what "auto" picks when they fit); off under a sparse selection and in exact mode.
     # Exact: on int8/q4 stores the kernels and attention give a batched prefill's every row
-    # bitwise its one-token step (kernels/csrc/attn.c, layer.c, module.c); float stores
+    # bitwise its one-token step (kernels/csrc/attn.c, layer.c, drivers.c); float stores
     # compute on torch, whose matmuls round by batch shape (last bits; greedy tokens equal in the tests).
     prefix_cache: bool = setting(
         True, "the prompt cache: a later prompt that starts the same way as a kept earlier one prefills only the "

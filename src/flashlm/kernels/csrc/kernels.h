@@ -34,7 +34,7 @@ typedef struct {
     const uint8_t *pf_data[4], *pf_scale[4], *pf_min[4];
 } fl_block;
 
-/* One quantised activation row (see quantize_act in module.c for the layouts). */
+/* One quantised activation row (see permute_act in drivers.c for the layouts). */
 typedef struct {
     const int8_t *q;    /* (d,) natural order */
     const int8_t *qp;   /* (d,) q4 pair order: per pair of groups 2p, 2p+1 the 64 bytes
