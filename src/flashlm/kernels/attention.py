@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flashlm.kernels import ops
+import flashlm.kernels.ops as ops
 
 _KV_DTYPES = (torch.float32, torch.float16)
 

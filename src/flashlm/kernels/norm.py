@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flashlm.kernels import ops
+import flashlm.kernels.ops as ops
 from flashlm.kernels.formats import check_d
 from flashlm.kernels.qtensors import QAct
 
