@@ -116,10 +116,54 @@ def n_selected(d_ff: int, density: float) -> int:
 # -- the plan ------------------------------------------------------------------------------
 
 
+class BesideExact:
+    """What the sparse modes' plans (GriffinPlan, sign_runner.SignPlan) share: an exact plan for
+    the prompts' steps (`exact`), `k` neurons per layer computed after the prompt, and the bytes
+    the mode adds beside it: `selector_bytes` (resident scores) and `held_bytes` (rows and
+    scratch, counted as cache). Reads like a MemoryPlan (`engine.memory`)."""
+
+    exact: ExactPlan
+    k: int
+    selector_bytes = 0
+    prefix_bytes = 0  # no prompt cache in these modes (a kept prefix was not computed as the mode would)
+
+    resident_bytes = property(lambda self: self.exact.resident_bytes)
+    kv_bytes = property(lambda self: self.exact.kv_bytes)
+    hot = property(lambda self: self.exact.hot)
+    d_ff = property(lambda self: self.exact.d_ff)
+    n_layers = property(lambda self: self.exact.n_layers)
+    cold_per_layer = property(lambda self: self.exact.cold_per_layer)
+    ring_bytes = property(lambda self: self.exact.ring_bytes)
+
+    @property
+    def held_bytes(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def total(self) -> int:
+        return self.exact.total + self.selector_bytes + self.held_bytes
+
+    @property
+    def cache_bytes(self) -> int:
+        return self.exact.cache_bytes + self.held_bytes
+
+    @property
+    def capacity(self) -> int:
+        return self.k
+
+
+def exact_holding_all(exact_args: dict[str, Any]) -> ExactPlan:
+    """The exact plan with no budget: every neuron of every layer held (the prompt reads nothing)."""
+    a = exact_args
+    whole = a["resident_bytes"] + a["kv_bytes"] + a["d_ff"] * a["n_layers"] * a["hot_row_bytes"]
+    return plan_exact(budget=whole, **a)
+
+
 @dataclass(frozen=True)
-class GriffinPlan:
+class GriffinPlan(BesideExact):
     """Under a budget: an exact plan for the prompt's step (hot prefix + ring) beside a selection
-    buffer of `k` rows per layer for the steps after it. Reads like a MemoryPlan (`engine.memory`)."""
+    buffer of `k` rows per layer for the steps after it. The statistic is the prompt's own:
+    nothing resident (selector_bytes 0)."""
 
     exact: ExactPlan
     k: int  # neurons computed per layer after the prompt
@@ -131,27 +175,7 @@ class GriffinPlan:
     def selection_bytes(self) -> int:
         return self.k * self.sel_row_bytes * self.exact.n_layers
 
-    @property
-    def total(self) -> int:
-        return self.exact.total + self.selection_bytes
-
-    resident_bytes = property(lambda self: self.exact.resident_bytes)
-    kv_bytes = property(lambda self: self.exact.kv_bytes)
-    hot = property(lambda self: self.exact.hot)
-    d_ff = property(lambda self: self.exact.d_ff)
-    n_layers = property(lambda self: self.exact.n_layers)
-    cold_per_layer = property(lambda self: self.exact.cold_per_layer)
-    ring_bytes = property(lambda self: self.exact.ring_bytes)
-    selector_bytes = 0  # the statistic is the prompt's own: nothing resident
-    prefix_bytes = 0  # no prompt cache in this mode (a kept prefix's statistics were not collected)
-
-    @property
-    def cache_bytes(self) -> int:
-        return self.exact.cache_bytes + self.selection_bytes
-
-    @property
-    def capacity(self) -> int:
-        return self.k
+    held_bytes = selection_bytes
 
 
 def plan_griffin(*, budget: int | None, density: float | None, gamma: float | None, exact_args: dict[str, Any],
@@ -166,8 +190,7 @@ def plan_griffin(*, budget: int | None, density: float | None, gamma: float | No
     L, d_ff, stride = a["n_layers"], a["d_ff"], a["stride"]
     if budget is None:
         k = n_selected(d_ff, GRIFFIN_DENSITY if density is None else density)
-        whole = a["resident_bytes"] + a["kv_bytes"] + d_ff * L * a["hot_row_bytes"]
-        return GriffinPlan(plan_exact(budget=whole, **a), k, sel_row_bytes, None, gamma)
+        return GriffinPlan(exact_holding_all(a), k, sel_row_bytes, None, gamma)
     unit = PAGE_UNIT // math.gcd(stride, PAGE_UNIT)
     def up(n: int) -> int:
         return max(unit, -(-n // unit) * unit)

@@ -13,7 +13,6 @@ per step (correct, slower), one request at a time pays one load per request.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import time
@@ -167,12 +166,7 @@ class GriffinRunner:
         return RequestSelection()
 
     async def forward(self, ids: torch.Tensor, kv: Any, sel: RequestSelection | None) -> tuple[torch.Tensor, TokenReport]:
-        token = self.clock.begin(ids.shape[0])
-        t0 = time.perf_counter()
-        logits, r = await asyncio.get_running_loop().run_in_executor(self._pool, self._forward, ids, kv, sel)
-        self.clock.end(token, t0, read_bytes=r.read_bytes, spec_read_bytes=0, hits=r.hits, needed=r.needed,
-                       read_wait_ms=r.read_wait_ms, compute_ms=r.compute_ms, spec_hits=0, spec_needed=0)
-        return logits, r
+        return await self.clock.run(self._pool, self._forward, ids, kv, sel)
 
     def _forward(self, ids: torch.Tensor, kv: Any, sel: RequestSelection | None) -> tuple[torch.Tensor, TokenReport]:
         if sel is None:  # no request state: an exact step

@@ -77,6 +77,15 @@ class StepClock:
         if self.trace is not None:
             self.trace.emit("token", token, start=t0, end=time.perf_counter(), **fields)
 
+    async def run(self, pool: Any, fn: Any, ids: torch.Tensor, *args: Any) -> tuple[torch.Tensor, TokenReport]:
+        """`fn(ids, *args) -> (logits, TokenReport)` on the compute `pool` as one step, begun and
+        ended (with the report's fields) here: the sparse modes' runners' `forward`."""
+        token = self.begin(ids.shape[0])
+        t0 = time.perf_counter()
+        logits, report = await asyncio.get_running_loop().run_in_executor(pool, fn, ids, *args)
+        self.end(token, t0, **report.__dict__)
+        return logits, report
+
 
 class RamRunner:
     """Every FFN row resident: one hop to the compute thread per token."""

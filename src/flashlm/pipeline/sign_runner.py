@@ -36,7 +36,7 @@ from flashlm.io.buffers import PAGE, aligned_empty
 from flashlm.io.store import FlashStore, rows_view
 from flashlm.io.writer import TORCH_DTYPES
 from flashlm.pipeline.budget import ExactPlan, plan_exact
-from flashlm.pipeline.griffin import n_selected, select
+from flashlm.pipeline.griffin import BesideExact, exact_holding_all, n_selected, select
 from flashlm.pipeline.griffin_runner import MAX_READ, read_bundles
 from flashlm.pipeline.runner import StepClock, TokenReport
 
@@ -45,9 +45,9 @@ _ids = itertools.count(1)
 
 
 @dataclass(frozen=True)
-class SignPlan:
-    """The sign bits, one layer's cold-row scratch and an exact plan for the prompts' steps.
-    Reads like a MemoryPlan (`engine.memory`)."""
+class SignPlan(BesideExact):
+    """The sign bits (resident: selector_bytes), one layer's cold-row scratch (held_bytes) and an
+    exact plan for the prompts' steps."""
 
     exact: ExactPlan
     k: int  # neurons computed per layer and token after the prompt
@@ -56,27 +56,8 @@ class SignPlan:
     budget: int | None
     gamma: float | None = None
 
-    @property
-    def total(self) -> int:
-        return self.exact.total + self.sign_bytes + self.scratch_bytes
-
     selector_bytes = property(lambda self: self.sign_bytes)
-    resident_bytes = property(lambda self: self.exact.resident_bytes)
-    kv_bytes = property(lambda self: self.exact.kv_bytes)
-    hot = property(lambda self: self.exact.hot)
-    d_ff = property(lambda self: self.exact.d_ff)
-    n_layers = property(lambda self: self.exact.n_layers)
-    cold_per_layer = property(lambda self: self.exact.cold_per_layer)
-    ring_bytes = property(lambda self: self.exact.ring_bytes)
-    prefix_bytes = 0  # no prompt cache in this mode (a kept prefix was not computed as this mode would)
-
-    @property
-    def cache_bytes(self) -> int:
-        return self.exact.cache_bytes + self.scratch_bytes
-
-    @property
-    def capacity(self) -> int:
-        return self.k
+    held_bytes = property(lambda self: self.scratch_bytes)
 
 
 def read_buffer_bytes(d_ff: int, stride: int) -> int:
@@ -97,8 +78,7 @@ def plan_sign(*, budget: int | None, density: float | None, gamma: float | None,
     k = n_selected(a["d_ff"], SIGN_DENSITY if density is None else density)
     scratch = scratch_bytes(k, a["d_ff"], a["stride"], a["convert_row_bytes"])
     if budget is None:
-        whole = a["resident_bytes"] + a["kv_bytes"] + a["d_ff"] * a["n_layers"] * a["hot_row_bytes"]
-        return SignPlan(plan_exact(budget=whole, **a), k, sign_bytes, scratch, None, gamma)
+        return SignPlan(exact_holding_all(a), k, sign_bytes, scratch, None, gamma)
     try:
         exact = plan_exact(budget=budget - sign_bytes - scratch, **a)
     except MemoryBudgetError as e:
@@ -155,14 +135,7 @@ class SignRunner:
         return RequestSign()
 
     async def forward(self, ids: torch.Tensor, kv: Any, state: RequestSign | None) -> tuple[torch.Tensor, TokenReport]:
-        import asyncio
-
-        token = self.clock.begin(ids.shape[0])
-        t0 = time.perf_counter()
-        logits, r = await asyncio.get_running_loop().run_in_executor(self._pool, self._forward, ids, kv, state)
-        self.clock.end(token, t0, read_bytes=r.read_bytes, spec_read_bytes=0, hits=r.hits, needed=r.needed,
-                       read_wait_ms=r.read_wait_ms, compute_ms=r.compute_ms, spec_hits=0, spec_needed=0)
-        return logits, r
+        return await self.clock.run(self._pool, self._forward, ids, kv, state)
 
     def _forward(self, ids: torch.Tensor, kv: Any, state: RequestSign | None) -> tuple[torch.Tensor, TokenReport]:
         if state is None or not state.prompted:  # no request state, or its prompt: an exact step
