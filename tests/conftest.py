@@ -7,6 +7,8 @@ real default model (SmolLM2-135M) is converted once per session.
 
 from __future__ import annotations
 
+import contextlib
+
 import importlib.util
 from pathlib import Path
 
@@ -75,6 +77,19 @@ def store_builder(root: Path, models: dict):
         return built[arch, dtype]
 
     return get
+
+
+@contextlib.contextmanager
+def kernel_path(name: str):
+    """Run the kernels on path `name` (flashlm.kernels.BACKENDS) for the block; a C path this CPU
+    (or build) lacks skips the test, saying which and why (the tests' `backend` fixtures)."""
+    import flashlm.kernels as K
+
+    if name not in K.available_backends():
+        needs = K.NEEDS.get(name, "the compiled extension")
+        pytest.skip(f"{name} path not available here ({needs} missing)")
+    with K.use_backend(name):
+        yield name
 
 
 def random_llama(seed: int = 0, **overrides):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import random_llama, random_opt, save_checkpoint
+from conftest import random_llama, random_opt, store_builder
 from flashlm import Engine
 from flashlm.convert import convert
 from test_families import hf_model
@@ -23,16 +23,11 @@ from test_prefix_cache import greedy, ids
 def quant_stores(tmp_path_factory):
     """(family, dtype) -> store: llama (GQA), OPT (ReLU: h exactly 0 for some tokens), Qwen2
     (windows 5/full/5), each int8, q4 and q4d8 (hidden sizes a multiple of the groups of 32)."""
-    models = {"llama": random_llama(hidden_size=64, intermediate_size=192), "opt": random_opt(hidden_size=64, ffn_dim=192),
-              "qwen2": hf_model("qwen2-layer-types-tied")}
-    out = {}
-    for name, model in models.items():
-        root = tmp_path_factory.mktemp(name)
-        ckpt = save_checkpoint(model, root / "ckpt")
-        for dtype in ("int8", "q4", "q4d8"):
-            convert(ckpt, root / dtype, dtype=dtype, progress=False)
-            out[name, dtype] = root / dtype
-    return out
+    models = {"llama": lambda: random_llama(hidden_size=64, intermediate_size=192),
+              "opt": lambda: random_opt(hidden_size=64, ffn_dim=192),
+              "qwen2": lambda: hf_model("qwen2-layer-types-tied")}
+    get = store_builder(tmp_path_factory.mktemp("quant"), models)
+    return {(name, dtype): get(name, dtype) for name in models for dtype in ("int8", "q4", "q4d8")}
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import kernel_path
 from flashlm import kernels as K
 from flashlm.kernels import ops
 from flashlm.kernels.reference import ACT_FNS
@@ -37,11 +38,8 @@ BUNDLE_FMTS = (*K.FORMATS, "q4d8")
 
 @pytest.fixture(params=list(ALL_C) + ["torch"])
 def backend(request):
-    """Every path, by name; a C path this CPU (or build) lacks is skipped, saying which and why."""
-    if request.param not in K.available_backends():
-        needs = ops.NEEDS.get(request.param, "the extension")
-        pytest.skip(f"{request.param} path not available here ({needs} missing)")
-    with K.use_backend(request.param):
+    """Every path, by name (conftest.kernel_path skips those this CPU lacks)."""
+    with kernel_path(request.param):
         yield request.param
 
 

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from conftest import kernel_path
 import flashlm.kernels as K
 from flashlm.kernels import ops
 from flashlm.kernels.attention import attention_step, attention_step_ref, rope_ref
@@ -24,11 +25,8 @@ TOL = 2e-5
 
 @pytest.fixture(params=list(K.BACKENDS))
 def backend(request):
-    """Every path, by name; a C path this CPU (or build) lacks is skipped, saying which and why."""
-    if request.param not in K.available_backends():
-        needs = K.NEEDS.get(request.param, "the compiled extension")
-        pytest.skip(f"{request.param} path not available here ({needs} missing)")
-    with K.use_backend(request.param):
+    """Every path, by name (conftest.kernel_path skips those this CPU lacks)."""
+    with kernel_path(request.param):
         yield request.param
 
 
@@ -185,19 +183,13 @@ def test_rms_norm_act_is_torch_rmsnorm_then_quantised(backend, d):
 @pytest.fixture(scope="module")
 def llama_family_stores(tmp_path_factory):
     """Llama (GQA, no biases) and Qwen2 (q/k/v biases, windows 5/full/5, tied), int8 / q4 / q4d8."""
-    from conftest import random_llama, save_checkpoint
-    from flashlm.convert import convert
+    from conftest import random_llama, store_builder
     from test_families import hf_model
 
-    out = {}
-    for name, model in {"llama": random_llama(hidden_size=64, intermediate_size=192),
-                        "qwen2": hf_model("qwen2-layer-types-tied")}.items():
-        root = tmp_path_factory.mktemp(name)
-        ckpt = save_checkpoint(model, root / "ckpt")
-        for dtype in ("int8", "q4", "q4d8"):
-            convert(ckpt, root / dtype, dtype=dtype, progress=False)
-            out[name, dtype] = root / dtype
-    return out
+    models = {"llama": lambda: random_llama(hidden_size=64, intermediate_size=192),
+              "qwen2": lambda: hf_model("qwen2-layer-types-tied")}
+    get = store_builder(tmp_path_factory.mktemp("layer"), models)
+    return {(name, dtype): get(name, dtype) for name in models for dtype in ("int8", "q4", "q4d8")}
 
 
 @pytest.mark.parametrize("dtype", ["int8", "q4", "q4d8"])
