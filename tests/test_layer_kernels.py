@@ -224,3 +224,81 @@ async def test_the_fused_layer_is_bitwise_the_separate_calls(llama_family_stores
         assert kv.dtype == (kv_dtype or torch.float32)
         assert torch.equal(kv, kv_want)
         assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("dtype", ["int8", "q4d8"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+async def test_the_fused_layer_over_given_rows_is_bitwise_the_separate_calls(llama_family_stores, family, dtype,
+                                                                               backend):
+    """Rows given to the forward (the sparse engine's full caches: every neuron, in any order, in
+    a buffer of their own) run the layer in one call too, bitwise the separate calls over the same
+    rows; rows the call cannot take (float rows) fall back to the separate calls."""
+    from flashlm import Engine
+    from flashlm.kernels import QBundles
+
+    if backend == "torch":
+        pytest.skip("torch path: no C call to fuse (every layer runs its own calls)")
+    async with await Engine.open(llama_family_stores[family, dtype], ffn="ram", prefix_cache=False) as e:
+        model = e.model
+        gen = torch.Generator().manual_seed(11)
+        given = []
+        for b in model.layers:
+            own = b.ffn_rows
+            order = torch.randperm(own.bundles.shape[0], generator=gen)
+            wide = torch.zeros(own.bundles.shape[0], own.bundles.shape[1] + 64, dtype=torch.uint8)  # another stride
+            wide[:, :own.bundles.shape[1]] = own.bundles[order]
+            given.append((QBundles(wide[:, :own.bundles.shape[1]], own.layout), order))
+        x = torch.randn(3, model.args.d_model, generator=gen)
+        assert all(b.fused(x, model.new_cache(8), 0, rows) is not None for b, (rows, _) in zip(model.layers, given))
+        assert model.layers[0].fused(x, model.new_cache(8), 0, torch.zeros(4, 3, model.args.d_model)) is None
+        tokens = torch.randint(3, 300, (10,), generator=gen)
+
+        def run() -> tuple[list[torch.Tensor], torch.Tensor]:
+            cache = model.new_cache(32)
+            with torch.inference_mode():
+                out = [model(tokens[:5], cache, rows=given)] + [model(tokens[i:i + 1], cache, rows=given)
+                                                                for i in range(5, 10)]
+            return out, cache.kv[:, :, :, :cache.length]
+
+        fused = [b.fused for b in model.layers]
+        taken = []  # the layers the forward ran as one call
+
+        def counted(f):
+            def call(*args):
+                y = f(*args)
+                taken.append(y is not None)
+                return y
+            return call
+
+        for b, f in zip(model.layers, fused):
+            b.fused = counted(f)
+        got, kv = run()
+        assert taken == [True] * (6 * len(model.layers))
+        for b in model.layers:
+            b.fused = None
+        want, kv_want = run()
+        for b, f in zip(model.layers, fused):
+            b.fused = f
+        assert torch.equal(kv, kv_want)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+async def test_the_default_runs_its_full_caches_as_fused_layers(llama_family_stores):
+    """The default run (FFN on flash, no budget) reaches the steady state where every cache holds
+    every neuron; then each layer's cache rows are ones the fused call takes, and its tokens are the
+    FFN-in-RAM run's."""
+    from flashlm import Engine
+
+    store = llama_family_stores["qwen2", "q4"]
+    prompt = [5, 17, 42, 99, 7, 250, 3]
+    async with await Engine.open(store, ffn="ram", prefix_cache=False) as ram:
+        want = [c.token_id async for c in ram.stream(prompt, max_tokens=12)]
+    async with await Engine.open(store, prefix_cache=False) as flash:
+        got = [c.token_id async for c in flash.stream(prompt, max_tokens=12)]
+        sparse = flash.sparse
+        assert sparse.resident_steps == 11
+        x = torch.randn(2, flash.model.args.d_model)
+        for block, cache in zip(flash.model.layers, sparse.caches):
+            rows, _ = cache.compute_view()
+            assert block.fused is not None and block.fused(x, flash.model.new_cache(4), 0, rows) is not None
+    assert got == want

@@ -375,15 +375,17 @@ class CausalLM:
         """Logits (T, vocab) (or (1, vocab) with last_only) of ids (T,) following the cached tokens.
         Each layer's FFN runs over its built-in dense rows, or over `rows[l]` = (rows, neuron ids)
         when given (every neuron of the layer, in any order: the sparse engine's full caches).
-        Over its own rows a layer with a `fused` call (flashlm.models.fused) runs as one kernel call."""
+        A layer with a `fused` call (flashlm.models.fused) runs as one kernel call where that call
+        takes its rows (a fused layer has no per-neuron weights outside its rows, so the ids are not
+        needed there)."""
         pos = cache.length
         x = self.embed(ids, pos)
         for block in self.layers:
-            fused = getattr(block, "fused", None) if rows is None else None
-            if fused is not None and (y := fused(x, cache, pos)) is not None:
+            ffn_rows, ids_l = (block.ffn_rows, None) if rows is None else rows[block.layer]
+            fused = getattr(block, "fused", None)
+            if fused is not None and (y := fused(x, cache, pos, None if rows is None else ffn_rows)) is not None:
                 x = y
                 continue
-            ffn_rows, ids_l = (block.ffn_rows, None) if rows is None else rows[block.layer]
             if ffn_rows is None:
                 raise ValueError(f"layer {block.layer} was built without dense FFN rows; run it with block.ffn")
             residual, h = block.attention(x, cache, pos)
