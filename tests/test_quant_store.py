@@ -240,6 +240,54 @@ def test_q4_range_fit_is_never_worse_and_beats_the_full_range_on_an_outlier():
     assert e_fit[::2, 0].sum() < 0.9 * e_ref[::2, 0].sum()  # measured 0.85 on this seed
 
 
+def _k_quant_rows(n: int, d: int, seed: int) -> torch.Tensor:
+    """Rows as GGUF Q4_K holds them, dequantised: per 256 values an fp16 d and dmin, per 32 a
+    6-bit scale and min, w = d sc q - dmin m with q in 0..15. The 6-bit scales rarely span all 16
+    levels of a group, so these values lie on a grid of fewer levels than the full range's."""
+    g = torch.Generator().manual_seed(seed)
+    sb = d // 256
+    dd = (torch.rand(n, sb, 1, generator=g) * 1e-3 + 1e-4).half().float()
+    dmin = (torch.rand(n, sb, 1, generator=g) * 1e-3 + 1e-4).half().float()
+    sc = torch.randint(1, 64, (n, sb, 8), generator=g).float()
+    mn = torch.randint(0, 64, (n, sb, 8), generator=g).float()
+    q = torch.randint(0, 16, (n, sb, 8, 32), generator=g).float()
+    q[..., 0] = torch.randint(0, 3, (n, sb, 8), generator=g).float()  # not every group reaches 0 or 15
+    w = (dd * sc)[..., None] * q - (dmin * mn)[..., None]
+    return w.reshape(n, d)
+
+
+def test_the_fits_keep_rows_a_source_already_quantised():
+    """Values on a grid our formats hold are kept on it, not rounded a second time: Q4_K-like rows
+    in q4 (up to the fp16 rounding of each group's scale and min, far below the range search's
+    own error on the same rows), Q5_0-like rows (d (q - 16), fp16 d) in q8 exactly; the reference
+    quantisers round both onto other grids."""
+    from flashlm.kernels import quantize
+    from flashlm.kernels.quantizers import _q4_range_search, quantize_q8_fit, quantize_rows
+
+    w = _k_quant_rows(64, 512, 4)
+    fit, ref = quantize_rows("q4", w), quantize("q4", w)
+    scale = w.square().sum()
+    e_fit = (dequantize_rows("q4", fit) - w).square().sum() / scale
+    e_ref = (dequantize_rows("q4", ref) - w).square().sum() / scale
+    wg = w.reshape(64, 16, 32)
+    e_ref_err = (dequantize_rows("q4", ref) - w).square().reshape(64, 16, 32).sum(-1)
+    searched = _q4_range_search(ref, e_ref_err, wg)  # the range search alone (the fit before the grids)
+    e_search = (dequantize_rows("q4", searched) - w).square().sum() / scale
+    assert e_fit < 1e-6 and e_fit < e_search / 100 < e_ref / 100, (e_fit, e_search, e_ref)
+    g = torch.Generator().manual_seed(5)
+    d = (torch.rand(64, 8, 1, generator=g) * 1e-2 + 1e-3).half().float()
+    w5 = (d * (torch.randint(0, 32, (64, 8, 32), generator=g) - 16)).reshape(64, 256)
+    q8 = quantize_q8_fit(w5)
+    assert torch.equal(dequantize_rows("q8", q8), w5)
+    assert not torch.equal(dequantize_rows("q8", quantize("q8", w5)), w5)
+    # on values no grid holds, the fits are the reference's error or less, group by group
+    x = torch.randn(32, 256, generator=g)
+    for fmt in ("q4", "q8"):
+        e = [(dequantize_rows(fmt, r) - x).square().reshape(32, 8, 32).sum(-1) for r in (quantize_rows(fmt, x),
+                                                                                          quantize(fmt, x))]
+        assert (e[0] <= e[1] * (1 + 1e-5) + 1e-9).all()
+
+
 def _as_from_a_q4_gguf(model):
     """The model with every linear weight (out, in) rounded to q4 along its rows, as a GGUF of
     Q4_1 blocks holds it: attention, gate and up then sit on the grid a store's q4 rows reuse,

@@ -204,7 +204,7 @@ class KernelShadowSelector:
                   fmt: str = "q8") -> KernelShadowSelector:
         gated = rows.shape[1] == 3
         w = torch.cat([rows[:, 0], rows[:, 1]]) if gated else rows[:, 0]  # (P*d_ff, d)
-        return cls(quantize_rows(fmt, w, q4_fit=False), act, gated, fc1_bias)
+        return cls(quantize_rows(fmt, w, fit=False), act, gated, fc1_bias)
 
     @property
     def nbytes(self) -> int:
