@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from typing import Any
 
 import pytest
 import torch
@@ -91,43 +90,31 @@ async def assert_parts_only_at_a_near_tie(store, got: list[int], want: list[int]
     assert float(top.values[0] - top.values[1]) < 2e-2, (i, top)
 
 
-def record_ffn_inputs(model) -> tuple[list[torch.Tensor], Any]:
-    """Wrap each block's attention so that the FFN input it returns is kept; returns the list and
-    an undo."""
-    kept, undo = [], []
+def record_ffn_inputs(model, monkeypatch) -> list[torch.Tensor]:
+    """Each block's attention wrapped (until the test ends) so that the FFN input it returns is
+    kept, in call order."""
+    kept: list[torch.Tensor] = []
     for block in model.layers:
         def attention(x, kv, pos, _orig=block.attention):
             residual, h = _orig(x, kv, pos)
             kept.append(h.clone())
             return residual, h
-        undo.append((block, block.__dict__.get("attention")))
-        block.attention = attention
-
-    def restore() -> None:
-        for block, before in undo:
-            if before is None:
-                del block.attention
-            else:
-                block.attention = before
-    return kept, restore
+        monkeypatch.setattr(block, "attention", attention)
+    return kept
 
 
-async def assert_logits_part_at_a_rounding_tie(store, engine) -> None:
+async def assert_logits_part_at_a_rounding_tie(store, engine, monkeypatch) -> None:
     """The prompt's forward in RAM and in exact mode part only from an FFN input on an int8
     activation's rounding tie: up to the first layer whose quantised activations differ, the
     inputs agree to the last bits, and each element quantised otherwise lies at a half step (x/s
     within 1e-4 of k + 1/2), where a last-bit difference moves q one step."""
     async with await Engine.open(store, ffn="ram") as ram:
         ram.model.kv_dtype = torch.float16
-        want, restore = record_ffn_inputs(ram.model)
+        want = record_ffn_inputs(ram.model, monkeypatch)
         with torch.inference_mode():
             ram.model.forward(torch.tensor(PROMPT), ram.model.new_cache(64), last_only=True)
-        restore()
-    got, restore = record_ffn_inputs(engine.model)
-    try:
-        await engine.exact.forward(torch.tensor(PROMPT), engine.model.new_cache(64), None)
-    finally:
-        restore()
+    got = record_ffn_inputs(engine.model, monkeypatch)
+    await engine.exact.forward(torch.tensor(PROMPT), engine.model.new_cache(64), None)
     assert len(got) == len(want) == len(engine.model.layers)
     for layer, (a, b) in enumerate(zip(want, got)):
         qa, qb = quantize_activations(a), quantize_activations(b)
@@ -145,7 +132,7 @@ async def assert_logits_part_at_a_rounding_tie(store, engine) -> None:
 @pytest.mark.parametrize("arch,dtype", [("llama", "float32"), ("llama", "q4"), ("llama", "int8"), ("llama", "q4d8"),
                                         ("opt", "float32"), ("opt", "q4"), ("opt", "q4d8"), ("gemma3", "float32"),
                                         ("gemma3", "q4")])
-async def test_exact_mode_streams_and_is_token_exact_with_the_model_in_ram(stores, arch, dtype):
+async def test_exact_mode_streams_and_is_token_exact_with_the_model_in_ram(stores, arch, dtype, monkeypatch):
     store = stores(arch, dtype)
     want, want_logits = await ram_reference(store, 24)
     budget = streamed_budget(store, await minimum(store))
@@ -165,7 +152,7 @@ async def test_exact_mode_streams_and_is_token_exact_with_the_model_in_ram(store
         got = [c.token_id async for c in engine.stream(PROMPT, max_tokens=24)]
         stats = engine.statistics()["streaming"]
         if parted:  # ...and then only from an activation at a rounding tie
-            await assert_logits_part_at_a_rounding_tie(store, engine)
+            await assert_logits_part_at_a_rounding_tie(store, engine, monkeypatch)
     assert len(got) == 24
     if dtype == "float32" or arch != "opt":
         assert got == want

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from flashlm.kernels.formats import GROUP
-from flashlm.kernels.quantizers import _q4_error, _q4_range_search, quantize, quantize_rows
+from flashlm.kernels.quantizers import _group_error, _q4_range_search, quantize, quantize_rows
 from flashlm.kernels.reference import dequantize_rows_ref
 
 
@@ -49,7 +49,7 @@ def measure(path: Path, keys: list[str], rows: int) -> list[dict[str, Any]]:
                     n, d = w.shape
                     wg = w.reshape(n, d // GROUP, GROUP)
                     t0 = time.perf_counter()
-                    search = _q4_range_search(ref, _q4_error(ref, wg), wg)
+                    search = _q4_range_search(ref, _group_error(ref, wg), wg)
                     row["range_search"] = {"rel_sq_error": _rel(w, search), "seconds": time.perf_counter() - t0}
                 t0 = time.perf_counter()
                 fit = quantize_rows(fmt, w)

@@ -125,19 +125,15 @@ def quantize_q4_fit(w: Tensor) -> QRows:
       (`make_qkx2_quants`), on a coarse grid.
 
     Same format: the kernels read it as any q4."""
-    wf = w.float()
-    n, d = wf.shape
-    G = d // GROUP
-    wg = wf.reshape(n, G, GROUP)
-    best = quantize("q4", wf)
-    best_err = _q4_error(best, wg)
+    wg, best, best_err = _reference_groups("q4", w)
+    n, G = wg.shape[:2]
     gmin, gmax = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
     span = gmax - gmin
     m16 = gmin.squeeze(-1).to(torch.float16)
     for k in range(1, 15):
         s16 = (span / k).squeeze(-1).to(torch.float16)
         best, best_err = _better(best, best_err, wg, s16, m16)
-    off = best_err > _ON_GRID * wg.square().sum(-1)  # (n, G): groups no grid holds
+    off = _off_grid(best_err, wg)  # (n, G): groups no grid holds
     if not off.any():
         return best
     # the range search over those groups alone, each as a row of one group
@@ -160,7 +156,7 @@ def _better(best: QRows, best_err: Tensor, wg: Tensor, s16: Tensor, m16: Tensor)
     sf = s16.float().unsqueeze(-1)
     qq = torch.round((wg - m16.float().unsqueeze(-1)) / sf.masked_fill(sf == 0, 1)).clamp_(0, 15).to(torch.uint8)
     cand = QRows("q4", pack_q4(qq), s16, m16)
-    err = _q4_error(cand, wg)
+    err = _group_error(cand, wg)
     better = err < best_err  # (n, G)
     if not better.any():
         return best, best_err
@@ -198,13 +194,9 @@ def quantize_q8_fit(w: Tensor) -> QRows:
     Values a source quantised symmetrically (GGUF Q5_0's d (q - 16), fp16 d) lie on one exactly
     (some |q| is 1 to 4 in all but a vanishing share of groups of 32), so they are kept as they
     are instead of rounded a second time. Same format as `quantize("q8", w)`."""
-    wf = w.float()
-    n, d = wf.shape
-    G = d // GROUP
-    wg = wf.reshape(n, G, GROUP)
-    best = quantize("q8", wf)
-    best_err = _q8_error(best, wg)
-    off = best_err > _ON_GRID * wg.square().sum(-1)
+    wg, best, best_err = _reference_groups("q8", w)
+    n, G = wg.shape[:2]
+    off = _off_grid(best_err, wg)
     if not off.any():
         return best
     idx = off.flatten().nonzero().squeeze(1)
@@ -223,7 +215,7 @@ def quantize_q8_fit(w: Tensor) -> QRows:
         err = ((q * sf[:, None] - sub) ** 2).sum(-1)
         # only a grid that holds the group (a source's own): elsewhere a coarser grid's lower
         # squared error measured worse in perplexity (SmolLM2 int8 +1.1% against +0.7% on wiki)
-        better = ok & (err < sub_err) & (err <= _ON_GRID * sub.square().sum(-1))
+        better = ok & (err < sub_err) & ~_off_grid(err, sub)
         sub_q = torch.where(better[:, None], q.to(torch.int8), sub_q)
         sub_s = torch.where(better, s16, sub_s)
         sub_err = torch.where(better, err, sub_err)
@@ -233,14 +225,28 @@ def quantize_q8_fit(w: Tensor) -> QRows:
     return QRows("q8", data, scales)
 
 
-def _q8_error(r: QRows, wg: Tensor) -> Tensor:
-    n, G, _ = wg.shape
-    return ((r.data.reshape(n, G, GROUP).float() * r.scales.float()[..., None] - wg) ** 2).sum(-1)
+def _reference_groups(fmt: str, w: Tensor) -> tuple[Tensor, QRows, Tensor]:
+    """What a fit starts from: w's groups (n, G, 32) in fp32, the reference quantiser's rows and
+    each group's squared error (n, G)."""
+    wf = w.float()
+    n, d = wf.shape
+    wg = wf.reshape(n, d // GROUP, GROUP)
+    best = quantize(fmt, wf)
+    return wg, best, _group_error(best, wg)
 
 
-def _q4_error(r: QRows, wg: Tensor) -> Tensor:
-    q = unpack_q4(r.data).float()
-    return ((q * r.scales.float()[..., None] + r.mins.float()[..., None] - wg) ** 2).sum(-1)
+def _off_grid(err: Tensor, wg: Tensor) -> Tensor:
+    """Per group (wg's last axis), whether its squared error is above `_ON_GRID` of its squared
+    values: no grid we hold has its values."""
+    return err > _ON_GRID * wg.square().sum(-1)
+
+
+def _group_error(r: QRows, wg: Tensor) -> Tensor:
+    """Squared error of the rows r against wg (n, G, 32), per group: the kernels' own
+    dequantisation (the reference's), of either format."""
+    from flashlm.kernels.reference import dequantize_rows_ref  # it imports this module
+
+    return ((dequantize_rows_ref(r.fmt, r).view(wg.shape) - wg) ** 2).sum(-1)
 
 
 def _pick(a: QRows, b: QRows, take_b: Tensor) -> QRows:
